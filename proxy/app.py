@@ -1,0 +1,97 @@
+"""``create_app``: the whole request pipeline on one page.
+
+::
+
+    client -> observe -> render_errors -> resolve_route -> run_guards -> handler
+                                                                         |- forward_http
+                                                                         |- relay_websocket
+                                                                         '- the proxy's own routes
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from aiohttp import WSCloseCode, hdrs, web
+from prometheus_client import CollectorRegistry
+
+from proxy.chain import (
+    FORWARD_ROUTE,
+    Guard,
+    add_request_id,
+    make_run_guards,
+    observe,
+    render_errors,
+    resolve_route,
+)
+from proxy.health import healthz, readyz
+from proxy.observability.metrics import Metrics
+from proxy.settings import Settings
+from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, Lifecycle
+from proxy.upstream.forward import forward_http
+from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.websocket import relay_websocket
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """The terminal handler for ComfyUI's surface: WebSocket relay or HTTP forward."""
+    if (
+        request[CONTEXT].rule.websocket
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+    ):
+        return await relay_websocket(request)
+    return await forward_http(request)
+
+
+def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
+    """Which guards run for which route rule, in order. No guard yet: pure relay."""
+    return {}
+
+
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    pool = app[POOL]
+    await pool.start()
+    yield
+    await pool.close()
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """``on_shutdown``: tell every relayed client the server is going away (1001)."""
+    for ws in list(app[LIFECYCLE].websockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """Build the application. Nothing with a lifetime is created before ``cleanup_ctx`` runs."""
+    app = web.Application(
+        middlewares=[
+            observe,  # outermost: request id + context, and the one log line for every outcome
+            render_errors,  # every error below becomes a JSON response observe can count
+            resolve_route,  # rule decided before guards; a malformed path is a rendered 400
+            make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
+        ],
+        client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
+        handler_args={"max_field_size": 65536},
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics(registry)
+    app[POOL] = UpstreamPool(settings.upstream)
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(_upstream_pool)
+    app.on_shutdown.append(_close_websockets)
+    app.on_response_prepare.append(add_request_id)
+
+    # The proxy's own routes first (health checks at the root, whatever the base path).
+    app.router.add_get("/healthz", healthz, name="healthz", allow_head=True)
+    app.router.add_get("/readyz", readyz, name="readyz", allow_head=True)
+    base = settings.server.base_path
+    if base:
+        # The frontend derives its API base from the page path: it must be served at "/comfy/"
+        # (protocol doc 8.1).
+        async def to_base_dir(request: web.Request) -> web.StreamResponse:
+            query = f"?{request.query_string}" if request.query_string else ""
+            raise web.HTTPPermanentRedirect(f"{base}/{query}")
+
+        app.router.add_route("*", base, to_base_dir, name="base_redirect")
+    app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
+    return app

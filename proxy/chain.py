@@ -1,0 +1,253 @@
+"""The generic middlewares: mechanism only. Decisions live in guards, wired in ``app.py``.
+
+Order (outermost first), as ``create_app`` lists them:
+
+1. :func:`observe` – request id and :class:`RequestContext`; one canonical log line and the
+   request metrics in ``finally``, so it sees the final status of everything below.
+2. :func:`render_errors` – every :class:`ProxyError` (and anything unexpected) becomes one JSON
+   shape; the only place that catches bare ``Exception``.
+3. :func:`resolve_route` – base path, normalised path and route rule, used by all that follows.
+4. :func:`make_run_guards` – the matched rule's guards, in order; a guard raises to stop.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from proxy.routes import RouteRule, classify, normalise_path, rule
+from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
+from proxy.upstream.headers import client_address
+
+log = structlog.get_logger("comfygate")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+FORWARD_ROUTE = "forward"
+"""Name of the catch-all route that forwards to ComfyUI; every other route is the proxy's own."""
+
+
+class Guard(Protocol):
+    """A decision about a request: returns to let it pass, raises a Rejection to stop it."""
+
+    name: str
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None: ...
+
+
+def _request_id(request: web.Request) -> str:
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    if incoming is not None and _REQUEST_ID_RE.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Context, then the wrapped chain, then exactly one log line and the request metrics."""
+    ctx = RequestContext(request_id=_request_id(request))
+    request[CONTEXT] = ctx
+    ctx.client_ip = client_address(
+        request.remote or "", request.headers, request.app[SETTINGS].server.trusted_proxies
+    )
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # aiohttp's own (e.g. 405 on a proxy route)
+        status = exc.status
+        raise
+    except BaseException:
+        status = 499  # the client went away (CancelledError) mid-request
+        raise
+    finally:
+        _finish(request, ctx, status)
+
+
+_OWN_RULES: dict[str, RouteRule] = {}
+
+
+@web.middleware
+async def resolve_route(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Which ComfyUI rule the request falls under (or which of the proxy's own routes it is)."""
+    ctx = request[CONTEXT]
+    route = request.match_info.route.name
+    if route == FORWARD_ROUTE:
+        _resolve_rule(request, ctx, request.app[SETTINGS].server.base_path)
+    elif route is not None:
+        own = _OWN_RULES.get(route)
+        if own is None:
+            own = _OWN_RULES[route] = rule(route)
+        ctx.rule = own
+    return await handler(request)
+
+
+def _resolve_rule(request: web.Request, ctx: RequestContext, base_path: str) -> None:
+    raw = request.raw_path
+    if base_path:
+        # Only the base path and what is below it belongs to ComfyUI; "/comfy" itself is
+        # redirected by its own route, so here a prefix match must end at a '/'.
+        if not raw.startswith(base_path + "/"):
+            raise NotFound(f"not under the base path {base_path}/", error_type="not_found")
+        raw = raw[len(base_path) :]
+    ctx.upstream_path = raw
+    ctx.path, prefixed = normalise_path(raw)
+    ctx.rule = classify(request.method, ctx.path, prefixed=prefixed)
+
+
+def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
+    duration = time.perf_counter() - ctx.started
+    metrics = request.app[METRICS]
+    rule = ctx.rule.name
+    metrics.requests.labels(rule, request.method, str(status)).inc()
+    metrics.request_duration.labels(rule).observe(duration)
+    if ctx.upstream:
+        metrics.upstream_duration.labels(ctx.upstream).observe(ctx.upstream_seconds)
+    if not request.app[SETTINGS].logging.access_log:
+        return
+    log.info(
+        "request_finished",
+        request_id=ctx.request_id,
+        client=ctx.client_ip,
+        method=request.method,
+        path=request.path,  # no query string: it may carry tokens or file names of others
+        rule=rule,
+        status=status,
+        upstream=ctx.upstream or None,
+        bytes_in=ctx.bytes_in,
+        bytes_out=ctx.bytes_out,
+        duration_ms=round(duration * 1000, 3),
+        upstream_ms=round(ctx.upstream_seconds * 1000, 3),
+        proxy_ms=round((duration - ctx.upstream_seconds) * 1000, 3),
+        rejected_by=ctx.rejected_by or None,
+        error=ctx.error_type or None,
+    )
+
+
+def error_body(
+    error_type: str,
+    message: str,
+    *,
+    details: str = "",
+    extra: Mapping[str, Any] | None = None,
+    comfy_prompt: bool = False,
+) -> bytes:
+    """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``."""
+    body: dict[str, Any] = {
+        "error": {
+            "type": error_type,
+            "message": message,
+            "details": details,
+            "extra_info": dict(extra or {}),
+        }
+    }
+    if comfy_prompt:
+        body["node_errors"] = {}
+    return orjson.dumps(body)
+
+
+def json_error(
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    comfy_prompt: bool = False,
+    details: str = "",
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(
+            error_type, message, details=details, extra=extra, comfy_prompt=comfy_prompt
+        ),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON response; never a traceback to the client."""
+    ctx = request[CONTEXT]
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return _render(request, ctx, exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _render(request, ctx, PayloadTooLarge(exc.text or "request body too large"))
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.empty_body:
+            raise
+        return _render(
+            request, ctx, ProxyError(exc.reason, error_type=f"http_{exc.status}"), exc.status
+        )
+    except Exception:
+        log.exception("request_failed", request_id=ctx.request_id, rule=ctx.rule.name)
+        return _render(
+            request, ctx, ProxyError("internal proxy error", error_type="internal_error")
+        )
+
+
+def _render(
+    request: web.Request, ctx: RequestContext, exc: ProxyError, status: int | None = None
+) -> web.Response:
+    ctx.error_type = exc.error_type
+    request.app[METRICS].rejections.labels(exc.error_type).inc()
+    return json_error(
+        status or exc.status,
+        exc.error_type,
+        exc.message,
+        details=exc.details,
+        extra=exc.extra,
+        headers=exc.headers,
+        comfy_prompt=ctx.rule.name == "prompt",
+    )
+
+
+def make_run_guards(guards: Mapping[str, Sequence[Guard]]) -> Middleware:
+    """The middleware that runs the guards wired for each route rule (by rule name)."""
+
+    @web.middleware
+    async def run_guards(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[CONTEXT]
+        for guard in guards.get(ctx.rule.name, ()):
+            try:
+                await guard.check(request, ctx)
+            except ProxyError:
+                ctx.rejected_by = guard.name
+                raise
+        return await handler(request)
+
+    return run_guards
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: runs before headers go out, so streamed responses get it too."""
+    ctx = request.get(CONTEXT)
+    if ctx is not None:
+        response.headers[REQUEST_ID_HEADER] = ctx.request_id
+
+
+__all__ = [
+    "FORWARD_ROUTE",
+    "BadRequest",
+    "Guard",
+    "add_request_id",
+    "error_body",
+    "json_error",
+    "make_run_guards",
+    "observe",
+    "render_errors",
+    "resolve_route",
+]

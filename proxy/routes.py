@@ -1,0 +1,149 @@
+"""The ComfyUI surface as data: which rule a request falls under, decided on the normalised path.
+
+ComfyUI registers every API route twice (``/x`` and ``/api/x``) and aiohttp routes on the
+percent-decoded path, so ``/history``, ``/api/history`` and ``/api/%68istory`` are one
+resource. Every decision the proxy makes (guards, logs, metrics) uses :func:`normalise_path`;
+the request itself is forwarded byte-exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from yarl import URL
+
+from proxy.errors import BadRequest
+
+API_PREFIX = "/api"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """One family of ComfyUI routes. ``name`` is a bounded label for logs and metrics."""
+
+    name: str
+    patterns: tuple[str, ...]
+    methods: frozenset[str] | None = None
+    """None: any method."""
+    websocket: bool = False
+    api_only: bool = False
+    """Exists upstream only under ``/api`` (assets); the bare path is a static file there."""
+    _regexes: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return any(r.fullmatch(path) for r in self._regexes)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    """``{x}`` matches one segment; a trailing ``/*`` matches the prefix and everything below it."""
+    prefix_match = pattern.endswith("/*")
+    body = pattern[:-2] if prefix_match else pattern
+    regex = re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(body))
+    if prefix_match:
+        regex += "(?:/.*)?"
+    return re.compile(regex)
+
+
+def rule(
+    name: str,
+    *patterns: str,
+    methods: str | None = None,
+    websocket: bool = False,
+    api_only: bool = False,
+) -> RouteRule:
+    """Build a rule; ``methods`` is a space-separated list (GET implies HEAD, as in aiohttp)."""
+    method_set = None
+    if methods is not None:
+        method_set = frozenset(methods.split())
+        if "GET" in method_set:
+            method_set |= {"HEAD"}
+    return RouteRule(
+        name=name,
+        patterns=patterns,
+        methods=method_set,
+        websocket=websocket,
+        api_only=api_only,
+        _regexes=tuple(_compile(p) for p in patterns),
+    )
+
+
+# First match wins; patterns are normalised paths (percent-decoded, every /api prefix removed).
+RULES: tuple[RouteRule, ...] = (
+    rule("ws", "/ws", methods="GET", websocket=True),
+    rule("prompt", "/prompt"),
+    rule("queue", "/queue"),
+    rule("interrupt", "/interrupt"),
+    rule("history", "/history", "/history/{id}"),
+    rule("jobs", "/jobs", "/jobs/*"),
+    rule("view", "/view", "/view_metadata/*"),
+    rule("upload", "/upload/image", "/upload/mask"),
+    rule("object_info", "/object_info", "/object_info/*"),
+    rule("models", "/models", "/models/*", "/embeddings", "/experiment/models/*"),
+    rule("system_stats", "/system_stats", "/features"),
+    rule("free", "/free"),
+    rule("users", "/users", "/users/*"),
+    rule("settings", "/settings", "/settings/*"),
+    rule("userdata", "/userdata", "/userdata/*", "/v2/userdata", "/v2/userdata/*"),
+    rule("internal", "/internal/*"),
+    rule("assets", "/assets", "/assets/*", "/tags", "/tags/*", "/tasks/*", api_only=True),
+    rule(
+        "manager",
+        "/manager/*",
+        "/customnode/*",
+        "/snapshot/*",
+        "/externalmodel/*",
+        "/comfyui_manager/*",
+    ),
+    rule("static", "/", "/extensions/*", "/templates/*", "/scripts/*", "/assets/*", "/docs/*"),
+)
+OTHER = rule("other", "/*")
+
+_EXACT: dict[str, tuple[RouteRule, ...]] = {}
+for _r in RULES:
+    for _p in _r.patterns:
+        if "{" not in _p and not _p.endswith("/*"):
+            _EXACT[_p] = (*_EXACT.get(_p, ()), _r)
+
+
+def classify(method: str, path: str, *, prefixed: bool = True) -> RouteRule:
+    """The rule for a normalised path; :data:`OTHER` when none matches.
+
+    ``prefixed`` says whether the request carried the ``/api`` prefix (see ``api_only``).
+    """
+    for candidate in _EXACT.get(path, ()):
+        if (candidate.methods is None or method in candidate.methods) and (
+            prefixed or not candidate.api_only
+        ):
+            return candidate
+    for candidate in RULES:
+        if (prefixed or not candidate.api_only) and candidate.matches(method, path):
+            return candidate
+    return OTHER
+
+
+def normalise_path(raw_path: str) -> tuple[str, bool]:
+    """The path every decision is made on.
+
+    Decoded like aiohttp's router (everything but ``%2F`` and ``%25``), repeated slashes merged,
+    and every leading ``/api`` removed, so ``/api/api/jobs`` (where ComfyUI mirrors its
+    ``/api/jobs`` routes) and ``/jobs`` get the same decision. Returns the path and whether
+    an ``/api`` prefix was removed.
+
+    Raises:
+        BadRequest: the path has ``.``/``..`` segments (browsers never send them; a crafted one
+            could make a decision and the upstream's routing disagree).
+    """
+    path = URL.build(path=raw_path.partition("?")[0], encoded=True).path_safe
+    if "//" in path:
+        path = re.sub("/{2,}", "/", path)
+    segments = path.split("/")
+    if "." in segments or ".." in segments:
+        raise BadRequest("path must not contain '.' or '..' segments", error_type="bad_path")
+    prefixed = False
+    while path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+        path = path[len(API_PREFIX) :] or "/"
+        prefixed = True
+    return path, prefixed

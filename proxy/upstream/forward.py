@@ -1,0 +1,172 @@
+"""``forward_http``: the terminal handler that sends a request to ComfyUI and streams the answer.
+
+Bodies stream in both directions. Only small bodies with a known length are read whole (one
+write instead of many; bounded by :data:`SMALL_BODY`), so a 100 MB upload or a 200 MB video
+passes with flat memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import hdrs, web
+
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.state import CONTEXT, METRICS, POOL, SETTINGS, RequestContext
+from proxy.upstream.headers import (
+    client_response_headers,
+    forwarded_values,
+    upstream_request_headers,
+)
+from proxy.upstream.pool import Upstream
+
+log = structlog.get_logger("comfygate.forward")
+
+SMALL_BODY = 256 * 1024
+"""Bodies up to this size with a declared length are read whole; larger ones stream."""
+CHUNK = 256 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def build_upstream_headers(request: web.Request, ctx: RequestContext, upstream: Upstream) -> dict:  # type: ignore[type-arg]
+    """Request headers for ComfyUI (see ``headers.upstream_request_headers``)."""
+    settings = request.app[SETTINGS]
+    server = settings.server
+    forwarded_for, proto, fwd_host = forwarded_values(
+        request.remote or "",
+        request.headers,
+        scheme=request.scheme,
+        host=request.host,
+        trusted=server.trusted_proxies,
+    )
+    preserve = settings.upstream.preserve_host
+    host = request.host if preserve else upstream.host_header
+    origin = f"{proto}://{request.host}" if preserve else upstream.origin
+    return upstream_request_headers(  # type: ignore[return-value]
+        request.headers,
+        host=host,
+        origin=origin,
+        forwarded_for=forwarded_for,
+        forwarded_proto=proto,
+        forwarded_host=fwd_host,
+        request_id=ctx.request_id,
+    )
+
+
+async def _stream_request_body(request: web.Request, ctx: RequestContext) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(CHUNK):
+        ctx.bytes_in += len(chunk)
+        yield chunk
+
+
+def map_client_error(exc: BaseException, upstream: Upstream, request: web.Request) -> Exception:
+    """aiohttp client errors -> the proxy's own tree (the one boundary where that happens)."""
+    metrics = request.app[METRICS]
+    if isinstance(exc, asyncio.TimeoutError):
+        metrics.upstream_errors.labels(upstream.name, "timeout").inc()
+        return UpstreamTimeout(f"ComfyUI at {upstream.name} did not answer in time")
+    kind = "refused" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
+    metrics.upstream_errors.labels(upstream.name, kind).inc()
+    return UpstreamUnavailable(f"ComfyUI at {upstream.name} is unreachable ({type(exc).__name__})")
+
+
+async def forward_http(request: web.Request) -> web.StreamResponse:
+    """Send the request to ComfyUI and relay its answer."""
+    ctx = request[CONTEXT]
+    pool = request.app[POOL]
+    upstream = pool.pick()
+    ctx.upstream = upstream.name
+    headers = build_upstream_headers(request, ctx, upstream)
+
+    body: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length <= SMALL_BODY:
+            body = await request.content.readexactly(length) if length else b""
+            ctx.bytes_in = length
+        else:
+            body = _stream_request_body(request, ctx)
+
+    started = time.perf_counter()
+    try:
+        resp = await pool.session.request(
+            request.method,
+            upstream.url_for(ctx.upstream_path),
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        ctx.upstream_seconds = time.perf_counter() - started
+        log.warning(
+            "upstream_failed",
+            request_id=ctx.request_id,
+            upstream=upstream.name,
+            error=type(exc).__name__,
+        )
+        raise map_client_error(exc, upstream, request) from None
+    ctx.upstream_seconds = time.perf_counter() - started
+    try:
+        return await _relay_response(request, ctx, resp, upstream)
+    finally:
+        resp.release()
+
+
+async def _relay_response(
+    request: web.Request,
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+) -> web.StreamResponse:
+    headers = client_response_headers(resp.headers)
+    length = resp.content_length
+    no_body = request.method == hdrs.METH_HEAD or resp.status in _NO_BODY_STATUSES
+    if not no_body and length is not None and length <= SMALL_BODY:
+        started = time.perf_counter()
+        try:
+            payload = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise map_client_error(exc, upstream, request) from None
+        finally:
+            ctx.upstream_seconds += time.perf_counter() - started
+        ctx.bytes_out = len(payload)
+        return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=payload)
+
+    response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    if length is not None:
+        response.content_length = length  # keep upstream's framing (and HEAD's announced size)
+    await response.prepare(request)
+    if no_body:
+        await response.write_eof()
+        return response
+    content = resp.content
+    while True:
+        started = time.perf_counter()
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # Headers are out: the only honest signal left is a truncated body.
+            ctx.upstream_seconds += time.perf_counter() - started
+            map_client_error(exc, upstream, request)
+            log.warning(
+                "upstream_stream_broken",
+                request_id=ctx.request_id,
+                upstream=upstream.name,
+                error=type(exc).__name__,
+                bytes_sent=ctx.bytes_out,
+            )
+            ctx.error_type = "upstream_stream_broken"
+            request.transport and request.transport.close()  # type: ignore[func-returns-value]
+            resp.close()
+            return response
+        ctx.upstream_seconds += time.perf_counter() - started
+        if not chunk:
+            break
+        ctx.bytes_out += len(chunk)
+        await response.write(chunk)
+    await response.write_eof()
+    return response

