@@ -245,7 +245,8 @@ def load_settings(
         os.environ.update(environ)
     _TOML_FILE["path"] = toml_path
     try:
-        return Settings(**{k: dict(v) for k, v in (overrides or {}).items()})
+        init: dict[str, Any] = {k: dict(v) for k, v in (overrides or {}).items()}
+        return Settings(**init)
     except ValidationError as exc:
         problems.extend(_format_error(e) for e in exc.errors())
     except ValueError as exc:  # tomllib.TOMLDecodeError, unreadable *_file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -15,8 +15,10 @@ from pytest_aiohttp import AiohttpClient
 
 from proxy.app import create_app
 from proxy.settings import Settings, load_settings
-from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_server import RedisServer, start_redis
+
+if TYPE_CHECKING:
+    from tests.fakes.comfyui import FakeComfyUI
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -48,6 +50,8 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture
 async def fake_comfy(tmp_path: Path) -> AsyncIterator[FakeComfyUI]:
     """A fake ComfyUI on a real loopback port, origin check on (a proxy bug shows up as 403)."""
+    from tests.fakes.comfyui import FakeComfyUI  # noqa: PLC0415 - only tests that use it pay
+
     fake = FakeComfyUI(root=tmp_path / "comfyui")
     await fake.start()
     yield fake
@@ -64,17 +68,17 @@ def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: AiohttpClient, fake_comfy: FakeComfyUI) -> ProxyFactory:
-    """Build the real app against the fake upstream and return a client for it."""
+def make_proxy(aiohttp_client: AiohttpClient) -> ProxyFactory:
+    """Build the real app in front of ``upstream_url`` and return a test client for it."""
 
-    async def factory(upstream_url: str | None = None, **sections: dict[str, Any]) -> Any:
-        settings = make_settings(upstream_url or fake_comfy.url, **sections)
+    async def factory(upstream_url: str, **sections: dict[str, Any]) -> Any:
+        settings = make_settings(upstream_url, **sections)
         return await aiohttp_client(create_app(settings, registry=CollectorRegistry()))
 
     return factory
 
 
 @pytest.fixture
-async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
+async def proxy(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> TestClient[Any, Any]:
     """The proxy on default settings in front of ``fake_comfy``."""
-    return await make_proxy()
+    return await make_proxy(fake_comfy.url)

@@ -42,7 +42,8 @@ def configure_logging(settings: LoggingSettings, *, stream: Any = None) -> None:
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
-        factory: Any = structlog.BytesLoggerFactory(getattr(out, "buffer", out))
+        binary: Any = getattr(out, "buffer", None) or out
+        factory: Any = structlog.BytesLoggerFactory(binary)
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer(colors=out.isatty())]
         factory = structlog.PrintLoggerFactory(out)

@@ -100,7 +100,7 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
             data=body,
             allow_redirects=False,
         )
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         ctx.upstream_seconds = time.perf_counter() - started
         log.warning(
             "upstream_failed",
@@ -129,7 +129,7 @@ async def _relay_response(
         started = time.perf_counter()
         try:
             payload = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise map_client_error(exc, upstream, request) from None
         finally:
             ctx.upstream_seconds += time.perf_counter() - started
@@ -148,7 +148,7 @@ async def _relay_response(
         started = time.perf_counter()
         try:
             chunk = await content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # Headers are out: the only honest signal left is a truncated body.
             ctx.upstream_seconds += time.perf_counter() - started
             map_client_error(exc, upstream, request)

@@ -229,7 +229,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
             error_type="upstream_ws_refused",
             status=status,
         ) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise map_client_error(exc, upstream, request) from None
 
     ws = web.WebSocketResponse(

@@ -40,7 +40,10 @@ def test_example_config_is_valid_and_matches_defaults() -> None:
         ("[upstream]\nurls = []", "upstream.urls: at least one upstream URL is required"),
         ("[upstream]\nbogus = 1", "upstream.bogus: unknown key"),
         ('[redis]\nurl = "http://x"', "redis.url: scheme must be redis://, rediss:// or unix://"),
-        ('[logging]\nformat = "xml"', "logging.format: Input should be 'auto', 'json' or 'console'"),
+        (
+            '[logging]\nformat = "xml"',
+            "logging.format: Input should be 'auto', 'json' or 'console'",
+        ),
         ('[server]\ntrusted_proxies = ["10.0.0.0/33"]', "server.trusted_proxies.0"),
     ],
 )

@@ -1,0 +1,106 @@
+"""Node definitions of the fake: the ``/object_info`` data and what validation needs to know.
+
+The definitions are copied from real ComfyUI 0.3.64 answers (captures/http-basic.json and
+run-tiny-model-ksampler.json, ``selected_entries``; ImageBlur written from ``nodes_post_processing``)
+into ``tests/data/comfyui_object_info.json``. Real ComfyUI registers 478 classes; the fake only
+the 14 it can execute, so a graph using any other class is rejected exactly like an unknown node.
+Combo lists that depend on files are filled per request, as ComfyUI does: LoadImage's ``image``
+lists the input directory, CheckpointLoaderSimple's ``ckpt_name`` the checkpoints folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .paths import Paths
+
+DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "comfyui_object_info.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class NodeClass:
+    """What ``execution.py`` reads from a node class (INPUT_TYPES, RETURN_TYPES, OUTPUT_NODE...)."""
+
+    name: str
+    definition: dict[str, Any]
+    #: input names that ``VALIDATE_INPUTS`` takes over (skips the combo check), as in LoadImage.
+    validate_inputs: tuple[str, ...] = ()
+    #: ``IS_CHANGED`` kind: "" (none), "file" (LoadImage hashes its file), "always" (time.time()).
+    is_changed: str = ""
+
+    @property
+    def output_node(self) -> bool:
+        return bool(self.definition.get("output_node"))
+
+    @property
+    def return_types(self) -> list[Any]:
+        return list(self.definition.get("output", []))
+
+    @property
+    def has_unique_id(self) -> bool:
+        hidden = self.definition["input"].get("hidden", {})
+        return "UNIQUE_ID" in hidden.values()
+
+    def inputs(self) -> dict[str, dict[str, Any]]:
+        """``INPUT_TYPES()`` sections: required / optional / hidden."""
+        return dict(self.definition["input"])
+
+
+def _load() -> dict[str, dict[str, Any]]:
+    with open(DATA_FILE, encoding="utf-8") as fh:
+        data: dict[str, dict[str, Any]] = json.load(fh)
+    return data
+
+
+_DEFINITIONS = _load()
+_SPECIAL: dict[str, dict[str, Any]] = {
+    "LoadImage": {"validate_inputs": ("image",), "is_changed": "file"},
+    "SaveImageWebsocket": {"is_changed": "always"},
+}
+
+
+class NodeRegistry:
+    """``nodes.NODE_CLASS_MAPPINGS`` of the fake, bound to one directory layout."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.classes: dict[str, NodeClass] = {
+            name: NodeClass(name, definition, **_SPECIAL.get(name, {}))
+            for name, definition in _DEFINITIONS.items()
+        }
+
+    def get(self, class_type: Any) -> NodeClass | None:
+        if not isinstance(class_type, str):
+            return None
+        return self.classes.get(class_type)
+
+    def definition(self, name: str) -> dict[str, Any]:
+        """One ``/object_info`` entry with the file-dependent combos filled in."""
+        node = copy.deepcopy(self.classes[name].definition)
+        required = node["input"]["required"]
+        if name == "LoadImage":
+            required["image"][0] = self.input_images()
+        elif name == "CheckpointLoaderSimple":
+            required["ckpt_name"][0] = self.paths.model_files("checkpoints")
+        return node
+
+    def object_info(self) -> dict[str, Any]:
+        return {name: self.definition(name) for name in self.classes}
+
+    def input_images(self) -> list[str]:
+        """LoadImage's list: image files at the top of ``input/``, sorted."""
+        try:
+            names = [
+                entry.name
+                for entry in os.scandir(self.paths.input)
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+        except FileNotFoundError:
+            return []
+        return sorted(names)
