@@ -2,12 +2,12 @@
 
 Order (outermost first), as ``create_app`` lists them:
 
-1. :func:`observe` – request id and :class:`RequestContext`; one canonical log line and the
+1. :func:`observe` - request id and :class:`RequestContext`; one canonical log line and the
    request metrics in ``finally``, so it sees the final status of everything below.
-2. :func:`render_errors` – every :class:`ProxyError` (and anything unexpected) becomes one JSON
+2. :func:`render_errors` - every :class:`ProxyError` (and anything unexpected) becomes one JSON
    shape; the only place that catches bare ``Exception``.
-3. :func:`resolve_route` – base path, normalised path and route rule, used by all that follows.
-4. :func:`make_run_guards` – the matched rule's guards, in order; a guard raises to stop.
+3. :func:`resolve_route` - base path, normalised path and route rule, used by all that follows.
+4. :func:`make_run_guards` - the matched rule's guards, in order; a guard raises to stop.
 """
 
 from __future__ import annotations

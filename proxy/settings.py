@@ -53,17 +53,15 @@ class ServerSettings(_Section):
     base_path: str = ""
     """Serve under a sub-path such as ``/comfy``; ``/comfy`` redirects to ``/comfy/``."""
     public_url: str = ""
-    """The URL browsers use to reach the proxy (scheme://host[:port]); derived from requests when empty."""
+    """How browsers reach the proxy (scheme://host[:port]); derived from requests when empty."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose ``X-Forwarded-For/-Proto/-Host`` are believed (CIDRs)."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight HTTP may finish before WebSockets are closed with 1001."""
     drain_seconds: float = Field(default=0.0, ge=0)
-    """On SIGTERM: how long ``/readyz`` answers 503 while still serving, before the listener closes."""
-    max_request_body_mb: float = Field(default=1024.0, gt=0)
-    """Bodies the proxy reads itself (JSON it inspects) are capped by ``max_inspected_body_mb``;
-    streamed bodies (uploads) are limited by this and by ComfyUI's own ``--max-upload-size``."""
+    """On SIGTERM: how long ``/readyz`` answers 503, still serving, before the listener closes."""
     max_inspected_body_mb: float = Field(default=32.0, gt=0)
+    """Largest body the proxy reads itself (JSON it inspects); uploads stream past it."""
 
     @field_validator("base_path")
     @classmethod

@@ -39,12 +39,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """The session's Redis, flushed before each test that uses it."""
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture

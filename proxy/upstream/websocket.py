@@ -118,10 +118,10 @@ class ClientSendQueue:
         finally:
             self._writer = None
 
-    async def flush(self, timeout: float) -> None:
-        """Wait (bounded) until queued frames are written."""
+    async def flush(self, within: float) -> None:
+        """Wait, at most ``within`` seconds, until queued frames are written."""
         if self._writer is not None:
-            await asyncio.wait((self._writer,), timeout=timeout)
+            await asyncio.wait((self._writer,), timeout=within)
 
     async def close(self) -> None:
         """Stop the writer (frames still queued are dropped with the connection)."""
@@ -289,7 +289,7 @@ async def _close_both(
     reason = (ended.reason if ended else "relay failed").encode()[:123]
     if ended is not None and ended.side == "upstream":
         # ComfyUI ended it: let the events already queued reach the client before the close.
-        await queue.flush(CLOSE_TIMEOUT_SECONDS)
+        await queue.flush(within=CLOSE_TIMEOUT_SECONDS)
     await queue.close()
     # Close the side that did not end first, then complete the handshake on the other.
     await asyncio.gather(

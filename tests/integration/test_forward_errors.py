@@ -1,4 +1,4 @@
-"""Upstream failures become JSON errors (502/504) with a log line and a metric; never a traceback."""
+"""Upstream failures become JSON errors (502/504) with a log line; never a traceback."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -33,10 +34,8 @@ class RssSampler:
     async def run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.process.memory_info().rss)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.02)
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         self._stop.set()
