@@ -16,12 +16,14 @@ closed with 1013.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, hdrs, web
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
@@ -135,7 +137,7 @@ class _Ended:
     """How one direction of a relay ended."""
 
     side: str
-    """``client`` or ``upstream``: who ended it."""
+    """``client``, ``upstream`` or ``proxy``: who ended it."""
     code: int
     reason: str
 
@@ -184,6 +186,9 @@ async def _pump_client(
             await upstream_ws.send_bytes(msg.data)
         elif msg.type is WSMsgType.CLOSE:
             return _Ended("client", sendable_close_code(msg.data), msg.extra or "")
+        elif msg.type is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
+            # A protocol violation by the client (e.g. a frame over max_message_mb: 1009).
+            return _Ended("client", sendable_close_code(msg.data.code), str(msg.data)[:100])
         elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             code = ws.close_code or WSCloseCode.GOING_AWAY
             return _Ended("client", sendable_close_code(code, WSCloseCode.GOING_AWAY), "")
@@ -258,45 +263,65 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     )
     down = asyncio.create_task(_pump_upstream(upstream_ws, queue, metrics))
     up = asyncio.ensure_future(_pump_client(ws, upstream_ws, metrics))
-    ended: _Ended | None = None
     try:
-        done, _ = await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
-        first = down if down in done else up
-        ended = first.result() if not first.cancelled() and first.exception() is None else None
+        await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _close_both(ws, upstream_ws, queue, ended, (down, up))
-        lifecycle.websockets.discard(ws)
-        metrics.ws_open.dec()
-        log.info(
-            "relay_closed",
-            request_id=ctx.request_id,
-            upstream=upstream.name,
-            ended_by=ended.side if ended else "error",
-            code=ended.code if ended else None,
-            previews_dropped=queue.dropped,
-        )
+        # Also reached when the client's disconnect cancels this handler: the upstream socket
+        # must still be closed (shielded), or ComfyUI would keep routing this clientId's events
+        # to a dead relay.
+        ended = _outcome((down, up), ctx.request_id)
+        await asyncio.shield(_finish(request, ws, upstream_ws, queue, ended, (down, up)))
     return ws
 
 
-async def _close_both(
+def _outcome(pumps: tuple[asyncio.Future[_Ended], ...], request_id: str) -> _Ended:
+    """How the relay ended: the first pump that finished, else the client went away."""
+    for pump in pumps:
+        if not pump.done() or pump.cancelled():
+            continue
+        if (error := pump.exception()) is not None:
+            log.error(
+                "relay_failed", request_id=request_id, error=type(error).__name__, exc_info=error
+            )
+            return _Ended("proxy", WSCloseCode.INTERNAL_ERROR, "relay failed")
+        return pump.result()
+    return _Ended("client", WSCloseCode.GOING_AWAY, "client went away")
+
+
+async def _quietly(closing: Awaitable[object]) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+        await closing
+
+
+async def _finish(  # noqa: PLR0917 - private, called once
+    request: web.Request,
     ws: web.WebSocketResponse,
     upstream_ws: aiohttp.ClientWebSocketResponse,
     queue: ClientSendQueue,
-    ended: _Ended | None,
-    tasks: tuple[asyncio.Future[_Ended], ...],
+    ended: _Ended,
+    pumps: tuple[asyncio.Future[_Ended], ...],
 ) -> None:
-    code = ended.code if ended else WSCloseCode.INTERNAL_ERROR
-    reason = (ended.reason if ended else "relay failed").encode()[:123]
-    if ended is not None and ended.side == "upstream":
+    """Close both sides (upstream first), stop the pumps, account for the relay."""
+    reason = ended.reason.encode()[:123]  # a close frame's reason fits in 123 bytes
+    if ended.side == "upstream":
         # ComfyUI ended it: let the events already queued reach the client before the close.
         await queue.flush(within=CLOSE_TIMEOUT_SECONDS)
     await queue.close()
-    # Close the side that did not end first, then complete the handshake on the other.
-    await asyncio.gather(
-        upstream_ws.close(code=code, message=reason),
-        ws.close(code=code, message=reason),
-        return_exceptions=True,
+    # Upstream first: closing the client's side ends its connection, and with it this handler.
+    await _quietly(upstream_ws.close(code=ended.code, message=reason))
+    await _quietly(ws.close(code=ended.code, message=reason))
+    for pump in pumps:
+        pump.cancel()
+    await asyncio.gather(*pumps, return_exceptions=True)
+    app = request.app
+    app[LIFECYCLE].websockets.discard(ws)
+    app[METRICS].ws_open.dec()
+    ctx = request[CONTEXT]
+    log.info(
+        "relay_closed",
+        request_id=ctx.request_id,
+        upstream=ctx.upstream,
+        ended_by=ended.side,
+        code=ended.code,
+        previews_dropped=queue.dropped,
     )
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
