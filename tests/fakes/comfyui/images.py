@@ -67,14 +67,16 @@ def encode(image: Image.Image, fmt: str, *, max_size: int | None = None) -> byte
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str, metadata: dict[str, Any] | None) -> None:
+def save_png(
+    image: Image.Image, path: str, metadata: dict[str, Any] | None, compress_level: int = 4
+) -> None:
     """SaveImage/PreviewImage: PNG with ``prompt`` and each extra_pnginfo key as text chunks."""
     info = None
     if metadata:
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_text(key, json.dumps(value))
-    image.save(path, pnginfo=info, compress_level=4)
+    image.save(path, pnginfo=info, compress_level=compress_level)
 
 
 def latent_preview(width: int, height: int, step: int, steps: int) -> Image.Image:

@@ -1,9 +1,11 @@
 """Node definitions of the fake: the ``/object_info`` data and what validation needs to know.
 
 The definitions are copied from real ComfyUI 0.3.64 answers (captures/http-basic.json and
-run-tiny-model-ksampler.json, ``selected_entries``; ImageBlur written from ``nodes_post_processing``)
+run-tiny-model-ksampler.json, ``selected_entries``; ImageBlur written from
+``nodes_post_processing``)
 into ``tests/data/comfyui_object_info.json``. Real ComfyUI registers 478 classes; the fake only
-the 14 it can execute, so a graph using any other class is rejected exactly like an unknown node.
+the 14 it can execute plus 9 loader stubs the 1.27 frontend's model library looks up (they pass
+linked inputs through); a graph using any other class is rejected like an unknown node.
 Combo lists that depend on files are filled per request, as ComfyUI does: LoadImage's ``image``
 lists the input directory, CheckpointLoaderSimple's ``ckpt_name`` the checkpoints folder.
 """
@@ -20,6 +22,19 @@ from typing import Any
 from .paths import Paths
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "comfyui_object_info.json"
+#: combo inputs listing a model folder (the loaders the 1.27 frontend's model library expects).
+MODEL_COMBOS: dict[str, dict[str, str]] = {
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "ImageOnlyCheckpointLoader": {"ckpt_name": "checkpoints"},
+    "LoraLoader": {"lora_name": "loras"},
+    "LoraLoaderModelOnly": {"lora_name": "loras"},
+    "VAELoader": {"vae_name": "vae"},
+    "ControlNetLoader": {"control_net_name": "controlnet"},
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "UpscaleModelLoader": {"model_name": "upscale_models"},
+    "StyleModelLoader": {"style_model_name": "style_models"},
+    "GLIGENLoader": {"gligen_name": "gligen"},
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -86,8 +101,8 @@ class NodeRegistry:
         required = node["input"]["required"]
         if name == "LoadImage":
             required["image"][0] = self.input_images()
-        elif name == "CheckpointLoaderSimple":
-            required["ckpt_name"][0] = self.paths.model_files("checkpoints")
+        for input_name, folder in MODEL_COMBOS.get(name, {}).items():
+            required[input_name][0] = self.paths.model_files(folder)
         return node
 
     def object_info(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Directory layout and path checks of the fake, imitating ComfyUI's ``folder_paths.py``.
 
-ComfyUI keeps ``input/``, ``output/``, ``temp/``, ``user/<user_id>/`` and ``models/<folder>/`` under its
+ComfyUI keeps ``input/``, ``output/``, ``temp/``, ``user/<user_id>/`` and ``models/<folder>/``
+under its
 base directory; the fake puts them under ``root``. The model-folder table is the one ComfyUI 0.3.64
 reports in ``/internal/folder_paths`` (captures/http-basic.json), with paths re-rooted.
 """
@@ -43,7 +44,7 @@ MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pk
 
 @dataclass(frozen=True)
 class Paths:
-    """Absolute directories of one fake instance (all ``abspath``, never ``realpath``, like ComfyUI)."""
+    """Absolute directories of one fake (``abspath``, never ``realpath``, like ComfyUI)."""
 
     root: str
 

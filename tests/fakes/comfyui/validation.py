@@ -1,4 +1,5 @@
-"""``POST /prompt`` validation, a port of ``execution.validate_prompt``/``validate_inputs`` (0.3.64).
+"""``POST /prompt`` validation, a port of ``execution.validate_prompt``/``validate_inputs``
+(ComfyUI 0.3.64).
 
 Error shapes and messages are those of captures/validation-errors.json: ``invalid_prompt`` for a
 missing/unknown ``class_type`` (0.3.64 wording, newer servers say ``missing_node_type``),
@@ -104,7 +105,8 @@ class Validator:
                     errors.append(
                         {
                             "type": "bad_linked_input",
-                            "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                            "message": "Bad linked input, must be a length-2 list of "
+                            "[node_id, slot_index]",
                             "details": f"{x}",
                             "extra_info": {
                                 "input_name": x,
