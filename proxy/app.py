@@ -26,6 +26,8 @@ from proxy.chain import (
 )
 from proxy.health import healthz, readyz
 from proxy.observability.metrics import Metrics
+from proxy.origin import OriginGuard
+from proxy.routes import OTHER, RULES
 from proxy.settings import Settings
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, Lifecycle
 from proxy.upstream.forward import forward_http
@@ -44,8 +46,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
-    """Which guards run for which route rule, in order. No guard yet: pure relay."""
-    return {}
+    """Which guards run for which route rule, in order (the proxy's own routes have none)."""
+    origin = OriginGuard(settings.server)
+    return {r.name: (origin,) for r in (*RULES, OTHER)}
 
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:

@@ -54,6 +54,8 @@ class ServerSettings(_Section):
     """Serve under a sub-path such as ``/comfy``; ``/comfy`` redirects to ``/comfy/``."""
     public_url: str = ""
     """How browsers reach the proxy (scheme://host[:port]); derived from requests when empty."""
+    allowed_origins: tuple[str, ...] = ()
+    """Other web origins (scheme://host[:port]) allowed to call ComfyUI through the proxy."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose ``X-Forwarded-For/-Proto/-Host`` are believed (CIDRs)."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
@@ -72,6 +74,15 @@ class ServerSettings(_Section):
         if any(c in value for c in "?#%") or "//" in value:
             raise ValueError("must be a plain path without '?', '#', '%' or '//'")
         return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _allowed_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, origin in enumerate(value):
+            url = URL(origin)
+            if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+                raise ValueError(f"[{i}] {origin!r}: must be an origin such as https://host[:port]")
+        return tuple(o.rstrip("/") for o in value)
 
     @field_validator("public_url")
     @classmethod

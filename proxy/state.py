@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -48,6 +49,8 @@ class Lifecycle:
     """Set on SIGTERM: /readyz answers 503 while in-flight work finishes."""
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     """Client sockets of open relays, closed with 1001 on shutdown."""
+    relays: dict[tuple[str, str], Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    """Open relays by (upstream, clientId): calling one drops its upstream socket (takeover)."""
 
 
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)

@@ -27,7 +27,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, hdrs, web
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS
+from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 
@@ -146,6 +146,7 @@ async def _pump_upstream(
     upstream_ws: aiohttp.ClientWebSocketResponse,
     queue: ClientSendQueue,
     metrics: Metrics,
+    ctx: RequestContext,
 ) -> _Ended:
     frames = metrics.ws_frames
     text_frames, binary_frames = frames.labels("down", "text"), frames.labels("down", "binary")
@@ -156,6 +157,7 @@ async def _pump_upstream(
             data = msg.data
             (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
             down_bytes.inc(len(data))
+            ctx.bytes_out += len(data)
             if not queue.put(data):
                 return _Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
         elif msg.type is WSMsgType.CLOSE:
@@ -170,20 +172,23 @@ async def _pump_client(
     ws: web.WebSocketResponse,
     upstream_ws: aiohttp.ClientWebSocketResponse,
     metrics: Metrics,
+    ctx: RequestContext,
 ) -> _Ended:
     frames = metrics.ws_frames
     text_frames, binary_frames = frames.labels("up", "text"), frames.labels("up", "binary")
     up_bytes = metrics.ws_bytes.labels("up")
     while True:
         msg = await ws.receive()
-        if msg.type is WSMsgType.TEXT:
-            text_frames.inc()
+        if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+            (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
             up_bytes.inc(len(msg.data))
-            await upstream_ws.send_str(msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            binary_frames.inc()
-            up_bytes.inc(len(msg.data))
-            await upstream_ws.send_bytes(msg.data)
+            ctx.bytes_in += len(msg.data)
+            if upstream_ws.closed:
+                continue  # superseded by a newer socket with this clientId: ComfyUI ignores it too
+            if msg.type is WSMsgType.TEXT:
+                await upstream_ws.send_str(msg.data)
+            else:
+                await upstream_ws.send_bytes(msg.data)
         elif msg.type is WSMsgType.CLOSE:
             return _Ended("client", sendable_close_code(msg.data), msg.extra or "")
         elif msg.type is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
@@ -203,6 +208,16 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     upstream = pool.pick()
     ctx.upstream = upstream.name
     max_msg = int(settings.max_message_mb * 1024 * 1024)
+
+    lifecycle = app[LIFECYCLE]
+    # ComfyUI's takeover (protocol doc 4.1): a second socket with the same clientId replaces the
+    # first, and the first one's close later unregisters the id altogether. So an older relay
+    # for this clientId drops its upstream socket *before* the new one connects: ComfyUI never
+    # sees two sockets for one id, and the older client, like with ComfyUI, hears nothing more.
+    client_id = request.query.get("clientId", "")
+    takeover_key = (upstream.name, client_id)
+    if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:
+        await older()
 
     headers = build_upstream_headers(request, ctx, upstream)
     for name in WEBSOCKET_HANDSHAKE:
@@ -252,7 +267,14 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
         await upstream_ws.close()
         raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
 
-    lifecycle = app[LIFECYCLE]
+    superseded = asyncio.Event()
+
+    async def supersede() -> None:
+        superseded.set()
+        await _quietly(upstream_ws.close(code=WSCloseCode.OK, message=b"superseded"))
+
+    if client_id:
+        lifecycle.relays[takeover_key] = supersede
     lifecycle.websockets.add(ws)
     metrics.ws_open.inc()
     queue = ClientSendQueue(
@@ -261,11 +283,16 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
         drop_stale_previews=settings.drop_stale_previews,
         metrics=metrics,
     )
-    down = asyncio.create_task(_pump_upstream(upstream_ws, queue, metrics))
-    up = asyncio.ensure_future(_pump_client(ws, upstream_ws, metrics))
+    down = asyncio.create_task(_pump_upstream(upstream_ws, queue, metrics, ctx))
+    up = asyncio.ensure_future(_pump_client(ws, upstream_ws, metrics, ctx))
     try:
         await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+        if superseded.is_set() and not up.done():
+            # Taken over: stay open and silent until this client leaves, as ComfyUI does.
+            await asyncio.wait((up,))
     finally:
+        if lifecycle.relays.get(takeover_key) is supersede:
+            del lifecycle.relays[takeover_key]
         # Also reached when the client's disconnect cancels this handler: the upstream socket
         # must still be closed (shielded), or ComfyUI would keep routing this clientId's events
         # to a dead relay.
@@ -275,8 +302,9 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _outcome(pumps: tuple[asyncio.Future[_Ended], ...], request_id: str) -> _Ended:
-    """How the relay ended: the first pump that finished, else the client went away."""
-    for pump in pumps:
+    """How the relay ended: the client pump if it finished (it is the last to end in a
+    takeover), else the upstream pump, else the client went away (handler cancelled)."""
+    for pump in reversed(pumps):
         if not pump.done() or pump.cancelled():
             continue
         if (error := pump.exception()) is not None:

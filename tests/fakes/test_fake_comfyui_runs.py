@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 from pytest_aiohttp import AiohttpClient
@@ -23,7 +22,7 @@ from pytest_aiohttp import AiohttpClient
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.captures import expected_types, load, message_type, receive, shape, texts
 
-Client = TestClient[web.Request, web.Application]
+Client = TestClient[Any, Any]
 
 RUNS = [
     ("run-empty-save", None),
@@ -58,11 +57,15 @@ async def prepare(fake: FakeComfyUI, client: Client, name: str) -> None:
 async def test_run_replay(
     name: str, variant: str | None, tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
+    fake = FakeComfyUI(tmp_path)
+    await replay_run(name, variant, fake, await aiohttp_client(fake.app))
+
+
+async def replay_run(name: str, variant: str | None, fake: FakeComfyUI, client: Client) -> None:
+    """Replay one run capture with ``client`` (straight to ``fake``, or through the proxy)."""
     capture = load(name)
     runs = capture.get("runs", capture)
     run = runs[variant] if variant else capture
-    fake = FakeComfyUI(tmp_path)
-    client = await aiohttp_client(fake.app)
     await prepare(fake, client, name)
     if variant == "feature_flags_preview_metadata":  # recorded right after the legacy run
         legacy = runs["legacy_no_feature_flags"]["exchanges"][0]["request"]["json"]

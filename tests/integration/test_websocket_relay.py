@@ -75,9 +75,7 @@ async def test_frames_relayed_both_ways_unmodified(
     make_proxy: ProxyFactory, scripted: ScriptedUpstream
 ) -> None:
     client = await make_proxy(scripted.url)
-    ws = await client.ws_connect(
-        "/api/ws?clientId=abc", protocols=("comfy.v1",), max_msg_size=0
-    )
+    ws = await client.ws_connect("/api/ws?clientId=abc", protocols=("comfy.v1",), max_msg_size=0)
     assert ws.protocol == "comfy.v1"
     assert await ws.receive_json() == {"type": "status", "data": {"sid": "abc"}}
     assert scripted.handshakes[0].path_qs == "/api/ws?clientId=abc"
@@ -247,8 +245,6 @@ async def test_previews_not_dropped_when_disabled_close_instead(
     make_proxy: ProxyFactory, scripted: ScriptedUpstream
 ) -> None:
     frames: list[str | bytes] = [preview(1, b"p" * (256 * 1024)) for _ in range(200)]
-    _, _, closed = await slow_client_run(
-        make_proxy, scripted, frames, drop_stale_previews=False
-    )
+    _, _, closed = await slow_client_run(make_proxy, scripted, frames, drop_stale_previews=False)
     assert closed is not None
     assert closed.data == 1013
