@@ -27,6 +27,7 @@ from proxy.chain import (
 from proxy.health import healthz, readyz
 from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
+from proxy.redis_store import redis_client
 from proxy.routes import OTHER, RULES
 from proxy.settings import Settings
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, Lifecycle
@@ -80,7 +81,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[METRICS] = Metrics(registry)
     app[POOL] = UpstreamPool(settings.upstream)
     app[LIFECYCLE] = Lifecycle()
-    app.cleanup_ctx.append(_upstream_pool)
+    app.cleanup_ctx.extend([_upstream_pool, redis_client])
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(add_request_id)
 

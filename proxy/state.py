@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.observability.metrics import Metrics
@@ -58,3 +59,5 @@ SETTINGS = web.AppKey("comfygate.settings", Settings)
 POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
 METRICS = web.AppKey("comfygate.metrics", Metrics)
+REDIS: web.AppKey[redis.Redis | None] = web.AppKey("comfygate.redis")
+"""None when no Redis is configured (state kept in process memory)."""

@@ -231,3 +231,16 @@ async def test_metrics_count_requests(proxy: TestClient[Any, Any]) -> None:
     await proxy.get("/queue")
     exposition = generate_latest(proxy.app[METRICS].registry).decode()
     assert 'comfygate_http_requests_total{method="GET",rule="queue",status="200"} 2.0' in exposition
+
+
+async def test_readiness_follows_a_configured_redis(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: str
+) -> None:
+    proxy = await make_proxy(fake_comfy.url, redis={"url": redis_url})
+    resp = await proxy.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["redis"] == "up"
+    down = await make_proxy(fake_comfy.url, redis={"url": "redis://127.0.0.1:9/0"})
+    resp = await down.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["redis"] == "down"
