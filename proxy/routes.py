@@ -101,11 +101,17 @@ RULES: tuple[RouteRule, ...] = (
 )
 OTHER = rule("other", "/*")
 
+# Lookup tables, so classifying costs a dict lookup and at most a few regex matches:
+# exact paths, and the rules whose patterns start with a given first segment (in RULES order).
 _EXACT: dict[str, tuple[RouteRule, ...]] = {}
+_BY_SEGMENT: dict[str, tuple[RouteRule, ...]] = {}
 for _r in RULES:
     for _p in _r.patterns:
         if "{" not in _p and not _p.endswith("/*"):
             _EXACT[_p] = (*_EXACT.get(_p, ()), _r)
+        _segment = _p.split("/")[1]
+        if _r not in _BY_SEGMENT.get(_segment, ()):
+            _BY_SEGMENT[_segment] = (*_BY_SEGMENT.get(_segment, ()), _r)
 
 
 def classify(method: str, path: str, *, prefixed: bool = True) -> RouteRule:
@@ -118,7 +124,7 @@ def classify(method: str, path: str, *, prefixed: bool = True) -> RouteRule:
             prefixed or not candidate.api_only
         ):
             return candidate
-    for candidate in RULES:
+    for candidate in _BY_SEGMENT.get(path.split("/", 2)[1], ()):
         if (prefixed or not candidate.api_only) and candidate.matches(method, path):
             return candidate
     return OTHER
