@@ -1,0 +1,1 @@
+"""Browser tests: the stock ComfyUI frontend in headless Chromium, through the proxy."""

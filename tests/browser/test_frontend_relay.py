@@ -1,0 +1,312 @@
+"""The stock ComfyUI frontend (1.27.10) in headless Chromium, through the proxy to the fake.
+
+What "transparent" means here, checked from both ends:
+
+* the browser: no request without an HTTP answer, no 5xx, no 403 (ComfyUI's origin check), the
+  WebSocket opened through the proxy and got its ``status`` frame with a ``sid``;
+* the fake: every request the browser got an answer for reached the fake and was answered with
+  the same status, and the WebSocket handshake reached it with a consistent ``Host``/``Origin``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from playwright.async_api import Response, expect
+
+from tests.browser.conftest import (
+    DEFAULT_TIMEOUT_MS,
+    Answered,
+    Exchange,
+    FakeUpstream,
+    PageRecorder,
+    SocketRecorder,
+    StartProxy,
+)
+
+pytestmark = pytest.mark.browser
+
+# 404s that real ComfyUI 0.3.64 gives the same frontend on a first visit
+# (captures/frontend-requests.json): the optional user stylesheets, the listing of a user's
+# workflows/subgraphs folders that do not exist yet, and the templates-usage file.
+KNOWN_404_PATHS = frozenset(
+    {
+        "/user.css",
+        "/api/userdata/user.css",
+        "/api/userdata",  # ?dir=workflows&... and ?dir=subgraphs%2F&... on a fresh user directory
+        "/api/userdata/comfy.templates.json",
+    }
+)
+
+# Absolute paths frontend 1.27.10 hardcodes, so that under a base path they miss it (and the
+# proxy answers its own 404, as any sub-path reverse proxy would): the tab's progress favicon
+# (GraphView-*.js: "/assets/images/favicon_progress_16x16/frame_9.png", frame_N while running).
+ROOT_ABSOLUTE_PATHS = ("/assets/images/favicon_progress_16x16/",)
+
+# A small graph the fake can run, in the frontend's own (LiteGraph) format: what the UI keeps
+# in localStorage as the user's current workflow and restores on the next visit.
+EMPTY_IMAGE_TO_SAVE_IMAGE: dict[str, Any] = {
+    "last_node_id": 2,
+    "last_link_id": 1,
+    "nodes": [
+        {
+            "id": 1,
+            "type": "EmptyImage",
+            "pos": [60, 120],
+            "size": [320, 130],
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": [],
+            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1], "slot_index": 0}],
+            "properties": {"Node name for S&R": "EmptyImage"},
+            "widgets_values": [64, 48, 1, 0x3366CC],
+        },
+        {
+            "id": 2,
+            "type": "SaveImage",
+            "pos": [440, 120],
+            "size": [320, 280],
+            "flags": {},
+            "order": 1,
+            "mode": 0,
+            "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+            "outputs": [],
+            "properties": {"Node name for S&R": "SaveImage"},
+            "widgets_values": ["browser"],
+        },
+    ],
+    "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+    "groups": [],
+    "config": {},
+    "extra": {},
+    "version": 0.4,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The UI after its first load: the navigation's response, its WebSocket and sid."""
+
+    response: Response
+    socket: SocketRecorder
+    sid: str
+
+
+async def load_frontend(recorder: PageRecorder, url: str, ws_path: str) -> Loaded:
+    """Open the UI at ``url``; wait for the canvas and the WebSocket at ``ws_path``."""
+    page = recorder.page
+    response = await page.goto(url)
+    assert response is not None, url
+    try:
+        await expect(page.locator("#graph-canvas")).to_be_visible(timeout=DEFAULT_TIMEOUT_MS)
+    except AssertionError:
+        pytest.fail(f"the UI never showed its canvas; {recorder.trouble()}")
+    socket = await recorder.wait_for_socket(ws_path)
+    status = await socket.wait_for_type("status")
+    sid = status["data"].get("sid")
+    assert isinstance(sid, str), f"first status frame without a sid: {status}"
+    assert sid
+    await socket.wait_for_type("feature_flags")  # the answer to the page's own first frame
+    return Loaded(response, socket, sid)
+
+
+async def assert_relayed_faithfully(
+    recorder: PageRecorder, upstream: FakeUpstream, prefix: str = ""
+) -> None:
+    """The checks shared by the tests (``prefix`` is the proxy's base path).
+
+    Both directions: what the browser got came from the fake with the same status, and every
+    answer of the fake reached the browser with its status (WS handshakes are checked apart).
+    """
+    failed = recorder.network_failures()
+    assert not failed, f"requests without an HTTP answer: {failed}"
+
+    local = [r for r in recorder.responses if not r.url.startswith(("data:", "blob:"))]
+    bad = [r for r in local if r.status is not None and (r.status >= 500 or r.status == 403)]
+    assert not bad, f"5xx/403 answers through the proxy: {bad}"
+
+    if prefix:
+        # Answered by the proxy itself, never forwarded: the redirect of the bare base path,
+        # and what the frontend asks for by an absolute path (ROOT_ABSOLUTE_PATHS) -> 404.
+        own = [r for r in local if is_proxy_own(r.url, prefix)]
+        assert all(r.status in (301, 308, 404) for r in own), own
+        local = [r for r in local if r not in own]
+    outside = [r for r in local if not urlsplit(r.url).path.startswith(prefix + "/")]
+    assert not outside, f"requests outside the base path {prefix}/: {outside}"
+
+    answered = upstream.log.statuses()
+    missing: list[Exchange] = []
+    changed: list[tuple[Exchange, set[int]]] = []
+    for exchange in local:
+        target = exchange.target[len(prefix) :]
+        seen = answered.get((exchange.method, target))
+        if seen is None:
+            missing.append(exchange)
+        elif exchange.status not in seen:
+            changed.append((exchange, seen))
+    assert not missing, f"answered to the browser but never reached the fake: {missing}"
+    assert not changed, f"status differs between fake and browser (browser, fake): {changed}"
+    for answer in upstream.log.answered:
+        if answer.status != 101:
+            await recorder.wait_for_response(
+                partial(_same_exchange, answer, prefix),
+                within=5.0,
+                what=f"answer {answer.status} to {answer.method} {prefix}{answer.raw_path}",
+            )
+
+    unexpected_404 = [
+        r
+        for r in local
+        if r.status == 404 and urlsplit(r.target[len(prefix) :]).path not in KNOWN_404_PATHS
+    ]
+    assert not unexpected_404, (
+        f"404s real ComfyUI does not give at page load (a route the fake lacks?): {unexpected_404}"
+    )
+
+
+def _same_exchange(answer: Answered, prefix: str, exchange: Exchange) -> bool:
+    return (
+        exchange.method == answer.method
+        and exchange.target == prefix + answer.raw_path
+        and exchange.status == answer.status
+    )
+
+
+def assert_ws_handshake_consistent(upstream: FakeUpstream, ws_path: str = "/ws") -> None:
+    """ComfyUI's origin check passes: the handshake came with Origin's host:port == Host."""
+    handshakes = [a for a in upstream.log.answered if urlsplit(a.raw_path).path == ws_path]
+    assert handshakes, f"the fake never saw a {ws_path} handshake"
+    for handshake in handshakes:
+        host = handshake.headers.get("Host", "")
+        origin = handshake.headers.get("Origin", "")
+        assert origin, f"browser handshakes always carry Origin: {handshake}"
+        assert urlsplit(origin).netloc.lower() == host.lower(), (host, origin)
+        assert handshake.status == 101, handshake
+
+
+def is_proxy_own(url: str, prefix: str) -> bool:
+    """Under a base path: the proxy's redirect, or a known absolute path outside the base."""
+    path = urlsplit(url).path
+    return path == prefix or path.startswith(ROOT_ABSOLUTE_PATHS)
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+
+
+async def test_frontend_loads_through_proxy(
+    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder
+) -> None:
+    base = await start_proxy()
+    loaded = await load_frontend(recorder, f"{base}/", "/ws")
+    assert loaded.response.status == 200
+    await recorder.page.wait_for_load_state("networkidle")
+    await upstream.fake.wait_idle()
+
+    await assert_relayed_faithfully(recorder, upstream)
+    assert_ws_handshake_consistent(upstream)
+    socket = loaded.socket
+    assert urlsplit(socket.url).netloc == urlsplit(base).netloc  # through the proxy, not around
+    assert not socket.closed
+    assert socket.error is None
+    # The client id the UI adopted is the sid it was given through the proxy...
+    assert await recorder.page.evaluate("() => window.app.api.clientId") == loaded.sid
+    # ...and the page's own first frame went through the relay to the fake, under that sid.
+    assert any(
+        who == loaded.sid and kind == "text" and json.loads(text).get("type") == "feature_flags"
+        for who, kind, text in upstream.fake.ws_received
+    )
+    await recorder.screenshot("frontend-through-proxy.png")
+
+
+@pytest.mark.parametrize("base_path", ["", "/comfy"], ids=["root", "base_path"])
+async def test_queue_prompt_from_ui(
+    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder, base_path: str
+) -> None:
+    base = await start_proxy(server={"base_path": base_path})
+    page = recorder.page
+    # The user's current workflow, as the UI itself persisted it on a previous visit.
+    workflow = json.dumps(json.dumps(EMPTY_IMAGE_TO_SAVE_IMAGE))
+    await page.add_init_script(f"window.localStorage.setItem('workflow', {workflow});")
+    loaded = await load_frontend(recorder, f"{base}{base_path}/", f"{base_path}/ws")
+    await page.wait_for_function(
+        "() => (window.app?.graph?.nodes ?? []).map((n) => n.type).sort().join()"
+        " === 'EmptyImage,SaveImage'"
+    )
+
+    run = page.locator('[data-testid="queue-button"] button').first
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and urlsplit(r.url).path == f"{base_path}/api/prompt"
+    ) as queued:
+        await run.click()
+    response = await queued.value
+    assert response.status == 200, await response.text()
+    prompt_id = (await response.json())["prompt_id"]
+    sent = response.request.post_data_json
+    assert isinstance(sent, dict), response.request.post_data
+    assert sent["client_id"] == loaded.sid
+    assert sent["prompt"]["1"]["class_type"] == "EmptyImage"
+    assert sent["prompt"]["2"]["inputs"]["images"] == ["1", 0]
+
+    socket = loaded.socket
+    executed = await socket.wait_for_type("executed", prompt_id=prompt_id)
+    await socket.wait_for_type("execution_success", prompt_id=prompt_id)
+    image = executed["data"]["output"]["images"][0]
+
+    def is_output_view(exchange: Exchange) -> bool:
+        parts = urlsplit(exchange.url)
+        filename = parse_qs(parts.query).get("filename")
+        return parts.path == f"{base_path}/api/view" and filename == [image["filename"]]
+
+    view = await recorder.wait_for_response(is_output_view)
+    assert view.status == 200, view
+    assert urlsplit(view.url).netloc == urlsplit(base).netloc  # fetched through the proxy
+    assert parse_qs(urlsplit(view.url).query).get("type") == [image["type"]]
+
+    await upstream.fake.wait_idle()
+    posts = [
+        r for r in upstream.fake.received if r.method == "POST" and r.raw_path == "/api/prompt"
+    ]
+    assert len(posts) == 1, posts
+    assert json.loads(posts[0].body)["client_id"] == loaded.sid
+    assert upstream.log.statuses()[("POST", "/api/prompt")] == {200}
+    await assert_relayed_faithfully(recorder, upstream, prefix=base_path)
+    await recorder.screenshot(f"queue-prompt-through-proxy{base_path.replace('/', '-')}.png")
+
+
+async def test_frontend_under_base_path(
+    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder
+) -> None:
+    base = await start_proxy(server={"base_path": "/comfy"})
+    loaded = await load_frontend(recorder, f"{base}/comfy", "/comfy/ws")
+
+    # "/comfy" was redirected to "/comfy/" by the proxy itself (the UI needs the trailing slash).
+    assert recorder.page.url == f"{base}/comfy/"
+    assert loaded.response.status == 200
+    redirect = loaded.response.request.redirected_from
+    assert redirect is not None
+    assert redirect.url == f"{base}/comfy"
+    first = await redirect.response()
+    assert first is not None
+    assert first.status in (301, 308), first
+    assert urlsplit(first.headers["location"]).path == "/comfy/"
+
+    assert urlsplit(loaded.socket.url).netloc == urlsplit(base).netloc
+    await recorder.page.wait_for_load_state("networkidle")
+    await upstream.fake.wait_idle()
+
+    await assert_relayed_faithfully(recorder, upstream, prefix="/comfy")
+    assert_ws_handshake_consistent(upstream, "/ws")
+    await recorder.screenshot("frontend-under-base-path.png")
