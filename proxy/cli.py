@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from proxy import __version__
 from proxy.errors import SettingsError
 from proxy.observability.logging import configure_logging
-from proxy.settings import Settings, load_settings
+from proxy.settings import Settings, load_settings, redacted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(settings.model_dump_json(indent=2))
+        print(json.dumps(redacted(settings), indent=2))
         return 0
     configure_logging(settings.logging)
     _run(settings)

@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 from yarl import URL
 
+from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, RoleSettings, check_role_references
 from proxy.errors import SettingsError
 
 ENV_PREFIX = "COMFYGATE_"
@@ -172,6 +173,15 @@ class Settings(BaseSettings):
     websocket: WebSocketSettings = WebSocketSettings()
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
+    auth: AuthSettings = AuthSettings()
+    roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
+
+    @model_validator(mode="after")
+    def _roles_referenced_exist(self) -> Settings:
+        problems = check_role_references(self.auth, self.roles)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -202,11 +212,15 @@ class Settings(BaseSettings):
 _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 
+# Keys whose values are secrets: never printed by check-config, never logged.
+SECRET_KEYS = frozenset({"secret", "private_key", "url"})
+
+
 def _resolve_files(section: str, value: Any) -> Any:
     if not isinstance(value, Mapping):
         return value
-    out = dict(value)
-    for key in [k for k in out if isinstance(k, str) and k.endswith("_file")]:
+    out = {k: _resolve_files(f"{section}.{k}", v) for k, v in value.items()}
+    for key in [k for k in out if isinstance(k, str) and k.endswith("_file") and k != "users_file"]:
         path = out.pop(key)
         target = key.removesuffix("_file")
         if path in (None, ""):
@@ -227,6 +241,27 @@ def _format_error(err: Mapping[str, Any]) -> str:
     if err.get("type") == "extra_forbidden":
         msg = "unknown key (check the spelling against config/comfygate.example.toml)"
     return f"{loc}: {msg}" if loc else msg
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret replaced, for printing."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: ("<redacted>" if k in SECRET_KEYS and v and _is_secret(k, v) else scrub(v))
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return dict(scrub(settings.model_dump(mode="json")))
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    # A URL is only secret when it carries a password (redis://:pw@host).
+    return key != "url" or bool(URL(str(value)).password)
 
 
 def load_settings(

@@ -1,0 +1,48 @@
+"""Who is calling: the authenticated principal every guard after authentication reads."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy.auth.settings import RoleSettings
+
+Source = Literal["bearer", "cookie", "query", "anonymous"]
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller. ``roles`` are comfygate role names (defined in config)."""
+
+    subject: str
+    roles: frozenset[str]
+    source: Source
+    token_id: str | None = None
+    """The token's ``jti`` or the session id: what revocation refers to."""
+    expires_at: float | None = None
+
+    @property
+    def comfy_user(self) -> str:
+        return comfy_user_id(self.subject)
+
+    def is_admin(self, roles: Mapping[str, RoleSettings]) -> bool:
+        return any(roles[r].admin for r in self.roles if r in roles)
+
+    def may_use(self, rule: str, roles: Mapping[str, RoleSettings]) -> bool:
+        """Whether one of the principal's roles grants the (admin-only) route rule."""
+        return any(
+            roles[r].admin or rule in roles[r].allow_routes for r in self.roles if r in roles
+        )
+
+
+def comfy_user_id(subject: str) -> str:
+    """A stable ComfyUI user id for a subject: only ``[A-Za-z0-9_-]`` (what ComfyUI keeps of a
+    user name), readable, and unique thanks to a hash of the exact subject. Never starts with
+    ``__`` (ComfyUI reserves that prefix for system users)."""
+    readable = _UNSAFE.sub("-", subject).strip("-_")[:40] or "user"
+    digest = hashlib.sha256(subject.encode()).hexdigest()[:12]
+    return f"{readable}-{digest}"

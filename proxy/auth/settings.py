@@ -1,0 +1,171 @@
+"""Configuration sections of the identity layer: ``[auth]``, ``[auth.jwt]``, ``[auth.session]``,
+``[auth.login]`` and ``[roles.<name>]``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from yarl import URL
+
+ALGORITHMS = frozenset(
+    {
+        "HS256", "HS384", "HS512",
+        "RS256", "RS384", "RS512",
+        "PS256", "PS384", "PS512",
+        "ES256", "ES384", "ES512",
+        "EdDSA",
+    }
+)  # fmt: skip
+SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JwtSettings(_Section):
+    """Verification of bearer tokens (and of tokens pasted on the login page)."""
+
+    algorithms: tuple[str, ...] = ("HS256",)
+    """Accepted ``alg`` values; a token's own ``alg`` is never trusted beyond this list."""
+    secret: str = ""
+    """Shared secret for HS* (use ``secret_file`` or ``COMFYGATE_AUTH__JWT__SECRET``). Empty with
+    HS* algorithms: a random per-process secret (tokens die with the process; a warning says so)."""
+    public_keys: tuple[str, ...] = ()
+    """PEM public keys (RS/PS/ES/EdDSA); a value may also be a path to a PEM file."""
+    private_key: str = ""
+    """PEM private key (or path), used only by ``comfygate token create`` (asymmetric algs)."""
+    jwks_url: str = ""
+    """An identity provider's JWKS endpoint: fetched at startup, cached, refetched on new kid."""
+    jwks_max_age_seconds: float = Field(default=600.0, gt=0)
+    jwks_refetch_cooldown_seconds: float = Field(default=30.0, ge=0)
+    issuer: str = ""
+    """Required ``iss`` value; empty = not checked."""
+    audience: tuple[str, ...] = ()
+    """Accepted ``aud`` values; empty = ``aud`` not checked."""
+    leeway_seconds: float = Field(default=30.0, ge=0)
+    require_exp: bool = True
+    max_lifetime_seconds: float = Field(default=0.0, ge=0)
+    """Refuse tokens whose ``exp - iat`` exceeds this (0 = no limit)."""
+    subject_claim: str = "sub"
+    roles_claim: str = "roles"
+    """Dotted path to the roles (a list or a space/comma separated string), e.g.
+    ``realm_access.roles`` for Keycloak or ``groups``."""
+    role_map: dict[str, str] = {}
+    """External role/group name -> comfygate role; names equal to a configured role map to it."""
+    default_role: str = ""
+    """Role for a principal with no known role; empty = such a principal is refused (403)."""
+    cache_size: int = Field(default=10_000, ge=0)
+    """Verified tokens kept (until their exp) so a hot client skips the signature check."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        bad = [a for a in value if a not in ALGORITHMS]
+        if bad:
+            raise ValueError(f"{bad}: not supported ('none' never is); use {sorted(ALGORITHMS)}")
+        if set(value) & SYMMETRIC and set(value) - SYMMETRIC:
+            # SECURITY: mixing HS* with asymmetric algorithms is how RS->HS confusion happens.
+            raise ValueError("HS* and asymmetric algorithms cannot be mixed")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str) -> str:
+        if value and URL(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+
+class SessionSettings(_Section):
+    """The browser session cookie the proxy signs after a login."""
+
+    secret: str = ""
+    """HMAC key for session cookies (``secret_file`` / env). Empty: random per process."""
+    cookie_name: str = "comfygate_session"
+    idle_timeout_seconds: float = Field(default=8 * 3600.0, gt=0)
+    """Sliding lifetime: a session unused this long expires; use renews it."""
+    absolute_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """Hard limit from login, whatever the activity."""
+    secure: Literal["auto", "always", "never"] = "auto"
+    """``auto``: Secure when the request came over https (directly or via a trusted proxy)."""
+
+
+class LoginSettings(_Section):
+    """The login page."""
+
+    users_file: str = ""
+    """TOML file of users with argon2id password hashes (``comfygate user add``); empty = password
+    login off (pasting an API token still works)."""
+    allow_token_login: bool = True
+    max_failures: int = Field(default=5, ge=1)
+    """Failed logins allowed per client IP and per username within ``failure_window_seconds``."""
+    failure_window_seconds: float = Field(default=300.0, gt=0)
+    templates_dir: str = ""
+    """Directory whose ``login.html`` overrides the built-in page."""
+
+
+class AuthSettings(_Section):
+    """Who may call ComfyUI through the proxy."""
+
+    enabled: bool = True
+    """False only for a trusted network: every request is then the ``anonymous_role``."""
+    anonymous_role: str = "admin"
+    jwt: JwtSettings = JwtSettings()
+    session: SessionSettings = SessionSettings()
+    login: LoginSettings = LoginSettings()
+    query_token_on_websocket: bool = True
+    """Accept ``?token=`` on the WebSocket handshake (browsers cannot set headers there)."""
+    comfy_multi_user: bool = False
+    """ComfyUI runs with ``--multi-user``: create each principal's ComfyUI user on first use."""
+    forward_user_headers: bool = False
+    """Also send ``X-Forwarded-User`` and ``X-Forwarded-Groups`` upstream."""
+
+
+class RoleSettings(_Section):
+    """What one role may do. Roles are named in config: ``[roles.user]``, ``[roles.admin]``."""
+
+    admin: bool = False
+    """Sees and may do everything, including the admin-only routes."""
+    allow_routes: tuple[str, ...] = ()
+    """Admin-only route rules this role may use anyway (e.g. ``["free", "internal"]``)."""
+    submit: bool = True
+    """May queue prompts (false: read-only viewer)."""
+    priority: bool = False
+    """May use ``front``/``number`` to jump the queue."""
+
+
+DEFAULT_ROLES: dict[str, RoleSettings] = {
+    "viewer": RoleSettings(submit=False),
+    "user": RoleSettings(),
+    "admin": RoleSettings(admin=True, priority=True),
+}
+
+
+def check_role_references(auth: AuthSettings, roles: dict[str, RoleSettings]) -> list[str]:
+    """Cross-section rule: every role named in [auth] must be defined in [roles]."""
+    problems = []
+    names = set(roles)
+    if auth.jwt.default_role and auth.jwt.default_role not in names:
+        problems.append(f"auth.jwt.default_role: {auth.jwt.default_role!r} is not a defined role")
+    for external, role in auth.jwt.role_map.items():
+        if role not in names:
+            problems.append(f"auth.jwt.role_map.{external}: {role!r} is not a defined role")
+    if not auth.enabled and auth.anonymous_role not in names:
+        problems.append(f"auth.anonymous_role: {auth.anonymous_role!r} is not a defined role")
+    return problems
+
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ROLES",
+    "AuthSettings",
+    "JwtSettings",
+    "LoginSettings",
+    "RoleSettings",
+    "SessionSettings",
+    "check_role_references",
+]
