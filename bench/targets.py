@@ -1,0 +1,164 @@
+"""What gets measured: the fake upstream directly, comfygate (and its variants), nginx.
+
+A target is a `TargetSpec`; a comfygate variant is just another spec with extra environment
+variables (``env``) and, when it needs credentials, a ``prepare`` hook that fills in the headers
+the load generators send. Add one to `default_targets()` and every scenario measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bench.procs import Proc, ProcessGroup, free_port, wait_http
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+NGINX_TEMPLATE = REPO / "deploy" / "nginx" / "bench.conf"
+
+Kind = Literal["direct", "comfygate", "nginx"]
+PROXY_KINDS: frozenset[Kind] = frozenset({"comfygate", "nginx"})
+ALL_KINDS: frozenset[Kind] = frozenset({"direct", "comfygate", "nginx"})
+
+
+@dataclass
+class RunningTarget:
+    spec: TargetSpec
+    port: int
+    proc: Proc | None  # None for "direct": nothing of its own to measure
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> Kind:
+        return self.spec.kind
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def rss(self) -> int:
+        return self.proc.rss() if self.proc is not None else 0
+
+    def pid_str(self) -> str:
+        return str(self.proc.pid) if self.proc is not None else "-"
+
+
+Prepare = Callable[[RunningTarget], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    kind: Kind
+    env: Mapping[str, str] = field(default_factory=dict)  # comfygate variants: extra settings
+    headers: Mapping[str, str] = field(default_factory=dict)  # sent with every bench request
+    prepare: Prepare | None = None  # e.g. log in and store a bearer token in running.headers
+    description: str = ""
+
+
+def default_targets() -> list[TargetSpec]:
+    """Order matters: runs alternate in this order inside every repetition."""
+    return [
+        TargetSpec("direct", "direct", description="the fake ComfyUI, no proxy"),
+        TargetSpec("comfygate", "comfygate", description="comfygate serve, default settings"),
+        TargetSpec("nginx", "nginx", description="nginx reference (deploy/nginx/bench.conf)"),
+    ]
+
+
+def nginx_available() -> str | None:
+    return shutil.which("nginx")
+
+
+@dataclass
+class Launcher:
+    """Starts targets on free loopback ports in front of the upstream."""
+
+    group: ProcessGroup
+    tmp: Path
+    upstream_port: int
+    comfygate_cmd: list[str]
+    log_dir: Path
+
+    async def start(self, spec: TargetSpec) -> RunningTarget:
+        starters: dict[Kind, Callable[[TargetSpec], Awaitable[RunningTarget]]] = {
+            "direct": self._start_direct,
+            "comfygate": self._start_comfygate,
+            "nginx": self._start_nginx,
+        }
+        running = await starters[spec.kind](spec)
+        running.headers.update(spec.headers)
+        if spec.prepare is not None:
+            await spec.prepare(running)
+        return running
+
+    def stop(self, running: RunningTarget) -> None:
+        if running.proc is not None:
+            self.group.stop(running.proc)
+
+    async def restart(self, running: RunningTarget) -> RunningTarget:
+        self.stop(running)
+        return await self.start(running.spec)
+
+    async def _start_direct(self, spec: TargetSpec) -> RunningTarget:
+        return RunningTarget(spec, self.upstream_port, None)
+
+    async def _start_comfygate(self, spec: TargetSpec) -> RunningTarget:
+        port = free_port()
+        env = {
+            "COMFYGATE_UPSTREAM__URLS": json.dumps([f"http://127.0.0.1:{self.upstream_port}"]),
+            "COMFYGATE_LOGGING__FORMAT": "json",
+            **spec.env,
+        }
+        argv = [*self.comfygate_cmd, "serve", "--host", "127.0.0.1", "--port", str(port)]
+        proc = self.group.spawn(spec.name, argv, self.log_dir / f"{spec.name}.log", env=env)
+        await wait_http(f"http://127.0.0.1:{port}/history/bench-ready", proc)
+        return RunningTarget(spec, port, proc)
+
+    async def _start_nginx(self, spec: TargetSpec) -> RunningTarget:
+        nginx = nginx_available()
+        if nginx is None:
+            raise RuntimeError("nginx is not on PATH")
+        port = free_port()
+        prefix = self.tmp / f"nginx-{spec.name}-{port}"
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(prefix / sub, 0o777)  # workers run as an unprivileged user when root
+        os.chmod(prefix, 0o755)
+        conf = (
+            NGINX_TEMPLATE.read_text()
+            .replace("@@PREFIX@@", str(prefix))
+            .replace("@@PORT@@", str(port))
+            .replace("@@UPSTREAM_PORT@@", str(self.upstream_port))
+        )
+        conf_path = prefix / "nginx.conf"
+        conf_path.write_text(conf)
+        argv = [nginx, "-c", str(conf_path), "-p", str(prefix), "-g", "daemon off;"]
+        proc = self.group.spawn(spec.name, argv, self.log_dir / f"{spec.name}.log")
+        await wait_http(f"http://127.0.0.1:{port}/history/bench-ready", proc)
+        return RunningTarget(spec, port, proc)
+
+
+def fake_command(port: int, root: Path) -> tuple[list[str], str]:
+    """The fake ComfyUI upstream (tests/fakes/comfyui)."""
+    args = ["--host", "127.0.0.1", "--port", str(port), "--root", str(root), "--no-origin-check"]
+    # ComfyUI's default upload limit is 100 MB; the streaming run uploads 200 MB.
+    args += ["--max-upload-size", "400"]
+    return [sys.executable, "-m", "tests.fakes.comfyui", *args], "tests.fakes.comfyui"
+
+
+def default_comfygate_cmd() -> list[str]:
+    return [str(VENV_BIN / "comfygate")]
