@@ -6,6 +6,9 @@
                                                                          |- forward_http
                                                                          |- relay_websocket
                                                                          '- the proxy's own routes
+
+Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role. The proxy's own routes
+(health, login, its static files) run no guard: they are the only public ones.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from aiohttp import WSCloseCode, hdrs, web
 from prometheus_client import CollectorRegistry
 
+from proxy.auth.authenticator import authenticator_context
+from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
+from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
+from proxy.auth.login import CSRF_COOKIE
 from proxy.chain import (
     FORWARD_ROUTE,
     Guard,
-    add_request_id,
+    add_response_headers,
     make_run_guards,
     observe,
     render_errors,
@@ -30,7 +37,16 @@ from proxy.origin import OriginGuard
 from proxy.redis_store import redis_client
 from proxy.routes import OTHER, RULES
 from proxy.settings import Settings
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, Lifecycle
+from proxy.state import (
+    CONTEXT,
+    HEADER_POLICY,
+    LIFECYCLE,
+    METRICS,
+    POOL,
+    SETTINGS,
+    HeaderPolicy,
+    Lifecycle,
+)
 from proxy.upstream.forward import forward_http
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.websocket import relay_websocket
@@ -38,18 +54,31 @@ from proxy.upstream.websocket import relay_websocket
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """The terminal handler for ComfyUI's surface: WebSocket relay or HTTP forward."""
-    if (
-        request[CONTEXT].rule.websocket
-        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-    ):
+    rule = request[CONTEXT].rule
+    if rule.websocket and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
         return await relay_websocket(request)
+    if rule.name == "users":  # only GET gets here (RoleGuard); the proxy manages ComfyUI users
+        return await users_endpoint(request)
     return await forward_http(request)
 
 
 def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     """Which guards run for which route rule, in order (the proxy's own routes have none)."""
-    origin = OriginGuard(settings.server)
-    return {r.name: (origin,) for r in (*RULES, OTHER)}
+    chain: tuple[Guard, ...] = (
+        OriginGuard(settings.server),  # first: a foreign site learns nothing, not even 401 vs 403
+        AuthGuard(),  # who is calling; everything after relies on ctx.principal
+        CsrfGuard(),  # needs the principal's source (cookie vs bearer)
+        RoleGuard(),  # admin-only families and actions
+    )
+    return {r.name: chain for r in (*RULES, OTHER)}
+
+
+def build_header_policy(settings: Settings) -> HeaderPolicy:
+    """Client headers and cookies that never reach ComfyUI."""
+    return HeaderPolicy(
+        dropped=IDENTITY_HEADERS,
+        dropped_cookies=frozenset({settings.auth.session.cookie_name, CSRF_COOKIE}),
+    )
 
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
@@ -81,9 +110,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[METRICS] = Metrics(registry)
     app[POOL] = UpstreamPool(settings.upstream)
     app[LIFECYCLE] = Lifecycle()
-    app.cleanup_ctx.extend([_upstream_pool, redis_client])
+    app[HEADER_POLICY] = build_header_policy(settings)
+    # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
+    app.cleanup_ctx.extend([_upstream_pool, redis_client, authenticator_context])
     app.on_shutdown.append(_close_websockets)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_response_headers)
 
     # The proxy's own routes first (health checks at the root, whatever the base path).
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=True)

@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError
+from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthenticated
 from proxy.routes import RouteRule, classify, normalise_path, rule
 from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
 from proxy.upstream.headers import client_address
@@ -31,6 +32,7 @@ from proxy.upstream.headers import client_address
 log = structlog.get_logger("comfygate")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 FORWARD_ROUTE = "forward"
 """Name of the catch-all route that forwards to ComfyUI; every other route is the proxy's own."""
@@ -68,7 +70,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         raise
     except BaseException:
-        status = 499  # the client went away (CancelledError) mid-request
+        status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away mid-request
         raise
     finally:
         _finish(request, ctx, status)
@@ -192,6 +194,12 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return _render(
             request, ctx, ProxyError(exc.reason, error_type=f"http_{exc.status}"), exc.status
         )
+    except ConnectionError:
+        # The client went away mid-response (aiohttp's ClientConnectionResetError is one):
+        # nothing went wrong on our side. The placeholder is never sent (aiohttp sees the
+        # closed transport and drops it quietly); 499 is what the log line records.
+        ctx.error_type = "client_disconnected"
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("request_failed", request_id=ctx.request_id, rule=ctx.rule.name)
         return _render(
@@ -199,11 +207,25 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
         )
 
 
+def wants_login_page(request: web.Request) -> bool:
+    """A browser navigating to a page (not an API call, not a WebSocket)."""
+    return (
+        request.method in ("GET", "HEAD")
+        and "text/html" in request.headers.get(hdrs.ACCEPT, "")
+        and request.headers.get(hdrs.UPGRADE, "").lower() != "websocket"
+    )
+
+
 def _render(
     request: web.Request, ctx: RequestContext, exc: ProxyError, status: int | None = None
 ) -> web.Response:
     ctx.error_type = exc.error_type
     request.app[METRICS].rejections.labels(exc.error_type).inc()
+    if isinstance(exc, Unauthenticated) and wants_login_page(request):
+        base = request.app[SETTINGS].server.base_path
+        target = request.raw_path[len(base) :] if base else request.raw_path
+        location = f"{base}/login?{urlencode({'next': base + target})}"
+        return web.Response(status=302, headers={hdrs.LOCATION: location, **exc.headers})
     return json_error(
         status or exc.status,
         exc.error_type,
@@ -232,18 +254,21 @@ def make_run_guards(guards: Mapping[str, Sequence[Guard]]) -> Middleware:
     return run_guards
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: runs before headers go out, so streamed responses get it too."""
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the request id and the headers guards asked for (a renewed
+    session cookie). It runs before headers go out, so streamed responses get them too."""
     ctx = request.get(CONTEXT)
     if ctx is not None:
         response.headers[REQUEST_ID_HEADER] = ctx.request_id
+        for name, value in ctx.response_headers:
+            response.headers.add(name, value)
 
 
 __all__ = [
     "FORWARD_ROUTE",
     "BadRequest",
     "Guard",
-    "add_request_id",
+    "add_response_headers",
     "error_body",
     "json_error",
     "make_run_guards",

@@ -88,7 +88,17 @@ RULES: tuple[RouteRule, ...] = (
     rule("settings", "/settings", "/settings/*"),
     rule("userdata", "/userdata", "/userdata/*", "/v2/userdata", "/v2/userdata/*"),
     rule("internal", "/internal/*"),
-    rule("assets", "/assets", "/assets/*", "/tags", "/tags/*", "/tasks/*", api_only=True),
+    # Server-side model downloads from arbitrary URLs and asset-database maintenance.
+    rule(
+        "assets_admin",
+        "/assets/download",
+        "/assets/seed",
+        "/assets/seed/*",
+        "/assets/prune",
+        "/tasks/*",
+        api_only=True,
+    ),
+    rule("assets", "/assets", "/assets/*", "/tags", "/tags/*", api_only=True),
     rule(
         "manager",
         "/manager/*",

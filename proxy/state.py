@@ -11,10 +11,17 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis.asyncio as redis
 from aiohttp import web
+from multidict import istr
 
+from proxy.auth.principal import Principal
+
+if TYPE_CHECKING:
+    from proxy.auth.authenticator import Authenticator
+    from proxy.auth.comfy_users import ComfyUserDirectory
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
 from proxy.settings import Settings
@@ -40,6 +47,16 @@ class RequestContext:
     bytes_out: int = 0
     rejected_by: str = ""
     error_type: str = ""
+    principal: Principal | None = None
+    """Set by the auth guard; None only on the proxy's own public routes."""
+    body: bytes | None = None
+    """The request body when a guard had to read it; forwarded instead of the stream."""
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    """Headers the guards want ComfyUI to receive (identity), set after filtering the client's."""
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    """Headers for the client's response (e.g. a renewed session cookie), added before prepare."""
+    rewrite_response: Callable[[bytes], bytes] | None = None
+    """A JSON body rewrite for this response (e.g. redaction); forces a buffered response."""
 
 
 @dataclass(slots=True)
@@ -54,10 +71,21 @@ class Lifecycle:
     """Open relays by (upstream, clientId): calling one drops its upstream socket (takeover)."""
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What of the client's request never reaches ComfyUI, beyond hop-by-hop headers."""
+
+    dropped: frozenset[istr] = frozenset()
+    dropped_cookies: frozenset[str] = frozenset()
+
+
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)
 SETTINGS = web.AppKey("comfygate.settings", Settings)
 POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)
+HEADER_POLICY = web.AppKey("comfygate.header_policy", HeaderPolicy)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
 METRICS = web.AppKey("comfygate.metrics", Metrics)
+AUTH: web.AppKey[Authenticator] = web.AppKey("comfygate.auth")
+COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users")
 REDIS: web.AppKey[redis.Redis | None] = web.AppKey("comfygate.redis")
 """None when no Redis is configured (state kept in process memory)."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jwt
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
@@ -19,6 +21,9 @@ from tests.redis_server import RedisServer, start_redis
 
 if TYPE_CHECKING:
     from tests.fakes.comfyui import FakeComfyUI
+
+ADMIN = "<admin token>"
+"""``make_proxy(token=ADMIN)`` (the default): every request carries an admin bearer token."""
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -58,11 +63,37 @@ async def fake_comfy(tmp_path: Path) -> AsyncIterator[FakeComfyUI]:
     await fake.stop()
 
 
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789abcdef"
+SESSION_SECRET = "test-session-secret-0123456789abcdef0123456789"
+
+
+def make_token(subject: str = "admin", roles: tuple[str, ...] = ("admin",), **claims: Any) -> str:
+    """An HS256 token the test proxy accepts (``auth.jwt.secret`` = :data:`JWT_SECRET`)."""
+    now = int(time.time())
+    payload = {"sub": subject, "roles": list(roles), "iat": now, "exp": now + 3600}
+    payload["jti"] = f"{subject}-{now}-{os.urandom(4).hex()}"
+    payload.update(claims)
+    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
+
+
 def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
-    """Settings from defaults + the given sections, ignoring the developer's environment."""
-    overrides: dict[str, dict[str, Any]] = {"upstream": {"urls": (upstream_url,)}}
+    """Settings from defaults + the given sections, ignoring the developer's environment.
+
+    Auth is on (as in production) with known test secrets; nested sections merge one level
+    deep, e.g. ``auth={"jwt": {"default_role": "user"}}``.
+    """
+    overrides: dict[str, dict[str, Any]] = {
+        "upstream": {"urls": (upstream_url,)},
+        "auth": {"jwt": {"secret": JWT_SECRET}, "session": {"secret": SESSION_SECRET}},
+    }
     for name, values in sections.items():
-        overrides[name] = {**overrides.get(name, {}), **values}
+        merged = dict(overrides.get(name, {}))
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        overrides[name] = merged
     overrides.setdefault("logging", {}).setdefault("format", "json")
     return load_settings(None, overrides=overrides, environ={})
 
@@ -71,9 +102,17 @@ def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
 def make_proxy(aiohttp_client: AiohttpClient) -> ProxyFactory:
     """Build the real app in front of ``upstream_url`` and return a test client for it."""
 
-    async def factory(upstream_url: str, **sections: dict[str, Any]) -> Any:
+    async def factory(
+        upstream_url: str, *, token: str | None = ADMIN, **sections: dict[str, Any]
+    ) -> Any:
+        """``token``: sent as a bearer token on every request (None: no credentials)."""
         settings = make_settings(upstream_url, **sections)
-        return await aiohttp_client(create_app(settings, registry=CollectorRegistry()))
+        headers = {"Authorization": f"Bearer {make_token()}"} if token is ADMIN else {}
+        if token is not None and token is not ADMIN:
+            headers = {"Authorization": f"Bearer {token}"}
+        return await aiohttp_client(
+            create_app(settings, registry=CollectorRegistry()), headers=headers
+        )
 
     return factory
 

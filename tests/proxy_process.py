@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from tests.conftest import JWT_SECRET, SESSION_SECRET, make_token
 from tests.redis_server import free_port
 
 STARTUP_TIMEOUT = 20.0
@@ -25,6 +26,11 @@ class ProxyProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers of an admin API client."""
+        return {"Authorization": f"Bearer {make_token()}"}
 
     @property
     def pid(self) -> int:
@@ -57,6 +63,8 @@ async def proxy_process(upstream_url: str, **env: str) -> AsyncIterator[ProxyPro
         **{k: v for k, v in os.environ.items() if not k.startswith("COMFYGATE_")},
         "COMFYGATE_UPSTREAM__URLS": f'["{upstream_url}"]',
         "COMFYGATE_LOGGING__FORMAT": "json",
+        "COMFYGATE_AUTH__JWT__SECRET": JWT_SECRET,
+        "COMFYGATE_AUTH__SESSION__SECRET": SESSION_SECRET,
         **env,
     }
     process = await asyncio.create_subprocess_exec(

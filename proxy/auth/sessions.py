@@ -91,16 +91,19 @@ class SessionCodec:
                 value,
                 self._secret,
                 algorithms=[ALGORITHM],
-                options={"require": ["exp", "sub", "sid", "iat", "aexp", "typ"]},
-                leeway=0,
+                # Expiry is checked below against the injectable clock, not PyJWT's.
+                options={
+                    "require": ["exp", "sub", "sid", "iat", "aexp", "typ"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise InvalidSession("session_expired") from None
         except jwt.PyJWTError:
             raise InvalidSession("session_invalid") from None
         if claims.get("typ") != SESSION_TYPE or not isinstance(claims.get("roles"), list):
             raise InvalidSession("session_invalid")
-        if float(claims["aexp"]) <= self._clock():
+        now = self._clock()
+        if float(claims["exp"]) <= now or float(claims["aexp"]) <= now:
             raise InvalidSession("session_expired")
         return Session(
             subject=str(claims["sub"]),

@@ -39,7 +39,11 @@ def configure_logging(settings: LoggingSettings, *, stream: Any = None) -> None:
     if use_json:
         processors = [
             *shared,
-            structlog.processors.dict_tracebacks,
+            # SECURITY: no local variables in tracebacks: they would carry requests, cookies,
+            # tokens and settings into the logs.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
         binary: Any = getattr(out, "buffer", None) or out

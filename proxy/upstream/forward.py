@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.state import CONTEXT, METRICS, POOL, SETTINGS, RequestContext
+from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, SETTINGS, RequestContext
 from proxy.upstream.headers import (
     client_response_headers,
     forwarded_values,
+    strip_cookies,
     upstream_request_headers,
 )
 from proxy.upstream.pool import Upstream
@@ -32,9 +34,14 @@ CHUNK = 256 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
-def build_upstream_headers(request: web.Request, ctx: RequestContext, upstream: Upstream) -> dict:  # type: ignore[type-arg]
-    """Request headers for ComfyUI (see ``headers.upstream_request_headers``)."""
+def build_upstream_headers(
+    request: web.Request, ctx: RequestContext, upstream: Upstream
+) -> CIMultiDict[str]:
+    """Request headers for ComfyUI (see ``headers.upstream_request_headers``), with the header
+    policy of the app (identity headers dropped, the proxy's cookies removed) and the headers
+    the guards set for this request."""
     settings = request.app[SETTINGS]
+    policy = request.app[HEADER_POLICY]
     server = settings.server
     forwarded_for, proto, fwd_host = forwarded_values(
         request.remote or "",
@@ -46,7 +53,7 @@ def build_upstream_headers(request: web.Request, ctx: RequestContext, upstream: 
     preserve = settings.upstream.preserve_host
     host = request.host if preserve else upstream.host_header
     origin = f"{proto}://{request.host}" if preserve else upstream.origin
-    return upstream_request_headers(  # type: ignore[return-value]
+    headers = upstream_request_headers(
         request.headers,
         host=host,
         origin=origin,
@@ -54,7 +61,15 @@ def build_upstream_headers(request: web.Request, ctx: RequestContext, upstream: 
         forwarded_proto=proto,
         forwarded_host=fwd_host,
         request_id=ctx.request_id,
+        dropped=policy.dropped,
     )
+    cookie = headers.pop(hdrs.COOKIE, None)
+    if cookie is not None:
+        kept = strip_cookies(cookie, policy.dropped_cookies)
+        if kept:
+            headers[hdrs.COOKIE] = kept
+    headers.update(ctx.upstream_headers)
+    return headers
 
 
 async def _stream_request_body(request: web.Request, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -82,8 +97,8 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     ctx.upstream = upstream.name
     headers = build_upstream_headers(request, ctx, upstream)
 
-    body: bytes | AsyncIterator[bytes] | None = None
-    if request.body_exists:
+    body: bytes | AsyncIterator[bytes] | None = ctx.body
+    if body is None and request.body_exists:
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
             body = await request.content.readexactly(length) if length else b""
@@ -125,6 +140,8 @@ async def _relay_response(
     headers = client_response_headers(resp.headers)
     length = resp.content_length
     no_body = request.method == hdrs.METH_HEAD or resp.status in _NO_BODY_STATUSES
+    if ctx.rewrite_response is not None and not no_body and _rewritable(resp):
+        return await _rewritten_response(request, ctx, resp, upstream, headers)
     if not no_body and length is not None and length <= SMALL_BODY:
         started = time.perf_counter()
         try:
@@ -136,6 +153,56 @@ async def _relay_response(
         ctx.bytes_out = len(payload)
         return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=payload)
 
+    return await _streamed_response(request, ctx, resp, upstream, headers, no_body=no_body)
+
+
+def _rewritable(resp: aiohttp.ClientResponse) -> bool:
+    """Only plain (uncompressed) JSON success bodies are rewritten; anything else passes as is."""
+    return (
+        resp.status == 200
+        and resp.content_type == "application/json"
+        and hdrs.CONTENT_ENCODING not in resp.headers
+    )
+
+
+async def _rewritten_response(
+    request: web.Request,
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    headers: CIMultiDict[str],
+) -> web.Response:
+    limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
+    started = time.perf_counter()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamUnavailable("ComfyUI's answer is too large to inspect")
+            chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise map_client_error(exc, upstream, request) from None
+    finally:
+        ctx.upstream_seconds += time.perf_counter() - started
+    payload = b"".join(chunks)
+    assert ctx.rewrite_response is not None
+    body = ctx.rewrite_response(payload)
+    ctx.bytes_out = len(body)
+    return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+
+
+async def _streamed_response(
+    request: web.Request,
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    headers: CIMultiDict[str],
+    *,
+    no_body: bool,
+) -> web.StreamResponse:
+    length = resp.content_length
     response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
     if length is not None:
         response.content_length = length  # keep upstream's framing (and HEAD's announced size)

@@ -175,3 +175,16 @@ def forwarded_values(
             headers.get(hdrs.X_FORWARDED_HOST, host),
         )
     return peer, scheme, host
+
+
+def strip_cookies(header: str, names: Iterable[str]) -> str | None:
+    """The ``Cookie`` header without the proxy's own cookies; None when nothing is left.
+
+    Other cookies pass byte for byte (split on ``;`` rather than parsed and re-encoded).
+    """
+    drop = frozenset(names)
+    if not any(name in header for name in drop):
+        return header
+    kept = [part.strip() for part in header.split(";")]
+    kept = [p for p in kept if p and p.split("=", 1)[0].strip() not in drop]
+    return "; ".join(kept) or None

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from proxy.state import METRICS
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 
 EMPTY_SAVE = {
@@ -207,11 +207,15 @@ async def test_health_and_readiness(make_proxy: ProxyFactory, fake_comfy: FakeCo
     assert (await dead.get("/healthz")).status == 200  # liveness never depends on ComfyUI
 
 
-async def test_one_canonical_log_line_without_secrets(proxy: TestClient[Any, Any]) -> None:
+async def test_one_canonical_log_line_without_secrets(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    token = make_token("alice", ("user",))
+    proxy = await make_proxy(fake_comfy.url, token=token)
     with capture_logs() as logs:
         await proxy.get(
             "/api/view?filename=secret.png&token=abc",
-            headers={"Authorization": "Bearer xyz", "Cookie": "session=s3cr3t"},
+            headers={"Cookie": "session=s3cr3t"},
         )
     lines = [e for e in logs if e["event"] == "request_finished"]
     assert len(lines) == 1
@@ -222,7 +226,7 @@ async def test_one_canonical_log_line_without_secrets(proxy: TestClient[Any, Any
     for key in ("request_id", "method", "upstream", "duration_ms", "upstream_ms", "proxy_ms"):
         assert key in line
     text = repr(logs)
-    for secret in ("abc", "xyz", "s3cr3t", "secret.png"):
+    for secret in ("abc", token, token.split(".")[2], "s3cr3t", "secret.png"):
         assert secret not in text
 
 

@@ -40,7 +40,7 @@ async def test_graceful_shutdown(aiohttp_server: AiohttpServer) -> None:
         proxy_process(
             str(upstream.make_url("")).rstrip("/"), COMFYGATE_SERVER__DRAIN_SECONDS="1.0"
         ) as proxy,
-        aiohttp.ClientSession() as client,
+        aiohttp.ClientSession(headers=proxy.auth) as client,
     ):
         async with client.get(f"{proxy.url}/readyz") as resp:
             assert resp.status == 200

@@ -69,7 +69,7 @@ async def big_upstream(aiohttp_server: AiohttpServer) -> tuple[str, dict[str, st
 
 async def test_200mb_download_and_upload_keep_rss_flat(aiohttp_server: AiohttpServer) -> None:
     upstream, received = await big_upstream(aiohttp_server)
-    async with proxy_process(upstream) as proxy, ClientSession() as client:
+    async with proxy_process(upstream) as proxy, ClientSession(headers=proxy.auth) as client:
         sampler = RssSampler(proxy.pid)
         sampling = asyncio.create_task(sampler.run())
 

@@ -103,6 +103,7 @@ async def test_recorded_traffic_is_identical_through_the_proxy(
             assert comparable(via[2]) == comparable(ref[2]), where
             await behind.wait_idle()
             await direct.wait_idle()
-    # The upstream behind the proxy received the same paths, byte for byte.
-    sent = [r["path"] for r in replayable(capture)]
+    # The upstream behind the proxy received the same paths, byte for byte (but /users, which
+    # the proxy answers itself: ComfyUI users are its business).
+    sent = [r["path"] for r in replayable(capture) if not r["path"].endswith("/users")]
     assert [r.raw_path for r in behind.received if not r.path.endswith("/ws")] == sent

@@ -105,3 +105,12 @@ def test_forwarded_values() -> None:
         "http",
         "p",
     )
+
+
+def test_strip_cookies_keeps_others_byte_exact() -> None:
+    from proxy.upstream.headers import strip_cookies  # noqa: PLC0415
+
+    names = {"comfygate_session", "comfygate_csrf"}
+    assert strip_cookies('a="x y"; b=1', names) == 'a="x y"; b=1'
+    assert strip_cookies("a=1; comfygate_session=s; b=2", names) == "a=1; b=2"
+    assert strip_cookies("comfygate_session=s;comfygate_csrf=t", names) is None

@@ -1,0 +1,206 @@
+"""``Authenticator``: credentials on a request -> a :class:`Principal`, or a refusal.
+
+Sources, in order: ``Authorization: Bearer <jwt>``; the session cookie; a ``token`` query
+parameter on the WebSocket handshake only (browsers cannot set headers there). The first source
+present decides: a bad bearer token is refused even if a good cookie is also sent.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import hdrs, web
+
+from proxy.auth.principal import Principal
+from proxy.auth.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
+from proxy.auth.sessions import InvalidSession, Session, SessionCodec
+from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
+from proxy.auth.tokens import (
+    InvalidToken,
+    NoKnownRole,
+    TokenVerifier,
+    build_verifier,
+    issue_token,
+)
+from proxy.errors import Forbidden, Unauthenticated
+
+log = structlog.get_logger("comfygate.auth")
+
+REALM = 'Bearer realm="comfygate"'
+
+
+def challenge(error_type: str, description: str) -> dict[str, str]:
+    """RFC 6750 ``WWW-Authenticate`` for a refused token."""
+    safe = description.replace('"', "'")
+    return {hdrs.WWW_AUTHENTICATE: f'{REALM}, error="invalid_token", error_description="{safe}"'}
+
+
+@dataclass(slots=True)
+class Authenticator:
+    """Everything authentication needs, built once at startup."""
+
+    settings: AuthSettings
+    roles: Mapping[str, RoleSettings]
+    verifier: TokenVerifier
+    sessions: SessionCodec
+    revocations: RevocationList
+
+    async def authenticate(
+        self, request: web.Request, *, websocket: bool
+    ) -> tuple[Principal, Session | None]:
+        """The caller's principal, and its session when it came from the cookie.
+
+        Raises:
+            Unauthenticated: no credentials, or invalid ones (``error_type`` says why).
+            Forbidden: a valid token whose roles map to no configured role.
+        """
+        if not self.settings.enabled:
+            role = self.settings.anonymous_role
+            return Principal("anonymous", frozenset({role}), "anonymous"), None
+        authorization = request.headers.get(hdrs.AUTHORIZATION)
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated(
+                    "Authorization must be 'Bearer <token>'",
+                    error_type="token_malformed",
+                    headers=challenge("token_malformed", "expected a Bearer token"),
+                )
+            return await self._verify(token.strip(), "bearer"), None
+        cookie = request.cookies.get(self.settings.session.cookie_name)
+        if cookie:
+            return await self._session(cookie)
+        if websocket and self.settings.query_token_on_websocket:
+            query_token = request.query.get("token")
+            if query_token:
+                return await self._verify(query_token, "query"), None
+        raise Unauthenticated(
+            "authentication required",
+            error_type="unauthenticated",
+            headers={hdrs.WWW_AUTHENTICATE: REALM},
+        )
+
+    async def _verify(self, token: str, source: str) -> Principal:
+        try:
+            return await self.verifier.verify(token, source=source)  # type: ignore[arg-type]
+        except InvalidToken as exc:
+            raise Unauthenticated(
+                exc.message, error_type=exc.reason, headers=challenge(exc.reason, exc.message)
+            ) from None
+        except NoKnownRole:
+            raise Forbidden(
+                "the token grants no role known to this proxy", error_type="no_role"
+            ) from None
+
+    async def _session(self, cookie: str) -> tuple[Principal, Session]:
+        try:
+            session = self.sessions.verify(cookie)
+        except InvalidSession as exc:
+            raise Unauthenticated(
+                "your session has ended; log in again", error_type=exc.reason
+            ) from None
+        if await self.revocations.is_revoked(session.session_id):
+            raise Unauthenticated(
+                "your session has ended; log in again", error_type="session_revoked"
+            )
+        roles = frozenset(r for r in session.roles if r in self.roles)
+        if not roles:
+            raise Forbidden("your roles are no longer configured", error_type="no_role")
+        principal = Principal(
+            subject=session.subject,
+            roles=roles,
+            source="cookie",
+            token_id=session.session_id,
+            expires_at=session.expires_at,
+        )
+        return principal, session
+
+
+def session_secret(settings: AuthSettings) -> bytes:
+    """The configured session secret, or a random one (sessions then end with the process)."""
+    if settings.session.secret:
+        return settings.session.secret.encode()
+    log.warning(
+        "session_secret_generated",
+        detail="auth.session.secret is not set: sessions end when this process stops "
+        "and are not shared between replicas",
+    )
+    return secrets.token_bytes(32)
+
+
+BOOTSTRAP_TTL_SECONDS = 24 * 3600
+
+
+def jwt_settings_for_run(settings: AuthSettings) -> tuple[JwtSettings, bool]:
+    """JWT settings with a random per-process secret when HS* has none configured, and whether
+    this is a bootstrap run (nothing configured to log in with: no secret, no users file)."""
+    jwt_settings = settings.jwt
+    if not settings.enabled or set(jwt_settings.algorithms) - SYMMETRIC or jwt_settings.secret:
+        return jwt_settings, False
+    log.warning(
+        "jwt_secret_generated",
+        detail="auth.jwt.secret is not set: API tokens are signed with a random per-process "
+        "secret and die with the process; `comfygate token create` needs a configured secret",
+    )
+    random_secret = secrets.token_urlsafe(48)
+    bootstrap = not settings.login.users_file
+    return jwt_settings.model_copy(update={"secret": random_secret}), bootstrap
+
+
+def print_bootstrap_token(jwt_settings: JwtSettings, roles: Mapping[str, RoleSettings]) -> None:
+    """A first run with nothing to log in with: print a one-time admin token on the console.
+
+    Deliberately on stderr and not through the log pipeline (like Jupyter's startup token): it
+    is meant for the person who started the process, not for log collection.
+    """
+    admin = next((name for name, role in roles.items() if role.admin), None)
+    if admin is None:
+        return
+    token, _ = issue_token(
+        jwt_settings, subject="bootstrap-admin", roles=[admin], ttl_seconds=BOOTSTRAP_TTL_SECONDS
+    )
+    print(
+        "\ncomfygate: no users file and no JWT secret are configured. To sign in, paste this\n"
+        f"one-time admin token on the login page (valid 24 h, for this process only):\n\n"
+        f"    {token}\n\n"
+        "Configure auth.jwt.secret and auth.login.users_file (see README) for real use.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def build_revocations(app: web.Application) -> RevocationList:
+    from proxy.state import REDIS  # noqa: PLC0415 - state imports auth types
+
+    client = app[REDIS]
+    return RedisRevocationList(client) if client is not None else MemoryRevocationList()
+
+
+async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: build the authenticator once Redis and the upstream pool exist."""
+    from proxy.auth.comfy_users import ComfyUserDirectory  # noqa: PLC0415
+    from proxy.state import AUTH, COMFY_USERS, POOL, REDIS, SETTINGS  # noqa: PLC0415
+
+    settings = app[SETTINGS]
+    revocations = build_revocations(app)
+    jwt_settings, bootstrap = jwt_settings_for_run(settings.auth)
+    verifier = build_verifier(
+        jwt_settings, settings.roles, session=app[POOL].session, revocations=revocations
+    )
+    if bootstrap:
+        print_bootstrap_token(jwt_settings, settings.roles)
+    await verifier.start()
+    app[AUTH] = Authenticator(
+        settings=settings.auth,
+        roles=settings.roles,
+        verifier=verifier,
+        sessions=SessionCodec(settings.auth.session, session_secret(settings.auth)),
+        revocations=revocations,
+    )
+    app[COMFY_USERS] = ComfyUserDirectory(app[POOL], app[REDIS])
+    yield
+    await verifier.close()

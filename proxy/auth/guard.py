@@ -1,0 +1,202 @@
+"""The identity guards, in the order ``app.build_guards`` runs them after the origin check:
+
+1. :class:`AuthGuard` - who is calling (else 401, or 302 to the login page for a browser page).
+2. :class:`CsrfGuard` - a cookie-authenticated state change must prove it comes from our pages.
+3. :class:`RoleGuard` - admin-only route families and actions.
+"""
+
+from __future__ import annotations
+
+import time
+from http.cookies import SimpleCookie
+
+import orjson
+from aiohttp import hdrs, web
+
+from proxy.auth.identity import COMFY_USER, identity_headers
+from proxy.errors import Forbidden, PayloadTooLarge
+from proxy.origin import origin_key
+from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+# Route families only an admin (or a role that lists them in allow_routes) may use at all:
+# server logs and absolute paths, ComfyUI-Manager (installs code), server-side model downloads,
+# and memory management affecting everyone.
+ADMIN_RULES = frozenset({"internal", "manager", "assets_admin", "free"})
+
+
+def is_websocket(request: web.Request) -> bool:
+    return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+class AuthGuard:
+    """Authenticates the caller and sets ``ctx.principal`` and the identity sent to ComfyUI."""
+
+    name = "auth"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        auth = request.app[AUTH]
+        principal, session = await auth.authenticate(request, websocket=is_websocket(request))
+        ctx.principal = principal
+        if principal.source == "query":
+            # SECURITY: the token is the caller's credential; it must not reach ComfyUI's logs.
+            ctx.upstream_path = without_query_param(ctx.upstream_path, "token")
+        settings = request.app[SETTINGS].auth
+        ctx.upstream_headers.update(identity_headers(principal, settings.forward_user_headers))
+        if settings.comfy_multi_user:
+            comfy_id = await request.app[COMFY_USERS].user_id(principal.comfy_user)
+            ctx.upstream_headers[COMFY_USER] = comfy_id
+        if session is not None and auth.sessions.needs_renewal(session):
+            value, renewed = auth.sessions.renew(session)
+            ctx.response_headers.append(
+                (hdrs.SET_COOKIE, session_cookie(request, value, renewed.absolute_expires_at))
+            )
+
+
+def without_query_param(raw_path: str, name: str) -> str:
+    """``raw_path`` without every ``name=`` parameter; everything else kept byte-exact."""
+    path, sep, query = raw_path.partition("?")
+    if not sep:
+        return raw_path
+    kept = [p for p in query.split("&") if p.split("=", 1)[0] != name]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def session_cookie(request: web.Request, value: str, absolute_expiry: float) -> str:
+    """A ``Set-Cookie`` value for the session: HttpOnly, SameSite=Lax, Secure over https."""
+    settings = request.app[SETTINGS]
+    cookie: SimpleCookie = SimpleCookie()
+    name = settings.auth.session.cookie_name
+    cookie[name] = value
+    morsel = cookie[name]
+    morsel["path"] = settings.server.base_path or "/"
+    morsel["httponly"] = True
+    morsel["samesite"] = "Lax"
+    max_age = max(0, int(absolute_expiry - time.time()))
+    morsel["max-age"] = str(max_age)
+    if cookie_secure(request):
+        morsel["secure"] = True
+    return morsel.OutputString()
+
+
+def cookie_secure(request: web.Request) -> bool:
+    """Whether cookies get the Secure flag (``auth.session.secure``)."""
+    mode = request.app[SETTINGS].auth.session.secure
+    if mode != "auto":
+        return mode == "always"
+    settings = request.app[SETTINGS]
+    if request.scheme == "https" or settings.server.public_url.startswith("https://"):
+        return True
+    from proxy.upstream.headers import forwarded_values  # noqa: PLC0415
+
+    _, proto, _ = forwarded_values(
+        request.remote or "",
+        request.headers,
+        scheme=request.scheme,
+        host=request.host,
+        trusted=settings.server.trusted_proxies,
+    )
+    return proto == "https"
+
+
+class CsrfGuard:
+    """Cookie-authenticated state changes (and WebSocket handshakes) must carry our origin.
+
+    The origin guard already refused any *foreign* ``Origin``; here a missing one is refused too,
+    unless ``Referer`` names our origin. Bearer-authenticated requests are exempt: a browser
+    never attaches a bearer token on its own.
+    """
+
+    name = "csrf"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        if principal is None or principal.source != "cookie":
+            return
+        if request.method not in UNSAFE_METHODS and not is_websocket(request):
+            return
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is not None and origin != "null":
+            return  # already checked against our own and the allowed origins
+        referer = request.headers.get(hdrs.REFERER)
+        if referer:
+            from proxy.origin import host_key  # noqa: PLC0415
+
+            ref = origin_key(referer)
+            if ref is not None and ref == host_key(request.host, request.scheme):
+                return
+        raise Forbidden(
+            "cross-site request refused: no Origin or Referer from this site",
+            error_type="csrf_failed",
+        )
+
+
+class RoleGuard:
+    """Admin-only route families and actions; ``system_stats`` argv redacted for others."""
+
+    name = "role"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        if principal is None:  # pragma: no cover - AuthGuard runs first
+            raise Forbidden("not authenticated", error_type="forbidden")
+        roles = request.app[SETTINGS].roles
+        rule = ctx.rule.name
+        if rule == "users" and request.method not in ("GET", "HEAD"):
+            raise Forbidden("ComfyUI users are managed by the proxy", error_type="forbidden_role")
+        if rule in ADMIN_RULES and not principal.may_use(rule, roles):
+            raise Forbidden(f"your role may not use {ctx.path}", error_type="forbidden_role")
+        if principal.may_use(rule, roles):
+            return
+        if (
+            rule == "prompt"
+            and request.method == "POST"
+            and not any(roles[r].submit for r in principal.roles if r in roles)
+        ):
+            raise Forbidden("your role may not queue prompts", error_type="forbidden_role")
+        if rule in ("queue", "history") and request.method == "POST":
+            body = await read_json_body(request, ctx)
+            if isinstance(body, dict) and body.get("clear"):
+                raise Forbidden(
+                    f"clearing the whole {rule} is for admins", error_type="forbidden_role"
+                )
+        if rule == "system_stats" and request.method == "GET":
+            ctx.rewrite_response = redact_argv
+
+
+async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
+    """The request's JSON body (kept in ``ctx.body`` for forwarding); None if not JSON.
+
+    Raises:
+        PayloadTooLarge: over ``server.max_inspected_body_mb``.
+    """
+    if ctx.body is None:
+        limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body over {limit} bytes")
+            chunks.append(chunk)
+        ctx.body = b"".join(chunks)
+        ctx.bytes_in = size
+    try:
+        return orjson.loads(ctx.body) if ctx.body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def redact_argv(body: bytes) -> bytes:
+    """``/system_stats`` lists ComfyUI's full command line; only admins see it."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    system = data.get("system") if isinstance(data, dict) else None
+    if isinstance(system, dict) and "argv" in system:
+        system["argv"] = []
+        return orjson.dumps(data)
+    return body
