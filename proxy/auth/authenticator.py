@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.auth.principal import Principal
+from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
@@ -84,9 +84,9 @@ class Authenticator:
             headers={hdrs.WWW_AUTHENTICATE: REALM},
         )
 
-    async def _verify(self, token: str, source: str) -> Principal:
+    async def _verify(self, token: str, source: Source) -> Principal:
         try:
-            return await self.verifier.verify(token, source=source)  # type: ignore[arg-type]
+            return await self.verifier.verify(token, source=source)
         except InvalidToken as exc:
             raise Unauthenticated(
                 exc.message, error_type=exc.reason, headers=challenge(exc.reason, exc.message)
@@ -189,7 +189,11 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     revocations = build_revocations(app)
     jwt_settings, bootstrap = jwt_settings_for_run(settings.auth)
     verifier = build_verifier(
-        jwt_settings, settings.roles, session=app[POOL].session, revocations=revocations
+        # Its own client session: the pool's is tuned for upstream traffic (no decompression).
+        jwt_settings,
+        settings.roles,
+        session=None,
+        revocations=revocations,
     )
     if bootstrap:
         print_bootstrap_token(jwt_settings, settings.roles)

@@ -26,6 +26,7 @@ import redis.asyncio as redis
 from proxy.auth.revocation import RedisRevocationList, RevocationUnavailable
 from proxy.auth.tokens import issue_token
 from proxy.auth.users import UsersFile, UsersFileError, validate_password, validate_username
+from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
 
 DEFAULT_ROLE = "user"
@@ -142,12 +143,17 @@ def run(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     prompt: Callable[[str], str] = getpass.getpass,
+    configure_logs: bool = True,
 ) -> int:
     """Run ``comfygate user ...`` or ``comfygate token ...``; the exit status.
 
     The streams and the prompt are parameters so tests can drive it without a terminal.
     """
     io = _Io(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr, prompt)
+    if configure_logs:
+        # Log lines (e.g. a users-file permission warning) go to stderr: stdout carries only
+        # the command's output, such as the token of `token create`.
+        configure_logging(settings.logging, stream=io.err)
     try:
         if args.command == "user":
             return _user(args, settings, io)

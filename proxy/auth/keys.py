@@ -47,6 +47,7 @@ PrivateKey = (
 VerificationKey = bytes | PublicKey
 """``bytes``: the HMAC secret (HS* only); otherwise a public key object, never a PEM string."""
 
+MIN_RSA_BITS = 2048
 JWKS_FETCH_TIMEOUT_SECONDS = 5.0
 MAX_JWKS_BYTES = 1 << 20
 
@@ -109,7 +110,14 @@ def load_public_key(value: str) -> PublicKey:
         raise ValueError(str(exc)) from None
     if not isinstance(key, PublicKey):
         raise ValueError(f"unsupported public key type {type(key).__name__}")
+    _check_strength(key)
     return key
+
+
+def _check_strength(key: PublicKey) -> None:
+    # SECURITY: RSA below 2048 bits is factorable by a determined attacker (NIST SP 800-131A).
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} are required")
 
 
 def load_private_key(value: str) -> PrivateKey:
@@ -293,7 +301,8 @@ class JwksKeys:
         try:
             async with self._session.get(
                 self.url,
-                headers={"Accept": "application/json"},
+                # identity: the app's shared session may not decompress (it relays bodies as-is).
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             ) as resp:
                 if resp.status != 200:
@@ -341,6 +350,11 @@ class JwksKeys:
             self._log.warning("jwks_private_key_published")
             key = key.public_key()
         if not isinstance(key, PublicKey):
+            return None
+        try:
+            _check_strength(key)
+        except ValueError:
+            self._log.warning("jwks_weak_key_skipped")
             return None
         return _Jwk(kid=kid, algorithm=alg, key=key)
 

@@ -421,7 +421,13 @@ def setup_login(
             [jinja2.FileSystemLoader(settings.login.templates_dir), loader]
         )
     aiohttp_jinja2.setup(
-        app, loader=loader, autoescape=True, default_helpers=False, app_key=TEMPLATES_KEY
+        app,
+        loader=loader,
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        default_helpers=False,
+        app_key=TEMPLATES_KEY,
     )
     page = LoginPage(
         base_path=base,

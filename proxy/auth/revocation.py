@@ -12,6 +12,7 @@ closed, a token is never accepted because its revocation could not be looked up.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,9 @@ EXPIRY_GRACE_SECONDS = 3600.0
 """Kept past the token's ``exp``: the verifier still accepts a token ``leeway_seconds`` after
 its ``exp``, and a revocation must not lapse while the token is still accepted."""
 MAX_TOKEN_ID_LENGTH = 512
+REDIS_TIMEOUT_SECONDS = 1.0
+"""Bound on one denylist lookup, whatever the shared client's retry policy: the lookup runs on
+every authenticated request, so an outage must fail fast (503), not stall requests."""
 DEFAULT_MEMORY_ENTRIES = 100_000
 
 
@@ -147,7 +151,8 @@ class MemoryRevocationList:
 class RedisRevocationList:
     """Revocations in Redis, shared by every replica: ``SET <prefix><jti> 1 PX <ms>``.
 
-    The ``client`` is the app's shared one; this class never closes it.
+    Each call is bounded by ``timeout_seconds`` (the client's retries included). The ``client``
+    is the app's shared one; this class never closes it.
     """
 
     def __init__(
@@ -156,10 +161,12 @@ class RedisRevocationList:
         prefix: str = "comfygate:revoked:",
         *,
         grace_seconds: float = EXPIRY_GRACE_SECONDS,
+        timeout_seconds: float = REDIS_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._prefix = prefix
+        self._timeout = timeout_seconds
         self._grace = grace_seconds
         self._clock = clock
 
@@ -177,7 +184,8 @@ class RedisRevocationList:
             return
         key = self._prefix + token_id
         try:
-            await self._client.eval(_REVOKE_SCRIPT, 1, key, ttl_ms)
+            async with asyncio.timeout(self._timeout):
+                await self._client.eval(_REVOKE_SCRIPT, 1, key, ttl_ms)
         except (redis.RedisError, OSError, TimeoutError) as exc:
             log.warning("revocation_write_failed", error=type(exc).__name__)
             raise RevocationUnavailable("the token revocation list is unavailable") from None
@@ -189,7 +197,8 @@ class RedisRevocationList:
             RevocationUnavailable: Redis cannot be read.
         """
         try:
-            return bool(await self._client.exists(self._prefix + token_id))
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.exists(self._prefix + token_id))
         except (redis.RedisError, OSError, TimeoutError) as exc:
             # SECURITY: fail closed; an unreadable denylist must not admit a revoked token.
             log.warning("revocation_read_failed", error=type(exc).__name__)

@@ -53,7 +53,8 @@ MAX_TOKEN_LENGTH = 16 * 1024
 """Longer is refused before any parsing (a large IdP token with many groups is ~4 KiB)."""
 NO_EXP_CACHE_SECONDS = 300.0
 """Cache lifetime of a verified token without ``exp`` (only possible with require_exp off)."""
-MIN_SECRET_BYTES = 32
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+"""RFC 7518 §3.2: an HMAC key at least as long as the hash output."""
 
 REASONS: Final = frozenset(
     {
@@ -183,11 +184,9 @@ class TokenVerifier:
                 self._cache.move_to_end(cache_key)
                 await self._check_revoked(cached.principal.token_id)
                 principal = cached.principal
-                return (
-                    principal
-                    if principal.source == source
-                    else (dataclasses.replace(principal, source=source))
-                )
+                if principal.source != source:
+                    principal = dataclasses.replace(principal, source=source)
+                return principal
             del self._cache[cache_key]
 
         claims = await self._verified_claims(token)
@@ -245,7 +244,7 @@ class TokenVerifier:
         raise InvalidToken("token_bad_signature", "the token's signature does not verify")
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float | None:
-        """The token's ``exp`` (None when it has none and none is required).
+        """The token's ``exp`` (None when it has none and none is required by the settings).
 
         Raises:
             InvalidToken: missing/expired/not yet valid/lifetime above the maximum.
@@ -459,16 +458,17 @@ def build_verifier(
     """
     symmetric = settings.algorithms[0] in SYMMETRIC
     if symmetric:
+        min_bytes = max(MIN_SECRET_BYTES[a] for a in settings.algorithms)
         secret = settings.secret.encode()
         if not secret:
-            secret = secrets.token_bytes(MIN_SECRET_BYTES)
+            secret = secrets.token_bytes(64)
             log.warning(
                 "jwt_secret_random",
                 detail="tokens issued by `comfygate token create` will not verify; "
                 "set auth.jwt.secret",
             )
-        elif len(secret) < MIN_SECRET_BYTES:
-            log.warning("jwt_secret_short", min_bytes=MIN_SECRET_BYTES)
+        elif len(secret) < min_bytes:
+            log.warning("jwt_secret_short", min_bytes=min_bytes)
         if settings.public_keys or settings.jwks_url:
             # SECURITY: public keys are never HMAC secrets; they are simply not used.
             log.warning("jwt_public_keys_ignored", detail="HS* algorithms use auth.jwt.secret")
