@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from proxy.auth.authenticator import authenticator_context
 from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
-from proxy.auth.login import CSRF_COOKIE
+from proxy.auth.login import CSRF_COOKIE, add_login_routes
 from proxy.chain import (
     FORWARD_ROUTE,
     Guard,
@@ -128,5 +128,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             raise web.HTTPPermanentRedirect(f"{base}/{query}")
 
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
+    # Public: the login page and its assets (handlers get their collaborators at startup).
+    add_login_routes(app, base_path=base, settings=settings.auth)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy import __version__
+from proxy.auth import cli as auth_cli
 from proxy.errors import SettingsError
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings, load_settings, redacted
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     _config_arg(check)
+    auth_cli.register(sub)  # user add|remove|list|passwd, token create|revoke
     return parser
 
 
@@ -75,11 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.command in ("user", "token"):
+        return auth_cli.run(args, settings)
     if args.command == "check-config":
         print(json.dumps(redacted(settings), indent=2))
         return 0
     configure_logging(settings.logging)
-    _run(settings)
+    try:
+        _run(settings)
+    except SettingsError as exc:  # found while starting (a key, a users file)
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from aiohttp import hdrs, web
@@ -19,6 +20,7 @@ from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
+from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import (
     InvalidToken,
     NoKnownRole,
@@ -26,7 +28,8 @@ from proxy.auth.tokens import (
     build_verifier,
     issue_token,
 )
-from proxy.errors import Forbidden, Unauthenticated
+from proxy.auth.users import UsersFile, UsersFileError
+from proxy.errors import Forbidden, SettingsError, Unauthenticated
 
 log = structlog.get_logger("comfygate.auth")
 
@@ -183,6 +186,8 @@ def build_revocations(app: web.Application) -> RevocationList:
 async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: build the authenticator once Redis and the upstream pool exist."""
     from proxy.auth.comfy_users import ComfyUserDirectory  # noqa: PLC0415
+    from proxy.auth.guard import cookie_secure  # noqa: PLC0415
+    from proxy.auth.login import LOGIN_PAGE, LoginPage  # noqa: PLC0415
     from proxy.state import AUTH, COMFY_USERS, POOL, REDIS, SETTINGS  # noqa: PLC0415
 
     settings = app[SETTINGS]
@@ -198,12 +203,34 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     if bootstrap:
         print_bootstrap_token(jwt_settings, settings.roles)
     await verifier.start()
-    app[AUTH] = Authenticator(
+    auth = app[AUTH] = Authenticator(
         settings=settings.auth,
         roles=settings.roles,
         verifier=verifier,
         sessions=SessionCodec(settings.auth.session, session_secret(settings.auth)),
         revocations=revocations,
+    )
+    users = None
+    if settings.auth.login.users_file:
+        users = UsersFile(Path(settings.auth.login.users_file))
+        try:
+            users.load()
+        except UsersFileError as exc:
+            raise SettingsError([f"auth.login.users_file: {exc}"]) from None
+    app[LOGIN_PAGE] = LoginPage(
+        base_path=settings.server.base_path,
+        settings=settings.auth,
+        roles=settings.roles,
+        sessions=auth.sessions,
+        verifier=verifier,
+        revocations=revocations,
+        throttle=LoginThrottle(
+            settings.auth.login.max_failures,
+            settings.auth.login.failure_window_seconds,
+            app[REDIS],
+        ),
+        users=users,
+        cookie_secure=cookie_secure,
     )
     app[COMFY_USERS] = ComfyUserDirectory(app[POOL], app[REDIS])
     yield

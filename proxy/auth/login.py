@@ -396,6 +396,30 @@ PAGE_HEADERS = {
 LOGIN_PAGE = web.AppKey("comfygate.login_page", LoginPage)
 
 
+def add_login_routes(app: web.Application, *, base_path: str, settings: AuthSettings) -> None:
+    """Register the login routes (``login``, ``logout``, ``login_static``) under ``base_path``.
+
+    Call in ``create_app``, before the catch-all forward route (routes match in registration
+    order). The handlers find their :class:`LoginPage` under :data:`LOGIN_PAGE`, which
+    :func:`build_login_page` sets at startup, once Redis and the authenticator exist.
+    """
+    base = base_path.rstrip("/")
+    loader: jinja2.BaseLoader = jinja2.PackageLoader(PACKAGE, TEMPLATES)
+    if settings.login.templates_dir:
+        # The operator's templates first; base.html and anything not overridden stay built in.
+        loader = jinja2.ChoiceLoader(
+            [jinja2.FileSystemLoader(settings.login.templates_dir), loader]
+        )
+    aiohttp_jinja2.setup(
+        app, loader=loader, autoescape=True, default_helpers=False, app_key=TEMPLATES_KEY
+    )
+    login = app.router.add_resource(f"{base}/login", name="login")
+    login.add_route("GET", _handler(LoginPage.get_login))
+    login.add_route("POST", _handler(LoginPage.post_login))
+    app.router.add_route("POST", f"{base}/logout", _handler(LoginPage.post_logout), name="logout")
+    app.router.add_static(f"{base}{STATIC_PREFIX}", STATIC_DIR, name="login_static")
+
+
 def setup_login(
     app: web.Application,
     *,
@@ -409,28 +433,10 @@ def setup_login(
     users: UsersFile | None,
     cookie_secure: Callable[[web.Request], bool],
 ) -> None:
-    """Register the login routes (``login``, ``logout``, ``login_static``) under ``base_path``.
-
-    Call before the catch-all forward route is added: routes match in registration order.
-    """
-    base = base_path.rstrip("/")
-    loader: jinja2.BaseLoader = jinja2.PackageLoader(PACKAGE, TEMPLATES)
-    if settings.login.templates_dir:
-        # The operator's templates first; base.html and anything not overridden stay built in.
-        loader = jinja2.ChoiceLoader(
-            [jinja2.FileSystemLoader(settings.login.templates_dir), loader]
-        )
-    aiohttp_jinja2.setup(
-        app,
-        loader=loader,
-        autoescape=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        default_helpers=False,
-        app_key=TEMPLATES_KEY,
-    )
-    page = LoginPage(
-        base_path=base,
+    """Routes and page at once, for an app whose collaborators exist before it starts (tests)."""
+    add_login_routes(app, base_path=base_path, settings=settings)
+    app[LOGIN_PAGE] = LoginPage(
+        base_path=base_path.rstrip("/"),
         settings=settings,
         roles=roles,
         sessions=sessions,
@@ -440,13 +446,6 @@ def setup_login(
         users=users,
         cookie_secure=cookie_secure,
     )
-    app[LOGIN_PAGE] = page
-    # Handlers look the page up per request, so collaborators replaced at startup take effect.
-    login = app.router.add_resource(f"{base}/login", name="login")
-    login.add_route("GET", _handler(LoginPage.get_login))
-    login.add_route("POST", _handler(LoginPage.post_login))
-    app.router.add_route("POST", f"{base}/logout", _handler(LoginPage.post_logout), name="logout")
-    app.router.add_static(f"{base}{STATIC_PREFIX}", STATIC_DIR, name="login_static")
 
 
 def _handler(
@@ -536,6 +535,7 @@ __all__ = [
     "LoginPage",
     "Revoking",
     "TokenVerifying",
+    "add_login_routes",
     "client_ip",
     "safe_next",
     "same_origin",
