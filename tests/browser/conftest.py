@@ -2,7 +2,13 @@
 
 Every test gets: a fake ComfyUI serving the frontend's static files on a loopback port, the
 proxy app on another loopback port (``start_proxy``), and a fresh browser context whose page
-records what the browser saw (:class:`PageRecorder`). Requests to any host other than 127.0.0.1
+records what the browser saw (:class:`PageRecorder`).
+
+Authentication is on, as in production: the proxy has a users file with one user
+(:data:`USERNAME` / :data:`PASSWORD`). A test signs in either through the real login page in the
+browser (``tests/browser/test_login_browser.py``), or - when it is about the relay, not about
+login - by putting a session cookie the app itself minted into the context
+(:meth:`ProxyServer.sign_in`). Requests to any host other than 127.0.0.1
 are aborted before they leave the browser (the frontend asks api.comfy.org for release notes),
 as in the recorded captures; they are kept apart and never counted as failures.
 
@@ -40,6 +46,8 @@ from playwright.async_api import (
 from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
+from proxy.auth.users import UsersFile
+from proxy.state import AUTH, SETTINGS
 from tests.conftest import IN_CI, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -58,7 +66,11 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 DEFAULT_TIMEOUT_MS = 20_000
 EVENT_TIMEOUT_S = 20.0
 
-StartProxy = Callable[..., Awaitable[str]]
+USERNAME = "alice"
+PASSWORD = "correct horse battery staple"
+ROLES = ("user",)
+"""The one user of the proxy's users file (an ordinary user, not an admin)."""
+
 T = TypeVar("T")
 
 
@@ -375,23 +387,89 @@ async def upstream(tmp_path: Path) -> AsyncIterator[FakeUpstream]:
     await fake.stop()
 
 
+@dataclass(frozen=True)
+class ProxyServer:
+    """The proxy app listening on a real loopback port."""
+
+    url: str
+    """``http://127.0.0.1:<port>``, without the base path."""
+    app: web.Application
+
+    @property
+    def base_path(self) -> str:
+        return self.app[SETTINGS].server.base_path
+
+    @property
+    def home(self) -> str:
+        """Where the UI lives: ``<url><base_path>/``."""
+        return f"{self.url}{self.base_path}/"
+
+    @property
+    def login_url(self) -> str:
+        return f"{self.url}{self.base_path}/login"
+
+    @property
+    def session_cookie(self) -> str:
+        return self.app[SETTINGS].auth.session.cookie_name
+
+    async def sign_in(
+        self, context: BrowserContext, subject: str = USERNAME, roles: tuple[str, ...] = ROLES
+    ) -> None:
+        """Put a session the app itself issued into ``context``, as the login page would have
+        (same name, path, HttpOnly, SameSite=Lax): for tests about the relay, not the login."""
+        value, _session = self.app[AUTH].sessions.issue(subject, roles)
+        await self.put_session_cookie(context, value)
+
+    async def put_session_cookie(self, context: BrowserContext, value: str) -> None:
+        """Set the session cookie in ``context`` to ``value`` (as the login page sets it)."""
+        await context.add_cookies(
+            [
+                {
+                    "name": self.session_cookie,
+                    "value": value,
+                    "domain": LOCAL_HOST,
+                    "path": self.base_path or "/",
+                    "httpOnly": True,
+                    "sameSite": "Lax",
+                }
+            ]
+        )
+
+
+StartProxy = Callable[..., Awaitable[ProxyServer]]
+
+
 @pytest.fixture
-async def start_proxy(upstream: FakeUpstream) -> AsyncIterator[StartProxy]:
+def users_file(tmp_path: Path) -> Path:
+    """A users file with the one user :data:`USERNAME` (password :data:`PASSWORD`)."""
+    path = tmp_path / "users.toml"
+    users = UsersFile(path)
+    users.load(missing_ok=True)
+    users.add(USERNAME, PASSWORD, list(ROLES))
+    return path
+
+
+@pytest.fixture
+async def start_proxy(upstream: FakeUpstream, users_file: Path) -> AsyncIterator[StartProxy]:
     """Start the real proxy app on a real TCP port in front of ``upstream``.
 
-    ``await start_proxy(server={"base_path": "/comfy"})`` returns ``http://127.0.0.1:<port>``.
+    Auth on (``tests.conftest.make_settings``) with ``users_file`` for the login page.
+    ``await start_proxy(server={"base_path": "/comfy"})`` returns a :class:`ProxyServer`.
     """
     runners: list[web.AppRunner] = []
 
-    async def start(**sections: dict[str, Any]) -> str:
-        settings = make_settings(upstream.url, **sections)
-        runner = web.AppRunner(create_app(settings, registry=CollectorRegistry()))
+    async def start(**sections: dict[str, Any]) -> ProxyServer:
+        auth = dict(sections.pop("auth", {}))
+        auth["login"] = {"users_file": str(users_file), **auth.get("login", {})}
+        settings = make_settings(upstream.url, auth=auth, **sections)
+        app = create_app(settings, registry=CollectorRegistry())
+        runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, LOCAL_HOST, 0)
         await site.start()
         port = runner.addresses[0][1]
-        return f"http://{LOCAL_HOST}:{port}"
+        return ProxyServer(f"http://{LOCAL_HOST}:{port}", app)
 
     yield start
     for runner in reversed(runners):

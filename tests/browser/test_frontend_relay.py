@@ -1,6 +1,9 @@
 """The stock ComfyUI frontend (1.27.10) in headless Chromium, through the proxy to the fake.
 
-What "transparent" means here, checked from both ends:
+The page is signed in with a session cookie the proxy minted (``ProxyServer.sign_in``): these
+tests are about the relay; the login itself is driven in ``test_login_browser.py``. So every
+request below reaches the fake as the signed-in user, and what "transparent" means here is
+checked from both ends:
 
 * the browser: no request without an HTTP answer, no 5xx, no 403 (ComfyUI's origin check), the
   WebSocket opened through the proxy and got its ``status`` frame with a ``sid``;
@@ -11,22 +14,25 @@ What "transparent" means here, checked from both ends:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Response, expect
+from playwright.async_api import BrowserContext
 
 from tests.browser.conftest import (
-    DEFAULT_TIMEOUT_MS,
+    USERNAME,
     Answered,
     Exchange,
     FakeUpstream,
     PageRecorder,
-    SocketRecorder,
     StartProxy,
+)
+from tests.browser.frontend import (
+    assert_reached_as,
+    load_frontend,
+    queue_prompt_from_ui,
+    restore_workflow_on_load,
 )
 
 pytestmark = pytest.mark.browser
@@ -48,77 +54,14 @@ KNOWN_404_PATHS = frozenset(
 # (GraphView-*.js: "/assets/images/favicon_progress_16x16/frame_9.png", frame_N while running).
 ROOT_ABSOLUTE_PATHS = ("/assets/images/favicon_progress_16x16/",)
 
-# A small graph the fake can run, in the frontend's own (LiteGraph) format: what the UI keeps
-# in localStorage as the user's current workflow and restores on the next visit.
-EMPTY_IMAGE_TO_SAVE_IMAGE: dict[str, Any] = {
-    "last_node_id": 2,
-    "last_link_id": 1,
-    "nodes": [
-        {
-            "id": 1,
-            "type": "EmptyImage",
-            "pos": [60, 120],
-            "size": [320, 130],
-            "flags": {},
-            "order": 0,
-            "mode": 0,
-            "inputs": [],
-            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1], "slot_index": 0}],
-            "properties": {"Node name for S&R": "EmptyImage"},
-            "widgets_values": [64, 48, 1, 0x3366CC],
-        },
-        {
-            "id": 2,
-            "type": "SaveImage",
-            "pos": [440, 120],
-            "size": [320, 280],
-            "flags": {},
-            "order": 1,
-            "mode": 0,
-            "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
-            "outputs": [],
-            "properties": {"Node name for S&R": "SaveImage"},
-            "widgets_values": ["browser"],
-        },
-    ],
-    "links": [[1, 1, 0, 2, 0, "IMAGE"]],
-    "groups": [],
-    "config": {},
-    "extra": {},
-    "version": 0.4,
-}
-
+# What the proxy answers itself on ComfyUI's surface, by design (README "Identity toward
+# ComfyUI"): ``GET /users`` gets the single-user shape, so the stock UI never shows its user
+# picker and ComfyUI's list of users never reaches a browser. (method, path under the base path).
+ANSWERED_BY_PROXY = frozenset({("GET", "/api/users"), ("GET", "/users")})
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """The UI after its first load: the navigation's response, its WebSocket and sid."""
-
-    response: Response
-    socket: SocketRecorder
-    sid: str
-
-
-async def load_frontend(recorder: PageRecorder, url: str, ws_path: str) -> Loaded:
-    """Open the UI at ``url``; wait for the canvas and the WebSocket at ``ws_path``."""
-    page = recorder.page
-    response = await page.goto(url)
-    assert response is not None, url
-    try:
-        await expect(page.locator("#graph-canvas")).to_be_visible(timeout=DEFAULT_TIMEOUT_MS)
-    except AssertionError:
-        pytest.fail(f"the UI never showed its canvas; {recorder.trouble()}")
-    socket = await recorder.wait_for_socket(ws_path)
-    status = await socket.wait_for_type("status")
-    sid = status["data"].get("sid")
-    assert isinstance(sid, str), f"first status frame without a sid: {status}"
-    assert sid
-    await socket.wait_for_type("feature_flags")  # the answer to the page's own first frame
-    return Loaded(response, socket, sid)
 
 
 async def assert_relayed_faithfully(
@@ -135,6 +78,17 @@ async def assert_relayed_faithfully(
     local = [r for r in recorder.responses if not r.url.startswith(("data:", "blob:"))]
     bad = [r for r in local if r.status is not None and (r.status >= 500 or r.status == 403)]
     assert not bad, f"5xx/403 answers through the proxy: {bad}"
+
+    # Answered by the proxy on purpose (ANSWERED_BY_PROXY): 200, and never forwarded.
+    identity = [r for r in local if is_answered_by_proxy(r, prefix)]
+    assert all(r.status == 200 for r in identity), identity
+    forwarded = [
+        a
+        for a in upstream.log.answered
+        if (a.method, urlsplit(a.raw_path).path) in ANSWERED_BY_PROXY
+    ]
+    assert not forwarded, f"answered by ComfyUI, not by the proxy: {forwarded}"
+    local = [r for r in local if r not in identity]
 
     if prefix:
         # Answered by the proxy itself, never forwarded: the redirect of the bare base path,
@@ -195,6 +149,14 @@ def assert_ws_handshake_consistent(upstream: FakeUpstream, ws_path: str = "/ws")
         assert handshake.status == 101, handshake
 
 
+def is_answered_by_proxy(exchange: Exchange, prefix: str) -> bool:
+    """One of the ComfyUI routes the proxy answers itself (:data:`ANSWERED_BY_PROXY`)."""
+    path = urlsplit(exchange.url).path
+    return path.startswith(prefix + "/") and (
+        (exchange.method, path[len(prefix) :]) in ANSWERED_BY_PROXY
+    )
+
+
 def is_proxy_own(url: str, prefix: str) -> bool:
     """Under a base path: the proxy's redirect, or a known absolute path outside the base."""
     path = urlsplit(url).path
@@ -207,9 +169,14 @@ def is_proxy_own(url: str, prefix: str) -> bool:
 
 
 async def test_frontend_loads_through_proxy(
-    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder
+    upstream: FakeUpstream,
+    start_proxy: StartProxy,
+    context: BrowserContext,
+    recorder: PageRecorder,
 ) -> None:
-    base = await start_proxy()
+    proxy = await start_proxy()
+    await proxy.sign_in(context)
+    base = proxy.url
     loaded = await load_frontend(recorder, f"{base}/", "/ws")
     assert loaded.response.status == 200
     await recorder.page.wait_for_load_state("networkidle")
@@ -217,6 +184,7 @@ async def test_frontend_loads_through_proxy(
 
     await assert_relayed_faithfully(recorder, upstream)
     assert_ws_handshake_consistent(upstream)
+    assert_reached_as(upstream, proxy, USERNAME)
     socket = loaded.socket
     assert urlsplit(socket.url).netloc == urlsplit(base).netloc  # through the proxy, not around
     assert not socket.closed
@@ -233,47 +201,20 @@ async def test_frontend_loads_through_proxy(
 
 @pytest.mark.parametrize("base_path", ["", "/comfy"], ids=["root", "base_path"])
 async def test_queue_prompt_from_ui(
-    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder, base_path: str
+    upstream: FakeUpstream,
+    start_proxy: StartProxy,
+    context: BrowserContext,
+    recorder: PageRecorder,
+    base_path: str,
 ) -> None:
-    base = await start_proxy(server={"base_path": base_path})
-    page = recorder.page
-    # The user's current workflow, as the UI itself persisted it on a previous visit.
-    workflow = json.dumps(json.dumps(EMPTY_IMAGE_TO_SAVE_IMAGE))
-    await page.add_init_script(f"window.localStorage.setItem('workflow', {workflow});")
+    proxy = await start_proxy(server={"base_path": base_path})
+    await proxy.sign_in(context)
+    base = proxy.url
+    await restore_workflow_on_load(recorder.page)
     loaded = await load_frontend(recorder, f"{base}{base_path}/", f"{base_path}/ws")
-    await page.wait_for_function(
-        "() => (window.app?.graph?.nodes ?? []).map((n) => n.type).sort().join()"
-        " === 'EmptyImage,SaveImage'"
-    )
 
-    run = page.locator('[data-testid="queue-button"] button').first
-    async with page.expect_response(
-        lambda r: r.request.method == "POST" and urlsplit(r.url).path == f"{base_path}/api/prompt"
-    ) as queued:
-        await run.click()
-    response = await queued.value
-    assert response.status == 200, await response.text()
-    prompt_id = (await response.json())["prompt_id"]
-    sent = response.request.post_data_json
-    assert isinstance(sent, dict), response.request.post_data
-    assert sent["client_id"] == loaded.sid
-    assert sent["prompt"]["1"]["class_type"] == "EmptyImage"
-    assert sent["prompt"]["2"]["inputs"]["images"] == ["1", 0]
-
-    socket = loaded.socket
-    executed = await socket.wait_for_type("executed", prompt_id=prompt_id)
-    await socket.wait_for_type("execution_success", prompt_id=prompt_id)
-    image = executed["data"]["output"]["images"][0]
-
-    def is_output_view(exchange: Exchange) -> bool:
-        parts = urlsplit(exchange.url)
-        filename = parse_qs(parts.query).get("filename")
-        return parts.path == f"{base_path}/api/view" and filename == [image["filename"]]
-
-    view = await recorder.wait_for_response(is_output_view)
-    assert view.status == 200, view
-    assert urlsplit(view.url).netloc == urlsplit(base).netloc  # fetched through the proxy
-    assert parse_qs(urlsplit(view.url).query).get("type") == [image["type"]]
+    ran = await queue_prompt_from_ui(recorder, loaded, base_path)
+    assert urlsplit(ran.view.url).netloc == urlsplit(base).netloc  # fetched through the proxy
 
     await upstream.fake.wait_idle()
     posts = [
@@ -283,13 +224,19 @@ async def test_queue_prompt_from_ui(
     assert json.loads(posts[0].body)["client_id"] == loaded.sid
     assert upstream.log.statuses()[("POST", "/api/prompt")] == {200}
     await assert_relayed_faithfully(recorder, upstream, prefix=base_path)
+    assert_reached_as(upstream, proxy, USERNAME)
     await recorder.screenshot(f"queue-prompt-through-proxy{base_path.replace('/', '-')}.png")
 
 
 async def test_frontend_under_base_path(
-    upstream: FakeUpstream, start_proxy: StartProxy, recorder: PageRecorder
+    upstream: FakeUpstream,
+    start_proxy: StartProxy,
+    context: BrowserContext,
+    recorder: PageRecorder,
 ) -> None:
-    base = await start_proxy(server={"base_path": "/comfy"})
+    proxy = await start_proxy(server={"base_path": "/comfy"})
+    await proxy.sign_in(context)
+    base = proxy.url
     loaded = await load_frontend(recorder, f"{base}/comfy", "/comfy/ws")
 
     # "/comfy" was redirected to "/comfy/" by the proxy itself (the UI needs the trailing slash).
@@ -309,4 +256,5 @@ async def test_frontend_under_base_path(
 
     await assert_relayed_faithfully(recorder, upstream, prefix="/comfy")
     assert_ws_handshake_consistent(upstream, "/ws")
+    assert_reached_as(upstream, proxy, USERNAME)
     await recorder.screenshot("frontend-under-base-path.png")
