@@ -7,7 +7,6 @@ passes with flat memory.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -16,13 +15,19 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, SETTINGS, RequestContext
 from proxy.upstream.headers import (
     client_response_headers,
     forwarded_values,
     strip_cookies,
     upstream_request_headers,
+)
+from proxy.upstream.http1 import (
+    UpstreamConnectError,
+    UpstreamHttpError,
+    UpstreamHttpTimeout,
+    UpstreamResponse,
 )
 from proxy.upstream.pool import Upstream
 
@@ -79,14 +84,18 @@ async def _stream_request_body(request: web.Request, ctx: RequestContext) -> Asy
 
 
 def map_client_error(exc: BaseException, upstream: Upstream, request: web.Request) -> Exception:
-    """aiohttp client errors -> the proxy's own tree (the one boundary where that happens)."""
+    """Client errors -> the proxy's own tree (the one boundary where that happens)."""
     metrics = request.app[METRICS]
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (TimeoutError, UpstreamHttpTimeout)):
         metrics.upstream_errors.labels(upstream.name, "timeout").inc()
         return UpstreamTimeout(f"ComfyUI at {upstream.name} did not answer in time")
-    kind = "refused" if isinstance(exc, aiohttp.ClientConnectorError) else "protocol"
+    refused = isinstance(exc, (aiohttp.ClientConnectorError, UpstreamConnectError))
+    kind = "refused" if refused else "protocol"
     metrics.upstream_errors.labels(upstream.name, kind).inc()
     return UpstreamUnavailable(f"ComfyUI at {upstream.name} is unreachable ({type(exc).__name__})")
+
+
+_CLIENT_ERRORS = (UpstreamHttpError, TimeoutError, OSError)
 
 
 async def forward_http(request: web.Request) -> web.StreamResponse:
@@ -96,6 +105,8 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     upstream = pool.pick()
     ctx.upstream = upstream.name
     headers = build_upstream_headers(request, ctx, upstream)
+    # We send the body at once and skip 1xx answers: no "100 Continue" handshake upstream.
+    headers.pop(hdrs.EXPECT, None)
 
     body: bytes | AsyncIterator[bytes] | None = ctx.body
     if body is None and request.body_exists:
@@ -105,17 +116,19 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
             ctx.bytes_in = length
         else:
             body = _stream_request_body(request, ctx)
+    if isinstance(body, bytes):
+        headers.popall(hdrs.TRANSFER_ENCODING, None)
+        headers[hdrs.CONTENT_LENGTH] = str(len(body))
 
     started = time.perf_counter()
     try:
-        resp = await pool.session.request(
+        resp = await pool.http1(upstream).request(
             request.method,
-            upstream.url_for(ctx.upstream_path),
-            headers=headers,
-            data=body,
-            allow_redirects=False,
+            upstream.target_prefix + ctx.upstream_path,
+            list(headers.items()),
+            body,
         )
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         ctx.upstream_seconds = time.perf_counter() - started
         log.warning(
             "upstream_failed",
@@ -124,17 +137,19 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
             error=type(exc).__name__,
         )
         raise map_client_error(exc, upstream, request) from None
+    except ValueError as exc:  # the request cannot be framed as HTTP/1.1 (refused before I/O)
+        raise BadRequest(f"request cannot be forwarded: {exc}") from None
     ctx.upstream_seconds = time.perf_counter() - started
     try:
         return await _relay_response(request, ctx, resp, upstream)
     finally:
-        resp.release()
+        resp.release()  # back to the pool when fully read, else the connection is closed
 
 
 async def _relay_response(
     request: web.Request,
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     upstream: Upstream,
 ) -> web.StreamResponse:
     headers = client_response_headers(resp.headers)
@@ -143,24 +158,48 @@ async def _relay_response(
     if ctx.rewrite_response is not None and not no_body and _rewritable(resp):
         return await _rewritten_response(request, ctx, resp, upstream, headers)
     if not no_body and length is not None and length <= SMALL_BODY:
-        started = time.perf_counter()
-        try:
-            payload = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise map_client_error(exc, upstream, request) from None
-        finally:
-            ctx.upstream_seconds += time.perf_counter() - started
+        payload = await _read_all(request, ctx, resp, upstream, limit=SMALL_BODY)
         ctx.bytes_out = len(payload)
         return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=payload)
-
     return await _streamed_response(request, ctx, resp, upstream, headers, no_body=no_body)
 
 
-def _rewritable(resp: aiohttp.ClientResponse) -> bool:
+async def _read_all(
+    request: web.Request,
+    ctx: RequestContext,
+    resp: UpstreamResponse,
+    upstream: Upstream,
+    *,
+    limit: int,
+) -> bytes:
+    """The whole body, at most ``limit`` bytes.
+
+    Raises:
+        UpstreamUnavailable: the body is larger, or the connection broke.
+        UpstreamTimeout: the upstream went silent.
+    """
+    started = time.perf_counter()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await resp.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamUnavailable("ComfyUI's answer is too large to inspect")
+            chunks.append(chunk)
+    except _CLIENT_ERRORS as exc:
+        raise map_client_error(exc, upstream, request) from None
+    finally:
+        ctx.upstream_seconds += time.perf_counter() - started
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _rewritable(resp: UpstreamResponse) -> bool:
     """Only plain (uncompressed) JSON success bodies are rewritten; anything else passes as is."""
+    content_type = resp.headers.get(hdrs.CONTENT_TYPE, "")
     return (
         resp.status == 200
-        and resp.content_type == "application/json"
+        and content_type.split(";", 1)[0].strip().lower() == "application/json"
         and hdrs.CONTENT_ENCODING not in resp.headers
     )
 
@@ -168,25 +207,12 @@ def _rewritable(resp: aiohttp.ClientResponse) -> bool:
 async def _rewritten_response(
     request: web.Request,
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     upstream: Upstream,
     headers: CIMultiDict[str],
 ) -> web.Response:
     limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
-    started = time.perf_counter()
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamUnavailable("ComfyUI's answer is too large to inspect")
-            chunks.append(chunk)
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise map_client_error(exc, upstream, request) from None
-    finally:
-        ctx.upstream_seconds += time.perf_counter() - started
-    payload = b"".join(chunks)
+    payload = await _read_all(request, ctx, resp, upstream, limit=limit)
     assert ctx.rewrite_response is not None
     body = ctx.rewrite_response(payload)
     ctx.bytes_out = len(body)
@@ -196,7 +222,7 @@ async def _rewritten_response(
 async def _streamed_response(
     request: web.Request,
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     upstream: Upstream,
     headers: CIMultiDict[str],
     *,
@@ -210,12 +236,11 @@ async def _streamed_response(
     if no_body:
         await response.write_eof()
         return response
-    content = resp.content
     while True:
         started = time.perf_counter()
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            chunk = await resp.read_chunk()
+        except _CLIENT_ERRORS as exc:
             # Headers are out: the only honest signal left is a truncated body.
             ctx.upstream_seconds += time.perf_counter() - started
             map_client_error(exc, upstream, request)
@@ -227,7 +252,8 @@ async def _streamed_response(
                 bytes_sent=ctx.bytes_out,
             )
             ctx.error_type = "upstream_stream_broken"
-            request.transport and request.transport.close()  # type: ignore[func-returns-value]
+            if request.transport is not None:
+                request.transport.close()
             resp.close()
             return response
         ctx.upstream_seconds += time.perf_counter() - started

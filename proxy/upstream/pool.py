@@ -1,4 +1,6 @@
-"""The ComfyUI instances behind the proxy and the one HTTP client session shared by all requests.
+"""The ComfyUI instances behind the proxy, and the clients that reach them: a lean HTTP/1.1
+keep-alive pool per instance for forwarded requests (the hot path), and one aiohttp session for
+WebSockets and probes.
 
 Library errors from aiohttp's client are mapped here (and in ``forward``/``websocket``) to
 :class:`~proxy.errors.UpstreamError`; nothing above ``upstream/`` sees an aiohttp client error.
@@ -6,6 +8,7 @@ Library errors from aiohttp's client are mapped here (and in ``forward``/``webso
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -14,6 +17,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from proxy.settings import UpstreamSettings
+from proxy.upstream.http1 import Http1Pool
 
 # The client library adds these unless told not to; a transparent proxy sends only what the client
 # sent (an added Accept-Encoding would make ComfyUI compress what the client did not ask to be).
@@ -51,6 +55,11 @@ class Upstream:
             origin=f"{url.scheme}://{netloc}",
         )
 
+    @property
+    def target_prefix(self) -> str:
+        """The path part of ``base`` (ComfyUI served under a prefix), still encoded."""
+        return URL(self.base).raw_path.rstrip("/")
+
     def url_for(self, raw_path: str) -> URL:
         """The upstream URL for a raw (still percent-encoded) path and query, kept byte-exact."""
         return URL(self.base + raw_path, encoded=True)
@@ -71,6 +80,7 @@ class UpstreamPool:
         self.settings = settings
         self.upstreams = tuple(Upstream.from_url(u) for u in settings.urls)
         self._session: aiohttp.ClientSession | None = None
+        self._http1: dict[str, Http1Pool] = {}
         self._probe_cache: dict[str, tuple[float, bool]] = {}
 
     @property
@@ -79,7 +89,23 @@ class UpstreamPool:
             raise RuntimeError("UpstreamPool used outside its cleanup context")
         return self._session
 
+    def http1(self, upstream: Upstream) -> Http1Pool:
+        """The lean HTTP/1.1 keep-alive pool that forwards plain HTTP requests to ``upstream``."""
+        return self._http1[upstream.name]
+
     async def start(self) -> None:
+        for upstream in self.upstreams:
+            url = URL(upstream.base)
+            secure = url.scheme == "https"
+            self._http1[upstream.name] = Http1Pool(
+                host=url.raw_host or "",
+                port=url.port or (443 if secure else 80),
+                ssl=ssl.create_default_context() if secure else None,
+                server_hostname=url.raw_host if secure else None,
+                connect_timeout=self.settings.connect_timeout_seconds,
+                read_timeout=self.settings.read_timeout_seconds,
+                keepalive_timeout=self.settings.keepalive_seconds,
+            )
         connector = aiohttp.TCPConnector(
             limit=0,  # no global cap: every relayed WebSocket holds a connection (perf notes)
             limit_per_host=self.settings.pool_limit_per_host,
@@ -101,6 +127,9 @@ class UpstreamPool:
         )
 
     async def close(self) -> None:
+        for http1 in self._http1.values():
+            await http1.close()
+        self._http1.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None

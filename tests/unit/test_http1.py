@@ -180,7 +180,7 @@ async def test_content_length_response_bytewise() -> None:
     resp = UpstreamResponse(conn)
     assert (resp.status, resp.reason, resp.content_length) == (201, "Created Here", 5)
     assert resp.headers.getall("X-A") == ["1", "2"]
-    assert list(resp.headers.items())[0] == ("Content-Length", "5")
+    assert next(iter(resp.headers.items())) == ("Content-Length", "5")
     assert await resp.read() == b"hello"
     assert conn._keep_alive
 
@@ -340,7 +340,8 @@ async def test_extra_message_after_response_is_not_body() -> None:
     conn.start(head_only=False)
     feed(
         conn,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad",
         bytewise=False,
     )
     resp = UpstreamResponse(conn)
