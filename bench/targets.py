@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import jwt
 
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
 
@@ -70,11 +74,27 @@ class TargetSpec:
     description: str = ""
 
 
+BENCH_JWT_SECRET = secrets.token_urlsafe(48)
+
+
+def bench_token() -> str:
+    """An admin API token for the bench's comfygate (signed with :data:`BENCH_JWT_SECRET`)."""
+    now = int(time.time())
+    claims = {"sub": "bench", "roles": ["admin"], "iat": now, "exp": now + 86_400, "jti": "bench"}
+    return jwt.encode(claims, BENCH_JWT_SECRET, algorithm="HS256")
+
+
 def default_targets() -> list[TargetSpec]:
     """Order matters: runs alternate in this order inside every repetition."""
     return [
         TargetSpec("direct", "direct", description="the fake ComfyUI, no proxy"),
-        TargetSpec("comfygate", "comfygate", description="comfygate serve, default settings"),
+        TargetSpec(
+            "comfygate",
+            "comfygate",
+            env={"COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET},
+            headers={"Authorization": f"Bearer {bench_token()}"},
+            description="comfygate serve, default settings (auth on, a bearer token per request)",
+        ),
         TargetSpec("nginx", "nginx", description="nginx reference (deploy/nginx/bench.conf)"),
     ]
 
