@@ -22,6 +22,7 @@ from proxy.auth.authenticator import authenticator_context
 from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
+from proxy.auth.sweeper import relay_sweeper
 from proxy.chain import (
     FORWARD_ROUTE,
     Guard,
@@ -112,7 +113,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[LIFECYCLE] = Lifecycle()
     app[HEADER_POLICY] = build_header_policy(settings)
     # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
-    app.cleanup_ctx.extend([_upstream_pool, redis_client, authenticator_context])
+    app.cleanup_ctx.extend([_upstream_pool, redis_client, authenticator_context, relay_sweeper])
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(add_response_headers)
 

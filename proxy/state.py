@@ -69,6 +69,15 @@ class Lifecycle:
     """Client sockets of open relays, closed with 1001 on shutdown."""
     relays: dict[tuple[str, str], Callable[[], Awaitable[None]]] = field(default_factory=dict)
     """Open relays by (upstream, clientId): calling one drops its upstream socket (takeover)."""
+    relay_principals: dict[web.WebSocketResponse, Principal] = field(default_factory=dict)
+    """Who each open relay belongs to, so a revoked or expired credential ends its sockets."""
+
+    async def close_relays(self, token_id: str, *, reason: str) -> int:
+        """Close every relay opened with ``token_id`` (1008: the credential is no longer valid)."""
+        doomed = [ws for ws, p in self.relay_principals.items() if p.token_id == token_id]
+        for ws in doomed:
+            await ws.close(code=POLICY_VIOLATION, message=reason.encode()[:123])
+        return len(doomed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,9 @@ class HeaderPolicy:
 
     dropped: frozenset[istr] = frozenset()
     dropped_cookies: frozenset[str] = frozenset()
+
+
+POLICY_VIOLATION = 1008
 
 
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)

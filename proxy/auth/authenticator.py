@@ -118,7 +118,8 @@ class Authenticator:
             roles=roles,
             source="cookie",
             token_id=session.session_id,
-            expires_at=session.expires_at,
+            # Idle expiry is the cookie's business; an open socket lives to the absolute limit.
+            expires_at=session.absolute_expires_at,
         )
         return principal, session
 

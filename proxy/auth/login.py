@@ -48,7 +48,7 @@ from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UsersFile
 from proxy.errors import ServiceUnavailable
 from proxy.origin import host_key, origin_key
-from proxy.state import CONTEXT, SETTINGS
+from proxy.state import CONTEXT, LIFECYCLE, SETTINGS
 from proxy.upstream.headers import forwarded_values
 from proxy.web import PACKAGE, STATIC_DIR, TEMPLATES
 
@@ -212,6 +212,10 @@ class LoginPage:
             )
             self._clear_session_cookie(request, failed)
             return failed
+        # This browser's open sockets end now; other replicas' at their next sweep.
+        lifecycle = request.config_dict.get(LIFECYCLE)
+        if lifecycle is not None:
+            await lifecycle.close_relays(session.session_id, reason="signed out")
         log.info("logout", user=session.subject, client=ip)
         return response
 

@@ -123,6 +123,9 @@ class AuthSettings(_Section):
     """ComfyUI runs with ``--multi-user``: create each principal's ComfyUI user on first use."""
     forward_user_headers: bool = False
     """Also send ``X-Forwarded-User`` and ``X-Forwarded-Groups`` upstream."""
+    relay_recheck_seconds: float = Field(default=30.0, ge=0)
+    """How often open WebSockets have their credential re-checked (revoked or expired: closed
+    with 1008); 0 = never."""
 
 
 class RoleSettings(_Section):

@@ -275,6 +275,8 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
 
     if client_id:
         lifecycle.relays[takeover_key] = supersede
+    if ctx.principal is not None:
+        lifecycle.relay_principals[ws] = ctx.principal
     lifecycle.websockets.add(ws)
     metrics.ws_open.inc()
     queue = ClientSendQueue(
@@ -343,6 +345,7 @@ async def _finish(  # noqa: PLR0917 - private, called once
     await asyncio.gather(*pumps, return_exceptions=True)
     app = request.app
     app[LIFECYCLE].websockets.discard(ws)
+    app[LIFECYCLE].relay_principals.pop(ws, None)
     app[METRICS].ws_open.dec()
     ctx = request[CONTEXT]
     log.info(

@@ -6,6 +6,7 @@ ComfyUI received (nothing, or the request rewritten as intended).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.auth.principal import comfy_user_id
-from proxy.state import AUTH
+from proxy.state import AUTH, LIFECYCLE
 from tests.conftest import JWT_SECRET, ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -382,3 +383,32 @@ async def test_comfy_users_created_once_on_a_multi_user_comfyui(
         assert len([r for r in fake.received if r.method == "POST" and r.path == "/users"]) == 2
     finally:
         await fake.stop()
+
+
+async def test_revoked_or_expired_credentials_end_open_websockets(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    from proxy.auth.sweeper import sweep_once  # noqa: PLC0415
+
+    token = make_token("erin", ("user",), jti="erin-ws")
+    short = make_token("frank", ("user",), exp=int(time.time()) + 2)
+    client = await make_proxy(fake_comfy.url, token=None)
+    revoked = await client.ws_connect(URL(f"/ws?clientId=a&token={token}"))
+    expiring = await client.ws_connect(URL(f"/ws?clientId=b&token={short}"))
+    await revoked.receive_json()
+    await expiring.receive_json()
+    assert await sweep_once(client.app) == 0
+    await client.app[AUTH].revocations.revoke("erin-ws", time.time() + 3600)
+    assert await sweep_once(client.app) == 1
+    msg = await revoked.receive()
+    assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1008, "credential revoked")
+    client.app[LIFECYCLE].relay_principals.update(
+        {
+            ws: dataclasses.replace(p, expires_at=time.time() - 1)
+            for ws, p in client.app[LIFECYCLE].relay_principals.items()
+            if p.subject == "frank"  # as if its exp had passed (no sleeping in tests)
+        }
+    )
+    assert await sweep_once(client.app) == 1
+    msg = await expiring.receive()
+    assert (msg.data, msg.extra) == (1008, "credential expired")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.users import UsersFile
@@ -63,11 +64,12 @@ async def test_password_login_then_comfyui_then_logout(
     assert "comfygate_session" not in fake_comfy.received[-1].headers.get("Cookie", "")
     ws = await client.ws_connect("/ws?clientId=tab1", headers={"Origin": origin})
     assert (await ws.receive_json())["data"]["sid"] == "tab1"
-    await ws.close()
 
     out = await client.post("/logout", headers={"Origin": origin}, allow_redirects=False)
     assert out.status == 303
     assert out.headers["Location"] == "/login"
+    closed = await ws.receive()  # the signed-out browser's socket ends with the session
+    assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
     client.session.cookie_jar.update_cookies({"comfygate_session": cookie.value})
     resp = await client.get("/api/queue")
     assert resp.status == 401  # the copied cookie died with the logout

@@ -1,0 +1,63 @@
+"""Ends WebSocket relays whose credential stopped being valid after the handshake.
+
+A socket is authenticated once, at the handshake, and may stay open for days. Every
+``auth.relay_recheck_seconds`` the sweeper checks the credential behind each open relay: expired
+(token ``exp``, session idle/absolute limit) or revoked (logout on any replica, ``comfygate token
+revoke``) closes the socket with 1008 (policy violation). Logout on this replica closes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from proxy.errors import ServiceUnavailable
+from proxy.state import AUTH, LIFECYCLE, POLICY_VIOLATION, SETTINGS
+
+log = structlog.get_logger("comfygate.auth")
+
+
+async def sweep_once(app: web.Application) -> int:
+    """One pass over the open relays; returns how many were closed."""
+    lifecycle, auth = app[LIFECYCLE], app[AUTH]
+    now = time.time()
+    closed = 0
+    for ws, principal in list(lifecycle.relay_principals.items()):
+        if ws.closed:
+            continue  # already closing; its relay removes it
+        reason = ""
+        if principal.expires_at is not None and principal.expires_at <= now:
+            reason = "credential expired"
+        elif principal.token_id is not None:
+            try:
+                if await auth.revocations.is_revoked(principal.token_id):
+                    reason = "credential revoked"
+            except ServiceUnavailable:
+                return closed  # the revocation list is down: try again next time
+        if reason:
+            await ws.close(code=POLICY_VIOLATION, message=reason.encode())
+            log.info("relay_credential_ended", user=principal.subject, reason=reason)
+            closed += 1
+    return closed
+
+
+async def relay_sweeper(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: run :func:`sweep_once` periodically while the app serves."""
+    interval = app[SETTINGS].auth.relay_recheck_seconds
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)  # a period, not a synchronisation
+            await sweep_once(app)
+
+    task = asyncio.create_task(loop()) if interval > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
