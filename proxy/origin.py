@@ -35,6 +35,37 @@ def host_key(host: str, scheme: str) -> tuple[str, int | None] | None:
     return origin_key(f"{scheme}://{host}") if host else None
 
 
+def browser_origin(request: web.Request, server: ServerSettings) -> tuple[str, str]:
+    """``(scheme, host)`` the browser used: the request's own, or a trusted proxy's
+    ``X-Forwarded-Proto``/``-Host``."""
+    _, proto, host = forwarded_values(
+        request.remote or "",
+        request.headers,
+        scheme=request.scheme,
+        host=request.host,
+        trusted=server.trusted_proxies,
+    )
+    return proto, host
+
+
+def is_own_origin(
+    origin: str,
+    request: web.Request,
+    server: ServerSettings,
+    *,
+    also: frozenset[tuple[str, int | None]] = frozenset(),
+) -> bool:
+    """Whether ``origin`` (an Origin or Referer value) is the proxy's own: the host the browser
+    used, ``server.public_url``, or one of ``also``."""
+    key = origin_key(origin)
+    if key is None:
+        return False
+    if key in also or (server.public_url and key == origin_key(server.public_url)):
+        return True
+    scheme, host = browser_origin(request, server)
+    return key == host_key(host, scheme)
+
+
 class OriginGuard:
     """Refuses a request whose ``Origin`` is neither the proxy's own origin nor allowed."""
 
@@ -42,24 +73,14 @@ class OriginGuard:
 
     def __init__(self, server: ServerSettings) -> None:
         self._server = server
-        allowed = [server.public_url, *server.allowed_origins]
-        self._allowed = frozenset(k for k in map(origin_key, filter(None, allowed)) if k)
+        allowed = (origin_key(o) for o in server.allowed_origins)
+        self._allowed = frozenset(k for k in allowed if k)
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is None or origin == "null":
             return  # not a browser cross-origin request (ComfyUI lets "null" through too)
-        key = origin_key(origin)
-        if key is not None and key in self._allowed:
-            return
-        _, proto, host = forwarded_values(
-            request.remote or "",
-            request.headers,
-            scheme=request.scheme,
-            host=request.host,
-            trusted=self._server.trusted_proxies,
-        )
-        if key is not None and key == host_key(host, proto):
+        if is_own_origin(origin, request, self._server, also=self._allowed):
             return
         raise Forbidden(
             f"origin {origin!r} is not allowed to use this ComfyUI",

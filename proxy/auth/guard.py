@@ -15,7 +15,7 @@ from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
 from proxy.errors import Forbidden, PayloadTooLarge
-from proxy.origin import origin_key
+from proxy.origin import browser_origin, is_own_origin
 from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -85,19 +85,8 @@ def cookie_secure(request: web.Request) -> bool:
     mode = request.app[SETTINGS].auth.session.secure
     if mode != "auto":
         return mode == "always"
-    settings = request.app[SETTINGS]
-    if request.scheme == "https" or settings.server.public_url.startswith("https://"):
-        return True
-    from proxy.upstream.headers import forwarded_values  # noqa: PLC0415
-
-    _, proto, _ = forwarded_values(
-        request.remote or "",
-        request.headers,
-        scheme=request.scheme,
-        host=request.host,
-        trusted=settings.server.trusted_proxies,
-    )
-    return proto == "https"
+    server = request.app[SETTINGS].server
+    return server.public_url.startswith("https://") or browser_origin(request, server)[0] == "https"
 
 
 class CsrfGuard:
@@ -120,12 +109,8 @@ class CsrfGuard:
         if origin is not None and origin != "null":
             return  # already checked against our own and the allowed origins
         referer = request.headers.get(hdrs.REFERER)
-        if referer:
-            from proxy.origin import host_key  # noqa: PLC0415
-
-            ref = origin_key(referer)
-            if ref is not None and ref == host_key(request.host, request.scheme):
-                return
+        if referer and is_own_origin(referer, request, request.app[SETTINGS].server):
+            return
         raise Forbidden(
             "cross-site request refused: no Origin or Referer from this site",
             error_type="csrf_failed",

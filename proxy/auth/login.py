@@ -47,9 +47,9 @@ from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UsersFile
 from proxy.errors import ServiceUnavailable
-from proxy.origin import host_key, origin_key
+from proxy.origin import is_own_origin
+from proxy.settings import ServerSettings
 from proxy.state import CONTEXT, LIFECYCLE, SETTINGS
-from proxy.upstream.headers import forwarded_values
 from proxy.web import PACKAGE, STATIC_DIR, TEMPLATES
 
 log = structlog.get_logger("comfygate.auth")
@@ -493,22 +493,9 @@ def same_origin(request: web.Request) -> bool:
     origin = request.headers.get(hdrs.ORIGIN)
     if not origin or origin == "null":
         return False
-    key = origin_key(origin)
-    if key is None:
-        return False
     settings = request.config_dict.get(SETTINGS)
-    trusted = settings.server.trusted_proxies if settings is not None else ()
-    public = settings.server.public_url if settings is not None else ""
-    if public and key == origin_key(public):
-        return True
-    _, proto, host = forwarded_values(
-        request.remote or "",
-        request.headers,
-        scheme=request.scheme,
-        host=request.host,
-        trusted=trusted,
-    )
-    return key == host_key(host, proto)
+    server = settings.server if settings is not None else ServerSettings()
+    return is_own_origin(origin, request, server)
 
 
 def client_ip(request: web.Request) -> str:

@@ -412,3 +412,28 @@ async def test_revoked_or_expired_credentials_end_open_websockets(
     assert await sweep_once(client.app) == 1
     msg = await expiring.receive()
     assert (msg.data, msg.extra) == (1008, "credential expired")
+
+
+async def test_csrf_behind_a_trusted_tls_proxy(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """Origin and Referer are compared with the host the browser used (X-Forwarded-*)."""
+    client, cookie = await session_client(
+        make_proxy, fake_comfy, server={"trusted_proxies": ("127.0.0.0/8",)}
+    )
+    forwarded = {"X-Forwarded-Host": "comfy.example.com", "X-Forwarded-Proto": "https"}
+    jar = {"comfygate_session": cookie}
+    for header in ("Origin", "Referer"):
+        resp = await client.post(
+            "/api/interrupt",
+            cookies=jar,
+            headers={
+                **forwarded,
+                header: "https://comfy.example.com" + "/" * (header == "Referer"),
+            },
+        )
+        assert resp.status == 200, header
+    resp = await client.post(
+        "/api/interrupt", cookies=jar, headers={**forwarded, "Origin": "http://comfy.example.com"}
+    )
+    assert resp.status == 403  # the scheme is part of the origin
