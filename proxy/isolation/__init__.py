@@ -1,0 +1,1 @@
+"""Tenant isolation: each user sees a private view of a shared ComfyUI."""

@@ -1,0 +1,184 @@
+"""Who owns what on the upstream: prompts (with their upstream, client id and time) and files.
+
+Shared by all proxy replicas through Redis; in process memory when no Redis is configured.
+Entries expire after ``isolation.retention_seconds``, aligned with how long ComfyUI keeps
+history (it keeps the newest 10,000 entries in memory until it restarts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+import redis.asyncio as redis
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRecord:
+    prompt_id: str
+    owner: str
+    """The principal's ``comfy_user`` (stable, ComfyUI-safe)."""
+    upstream: str
+    client_id: str
+    """The namespaced client id ComfyUI saw."""
+    created_at: float
+
+
+FileRef = tuple[str, str, str]
+"""``(type, subfolder, filename)`` as ComfyUI names a file (``type``: output/temp/input)."""
+
+
+class OwnershipStore(Protocol):
+    async def record_prompt(self, record: PromptRecord) -> bool:
+        """Record a new prompt; False (and nothing written) when the id is already known."""
+        ...
+
+    async def forget_prompt(self, prompt_id: str) -> None: ...
+
+    async def prompt(self, prompt_id: str) -> PromptRecord | None: ...
+
+    async def prompts_of(self, owner: str) -> set[str]:
+        """Every live prompt id of ``owner``."""
+        ...
+
+    async def record_files(self, owner: str, files: Iterable[FileRef]) -> None: ...
+
+    async def file_owner(self, ref: FileRef) -> str | None: ...
+
+
+class MemoryOwnershipStore:
+    """Single-process store (bounded; oldest entries go first)."""
+
+    def __init__(
+        self,
+        retention_seconds: float,
+        *,
+        max_entries: int = 200_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._retention = retention_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._prompts: OrderedDict[str, tuple[float, PromptRecord]] = OrderedDict()
+        self._files: OrderedDict[FileRef, tuple[float, str]] = OrderedDict()
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _live(self, expires: float) -> bool:
+        return expires > self._now()
+
+    async def record_prompt(self, record: PromptRecord) -> bool:
+        known = self._prompts.get(record.prompt_id)
+        if known is not None and self._live(known[0]):
+            return False
+        self._prompts[record.prompt_id] = (self._now() + self._retention, record)
+        while len(self._prompts) > self._max:
+            self._prompts.popitem(last=False)
+        return True
+
+    async def forget_prompt(self, prompt_id: str) -> None:
+        self._prompts.pop(prompt_id, None)
+
+    async def prompt(self, prompt_id: str) -> PromptRecord | None:
+        known = self._prompts.get(prompt_id)
+        return known[1] if known is not None and self._live(known[0]) else None
+
+    async def prompts_of(self, owner: str) -> set[str]:
+        now = self._now()
+        return {
+            pid for pid, (exp, rec) in self._prompts.items() if exp > now and rec.owner == owner
+        }
+
+    async def record_files(self, owner: str, files: Iterable[FileRef]) -> None:
+        expires = self._now() + self._retention
+        for ref in files:
+            self._files[ref] = (expires, owner)
+            self._files.move_to_end(ref)
+        while len(self._files) > self._max:
+            self._files.popitem(last=False)
+
+    async def file_owner(self, ref: FileRef) -> str | None:
+        known = self._files.get(ref)
+        return known[1] if known is not None and self._live(known[0]) else None
+
+
+class RedisOwnershipStore:
+    """Store shared by replicas. Keys: ``<p>prompt:<id>`` (JSON record), ``<p>owner:<owner>``
+    (sorted set of prompt ids by expiry), ``<p>file:<type>:<subfolder>:<name>`` (owner)."""
+
+    def __init__(
+        self, client: redis.Redis, retention_seconds: float, prefix: str = "comfygate:own:"
+    ) -> None:
+        self._redis = client
+        self._retention = retention_seconds
+        self._prefix = prefix
+
+    async def record_prompt(self, record: PromptRecord) -> bool:
+        ttl = max(1, int(self._retention))
+        created = await self._redis.set(
+            f"{self._prefix}prompt:{record.prompt_id}",
+            orjson.dumps(
+                {
+                    "owner": record.owner,
+                    "upstream": record.upstream,
+                    "client_id": record.client_id,
+                    "created_at": record.created_at,
+                }
+            ),
+            ex=ttl,
+            nx=True,
+        )
+        if not created:
+            return False
+        key = f"{self._prefix}owner:{record.owner}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {record.prompt_id: time.time() + self._retention})
+            pipe.zremrangebyscore(key, "-inf", time.time())
+            pipe.expire(key, ttl)
+            await pipe.execute()
+        return True
+
+    async def forget_prompt(self, prompt_id: str) -> None:
+        record = await self.prompt(prompt_id)
+        await self._redis.delete(f"{self._prefix}prompt:{prompt_id}")
+        if record is not None:
+            await self._redis.zrem(f"{self._prefix}owner:{record.owner}", prompt_id)
+
+    async def prompt(self, prompt_id: str) -> PromptRecord | None:
+        raw = await self._redis.get(f"{self._prefix}prompt:{prompt_id}")
+        if raw is None:
+            return None
+        data = orjson.loads(raw)
+        return PromptRecord(
+            prompt_id=prompt_id,
+            owner=str(data["owner"]),
+            upstream=str(data["upstream"]),
+            client_id=str(data["client_id"]),
+            created_at=float(data["created_at"]),
+        )
+
+    async def prompts_of(self, owner: str) -> set[str]:
+        ids = await self._redis.zrangebyscore(f"{self._prefix}owner:{owner}", time.time(), "+inf")
+        return {i.decode() if isinstance(i, bytes) else str(i) for i in ids}
+
+    def _file_key(self, ref: FileRef) -> str:
+        kind, subfolder, name = ref
+        return f"{self._prefix}file:{kind}:{subfolder}:{name}"
+
+    async def record_files(self, owner: str, files: Iterable[FileRef]) -> None:
+        ttl = max(1, int(self._retention))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ref in files:
+                pipe.set(self._file_key(ref), owner, ex=ttl)
+            await pipe.execute()
+
+    async def file_owner(self, ref: FileRef) -> str | None:
+        raw = await self._redis.get(self._file_key(ref))
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
