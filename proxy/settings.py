@@ -146,6 +146,29 @@ class LoggingSettings(_Section):
     """One canonical ``request_finished`` line per request."""
 
 
+class IsolationSettings(_Section):
+    """Each user's private view of a shared ComfyUI (admins see everything)."""
+
+    enabled: bool = True
+    retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """How long the proxy remembers who owns a prompt or a file (ComfyUI keeps history in
+    memory until it restarts, the newest 10,000 entries)."""
+    shared_input_folders: tuple[str, ...] = ("shared",)
+    """Subfolders of ComfyUI's input/ every user may read (LoadImage), never write."""
+    passed_event_types: tuple[str, ...] = ("status", "feature_flags")
+    """WebSocket JSON events without a prompt id that every user still receives; other events
+    the proxy cannot attribute to the user (custom-node broadcasts) are dropped."""
+
+    @field_validator("shared_input_folders")
+    @classmethod
+    def _folders(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, folder in enumerate(value):
+            parts = folder.strip("/").split("/")
+            if not folder or folder.startswith("/") or ".." in parts or "\\" in folder:
+                raise ValueError(f"[{i}] {folder!r}: must be a relative folder without '..'")
+        return tuple(f.strip("/") for f in value)
+
+
 class RedisSettings(_Section):
     url: str = ""
     """Empty: no Redis; state is kept in process memory (single process only)."""
@@ -174,6 +197,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     redis: RedisSettings = RedisSettings()
     auth: AuthSettings = AuthSettings()
+    isolation: IsolationSettings = IsolationSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")

@@ -55,8 +55,11 @@ class RequestContext:
     """Headers the guards want ComfyUI to receive (identity), set after filtering the client's."""
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     """Headers for the client's response (e.g. a renewed session cookie), added before prepare."""
-    rewrite_response: Callable[[bytes], bytes] | None = None
-    """A JSON body rewrite for this response (e.g. redaction); forces a buffered response."""
+    rewrite_response: Callable[[int, bytes], Awaitable[bytes]] | None = None
+    """Rewrites a JSON answer (any status) given its status and body, e.g. to filter or redact
+    it; forces a buffered response. Not called for non-JSON or compressed answers."""
+    ws_filter: Callable[[str | bytes], Awaitable[str | bytes | None]] | None = None
+    """On a WebSocket relay: each frame from ComfyUI goes through it; None drops the frame."""
 
 
 @dataclass(slots=True)

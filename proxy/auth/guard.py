@@ -174,8 +174,10 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
         return None
 
 
-def redact_argv(body: bytes) -> bytes:
+async def redact_argv(status: int, body: bytes) -> bytes:
     """``/system_stats`` lists ComfyUI's full command line; only admins see it."""
+    if status != 200:
+        return body
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -195,11 +195,10 @@ async def _read_all(
 
 
 def _rewritable(resp: UpstreamResponse) -> bool:
-    """Only plain (uncompressed) JSON success bodies are rewritten; anything else passes as is."""
+    """Only plain (uncompressed) JSON bodies are rewritten; anything else passes as is."""
     content_type = resp.headers.get(hdrs.CONTENT_TYPE, "")
     return (
-        resp.status == 200
-        and content_type.split(";", 1)[0].strip().lower() == "application/json"
+        content_type.split(";", 1)[0].strip().lower() == "application/json"
         and hdrs.CONTENT_ENCODING not in resp.headers
     )
 
@@ -214,7 +213,7 @@ async def _rewritten_response(
     limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
     payload = await _read_all(request, ctx, resp, upstream, limit=limit)
     assert ctx.rewrite_response is not None
-    body = ctx.rewrite_response(payload)
+    body = await ctx.rewrite_response(resp.status, payload)
     ctx.bytes_out = len(body)
     return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
 

@@ -148,6 +148,7 @@ async def _pump_upstream(
     metrics: Metrics,
     ctx: RequestContext,
 ) -> _Ended:
+    frame_filter = ctx.ws_filter
     frames = metrics.ws_frames
     text_frames, binary_frames = frames.labels("down", "text"), frames.labels("down", "binary")
     down_bytes = metrics.ws_bytes.labels("down")
@@ -158,6 +159,11 @@ async def _pump_upstream(
             (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
             down_bytes.inc(len(data))
             ctx.bytes_out += len(data)
+            if frame_filter is not None:
+                filtered = await frame_filter(data)
+                if filtered is None:
+                    continue  # not this user's to see
+                data = filtered
             if not queue.put(data):
                 return _Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
         elif msg.type is WSMsgType.CLOSE:
