@@ -33,6 +33,7 @@ from proxy.chain import (
     resolve_route,
 )
 from proxy.health import healthz, readyz
+from proxy.isolation.ownership import ownership_store
 from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
 from proxy.redis_store import redis_client
@@ -113,7 +114,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[LIFECYCLE] = Lifecycle()
     app[HEADER_POLICY] = build_header_policy(settings)
     # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
-    app.cleanup_ctx.extend([_upstream_pool, redis_client, authenticator_context, relay_sweeper])
+    app.cleanup_ctx.extend(
+        [_upstream_pool, redis_client, authenticator_context, ownership_store, relay_sweeper]
+    )
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(add_response_headers)
 

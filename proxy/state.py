@@ -22,6 +22,7 @@ from proxy.auth.principal import Principal
 if TYPE_CHECKING:
     from proxy.auth.authenticator import Authenticator
     from proxy.auth.comfy_users import ComfyUserDirectory
+    from proxy.isolation.ownership import OwnershipStore
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
 from proxy.settings import Settings
@@ -101,6 +102,7 @@ HEADER_POLICY = web.AppKey("comfygate.header_policy", HeaderPolicy)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
 METRICS = web.AppKey("comfygate.metrics", Metrics)
 AUTH: web.AppKey[Authenticator] = web.AppKey("comfygate.auth")
+OWNERSHIP: web.AppKey[OwnershipStore] = web.AppKey("comfygate.ownership")
 COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users")
 REDIS: web.AppKey[redis.Redis | None] = web.AppKey("comfygate.redis")
 """None when no Redis is configured (state kept in process memory)."""

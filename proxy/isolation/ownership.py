@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
 import redis.asyncio as redis
+from aiohttp import web
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +183,18 @@ class RedisOwnershipStore:
         if raw is None:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def ownership_store(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
+    from proxy.state import OWNERSHIP, REDIS, SETTINGS  # noqa: PLC0415 - state imports this
+
+    retention = app[SETTINGS].isolation.retention_seconds
+    client = app[REDIS]
+    store: OwnershipStore = (
+        RedisOwnershipStore(client, retention)
+        if client is not None
+        else MemoryOwnershipStore(retention)
+    )
+    app[OWNERSHIP] = store
+    yield
