@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,9 @@ class RequestContext:
     """Set by the auth guard; None only on the proxy's own public routes."""
     body: bytes | None = None
     """The request body when a guard had to read it; forwarded instead of the stream."""
+    body_stream: AsyncIterator[bytes] | None = None
+    """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
+    chunked framing (its Content-Type goes in ``upstream_headers``)."""
     upstream_headers: dict[str, str] = field(default_factory=dict)
     """Headers the guards want ComfyUI to receive (identity), set after filtering the client's."""
     response_headers: list[tuple[str, str]] = field(default_factory=list)

@@ -109,7 +109,10 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     headers.pop(hdrs.EXPECT, None)
 
     body: bytes | AsyncIterator[bytes] | None = ctx.body
-    if body is None and request.body_exists:
+    if ctx.body_stream is not None:
+        body = ctx.body_stream
+        headers.popall(hdrs.CONTENT_LENGTH, None)  # the rewritten body's length is unknown
+    elif body is None and request.body_exists:
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
             body = await request.content.readexactly(length) if length else b""
