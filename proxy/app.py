@@ -34,6 +34,8 @@ from proxy.chain import (
 )
 from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
+from proxy.isolation.read_guard import ReadGuard
+from proxy.isolation.submit_guard import SubmitGuard
 from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
 from proxy.redis_store import redis_client
@@ -72,7 +74,14 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         CsrfGuard(),  # needs the principal's source (cookie vs bearer)
         RoleGuard(),  # admin-only families and actions
     )
-    return {r.name: chain for r in (*RULES, OTHER)}
+    guards = {r.name: chain for r in (*RULES, OTHER)}
+    # Isolation last: it narrows what an allowed request sees and touches.
+    read, submit = ReadGuard(), SubmitGuard()
+    for name in ("history", "queue", "jobs", "interrupt", "ws"):
+        guards[name] = (*chain, read)
+    for name in ("prompt", "upload", "view"):
+        guards[name] = (*chain, submit)
+    return guards
 
 
 def build_header_policy(settings: Settings) -> HeaderPolicy:

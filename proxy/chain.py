@@ -143,6 +143,7 @@ def error_body(
     details: str = "",
     extra: Mapping[str, Any] | None = None,
     comfy_prompt: bool = False,
+    node_errors: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``."""
     body: dict[str, Any] = {
@@ -154,7 +155,7 @@ def error_body(
         }
     }
     if comfy_prompt:
-        body["node_errors"] = {}
+        body["node_errors"] = dict(node_errors or {})
     return orjson.dumps(body)
 
 
@@ -167,11 +168,17 @@ def json_error(
     details: str = "",
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
+    node_errors: Mapping[str, Any] | None = None,
 ) -> web.Response:
     return web.Response(
         status=status,
         body=error_body(
-            error_type, message, details=details, extra=extra, comfy_prompt=comfy_prompt
+            error_type,
+            message,
+            details=details,
+            extra=extra,
+            comfy_prompt=comfy_prompt,
+            node_errors=node_errors,
         ),
         content_type="application/json",
         headers=headers,
@@ -226,6 +233,8 @@ def _render(
         target = request.raw_path[len(base) :] if base else request.raw_path
         location = f"{base}/login?{urlencode({'next': base + target})}"
         return web.Response(status=302, headers={hdrs.LOCATION: location, **exc.headers})
+    if exc.empty_body:  # e.g. isolation's HiddenNotFound: ComfyUI's empty 404
+        return web.Response(status=status or exc.status, headers=exc.headers)
     return json_error(
         status or exc.status,
         exc.error_type,
@@ -234,6 +243,7 @@ def _render(
         extra=exc.extra,
         headers=exc.headers,
         comfy_prompt=ctx.rule.name == "prompt",
+        node_errors=exc.node_errors,
     )
 
 

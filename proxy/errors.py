@@ -22,6 +22,7 @@ shape on ``/prompt`` (the stock frontend shows ``error.message``), plus ``node_e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -30,6 +31,10 @@ class ProxyError(Exception):
 
     status: int = 500
     error_type: str = "proxy_error"
+    empty_body: bool = False
+    """Answer with an empty body (to look exactly like ComfyUI's own 404 for a hidden file)."""
+    node_errors: Mapping[str, Any] | None = None
+    """ComfyUI's per-node errors, rendered on ``/prompt`` so the UI marks the nodes."""
 
     def __init__(
         self,

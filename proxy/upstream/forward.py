@@ -109,7 +109,13 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     headers.pop(hdrs.EXPECT, None)
 
     body: bytes | AsyncIterator[bytes] | None = ctx.body
-    if ctx.body_stream is not None:
+    if hdrs.CONTENT_ENCODING in request.headers and body is None:
+        # aiohttp's server already decoded a gzip/deflate request body: forward the decoded
+        # bytes as such (the original length and encoding no longer describe them).
+        headers.popall(hdrs.CONTENT_ENCODING, None)
+        headers.popall(hdrs.CONTENT_LENGTH, None)
+        body = ctx.body_stream or _stream_request_body(request, ctx)
+    elif ctx.body_stream is not None:
         body = ctx.body_stream
         headers.popall(hdrs.CONTENT_LENGTH, None)  # the rewritten body's length is unknown
     elif body is None and request.body_exists:

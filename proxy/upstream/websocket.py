@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, hdrs, web
+from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
@@ -220,7 +221,9 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     # first, and the first one's close later unregisters the id altogether. So an older relay
     # for this clientId drops its upstream socket *before* the new one connects: ComfyUI never
     # sees two sockets for one id, and the older client, like with ComfyUI, hears nothing more.
-    client_id = request.query.get("clientId", "")
+    # The id ComfyUI will see (guards may have namespaced it per user): keying the takeover on
+    # the client's own id would let one user's socket supersede another's.
+    client_id = URL(ctx.upstream_path, encoded=True).query.get("clientId", "")
     takeover_key = (upstream.name, client_id)
     if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:
         await older()

@@ -173,3 +173,11 @@ def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) 
         or "comfygate_csrf" in r.headers.get("Cookie", "")
     ]
     assert not leaked, f"the proxy's cookies reached ComfyUI: {leaked}"
+
+
+def upstream_sid(sid: str, username: str = "alice") -> str:
+    """The client id ComfyUI sees for the page's ``sid`` (isolation namespaces it per user)."""
+    from proxy.auth.principal import comfy_user_id  # noqa: PLC0415
+    from proxy.isolation.namespaces import upstream_client_id  # noqa: PLC0415
+
+    return upstream_client_id(comfy_user_id(username), sid)

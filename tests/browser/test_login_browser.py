@@ -28,6 +28,7 @@ from tests.browser.frontend import (
     assert_reached_as,
     queue_prompt_from_ui,
     restore_workflow_on_load,
+    upstream_sid,
     wait_for_frontend,
 )
 
@@ -140,7 +141,7 @@ async def test_login_then_comfyui_then_logout(
     await upstream.fake.wait_idle()
     posts = [r for r in upstream.fake.received if (r.method, r.raw_path) == ("POST", "/api/prompt")]
     assert len(posts) == 1, posts
-    assert json.loads(posts[0].body)["client_id"] == loaded.sid
+    assert json.loads(posts[0].body)["client_id"] == upstream_sid(loaded.sid)
     assert posts[0].headers["Comfy-User"] == comfy_user_id(USERNAME)
     assert ran.response.status == 200
     assert_reached_as(upstream, proxy, USERNAME)

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.auth.principal import comfy_user_id
+from proxy.isolation.namespaces import upstream_client_id
 from proxy.state import AUTH, LIFECYCLE
 from tests.conftest import JWT_SECRET, ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
@@ -190,9 +191,6 @@ async def test_roles(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> None:
         ("POST", "/api/free", {"unload_models": True}),
         ("GET", "/api/manager/queue/status", None),
         ("POST", "/api/assets/download", {"url": "http://x"}),
-        ("POST", "/api/queue", {"clear": True}),
-        ("POST", "/api/history", {"clear": True}),
-        ("POST", "/history", {"clear": True}),
         ("POST", "/api/users", {"username": "mallory"}),
     ],
 )
@@ -211,6 +209,21 @@ async def test_admin_only_routes(
     else:
         assert resp.status != 403
         assert fake_comfy.received
+
+
+@pytest.mark.parametrize("path", ["/api/queue", "/api/history", "/history"])
+async def test_global_clear_is_admin_only_without_isolation(
+    path: str, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """With isolation off a clear empties everyone's queue/history: admins only. (With
+    isolation on, a user's clear is narrowed to their own prompts: test_isolation_read.)"""
+    user = await make_proxy(
+        fake_comfy.url, token=make_token("alice", ("user",)), isolation={"enabled": False}
+    )
+    resp = await user.post(path, json={"clear": True})
+    assert resp.status == 403
+    assert (await resp.json())["error"]["type"] == "forbidden_role"
+    assert fake_comfy.received == []
 
 
 async def test_viewer_cannot_queue(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> None:
@@ -349,7 +362,7 @@ async def test_query_token_on_websocket_only_and_never_forwarded(
     assert (await ws.receive_json())["data"]["sid"] == "q1"
     await ws.close()
     handshake = next(r for r in fake_comfy.received if r.path == "/ws")
-    assert handshake.raw_path == "/ws?clientId=q1"
+    assert handshake.raw_path == f"/ws?clientId={upstream_client_id(comfy_user_id('dave'), 'q1')}"
     assert (await client.get(f"/api/queue?token={token}")).status == 401
 
 

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.test_fake_comfyui_runs import RUNS, replay_run
 
@@ -22,12 +23,18 @@ PROMPT = {
 }
 
 
+@pytest.fixture
+async def transparent(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> TestClient[Any, Any]:
+    """The relay without per-user client ids (isolation off): ComfyUI's own socket semantics."""
+    return await make_proxy(fake_comfy.url, isolation={"enabled": False})
+
+
 @pytest.mark.parametrize(("name", "variant"), RUNS)
 async def test_recorded_runs_through_the_proxy(
     name: str, variant: str | None, proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
 ) -> None:
     """Every recorded run (JSON events, type 1/3/4 binary frames, caching, errors) arrives
-    through the proxy exactly as ComfyUI sent it."""
+    through the proxy exactly as ComfyUI sent it, with isolation on (per-user client ids)."""
     await replay_run(name, variant, fake_comfy, proxy)
 
 
@@ -65,35 +72,35 @@ async def test_minted_sid_when_no_client_id(proxy: TestClient[Any, Any]) -> None
 
 
 async def test_takeover_keeps_one_upstream_socket_per_client_id(
-    proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
+    transparent: TestClient[Any, Any], fake_comfy: FakeComfyUI
 ) -> None:
     """Two tabs with one clientId: like ComfyUI, the newer one gets the events and the older one
     stays open and silent; unlike a naive relay, the older one closing later does not unregister
     the id upstream (protocol doc 4.1)."""
-    older = await proxy.ws_connect("/ws?clientId=tab")
+    older = await transparent.ws_connect("/ws?clientId=tab")
     await older.receive_json()
-    newer = await proxy.ws_connect("/ws?clientId=tab")
+    newer = await transparent.ws_connect("/ws?clientId=tab")
     assert (await newer.receive_json())["data"]["sid"] == "tab"
     assert list(fake_comfy.sockets) == ["tab"]
 
-    prompt_id = await submit(proxy, "tab")
+    prompt_id = await submit(transparent, "tab")
     assert "execution_success" in await types_until_done(newer, prompt_id)
     await fake_comfy.wait_idle()
 
     await older.close()
-    prompt_id = await submit(proxy, "tab")
+    prompt_id = await submit(transparent, "tab")
     assert "execution_success" in await types_until_done(newer, prompt_id)
     assert list(fake_comfy.sockets) == ["tab"]
     await newer.close()
 
 
 async def test_events_of_prompts_without_client_id_are_broadcast(
-    proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
+    transparent: TestClient[Any, Any], fake_comfy: FakeComfyUI
 ) -> None:
     """A transparent relay passes ComfyUI's broadcasts on (isolation is a later concern)."""
-    observer = await proxy.ws_connect("/ws?clientId=observer")
+    observer = await transparent.ws_connect("/ws?clientId=observer")
     await observer.receive_json()
-    prompt_id = await submit(proxy, None)
+    prompt_id = await submit(transparent, None)
     while True:  # progress_state of a prompt without client_id goes to every socket
         msg = await observer.receive_json(timeout=10)
         if msg["type"] == "progress_state" and msg["data"]["prompt_id"] == prompt_id:
@@ -103,17 +110,17 @@ async def test_events_of_prompts_without_client_id_are_broadcast(
 
 
 async def test_upstream_socket_closed_when_client_leaves(
-    proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
+    transparent: TestClient[Any, Any], fake_comfy: FakeComfyUI
 ) -> None:
-    ws = await proxy.ws_connect("/api/ws?clientId=leaver")
+    ws = await transparent.ws_connect("/api/ws?clientId=leaver")
     await ws.receive_json()
     assert "leaver" in fake_comfy.sockets
     upstream = fake_comfy.sockets["leaver"]
     await ws.close()
     # The proxy closes the upstream side before it answers the client's close frame.
     assert upstream.closed
-    ws2 = await proxy.ws_connect("/api/ws?clientId=leaver")
+    ws2 = await transparent.ws_connect("/api/ws?clientId=leaver")
     await ws2.receive_json()
-    prompt_id = await submit(proxy, "leaver")
+    prompt_id = await submit(transparent, "leaver")
     assert "execution_success" in await types_until_done(ws2, prompt_id)
     await ws2.close()

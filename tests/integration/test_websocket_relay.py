@@ -20,6 +20,17 @@ from pytest_aiohttp import AiohttpServer
 from tests.conftest import ProxyFactory
 
 
+@pytest.fixture
+def make_proxy(make_proxy: ProxyFactory) -> ProxyFactory:
+    """These tests are about the relay itself: no per-user client ids (isolation off)."""
+
+    async def factory(upstream_url: str, **sections: Any) -> Any:
+        sections.setdefault("isolation", {"enabled": False})
+        return await make_proxy(upstream_url, **sections)
+
+    return factory
+
+
 @dataclass
 class ScriptedUpstream:
     """A minimal /ws endpoint whose sockets the test drives directly."""

@@ -1,0 +1,176 @@
+"""Which of ComfyUI's WebSocket frames a tenant's socket may see (protocol doc 4.3, 4.4).
+
+One :class:`SocketEventFilter` per relayed socket is installed as ``ctx.ws_filter``; the relay
+passes every frame ComfyUI sends on that socket through it, and a ``None`` drops the frame.
+
+Rules, for a non-admin caller:
+
+* JSON events carrying ``data.prompt_id`` pass iff the prompt is the caller's (an ownership
+  lookup, cached per socket); ``executed`` outputs of the caller are recorded as its files.
+* ``status`` passes, its connect-time ``sid`` (the namespaced id ComfyUI saw) mapped back to the
+  client's own id; the types in ``isolation.passed_event_types`` pass; so does the connect-time
+  ``executing`` without a prompt id (ComfyUI sends it only to the sid whose prompt runs).
+* ``logs`` only for admins. Anything else that cannot be attributed is dropped.
+* Binary type 4 (preview with metadata): pass iff its metadata ``prompt_id`` is the caller's.
+* Binary types 1 and 3 carry no prompt id: they pass only while one of the caller's prompts is
+  executing as seen on this socket (from its ``execution_start`` to its ``execution_success``,
+  ``execution_error``, ``execution_interrupted`` or final ``executing {node: null}``). ComfyUI
+  runs one prompt at a time, so frames in that window are the caller's.
+
+For admins only the ``sid`` is mapped back: everything else passes untouched.
+
+Cost: text frames are parsed once with orjson and passed on as the *same* string unless the sid
+is rewritten; binary previews are never copied, a type 4 frame only has its small metadata
+header parsed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import orjson
+
+from proxy.isolation.ownership import FileRef, OwnershipStore
+from proxy.isolation.views import node_files
+
+PREVIEW_IMAGE = 1
+TEXT = 3
+PREVIEW_IMAGE_WITH_METADATA = 4
+_HEADER = struct.Struct(">II")
+END_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+"""Events that end a prompt's execution (besides the final ``executing {node: null}``)."""
+ADMIN_ONLY_EVENTS = frozenset({"logs"})
+"""Server log lines (prompts, paths, errors of everyone): admins only, whatever is configured."""
+OWNER_CACHE_SIZE = 4096
+_UNKNOWN_RUNNING = "\0connect-time"
+"""Running prompt of this socket announced by the connect-time ``executing`` (id unknown)."""
+
+FileRecorder = Callable[[list[FileRef]], Awaitable[None]]
+
+
+class SocketEventFilter:
+    """The frame filter of one relayed socket (an ``async`` callable, see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        client_id: str,
+        upstream_client_id: str,
+        ownership: OwnershipStore,
+        passed_types: Collection[str],
+        admin: bool = False,
+    ) -> None:
+        self.owner = owner
+        self.client_id = client_id
+        self.upstream_client_id = upstream_client_id
+        self.admin = admin
+        self._ownership = ownership
+        self._passed = frozenset(passed_types) - ADMIN_ONLY_EVENTS
+        self._owned: dict[str, bool] = {}
+        self.running: str | None = None
+        """The caller's prompt executing as seen on this socket (gates binary types 1 and 3)."""
+
+    async def __call__(self, frame: str | bytes) -> str | bytes | None:
+        if isinstance(frame, str):
+            return await self._text(frame)
+        if self.admin:
+            return frame
+        return await self._binary(frame)
+
+    # -- ownership ------------------------------------------------------------------------
+    async def owns(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` is the caller's; cached (owners never change) and bounded."""
+        known = self._owned.get(prompt_id)
+        if known is None:
+            record = await self._ownership.prompt(prompt_id)
+            known = record is not None and record.owner == self.owner
+            if len(self._owned) >= OWNER_CACHE_SIZE:
+                self._owned.clear()
+            self._owned[prompt_id] = known
+        return known
+
+    # -- text frames ----------------------------------------------------------------------
+    async def _text(self, frame: str) -> str | None:
+        if self.admin and '"sid"' not in frame:
+            return frame  # admins: only the connect-time status needs a rewrite
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return frame if self.admin else None
+        if not isinstance(message, dict):
+            return frame if self.admin else None
+        kind = message.get("type")
+        data = message.get("data")
+        if kind == "status" and isinstance(data, dict) and "sid" in data:
+            # The sid ComfyUI knows is the namespaced one; the client knows (and later sends
+            # back as clientId / client_id) only its own.
+            data["sid"] = self.client_id
+            return orjson.dumps(message).decode()
+        if self.admin:
+            return frame
+        if not isinstance(kind, str) or kind in ADMIN_ONLY_EVENTS:
+            return None  # SECURITY: server logs carry everyone's prompts, paths and errors
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        if prompt_id is None:
+            if kind in self._passed:
+                return frame
+            if kind == "executing" and isinstance(data, dict) and "prompt_id" not in data:
+                # Connect-time: sent only to the sid whose prompt is executing, i.e. ours.
+                if data.get("node") is not None:
+                    self.running = self.running or _UNKNOWN_RUNNING
+                return frame
+            return None  # SECURITY: unattributable (custom-node broadcasts, display_component)
+        if not isinstance(prompt_id, str) or not await self.owns(prompt_id):
+            return None  # SECURITY: someone else's prompt
+        assert isinstance(data, dict)  # prompt_id came from it
+        self._track(kind, data, prompt_id)
+        if kind == "executed":
+            files = list(node_files(data.get("output")))
+            if files:
+                await self._ownership.record_files(self.owner, files)
+        return frame
+
+    def _track(self, kind: str, data: dict[str, Any], prompt_id: str) -> None:
+        """Follow the caller's execution window on this socket (for binary types 1 and 3)."""
+        if kind == "execution_start":
+            self.running = prompt_id
+        elif (kind in END_EVENTS or (kind == "executing" and data.get("node") is None)) and (
+            self.running in (prompt_id, _UNKNOWN_RUNNING)
+        ):
+            self.running = None
+
+    # -- binary frames --------------------------------------------------------------------
+    async def _binary(self, frame: bytes) -> bytes | None:
+        if len(frame) < 4:
+            return None
+        kind = int.from_bytes(frame[:4], "big")
+        if kind in (PREVIEW_IMAGE, TEXT):
+            # SECURITY: no prompt id on the wire; ComfyUI executes one prompt at a time, so
+            # only frames inside the caller's own execution window are the caller's.
+            return frame if self.running is not None else None
+        if kind == PREVIEW_IMAGE_WITH_METADATA:
+            prompt_id = preview_prompt_id(frame)
+            return frame if prompt_id is not None and await self.owns(prompt_id) else None
+        return None  # unknown binary types cannot be attributed
+
+
+def preview_prompt_id(frame: bytes) -> str | None:
+    """The ``prompt_id`` in a type 4 frame's metadata (``uint32 4, uint32 len, JSON``)."""
+    if len(frame) < _HEADER.size:
+        return None
+    _, length = _HEADER.unpack_from(frame)
+    end = _HEADER.size + length
+    if end > len(frame):
+        return None
+    try:
+        metadata = orjson.loads(frame[_HEADER.size : end])
+    except orjson.JSONDecodeError:
+        return None
+    prompt_id = metadata.get("prompt_id") if isinstance(metadata, dict) else None
+    return prompt_id if isinstance(prompt_id, str) else None
+
+
+__all__ = ["SocketEventFilter", "preview_prompt_id"]

@@ -1,0 +1,361 @@
+"""``ReadGuard``: tenant isolation of what a user reads and cancels, and of its WebSockets.
+
+Runs after the role guard on the rules ``history``, ``queue``, ``jobs``, ``interrupt`` and
+``ws``. With ``isolation.enabled`` false it does nothing; admins see everything unfiltered (their
+sockets' client ids are still namespaced, as every submitted prompt's are).
+
+Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
+
+==========================================  ================================================
+``GET /history``                            only the caller's entries; ``max_items``/``offset``
+                                            dropped upstream and applied to the caller's list
+``GET /history/{id}``                       ``{}`` for others' ids (as for an unknown id)
+``POST /history``                           ``delete`` of own ids only; ``clear`` -> ``delete``
+                                            of own ids; nothing left -> 200 without upstream
+``GET /queue``                              own items in full, others' as placeholders
+``POST /queue``                             ``delete`` of own ids only; ``clear`` -> ``delete``
+                                            of own pending ids (read from upstream ``/queue``)
+``GET /api/jobs``                           own jobs, fetched unpaginated, paginated here
+``GET /api/jobs/{id}[/...]``                others: 404 ``{"error": "Job not found"}``
+``POST /api/jobs/{id}/cancel``              others: 200 ``{"cancelled": false}``, no upstream
+``POST /api/jobs/cancel``                   others' ids dropped from ``job_ids``
+``POST /interrupt`` with ``prompt_id``      others' / unknown: 200 no-op, no upstream
+``POST /interrupt`` without                 -> ``{"prompt_id": <own running id>}``, or a 200
+                                            no-op when what runs is not the caller's
+``/ws``                                     upstream ``clientId`` = ``upstream_client_id(owner,
+                                            client id)`` (minted when absent); frames filtered
+                                            by :class:`~proxy.isolation.events.SocketEventFilter`
+==========================================  ================================================
+
+History and job-detail answers also record the outputs of the caller's prompts as the caller's
+files (so ``/view`` of temp previews works for API clients that never had a socket).
+
+Answers the guard gives itself (no-ops, "not found") are raised as :class:`LocalAnswer`, shaped
+exactly as ComfyUI would answer for an unknown id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import hdrs, web
+
+from proxy.auth.guard import read_json_body
+from proxy.auth.principal import Principal
+from proxy.errors import Forbidden, UpstreamUnavailable
+from proxy.isolation import views
+from proxy.isolation.events import SocketEventFilter
+from proxy.isolation.namespaces import upstream_client_id
+from proxy.isolation.ownership import OwnershipStore
+from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.upstream.forward import map_client_error
+
+HISTORY_PAGING = ("max_items", "offset")
+JOBS_PAGING = ("limit", "offset")
+JOB_NOT_FOUND = {"error": "Job not found"}
+RECORDED_CACHE_SIZE = 10_000
+
+Rewrite = Callable[[int, bytes], Awaitable[bytes]]
+
+
+class LocalAnswer(web.HTTPException):
+    """A complete answer the guard gives in ComfyUI's place (raised from ``check``).
+
+    ``chain.render_errors`` re-raises HTTP exceptions below 400 or with ``empty_body`` set
+    untouched instead of rendering them as proxy errors; ``empty_body`` here only means "do not
+    add aiohttp's default text", the JSON payload (if any) is sent as given.
+    """
+
+    empty_body = True
+
+    def __init__(self, status: int, payload: object | None = None) -> None:
+        self.status_code = status
+        if payload is None:
+            super().__init__()
+        else:
+            super().__init__(text=orjson.dumps(payload).decode(), content_type="application/json")
+
+
+class ReadGuard:
+    """See the module docstring. One instance serves every request (stateless but for a cache
+    of prompts whose files were already recorded)."""
+
+    name = "isolation"
+
+    def __init__(self, *, placeholder_key: bytes | None = None) -> None:
+        self._key = placeholder_key or secrets.token_bytes(32)
+        """Keys the queue placeholders (stable for the process, not reversible)."""
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        settings = request.app[SETTINGS]
+        if not settings.isolation.enabled:
+            return
+        principal = ctx.principal
+        if principal is None:  # pragma: no cover - AuthGuard runs first
+            raise Forbidden("not authenticated", error_type="forbidden")
+        admin = principal.is_admin(settings.roles)
+        rule = ctx.rule.name
+        if rule == "ws":
+            self._websocket(request, ctx, principal, admin=admin)
+            return
+        if admin:
+            return
+        owner = principal.comfy_user
+        method = request.method
+        if rule == "history":
+            await self._history(request, ctx, owner)
+        elif rule == "queue":
+            await self._queue(request, ctx, owner)
+        elif rule == "jobs":
+            await self._jobs(request, ctx, owner)
+        elif rule == "interrupt" and method == "POST":
+            await self._interrupt(request, ctx, owner)
+
+    # -- history --------------------------------------------------------------------------
+    async def _history(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
+        ownership = request.app[OWNERSHIP]
+        if request.method == "POST":
+            body = await read_json_body(request, ctx)
+            if not isinstance(body, dict):
+                return  # ComfyUI fails on it (500) without touching history
+            # SECURITY: ComfyUI deletes/wipes anyone's entries; only the caller's ids go on.
+            # A non-admin's clear is normally refused by RoleGuard already; if a role is let
+            # through (allow_routes), it still only clears its own entries here.
+            rewritten = views.history_delete_body(body, await ownership.prompts_of(owner))
+            self._replace_body(ctx, rewritten)
+            return
+        if request.method not in ("GET", "HEAD"):
+            return
+        max_items = offset = None
+        if ctx.path == "/history":
+            max_items = views.parse_int(views.query_value(ctx.upstream_path, "max_items"))
+            offset = views.parse_int(views.query_value(ctx.upstream_path, "offset"))
+            if _valid_ints(ctx.upstream_path, HISTORY_PAGING):
+                # Paging applies to the caller's own list: fetch everything, page it here.
+                ctx.upstream_path = views.without_query_params(ctx.upstream_path, HISTORY_PAGING)
+
+        async def rewrite(status: int, body: bytes) -> bytes:
+            if status != 200:
+                return body
+            owned = await ownership.prompts_of(owner)
+            mine = views.filter_history(_loads(body), owned)
+            await self._record_history_files(ownership, owner, mine)
+            return orjson.dumps(views.history_window(mine, max_items, offset))
+
+        ctx.rewrite_response = rewrite
+
+    async def _record_history_files(
+        self, ownership: OwnershipStore, owner: str, history: dict[str, Any]
+    ) -> None:
+        """Record the outputs of the caller's finished prompts once per process (history is
+        polled by the UI; entries do not change once finished)."""
+        files = []
+        for prompt_id, refs in views.history_files(history):
+            if prompt_id not in self._recorded:
+                files.extend(refs)
+                self._recorded[prompt_id] = None
+        while len(self._recorded) > RECORDED_CACHE_SIZE:
+            self._recorded.popitem(last=False)
+        if files:
+            await ownership.record_files(owner, files)
+
+    # -- queue ----------------------------------------------------------------------------
+    async def _queue(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
+        ownership = request.app[OWNERSHIP]
+        if request.method == "POST":
+            body = await read_json_body(request, ctx)
+            if not isinstance(body, dict):
+                return  # ComfyUI fails on it (500) without touching the queue
+            owned = await ownership.prompts_of(owner)
+            own_pending: list[str] = []
+            if body.get("clear"):
+                # SECURITY: ComfyUI's clear empties everyone's pending prompts; a tenant's
+                # clear deletes its own pending ones (as listed by ComfyUI right now).
+                queue = await fetch_queue(request)
+                own_pending = [p for p in views.queue_ids(queue, "queue_pending") if p in owned]
+            self._replace_body(ctx, views.queue_delete_body(body, owned, own_pending))
+            return
+        if request.method not in ("GET", "HEAD"):
+            return
+        key = self._key
+
+        async def rewrite(status: int, body: bytes) -> bytes:
+            if status != 200:
+                return body
+            owned = await ownership.prompts_of(owner)
+            return orjson.dumps(views.redact_queue(_loads(body), owned, key))
+
+        ctx.rewrite_response = rewrite
+
+    # -- jobs -----------------------------------------------------------------------------
+    async def _jobs(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
+        ownership = request.app[OWNERSHIP]
+        segments = ctx.path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
+        method = request.method
+        if not segments:  # the list
+            if method in ("GET", "HEAD"):
+                self._jobs_list(ctx, ownership, owner)
+            return
+        if segments == ["cancel"] and method == "POST":
+            await self._jobs_cancel_many(request, ctx, ownership, owner)
+            return
+        job_id = segments[0]
+        if not job_id:
+            return  # "/api/jobs/": no such route, ComfyUI's own 404
+        record = await ownership.prompt(job_id)
+        if record is None or record.owner != owner:
+            # SECURITY: someone else's job answers exactly like an unknown one, and ComfyUI
+            # never hears of it.
+            if segments[1:] == ["cancel"]:
+                raise _answer(ctx, 200, {"cancelled": False})
+            raise _answer(ctx, 404, JOB_NOT_FOUND)
+        if len(segments) == 1 and method == "GET":
+
+            async def rewrite(status: int, body: bytes) -> bytes:
+                if status == 200:
+                    job = _loads(body)
+                    outputs = job.get("outputs") if isinstance(job, dict) else None
+                    files = list(views.output_files(outputs))
+                    if files:
+                        await ownership.record_files(owner, files)
+                return body
+
+            ctx.rewrite_response = rewrite
+
+    def _jobs_list(self, ctx: RequestContext, ownership: OwnershipStore, owner: str) -> None:
+        page = views.jobs_page_params(ctx.upstream_path)
+        offset, limit = page if page is not None else (0, None)
+        if page is not None:
+            # Totals must count the caller's jobs only: fetch the whole list, page it here.
+            ctx.upstream_path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
+
+        async def rewrite(status: int, body: bytes) -> bytes:
+            if status != 200:
+                return body  # e.g. ComfyUI's own 400 for bad parameters
+            owned = await ownership.prompts_of(owner)
+            return orjson.dumps(views.filter_jobs(_loads(body), owned, offset, limit))
+
+        ctx.rewrite_response = rewrite
+
+    async def _jobs_cancel_many(
+        self, request: web.Request, ctx: RequestContext, ownership: OwnershipStore, owner: str
+    ) -> None:
+        body = await read_json_body(request, ctx)
+        ids = body.get("job_ids") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(ids, list):
+            return  # ComfyUI answers 400 itself
+        kept = views.jobs_cancel_ids(ids, await ownership.prompts_of(owner))
+        if not kept:
+            raise _answer(ctx, 200, {"cancelled": False})
+        ctx.body = orjson.dumps({**body, "job_ids": kept})
+
+    # -- interrupt ------------------------------------------------------------------------
+    async def _interrupt(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
+        body = await read_json_body(request, ctx)
+        prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+        ownership = request.app[OWNERSHIP]
+        if prompt_id:
+            record = await ownership.prompt(prompt_id) if isinstance(prompt_id, str) else None
+            if record is None or record.owner != owner:
+                # SECURITY: ComfyUI would interrupt it if it is running; for anyone but its
+                # owner this is ComfyUI's no-op answer for an id that is not running.
+                raise _answer(ctx, 200)
+            return
+        # SECURITY: a bare interrupt stops whatever runs; a tenant may only stop its own.
+        running = views.queue_ids(await fetch_queue(request), "queue_running")
+        for candidate in running:
+            record = await ownership.prompt(candidate)
+            if record is not None and record.owner == owner:
+                ctx.body = orjson.dumps({"prompt_id": candidate})
+                return
+        raise _answer(ctx, 200)
+
+    # -- websocket ------------------------------------------------------------------------
+    def _websocket(
+        self, request: web.Request, ctx: RequestContext, principal: Principal, *, admin: bool
+    ) -> None:
+        settings = request.app[SETTINGS]
+        owner = principal.comfy_user
+        # ComfyUI treats an empty clientId as none and mints one; so do we, so the client's id
+        # (told in the status sid) is known here and maps to a namespaced one.
+        client_id = views.query_value(ctx.upstream_path, "clientId") or uuid.uuid4().hex
+        namespaced = upstream_client_id(owner, client_id)
+        # SECURITY: ComfyUI lets any socket claim any clientId; upstream only ever sees ids
+        # derived from (owner, client id), so another user's id cannot be claimed.
+        ctx.upstream_path = views.with_query_param(ctx.upstream_path, "clientId", namespaced)
+        ctx.ws_filter = SocketEventFilter(
+            owner=owner,
+            client_id=client_id,
+            upstream_client_id=namespaced,
+            ownership=request.app[OWNERSHIP],
+            passed_types=settings.isolation.passed_event_types,
+            admin=admin,
+        )
+
+    # -- helpers --------------------------------------------------------------------------
+    @staticmethod
+    def _replace_body(ctx: RequestContext, rewritten: dict[str, Any] | None) -> None:
+        """Forward ``rewritten`` instead of the client's body; None: answer ComfyUI's 200
+        without reaching it (nothing of the caller's to act on)."""
+        if rewritten is None:
+            raise _answer(ctx, 200)
+        ctx.body = orjson.dumps(rewritten)
+
+
+async def fetch_queue(request: web.Request) -> object:
+    """ComfyUI's ``GET /queue`` answer (who runs, who waits), fetched by the proxy itself.
+
+    Raises:
+        UpstreamUnavailable: ComfyUI is unreachable or did not answer with JSON.
+        UpstreamTimeout: ComfyUI went silent.
+    """
+    pool = request.app[POOL]
+    upstream = pool.pick()
+    try:
+        async with pool.session.get(
+            upstream.url_for("/queue"),
+            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+        ) as resp:
+            body = await resp.read()
+            status = resp.status
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise map_client_error(exc, upstream, request) from None
+    if status != 200:
+        raise UpstreamUnavailable(f"ComfyUI's queue answered {status}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable("ComfyUI's queue answer is not JSON") from None
+
+
+def _answer(ctx: RequestContext, status: int, payload: object | None = None) -> LocalAnswer:
+    """A local answer; the log line names this guard (ComfyUI never saw the request)."""
+    ctx.rejected_by = ReadGuard.name
+    return LocalAnswer(status, payload)
+
+
+def _loads(body: bytes) -> object:
+    """The JSON of an upstream answer; None (filtered to an empty view) when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _valid_ints(raw_path: str, names: Collection[str]) -> bool:
+    """Whether every present parameter of ``names`` parses as ComfyUI's ``int()`` does; if not,
+    the query goes upstream unchanged so the client gets ComfyUI's own error."""
+    return all(
+        (value := views.query_value(raw_path, name)) is None or views.parse_int(value) is not None
+        for name in names
+    )
+
+
+__all__ = ["LocalAnswer", "ReadGuard", "fetch_queue"]

@@ -1,0 +1,431 @@
+"""``SubmitGuard``: tenant isolation on what users send and fetch (``/prompt``, uploads, ``/view``).
+
+Runs after the role guard on the rules ``prompt``, ``upload`` and ``view``. Admins pass
+untouched (their prompts are still recorded as theirs); with ``isolation.enabled = false``
+every request passes.
+
+- ``POST /prompt``: :mod:`proxy.isolation.prompt` checks and rewrites the body; the prompt is
+  recorded as the caller's *before* it is forwarded (ComfyUI may send its events before its
+  answer) and forgotten again if ComfyUI refuses it.
+- ``POST /upload/image|mask``: the multipart body is rebuilt while it streams (the file part is
+  never buffered) so the file lands in ``input/users/<owner>/``; the stored file is recorded as
+  the caller's from ComfyUI's answer.
+- ``GET /view``: only the caller's folder, shared input folders and files recorded as the
+  caller's; anything else is a 404 that looks like a missing file. ``/view_metadata`` and the
+  ``blake3:`` asset form are admin-only.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote, urlencode
+
+import orjson
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+
+from proxy.auth.guard import read_json_body
+from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
+from proxy.isolation.files import (
+    FileScope,
+    FileTarget,
+    PathRefused,
+    clean_relative,
+    closing,
+    field_part,
+    file_part_head,
+    is_asset_hash,
+    original_ref_target,
+    safe_field_name,
+    upload_filename,
+    upload_subfolder,
+    view_target,
+)
+from proxy.isolation.namespaces import upstream_client_id
+from proxy.isolation.ownership import OwnershipStore, PromptRecord
+from proxy.isolation.prompt import (
+    NOT_JSON,
+    PromptRejected,
+    check_graph,
+    client_id_of,
+    dump_body,
+    parse_body,
+    requested_prompt_id,
+    rewrite_submission,
+)
+from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
+
+ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
+
+FIELD_LIMIT = 64 * 1024
+"""Largest non-file form field read (ComfyUI's fields are short: type, subfolder, original_ref)."""
+MAX_FIELDS = 64
+CHUNK = 256 * 1024
+FILE_FIELD = "image"
+"""The form field ComfyUI reads the uploaded file from."""
+REWRITTEN_FIELDS = frozenset({"type", "subfolder"})
+"""Set by the proxy (the client's values are checked, then replaced)."""
+_PART_HEADERS_KEPT = (hdrs.CONTENT_TYPE, hdrs.CONTENT_TRANSFER_ENCODING, hdrs.CONTENT_ENCODING)
+
+
+class HiddenNotFound(NotFound):
+    """A file the caller may not see: answered like ComfyUI's 404 for a missing file.
+
+    ``empty_body`` asks ``chain`` to send no body (ComfyUI's own 404 is empty), so the answer
+    does not tell a hidden file from a missing one.
+    """
+
+    error_type = "not_found"
+    empty_body = True
+
+    def __init__(self) -> None:
+        super().__init__("Not Found")
+
+
+class SubmitGuard:
+    """Isolation of ``POST /prompt``, ``POST /upload/*`` and ``GET /view`` (see module doc)."""
+
+    name = "isolation"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        settings = request.app[SETTINGS]
+        principal = ctx.principal
+        if not settings.isolation.enabled or principal is None:
+            return
+        admin = principal.is_admin(settings.roles)
+        scope = FileScope(principal.comfy_user, settings.isolation.shared_input_folders)
+        store = request.app[OWNERSHIP]
+        rule = ctx.rule.name
+        if rule == "prompt" and request.method == hdrs.METH_POST:
+            if admin:
+                await _record_admin_prompt(request, ctx, store, scope.owner)
+                return
+            await _submit_prompt(request, ctx, store, scope)
+        elif admin:
+            return
+        elif rule == "upload" and request.method == hdrs.METH_POST:
+            await _rewrite_upload(request, ctx, store, scope)
+        elif rule == "view":
+            await _check_view(request, ctx, store, scope)
+
+
+async def _owned(store: OwnershipStore, ref: tuple[str, str, str] | None, owner: str) -> bool:
+    return ref is not None and await store.file_owner(ref) == owner
+
+
+# -- POST /prompt ------------------------------------------------------------------------------
+
+
+async def _submit_prompt(
+    request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
+) -> None:
+    await read_json_body(request, ctx)  # reads and keeps ctx.body (size-limited)
+    parsed = parse_body(ctx.body or b"", request.charset)
+    if parsed is NOT_JSON or not isinstance(parsed.value, dict):
+        return  # ComfyUI cannot read it either (400/500); nothing can run
+    body = parsed.value
+    graph, violations = check_graph(body.get("prompt"), scope)
+    violations = [v for v in violations if not await _owned(store, v.ref, scope.owner)]
+    if violations:
+        raise PromptRejected(violations)
+    settings = request.app[SETTINGS]
+    requested = requested_prompt_id(body)
+    # SECURITY: a known id is refused whoever owns it; ComfyUI would overwrite that history
+    # entry (and its outputs' attribution), and the answer must not say whose it is.
+    if requested is not None and await store.prompt(requested) is not None:
+        raise _taken()
+    prompt_id = requested or str(uuid.uuid4())
+    client_id = upstream_client_id(scope.owner, client_id_of(body))
+    roles = settings.roles
+    principal = ctx.principal
+    may_prioritise = principal is not None and any(
+        roles[r].priority for r in principal.roles if r in roles
+    )
+    rewritten = rewrite_submission(
+        body,
+        prompt=graph,
+        prompt_id=prompt_id,
+        client_id=client_id,
+        may_prioritise=may_prioritise,
+    )
+    record = PromptRecord(
+        prompt_id=prompt_id,
+        owner=scope.owner,
+        upstream=request.app[POOL].pick().name,
+        client_id=client_id,
+        created_at=time.time(),
+    )
+    # Recorded before forwarding: ComfyUI may emit this prompt's events before it answers.
+    if not await store.record_prompt(record):
+        raise _taken()  # another request recorded the same id in the meantime
+    ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
+    ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
+    ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+
+
+async def _record_admin_prompt(
+    request: web.Request, ctx: RequestContext, store: OwnershipStore, owner: str
+) -> None:
+    """An admin's prompt: only its client id namespaced (the WebSocket relay namespaces every
+    socket's, admins' too) and an id minted when it has none; then recorded as the admin's."""
+    await read_json_body(request, ctx)
+    parsed = parse_body(ctx.body or b"", request.charset)
+    if parsed is NOT_JSON or not isinstance(parsed.value, dict):
+        return
+    body = parsed.value
+    prompt_id = body.get("prompt_id")
+    if not isinstance(prompt_id, str) or not prompt_id:
+        prompt_id = str(uuid.uuid4())
+    client_id = upstream_client_id(owner, client_id_of(body))
+    rewritten = {**body, "prompt_id": prompt_id, "client_id": client_id}
+    ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
+    ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
+    record = PromptRecord(
+        prompt_id=prompt_id,
+        owner=owner,
+        upstream=request.app[POOL].pick().name,
+        client_id=client_id,
+        created_at=time.time(),
+    )
+    if await store.record_prompt(record):
+        ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+
+
+def _taken() -> BadRequest:
+    return BadRequest(
+        "prompt_id is already in use; omit it to get a new one", error_type="prompt_id_taken"
+    )
+
+
+def _forget_if_refused(
+    store: OwnershipStore, prompt_id: str, previous: ResponseRewrite | None
+) -> ResponseRewrite:
+    async def rewrite(status: int, body: bytes) -> bytes:
+        if previous is not None:
+            body = await previous(status, body)
+        if status != 200:
+            await store.forget_prompt(prompt_id)  # not queued: the id is free again
+        return body
+
+    return rewrite
+
+
+# -- GET /view ---------------------------------------------------------------------------------
+
+
+async def _check_view(
+    request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
+) -> None:
+    if ctx.path != "/view":
+        raise Forbidden("model metadata is for admins", error_type="forbidden_role")
+    query = request.query
+    for key in ("filename", "subfolder", "type"):
+        if len(query.getall(key, ())) > 1:
+            raise BadRequest(f"{key} given more than once", error_type="invalid_path")
+    filename = query.get("filename")
+    if filename is None:
+        raise HiddenNotFound()  # ComfyUI: 404
+    if is_asset_hash(filename):
+        # SECURITY: newer ComfyUI serves any asset by hash, whoever stored it.
+        raise Forbidden("files by asset hash are for admins", error_type="forbidden_role")
+    try:
+        target = view_target(filename, query.get("type"), query.get("subfolder"))
+    except PathRefused as exc:
+        raise BadRequest(f"invalid file path: {exc}", error_type="invalid_path") from None
+    if not scope.may_read(target.kind, target.folder) and not await _owned(
+        store, target.ref, scope.owner
+    ):
+        raise HiddenNotFound()
+    # SECURITY: ComfyUI gets the query as the proxy parsed it, re-encoded: no second parser
+    # may read a different filename or subfolder out of the same bytes.
+    path = ctx.upstream_path.partition("?")[0]
+    ctx.upstream_path = f"{path}?{urlencode(list(query.items()), quote_via=quote, safe='')}"
+
+
+# -- POST /upload/image, /upload/mask ----------------------------------------------------------
+
+
+async def _rewrite_upload(
+    request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
+) -> None:
+    if request.content_type != "multipart/form-data":
+        raise BadRequest("uploads must be multipart/form-data", error_type="bad_upload")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError):
+        raise BadRequest("malformed multipart body", error_type="bad_upload") from None
+    upload = _UploadRewrite(ctx, store, scope, mask=ctx.path == "/upload/mask")
+    await upload.read_head(reader)  # refusals in fields before the file: nothing sent yet
+    ctx.body_stream = upload.stream(reader)
+    ctx.upstream_headers[hdrs.CONTENT_TYPE] = f"multipart/form-data; boundary={upload.boundary}"
+    ctx.rewrite_response = _record_upload(store, scope, ctx.rewrite_response)
+
+
+class _UploadRewrite:
+    """Rebuilds an upload's multipart body: fields checked, ``type``/``subfolder`` replaced.
+
+    Fields before the file part are read (small, bounded) before anything is forwarded. Fields
+    after it (the stock UI sends ``image`` first) are checked while streaming: a refusal then
+    aborts the upstream request mid-body, so ComfyUI, which reads the whole form before doing
+    anything, stores nothing.
+    """
+
+    def __init__(
+        self, ctx: RequestContext, store: OwnershipStore, scope: FileScope, *, mask: bool
+    ) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.scope = scope
+        self.mask = mask
+        self.boundary = f"comfygate-{uuid.uuid4().hex}"
+        self.subfolder: str | None = None
+        self.fields = 0
+        self.head = bytearray()
+        self.file_part: BodyPartReader | None = None
+        self.file_name = ""
+
+    async def read_head(self, reader: MultipartReader) -> None:
+        """Read and check the parts before the file part."""
+        while (part := await _next_part(reader)) is not None:
+            if part.name == FILE_FIELD:
+                self._take_file(part)
+                return
+            self.head += await self._field(part)
+
+    async def stream(self, reader: MultipartReader) -> AsyncIterator[bytes]:
+        """The rewritten body, streamed; raises a Rejection on a late bad field."""
+        try:
+            yield bytes(self.head)
+            if self.file_part is not None:
+                yield file_part_head(
+                    self.boundary,
+                    FILE_FIELD,
+                    self.file_name,
+                    [(k, v) for k in _PART_HEADERS_KEPT if (v := self.file_part.headers.get(k))],
+                )
+                while chunk := await self.file_part.read_chunk(CHUNK):
+                    self.ctx.bytes_in += len(chunk)
+                    yield chunk
+                yield b"\r\n"
+            tail = bytearray()
+            while (part := await _next_part(reader)) is not None:
+                if part.name == FILE_FIELD:
+                    raise BadRequest("one file per upload", error_type="bad_upload")
+                tail += await self._field(part)
+            subfolder = upload_subfolder(self.scope, self.subfolder or "")
+            tail += field_part(self.boundary, "type", "input")
+            tail += field_part(self.boundary, "subfolder", subfolder)
+            yield bytes(tail) + closing(self.boundary)
+        except ProxyError:
+            self.ctx.rejected_by = SubmitGuard.name
+            raise
+
+    def _take_file(self, part: BodyPartReader) -> None:
+        try:
+            self.file_name = upload_filename(part.filename or "")
+        except PathRefused as exc:
+            raise BadRequest(f"invalid file name: {exc}", error_type="invalid_path") from None
+        self.file_part = part
+
+    async def _field(self, part: BodyPartReader) -> bytes:
+        """Check one non-file part; the bytes to forward for it (none for replaced ones)."""
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            raise BadRequest("too many form fields", error_type="bad_upload")
+        name = part.name
+        if name is None or not safe_field_name(name):
+            raise BadRequest("form field without a usable name", error_type="bad_upload")
+        if part.filename is not None:
+            return b""  # a file in another field: ComfyUI would ignore it
+        value = await _read_field(part)
+        if name == "type":
+            if value != "input":
+                raise Forbidden(
+                    "uploads go to your input folder; type must be input",
+                    error_type="upload_type_forbidden",
+                )
+            return b""
+        if name == "subfolder":
+            try:
+                upload_subfolder(self.scope, value)
+            except PathRefused as exc:
+                raise BadRequest(f"invalid subfolder: {exc}", error_type="invalid_path") from None
+            if self.subfolder is None:
+                self.subfolder = value  # ComfyUI reads the first one
+            return b""
+        if name == "original_ref":
+            if not self.mask:
+                return b""  # only /upload/mask reads it
+            await self._check_original_ref(value)
+        return field_part(self.boundary, name, value)
+
+    async def _check_original_ref(self, raw: str) -> None:
+        try:
+            target: FileTarget = original_ref_target(raw)
+        except PathRefused as exc:
+            raise BadRequest(f"invalid original_ref: {exc}", error_type="invalid_path") from None
+        if self.scope.may_read(target.kind, target.folder):
+            return
+        if await _owned(self.store, target.ref, self.scope.owner):
+            return
+        raise Forbidden(
+            "original_ref must be one of your files", error_type="original_ref_forbidden"
+        )
+
+
+async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
+    try:
+        part = await reader.next()
+    except (ValueError, RuntimeError, AssertionError):
+        raise BadRequest("malformed multipart body", error_type="bad_upload") from None
+    if part is not None and not isinstance(part, BodyPartReader):
+        raise BadRequest("nested multipart is not accepted", error_type="bad_upload")
+    return part
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    """A text field's value, decoded as ComfyUI's ``request.post()`` would."""
+    raw = bytearray()
+    while chunk := await part.read_chunk(8192):
+        raw += chunk
+        if len(raw) > FIELD_LIMIT:
+            raise PayloadTooLarge(f"form field {part.name!r} is over {FIELD_LIMIT} bytes")
+    try:
+        data = bytes(part.decode(bytes(raw)))
+        content_type = part.headers.get(hdrs.CONTENT_TYPE)
+        charset = "utf-8"
+        if content_type is None or content_type.startswith("text/"):
+            charset = part.get_charset(default="utf-8")
+        return data.decode(charset)
+    except (LookupError, ValueError, RuntimeError):
+        raise BadRequest(f"form field {part.name!r} is not text", error_type="bad_upload") from None
+
+
+def _record_upload(
+    store: OwnershipStore, scope: FileScope, previous: ResponseRewrite | None
+) -> ResponseRewrite:
+    """Record the stored file (``{"name", "subfolder", "type"}``) as the caller's."""
+
+    async def rewrite(status: int, body: bytes) -> bytes:
+        if previous is not None:
+            body = await previous(status, body)
+        if status != 200:
+            return body
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(answer, dict):
+            return body
+        name, subfolder = answer.get("name"), answer.get("subfolder", "")
+        if isinstance(name, str) and isinstance(subfolder, str):
+            try:
+                folder = clean_relative(subfolder)
+            except PathRefused:
+                return body
+            if answer.get("type", "input") == "input" and scope.owns(folder):
+                await store.record_files(scope.owner, [("input", folder, name)])
+        return body
+
+    return rewrite

@@ -1,0 +1,329 @@
+"""Each user's view of ComfyUI's shared queue, history and jobs: pure JSON filters.
+
+Nothing here touches aiohttp or the ownership store: the guard (``read_guard.py``) looks up
+which prompt ids the caller owns and hands them in as a set, so every function is a plain,
+table-testable transformation. Shapes follow the protocol doc (2.2 queue, 2.3 history, 2.4
+jobs); answers that do not have the expected shape fail closed (empty views), never open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from typing import Any
+from urllib.parse import quote, unquote_plus
+
+from proxy.isolation.ownership import FileRef
+
+FILE_TYPES = frozenset({"output", "temp", "input"})
+"""The ``type`` values ``/view`` accepts (protocol doc 2.5)."""
+EMPTY_QUEUE: dict[str, list[Any]] = {"queue_running": [], "queue_pending": []}
+
+
+# -- query strings (byte-exact editing of a raw path + query) -------------------------------
+
+
+def _query_parts(raw_path: str) -> tuple[str, list[str]]:
+    path, sep, query = raw_path.partition("?")
+    return path, (query.split("&") if sep and query else [])
+
+
+def _part_key(part: str) -> str:
+    """The decoded name of one ``name=value`` part, as aiohttp/yarl decode it."""
+    return unquote_plus(part.split("=", 1)[0])
+
+
+def query_value(raw_path: str, name: str) -> str | None:
+    """The first decoded value of ``name`` (what ComfyUI's ``rel_url.query.get`` returns)."""
+    for part in _query_parts(raw_path)[1]:
+        if _part_key(part) == name:
+            return unquote_plus(part.split("=", 1)[1]) if "=" in part else ""
+    return None
+
+
+def without_query_params(raw_path: str, names: Collection[str]) -> str:
+    """``raw_path`` without any parameter whose decoded name is in ``names``; every other byte
+    (path, order, encoding of the other parameters) is kept."""
+    path, parts = _query_parts(raw_path)
+    if not parts:
+        return raw_path
+    kept = [p for p in parts if _part_key(p) not in names]
+    if len(kept) == len(parts):
+        return raw_path
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def with_query_param(raw_path: str, name: str, value: str) -> str:
+    """``raw_path`` with ``name`` set to ``value``: the first occurrence is replaced in place,
+    later ones are dropped (so nothing downstream can read a different one), and the parameter
+    is appended when absent. Other parameters stay byte-exact."""
+    path, parts = _query_parts(raw_path)
+    encoded = f"{quote(name, safe='')}={quote(value, safe='')}"
+    out: list[str] = []
+    placed = False
+    for part in parts:
+        if _part_key(part) != name:
+            out.append(part)
+        elif not placed:
+            out.append(encoded)
+            placed = True
+    if not placed:
+        out.append(encoded)
+    return f"{path}?{'&'.join(out)}"
+
+
+def parse_int(value: str | None) -> int | None:
+    """``int(value)`` as ComfyUI parses its query parameters; None when absent or not an int."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+# -- history --------------------------------------------------------------------------------
+
+
+def history_window(
+    entries: Mapping[str, Any], max_items: int | None, offset: int | None
+) -> dict[str, Any]:
+    """ComfyUI's ``PromptQueue.get_history`` paging, applied to an already filtered history.
+
+    Ported line by line, quirks included: with ``max_items`` and no (or a negative) ``offset``
+    the *last* ``max_items`` entries; with an offset, entries from there, stopping once
+    ``max_items`` are collected (checked after adding, so ``max_items <= 0`` still yields one).
+    """
+    start = -1 if offset is None else offset
+    if start < 0 and max_items is not None:
+        start = len(entries) - max_items
+    out: dict[str, Any] = {}
+    for i, key in enumerate(entries):
+        if i >= start:
+            out[key] = entries[key]
+            if max_items is not None and len(out) >= max_items:
+                break
+    return out
+
+
+def filter_history(history: object, owned: Collection[str]) -> dict[str, Any]:
+    """Only the entries of ``owned`` prompt ids, in ComfyUI's (insertion) order.
+
+    SECURITY: anything that is not a ``{prompt_id: entry}`` object yields ``{}``, which is also
+    exactly ComfyUI's answer for an unknown id, so others' ids are indistinguishable from
+    unknown ones.
+    """
+    if not isinstance(history, dict):
+        return {}
+    return {pid: entry for pid, entry in history.items() if pid in owned}
+
+
+def output_files(outputs: object) -> Iterator[FileRef]:
+    """The files an ``outputs`` object names: ``{node: {images|gifs|video|audio|...: [{filename,
+    subfolder, type}]}}`` (history entries, job details and ``executed`` events alike)."""
+    if not isinstance(outputs, dict):
+        return
+    for node_output in outputs.values():
+        yield from node_files(node_output)
+
+
+def node_files(node_output: object) -> Iterator[FileRef]:
+    """The files of one node's UI output (the ``output`` of an ``executed`` event)."""
+    if not isinstance(node_output, dict):
+        return
+    for items in node_output.values():
+        if not isinstance(items, list):
+            continue  # e.g. "animated": [true], "text": ["..."] hold no file dicts
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            name = item.get("filename")
+            kind = item.get("type", "output")
+            subfolder = item.get("subfolder", "")
+            if isinstance(name, str) and name and kind in FILE_TYPES and isinstance(subfolder, str):
+                yield (kind, subfolder, name)
+
+
+def history_files(history: Mapping[str, Any]) -> Iterator[tuple[str, list[FileRef]]]:
+    """``(prompt_id, files)`` for each entry of a (filtered) history that names files."""
+    for pid, entry in history.items():
+        if isinstance(entry, dict):
+            files = list(output_files(entry.get("outputs")))
+            if files:
+                yield pid, files
+
+
+def history_delete_body(
+    body: Mapping[str, Any], owned: Collection[str]
+) -> dict[str, list[str]] | None:
+    """``POST /history`` for a tenant: ``delete`` keeps only ``owned`` ids, ``clear`` becomes a
+    ``delete`` of every owned id. None when nothing is left to do (a no-op answered locally)."""
+    wanted = _own_ids(body.get("delete"), owned)
+    if body.get("clear"):
+        wanted = _dedupe([*wanted, *sorted(owned)])
+    return {"delete": wanted} if wanted else None
+
+
+# -- queue ----------------------------------------------------------------------------------
+
+
+def placeholder_id(key: bytes, prompt_id: str) -> str:
+    """A stable opaque UUID standing in for someone else's prompt id.
+
+    SECURITY: a keyed HMAC, so it is the same on every poll (the UI keeps its list stable) but
+    cannot be reversed or matched against a known prompt id without the key.
+    """
+    digest = hmac.new(key, prompt_id.encode(), hashlib.sha256).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def redact_item(item: object, key: bytes) -> list[Any]:
+    """Someone else's queue item as a placeholder: ``[number, <opaque id>, {}, {}, []]``.
+
+    The 5-element shape and the number (priority) stay, so the stock UI still renders the
+    queue's length and positions; prompt, workflow, client id and extra data do not.
+    """
+    number: Any = 0
+    real_id = ""
+    if isinstance(item, list) and item:
+        number = item[0] if isinstance(item[0], (int, float)) else 0
+        real_id = str(item[1]) if len(item) > 1 else ""
+    return [number, placeholder_id(key, real_id), {}, {}, []]
+
+
+def _item_id(item: object) -> str | None:
+    if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str):
+        return item[1]
+    return None
+
+
+def redact_queue(queue: object, owned: Collection[str], key: bytes) -> dict[str, Any]:
+    """``GET /queue``: the caller's items in full, everyone else's as placeholders (same
+    positions, heap order kept). Other top-level keys pass unchanged."""
+    if not isinstance(queue, dict):
+        return {name: [] for name in EMPTY_QUEUE}
+    out = dict(queue)
+    for name in EMPTY_QUEUE:
+        items = queue.get(name)
+        if not isinstance(items, list):
+            out[name] = []
+            continue
+        out[name] = [item if _item_id(item) in owned else redact_item(item, key) for item in items]
+    return out
+
+
+def queue_ids(queue: object, section: str) -> list[str]:
+    """The prompt ids of ``queue_running`` or ``queue_pending`` of a ``GET /queue`` answer."""
+    items = queue.get(section) if isinstance(queue, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [pid for pid in map(_item_id, items) if pid is not None]
+
+
+def queue_delete_body(
+    body: Mapping[str, Any], owned: Collection[str], own_pending: Iterable[str]
+) -> dict[str, list[str]] | None:
+    """``POST /queue`` for a tenant: ``delete`` keeps only ``owned`` ids, ``clear`` becomes a
+    ``delete`` of the caller's pending ids. None when nothing is left to do."""
+    wanted = _own_ids(body.get("delete"), owned)
+    if body.get("clear"):
+        wanted = _dedupe([*wanted, *own_pending])
+    return {"delete": wanted} if wanted else None
+
+
+def _own_ids(ids: object, owned: Collection[str]) -> list[str]:
+    if not isinstance(ids, list):
+        return []
+    return _dedupe([i for i in ids if isinstance(i, str) and i in owned])
+
+
+def _dedupe(ids: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+def jobs_page_params(raw_path: str) -> tuple[int, int | None] | None:
+    """``(offset, limit)`` of a ``GET /api/jobs`` query when both are valid for ComfyUI (limit
+    > 0, offset >= 0, defaults 0 and None); None when ComfyUI would refuse them with 400 (the
+    query is then forwarded unchanged, so the client gets ComfyUI's own error)."""
+    raw_limit = query_value(raw_path, "limit")
+    raw_offset = query_value(raw_path, "offset")
+    limit = parse_int(raw_limit)
+    offset = parse_int(raw_offset) if raw_offset is not None else 0
+    if (raw_limit is not None and (limit is None or limit <= 0)) or offset is None or offset < 0:
+        return None
+    return offset, limit
+
+
+def filter_jobs(
+    answer: object, owned: Collection[str], offset: int, limit: int | None
+) -> dict[str, Any]:
+    """``GET /api/jobs`` for a tenant: ComfyUI's full (unpaginated) list, filtered to ``owned``
+    ids, then paginated like ComfyUI (``total`` and ``has_more`` of the caller's list)."""
+    jobs = answer.get("jobs") if isinstance(answer, dict) else None
+    mine = [
+        job
+        for job in (jobs if isinstance(jobs, list) else [])
+        if isinstance(job, dict) and job.get("id") in owned
+    ]
+    total = len(mine)
+    page = mine[offset:] if offset > 0 else mine
+    if limit is not None:
+        page = page[:limit]
+    out = dict(answer) if isinstance(answer, dict) else {}
+    out["jobs"] = page
+    out["pagination"] = {
+        "offset": offset,
+        "limit": limit,
+        "total": total,
+        "has_more": offset + len(page) < total,
+    }
+    return out
+
+
+def is_canonical_uuid(value: object) -> bool:
+    """ComfyUI's job id rule: a canonical lowercase hyphenated UUID."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def jobs_cancel_ids(ids: list[Any], owned: Collection[str]) -> list[Any]:
+    """``POST /api/jobs/cancel`` ``job_ids`` for a tenant.
+
+    Valid ids of others are dropped (ComfyUI never hears of them); ids ComfyUI would refuse as
+    malformed are kept, so the client still gets ComfyUI's own 400 ``invalid_ids`` answer.
+    An empty result means nothing of the caller's to cancel.
+    """
+    return [i for i in ids if (isinstance(i, str) and i in owned) or not is_canonical_uuid(i)]
+
+
+__all__ = [
+    "EMPTY_QUEUE",
+    "filter_history",
+    "filter_jobs",
+    "history_delete_body",
+    "history_files",
+    "history_window",
+    "is_canonical_uuid",
+    "jobs_cancel_ids",
+    "jobs_page_params",
+    "node_files",
+    "output_files",
+    "parse_int",
+    "placeholder_id",
+    "query_value",
+    "queue_delete_body",
+    "queue_ids",
+    "redact_item",
+    "redact_queue",
+    "with_query_param",
+    "without_query_params",
+]
