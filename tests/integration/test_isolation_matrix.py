@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 from PIL import Image
@@ -43,10 +44,12 @@ async def run_until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) ->
                 return events
 
 
+@pytest.mark.parametrize("state", ["memory", "redis"])
 async def test_a_runs_the_whole_flow_and_b_reaches_none_of_it(
-    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+    state: str, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, request: pytest.FixtureRequest
 ) -> None:
-    client: TestClient[Any, Any] = await make_proxy(fake_comfy.url, token=None)
+    redis_section = {"url": request.getfixturevalue("redis_url")} if state == "redis" else {}
+    client: TestClient[Any, Any] = await make_proxy(fake_comfy.url, token=None, redis=redis_section)
 
     # A uploads an image and builds a workflow on it.
     form = FormData()

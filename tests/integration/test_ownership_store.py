@@ -1,0 +1,66 @@
+"""The ownership store behaves the same in memory and in a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from proxy.isolation.ownership import (
+    MemoryOwnershipStore,
+    OwnershipStore,
+    PromptRecord,
+    RedisOwnershipStore,
+)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[OwnershipStore]:
+    if request.param == "memory":
+        yield MemoryOwnershipStore(3600)
+        return
+    url: str = request.getfixturevalue("redis_url")
+    client = redis.Redis.from_url(url)
+    yield RedisOwnershipStore(client, 3600)
+    await client.aclose()
+
+
+def record(prompt_id: str, owner: str) -> PromptRecord:
+    return PromptRecord(prompt_id, owner, "127.0.0.1:8188", f"cid-{owner}", time.time())
+
+
+async def test_prompts(store: OwnershipStore) -> None:
+    assert await store.record_prompt(record("p1", "alice"))
+    assert not await store.record_prompt(record("p1", "bob"))  # ids are never taken over
+    assert await store.record_prompt(record("p2", "alice"))
+    assert await store.record_prompt(record("p3", "bob"))
+    found = await store.prompt("p1")
+    assert found is not None
+    assert (found.owner, found.client_id) == ("alice", "cid-alice")
+    assert await store.prompts_of("alice") == {"p1", "p2"}
+    await store.forget_prompt("p1")
+    assert await store.prompt("p1") is None
+    assert await store.prompts_of("alice") == {"p2"}
+    assert await store.prompt("unknown") is None
+
+
+async def test_files(store: OwnershipStore) -> None:
+    ref = ("output", "users/alice-1", "cat_00001_.png")
+    await store.record_files("alice", [ref, ("temp", "", "ComfyUI_temp_abcde_00001_.png")])
+    assert await store.file_owner(ref) == "alice"
+    assert await store.file_owner(("temp", "", "ComfyUI_temp_abcde_00001_.png")) == "alice"
+    assert await store.file_owner(("output", "users/alice-1", "other.png")) is None
+
+
+async def test_memory_entries_expire() -> None:
+    now = [1000.0]
+    store = MemoryOwnershipStore(60, clock=lambda: now[0])
+    await store.record_prompt(record("p1", "alice"))
+    await store.record_files("alice", [("output", "", "a.png")])
+    now[0] += 61
+    assert await store.prompt("p1") is None
+    assert await store.prompts_of("alice") == set()
+    assert await store.file_owner(("output", "", "a.png")) is None
+    assert await store.record_prompt(record("p1", "bob"))  # an expired id can be used again
