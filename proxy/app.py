@@ -7,8 +7,9 @@
                                                                          |- relay_websocket
                                                                          '- the proxy's own routes
 
-Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role. The proxy's own routes
-(health, login, its static files) run no guard: they are the only public ones.
+Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role, then the isolation guard
+of the route family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws). The
+proxy's own routes (health, login, its static files) run no guard: they are the only public ones.
 """
 
 from __future__ import annotations
