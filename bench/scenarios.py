@@ -161,6 +161,7 @@ async def ws_relay(ctx: BenchContext, target: RunningTarget) -> dict[str, float]
         connections=ctx.opts.ws_connections,
         frame_size=ctx.opts.ws_frame,
         duration=ctx.opts.duration,
+        sid_map=target.spec.sid_map,
     )
     cpu = _cpu_seconds(target, ctx) - cpu0
     return {
@@ -181,6 +182,7 @@ async def ws_latency(ctx: BenchContext, target: RunningTarget) -> dict[str, floa
         frame_size=ctx.opts.ws_frame,
         rate=ctx.opts.ws_rate,
         duration=half,
+        sid_map=target.spec.sid_map,
     )
     small = await wsload.ws_frame_latency(
         ctx.control,
@@ -190,6 +192,7 @@ async def ws_latency(ctx: BenchContext, target: RunningTarget) -> dict[str, floa
         frame_size=64,
         rate=ctx.opts.ws_rate,
         duration=half,
+        sid_map=target.spec.sid_map,
     )
     return {
         "p50_us": big.p50_us,

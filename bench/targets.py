@@ -21,6 +21,8 @@ from typing import Literal
 import jwt
 
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
+from proxy.auth.principal import comfy_user_id
+from proxy.isolation.namespaces import upstream_client_id
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -71,6 +73,7 @@ class TargetSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # comfygate variants: extra settings
     headers: Mapping[str, str] = field(default_factory=dict)  # sent with every bench request
     prepare: Prepare | None = None  # e.g. log in and store a bearer token in running.headers
+    sid_map: Callable[[str], str] | None = None  # WS client id -> the id the upstream sees
     description: str = ""
 
 
@@ -93,6 +96,8 @@ def default_targets() -> list[TargetSpec]:
             "comfygate",
             env={"COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET},
             headers={"Authorization": f"Bearer {bench_token()}"},
+            # comfygate's isolation namespaces client ids per user: the fake knows them so.
+            sid_map=lambda sid: upstream_client_id(comfy_user_id("bench"), sid),
             description="comfygate serve, default settings (auth on, a bearer token per request)",
         ),
         TargetSpec("nginx", "nginx", description="nginx reference (deploy/nginx/bench.conf)"),

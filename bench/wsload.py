@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,12 +22,20 @@ from bench.loadgen import percentile
 FRAME_TYPE_PREVIEW = 1  # BinaryEventTypes.PREVIEW_IMAGE
 
 
+SidMap = Callable[[str], str]
+"""Client id -> the id the upstream sees (a proxy may namespace it)."""
+
+
 class WsClient:
     """One WebSocket through the target, counting the binary frames it receives."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, sid: str) -> None:
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, sid: str, upstream_sid: str | None = None
+    ) -> None:
         self.ws = ws
         self.sid = sid
+        self.upstream_sid = upstream_sid or sid
+        """The id the fake knows this socket by (comfygate namespaces client ids per user)."""
         self.frames = 0
         self.bytes = 0
         self.last_rx = 0.0
@@ -83,6 +91,7 @@ async def open_ws(
     headers: Mapping[str, str],
     sid: str | None = None,
     limit_s: float = 15.0,
+    sid_map: SidMap | None = None,
 ) -> WsClient:
     """Connect and wait for the upstream's first ``status`` message (proves both legs are up)."""
     sid = sid or f"bench-{uuid.uuid4().hex}"
@@ -98,7 +107,7 @@ async def open_ws(
     if msg.type != aiohttp.WSMsgType.TEXT:
         await ws.close()
         raise RuntimeError(f"expected a status message on connect, got {msg.type!r}")
-    client = WsClient(ws, sid)
+    client = WsClient(ws, sid, sid_map(sid) if sid_map is not None else None)
     client.start()
     return client
 
@@ -148,11 +157,14 @@ async def ws_relay(
     frame_size: int,
     duration: float,
     batch: int = 16,
+    sid_map: SidMap | None = None,
 ) -> RelayResult:
     """``connections`` sockets, each fed back to back in batches of ``batch`` frames until
     ``duration`` has passed; throughput = bytes received / (first request .. last frame)."""
     async with aiohttp.ClientSession() as session:
-        clients = [await open_ws(session, ws_base, headers) for _ in range(connections)]
+        clients = [
+            await open_ws(session, ws_base, headers, sid_map=sid_map) for _ in range(connections)
+        ]
         try:
             sent = [0] * connections
             start = time.perf_counter()
@@ -161,7 +173,7 @@ async def ws_relay(
             async def feed(i: int) -> None:
                 while time.perf_counter() < deadline:
                     sent[i] += await ws_stream(
-                        control, fake_base, clients[i].sid, batch, frame_size
+                        control, fake_base, clients[i].upstream_sid, batch, frame_size
                     )
 
             async with asyncio.timeout(duration + 60):
@@ -201,6 +213,7 @@ async def ws_frame_latency(
     frame_size: int,
     rate: float,
     duration: float,
+    sid_map: SidMap | None = None,
 ) -> LatencyResult:
     """Paced frames on one socket: for each, the time from asking the fake to send one frame to
     its receipt. The control request costs the same for every target, so through-proxy minus
@@ -208,7 +221,7 @@ async def ws_frame_latency(
     samples: list[float] = []
     lost = 0
     async with aiohttp.ClientSession() as session:
-        client = await open_ws(session, ws_base, headers)
+        client = await open_ws(session, ws_base, headers, sid_map=sid_map)
         try:
             n = max(5, int(rate * duration))
             period = 1.0 / rate
@@ -217,7 +230,7 @@ async def ws_frame_latency(
                 target = client.frames + 1
                 fut = client.wait_frames(target)
                 t0 = time.perf_counter()
-                await ws_stream(control, fake_base, client.sid, 1, frame_size)
+                await ws_stream(control, fake_base, client.upstream_sid, 1, frame_size)
                 try:
                     async with asyncio.timeout(5):
                         rx = await fut
