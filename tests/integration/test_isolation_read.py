@@ -12,45 +12,24 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-import proxy.app
 from proxy.auth.principal import comfy_user_id
-from proxy.chain import Guard
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import PromptRecord
-from proxy.isolation.read_guard import ReadGuard
-from proxy.settings import Settings
 from proxy.state import OWNERSHIP, POOL
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 
 Client = TestClient[Any, Any]
-ISOLATED_RULES = ("history", "queue", "jobs", "interrupt", "ws")
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 _colors = itertools.count(0x100000, 7919)  # a new graph every time: nothing is cached
-
-
-@pytest.fixture(autouse=True)
-def wire_read_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run ReadGuard after the role guard on its rules, unless the app already does."""
-    original = proxy.app.build_guards
-
-    def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
-        guards = dict(original(settings))
-        for name in ISOLATED_RULES:
-            chain = tuple(guards[name])
-            if not any(isinstance(g, ReadGuard) for g in chain):
-                guards[name] = (*chain, ReadGuard())
-        return guards
-
-    monkeypatch.setattr(proxy.app, "build_guards", build_guards)
 
 
 def auth(subject: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:

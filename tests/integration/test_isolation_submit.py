@@ -11,7 +11,7 @@ import itertools
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +19,16 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-import proxy.app
 from proxy.auth.principal import comfy_user_id
-from proxy.chain import Guard
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.submit_guard import SubmitGuard
-from proxy.settings import Settings
 from proxy.state import OWNERSHIP
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid
 
 Client = TestClient[Any, Any]
-ISOLATED_RULES = ("prompt", "upload", "view")
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 _colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached
-
-
-@pytest.fixture(autouse=True)
-def wire_submit_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run SubmitGuard after the role guard on its rules, unless the app already does."""
-    original = proxy.app.build_guards
-
-    def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
-        guards = dict(original(settings))
-        for name in ISOLATED_RULES:
-            chain = tuple(guards[name])
-            if not any(isinstance(g, SubmitGuard) for g in chain):
-                guards[name] = (*chain, SubmitGuard())
-        return guards
-
-    monkeypatch.setattr(proxy.app, "build_guards", build_guards)
 
 
 def auth(subject: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
