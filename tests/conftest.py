@@ -76,6 +76,11 @@ def make_token(subject: str = "admin", roles: tuple[str, ...] = ("admin",), **cl
     return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
 
 
+def bearer(subject: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
+    """Request headers of an API client authenticated as ``subject``."""
+    return {"Authorization": f"Bearer {make_token(subject, roles)}"}
+
+
 def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
     """Settings from defaults + the given sections, ignoring the developer's environment.
 
@@ -121,3 +126,9 @@ def make_proxy(aiohttp_client: AiohttpClient) -> ProxyFactory:
 async def proxy(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> TestClient[Any, Any]:
     """The proxy on default settings in front of ``fake_comfy``."""
     return await make_proxy(fake_comfy.url)
+
+
+@pytest.fixture
+async def anonymous_proxy(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> Any:
+    """The proxy without default credentials: every request says who it is (see bearer())."""
+    return await make_proxy(fake_comfy.url, token=None)

@@ -17,12 +17,10 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from tests.conftest import ProxyFactory, make_token
+from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 
-A = {"Authorization": f"Bearer {make_token('alice', ('user',))}"}
-B = {"Authorization": f"Bearer {make_token('bob', ('user',))}"}
-ADMIN = {"Authorization": f"Bearer {make_token('root', ('admin',))}"}
+A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("root", ("admin",))
 
 
 def png() -> bytes:

@@ -23,7 +23,7 @@ from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import PromptRecord
 from proxy.state import OWNERSHIP, POOL
-from tests.conftest import ProxyFactory, make_token
+from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 
@@ -32,18 +32,12 @@ ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 _colors = itertools.count(0x100000, 7919)  # a new graph every time: nothing is cached
 
 
-def auth(subject: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_token(subject, roles)}"}
-
-
-A, B, ADMIN = auth("alice"), auth("bob"), auth("admin", ("admin",))
+A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("admin", ("admin",))
 
 
 @pytest.fixture
-async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> Client:
-    """The proxy without default credentials: every request says who it is."""
-    c: Client = await make_proxy(fake_comfy.url, token=None)
-    return c
+def client(anonymous_proxy: Client) -> Client:
+    return anonymous_proxy
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.state import OWNERSHIP
-from tests.conftest import ProxyFactory, make_token
+from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid
 
@@ -31,18 +31,12 @@ ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 _colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached
 
 
-def auth(subject: str, roles: tuple[str, ...] = ("user",)) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_token(subject, roles)}"}
-
-
-A, B, ADMIN = auth("alice"), auth("bob"), auth("admin", ("admin",))
+A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("admin", ("admin",))
 
 
 @pytest.fixture
-async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI) -> Client:
-    """The proxy without default credentials: every request says who it is."""
-    c: Client = await make_proxy(fake_comfy.url, token=None)
-    return c
+def client(anonymous_proxy: Client) -> Client:
+    return anonymous_proxy
 
 
 def save_graph(prefix: str = "ComfyUI") -> dict[str, Any]:
@@ -222,7 +216,7 @@ async def test_priority_kept_for_a_priority_role(
         roles={"vip": {"priority": True}, "user": {}, "admin": {"admin": True}},
     )
     async with c.post(
-        "/prompt", json={"prompt": save_graph(), "front": True}, headers=auth("carol", ("vip",))
+        "/prompt", json={"prompt": save_graph(), "front": True}, headers=bearer("carol", ("vip",))
     ) as resp:
         assert resp.status == 200
     [sent] = prompt_posts(fake_comfy)
