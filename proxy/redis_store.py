@@ -17,6 +17,10 @@ from proxy.state import REDIS, SETTINGS
 
 log = structlog.get_logger("comfygate.redis")
 
+RedisClient = redis.Redis | redis.RedisCluster
+"""Any client the proxy may hold: standalone/Sentinel-managed (``Redis``) or ``RedisCluster``.
+Code that runs against it uses single-key commands (or keys sharing a hash tag) only."""
+
 PING_TIMEOUT_SECONDS = 1.0
 
 

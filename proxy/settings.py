@@ -35,6 +35,7 @@ from yarl import URL
 
 from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, RoleSettings, check_role_references
 from proxy.errors import SettingsError
+from proxy.limits.settings import RateLimitSettings
 
 ENV_PREFIX = "COMFYGATE_"
 CONFIG_ENV = "COMFYGATE_CONFIG"
@@ -198,6 +199,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     auth: AuthSettings = AuthSettings()
     isolation: IsolationSettings = IsolationSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")

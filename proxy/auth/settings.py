@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from proxy.limits.settings import UNLIMITED_LIMIT, Limit, RouteClass
+
 ALGORITHMS = frozenset(
     {
         "HS256", "HS384", "HS512",
@@ -139,12 +141,30 @@ class RoleSettings(_Section):
     """May queue prompts (false: read-only viewer)."""
     priority: bool = False
     """May use ``front``/``number`` to jump the queue."""
+    rate_limits: dict[RouteClass, Limit] = {}
+    """Per-class limits overriding ``[rate_limits.default]`` (``rate = "unlimited"`` lifts one).
+    A principal with several roles gets, per class, the most generous of them."""
+    queue_quota: int | None = Field(default=None, ge=0)
+    """Unfinished prompts a user of this role may have (0 = unlimited); unset: the
+    ``[rate_limits] queue_quota``."""
 
+
+_ALL_UNLIMITED: dict[RouteClass, Limit] = {
+    c: UNLIMITED_LIMIT for c in ("submit", "read", "view", "upload", "ws_connect", "login")
+}
 
 DEFAULT_ROLES: dict[str, RoleSettings] = {
     "viewer": RoleSettings(submit=False),
     "user": RoleSettings(),
-    "admin": RoleSettings(admin=True, priority=True),
+    "power": RoleSettings(
+        rate_limits={
+            "submit": Limit(rate="120/minute", burst=30),
+            "read": Limit(rate="50/second", burst=200),
+            "upload": Limit(rate="300/minute", burst=60),
+        },
+        queue_quota=50,
+    ),
+    "admin": RoleSettings(admin=True, priority=True, rate_limits=_ALL_UNLIMITED, queue_quota=0),
 }
 
 

@@ -79,3 +79,50 @@ class Metrics:
             "Clients closed with 1013 because their event queue overflowed.",
             registry=r,
         )
+        # -- limits (rate limits, queue quotas) and their Redis ------------------------------
+        self.ratelimit_decisions = Counter(
+            "comfygate_ratelimit_decisions",
+            "Rate-limit checks, by route class and outcome "
+            "(allowed, limited, failed_open, failed_closed, unlimited).",
+            ("route_class", "outcome"),
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "comfygate_queue_quota_refusals",
+            "Submissions refused for queue quotas, by reason (user_quota, upstream_cap).",
+            ("reason",),
+            registry=r,
+        )
+        self.queue_quota_in_use = Gauge(
+            "comfygate_queue_quota_tracked_prompts",
+            "Unfinished prompts the proxy counts against quotas, by upstream (this process's "
+            "last reconciliation).",
+            ("upstream",),
+            registry=r,
+        )
+        self.redis_duration = Histogram(
+            "comfygate_redis_command_duration_seconds",
+            "Redis round trips made on the request path, by operation.",
+            ("op",),
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "comfygate_redis_errors",
+            "Redis operations that failed, by operation and kind (timeout, connection, error, "
+            "breaker_open).",
+            ("op", "kind"),
+            registry=r,
+        )
+        self.redis_breaker_state = Gauge(
+            "comfygate_redis_breaker_state",
+            "Circuit breaker in front of Redis: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        # -- workflow policy ----------------------------------------------------------------
+        self.policy_refusals = Counter(
+            "comfygate_policy_refusals",
+            "Workflow violations refused by the policy, by violation type.",
+            ("reason",),
+            registry=r,
+        )
