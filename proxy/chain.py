@@ -70,7 +70,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         raise
     except BaseException:
-        status = CLIENT_CLOSED_REQUEST  # cancelled: the client went away mid-request
+        # Cancelled: the client went away mid-request; a relayed WebSocket ends that way after
+        # its upgrade, which is what its status says.
+        status = 101 if ctx.upgraded else CLIENT_CLOSED_REQUEST
         raise
     finally:
         _finish(request, ctx, status)
@@ -109,12 +111,8 @@ def _resolve_rule(request: web.Request, ctx: RequestContext, base_path: str) -> 
 
 def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
     duration = time.perf_counter() - ctx.started
-    metrics = request.app[METRICS]
     rule = ctx.rule.name
-    metrics.requests.labels(rule, request.method, str(status)).inc()
-    metrics.request_duration.labels(rule).observe(duration)
-    if ctx.upstream:
-        metrics.upstream_duration.labels(ctx.upstream).observe(ctx.upstream_seconds)
+    request.app[METRICS].request_finished(request, ctx, status, duration)
     if not request.app[SETTINGS].logging.access_log:
         return
     log.info(
@@ -144,14 +142,17 @@ def error_body(
     extra: Mapping[str, Any] | None = None,
     comfy_prompt: bool = False,
     node_errors: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``."""
+    """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``;
+    ``fields`` adds members to the ``error`` object (e.g. ``retry_after``)."""
     body: dict[str, Any] = {
         "error": {
             "type": error_type,
             "message": message,
             "details": details,
             "extra_info": dict(extra or {}),
+            **(fields or {}),
         }
     }
     if comfy_prompt:
@@ -169,6 +170,7 @@ def json_error(
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
     node_errors: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> web.Response:
     return web.Response(
         status=status,
@@ -179,6 +181,7 @@ def json_error(
             extra=extra,
             comfy_prompt=comfy_prompt,
             node_errors=node_errors,
+            fields=fields,
         ),
         content_type="application/json",
         headers=headers,
@@ -244,6 +247,7 @@ def _render(
         headers=exc.headers,
         comfy_prompt=ctx.rule.name == "prompt",
         node_errors=exc.node_errors,
+        fields=exc.fields,
     )
 
 

@@ -55,6 +55,8 @@ class ProxyError(Exception):
         self.details = details
         self.headers = headers or {}
         self.extra = extra or {}
+        self.fields: dict[str, Any] = {}
+        """More members of the body's ``error`` object (e.g. ``retry_after``)."""
 
 
 class Rejection(ProxyError):
@@ -87,8 +89,17 @@ class PayloadTooLarge(Rejection):
 
 
 class RateLimited(Rejection):
+    """429: over a rate limit or a quota. ``retry_after`` (whole seconds, rounded up by the
+    caller) becomes the ``Retry-After`` header and ``error.retry_after`` in the body."""
+
     status = 429
     error_type = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = max(1, retry_after)
+        self.headers.setdefault("Retry-After", str(self.retry_after))
+        self.fields = {**self.fields, "retry_after": self.retry_after}
 
 
 class ServiceUnavailable(Rejection):

@@ -21,12 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-import redis.asyncio as redis
-
 from proxy.auth.revocation import RedisRevocationList, RevocationUnavailable
 from proxy.auth.tokens import issue_token
 from proxy.auth.users import UsersFile, UsersFileError, validate_password, validate_username
 from proxy.observability.logging import configure_logging
+from proxy.redis_store import connect
 from proxy.settings import Settings
 
 DEFAULT_ROLE = "user"
@@ -101,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
     revoke = token_sub.add_parser(
-        "revoke", help="revoke a token by its jti (needs redis.url: shared with the proxy)"
+        "revoke", help="revoke a token by its jti (needs the proxy's Redis: [redis] settings)"
     )
     _config_arg(revoke)
     revoke.add_argument("jti", help="the token id printed by `token create`")
@@ -256,9 +255,11 @@ def _token(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
 
 
 async def _revoke(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
-    if not settings.redis.url:
+    connection = connect(settings.redis)
+    if connection is None:
         raise CliError(
-            "no redis.url configured: without Redis, revocations live only in the memory of a "
+            "no Redis configured (redis.url, redis.sentinels or redis.cluster_nodes): without "
+            "Redis, revocations live only in the memory of a "
             "running proxy and cannot be added from here (configure Redis, or restart the proxy "
             "with a new auth.jwt.secret to invalidate every token)",
             2,
@@ -270,15 +271,14 @@ async def _revoke(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
         until = now + settings.auth.jwt.max_lifetime_seconds
     else:
         until = now + DEFAULT_REVOKE_SECONDS
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=5.0)
     try:
-        await RedisRevocationList(client).revoke(args.jti, until)
+        await RedisRevocationList(connection.client).revoke(args.jti, until)
     except ValueError as exc:
         raise CliError(str(exc), 2) from None
     except RevocationUnavailable as exc:
-        raise CliError(f"{exc.message} (is Redis at redis.url reachable?)") from None
+        raise CliError(f"{exc.message} (is the configured Redis reachable?)") from None
     finally:
-        await client.aclose()
+        await connection.close()
     print(
         f"revoked {args.jti} until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(until))} UTC",
         file=io.err,

@@ -8,15 +8,18 @@ map from each principal's ``comfy_user`` name to the id ComfyUI chose: in Redis 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
-import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs
 
 from proxy.errors import UpstreamUnavailable
 from proxy.upstream.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.redis_store import RedisClient
 
 log = structlog.get_logger("comfygate.comfy_users")
 KEY_PREFIX = "comfygate:comfy_user:"
@@ -25,7 +28,7 @@ KEY_PREFIX = "comfygate:comfy_user:"
 class ComfyUserDirectory:
     """``comfy_user`` name -> ComfyUI user id on the upstream, creating the user once."""
 
-    def __init__(self, pool: UpstreamPool, client: redis.Redis | None) -> None:
+    def __init__(self, pool: UpstreamPool, client: RedisClient | None) -> None:
         self._pool = pool
         self._redis = client
         self._ids: dict[str, str] = {}

@@ -46,7 +46,9 @@ from proxy.auth.settings import AuthSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UsersFile
-from proxy.errors import ServiceUnavailable
+from proxy.chain import json_error
+from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
 from proxy.settings import ServerSettings
 from proxy.state import CONTEXT, LIFECYCLE, SETTINGS
@@ -117,6 +119,9 @@ class LoginPage:
         method: Literal["password", "token"] = "token" if "token" in form else "password"
         username = _field(form, "username").strip() if method == "password" else ""
         ip = client_ip(request)
+        refused = await self._rate_limited(request, next_path, method, username)
+        if refused is not None:
+            return refused
         if not self._csrf_ok(request, form):
             _log_failure(username, ip, method, "csrf_failed")
             return self._page(
@@ -218,6 +223,48 @@ class LoginPage:
             await lifecycle.close_relays(session.session_id, reason="signed out")
         log.info("logout", user=session.subject, client=ip)
         return response
+
+    async def _rate_limited(
+        self,
+        request: web.Request,
+        next_path: str,
+        method: Literal["password", "token"],
+        username: str,
+    ) -> web.Response | None:
+        """The ``login`` rate limit (per client IP; every POST counts, whatever its outcome,
+        unlike the failure throttle): 429 (the page, or JSON for an API client), 503 when it
+        cannot be checked; None to go ahead."""
+        try:
+            await limit_login(request)
+        except RateLimited as exc:
+            _log_failure(username, client_ip(request), method, "rate_limited")
+            if _wants_json(request):
+                return json_error(
+                    exc.status, exc.error_type, exc.message, headers=exc.headers, fields=exc.fields
+                )
+            wait = exc.retry_after
+            return self._page(
+                request,
+                status=exc.status,
+                error=f"Too many sign-in attempts. Try again in {wait} second"
+                f"{'s' if wait != 1 else ''}.",
+                next_path=next_path,
+                method=method,
+                username=username,
+                headers=exc.headers,
+            )
+        except ServiceUnavailable as exc:
+            log.warning("login_unavailable", client=client_ip(request), error=exc.error_type)
+            return self._page(
+                request,
+                status=exc.status,
+                error="Sign-in is temporarily unavailable. Please try again shortly.",
+                next_path=next_path,
+                method=method,
+                username=username,
+                headers=exc.headers,
+            )
+        return None
 
     # ------------------------------------------------------------------------- credentials
 
@@ -508,6 +555,14 @@ def client_ip(request: web.Request) -> str:
 def _field(form: MultiDictProxy[Any], name: str) -> str:
     value = form.get(name)
     return value if isinstance(value, str) else ""  # a file upload is not a credential
+
+
+def _wants_json(request: web.Request) -> bool:
+    """An API client posting to the login form (JSON body, or asks for JSON and not HTML)."""
+    accept = request.headers.get(hdrs.ACCEPT, "")
+    return request.content_type == "application/json" or (
+        "application/json" in accept and "text/html" not in accept
+    )
 
 
 def _no_store(response: web.StreamResponse) -> None:

@@ -16,12 +16,15 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import redis.asyncio as redis
 import structlog
 
 from proxy.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from proxy.redis_store import RedisClient
 
 log = structlog.get_logger("comfygate.auth.revocation")
 
@@ -157,7 +160,7 @@ class RedisRevocationList:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         prefix: str = "comfygate:revoked:",
         *,
         grace_seconds: float = EXPIRY_GRACE_SECONDS,

@@ -5,7 +5,7 @@ Per IP stops one client guessing many passwords (or spraying one password over m
 per username stops a distributed guess at one account (at the price that someone can lock an
 account out for one window - the usual trade-off, bounded by the window).
 
-Each key keeps a log of its recent failure times (a Redis sorted set written in one MULTI/EXEC,
+Each key keeps a log of its recent failure times (a Redis sorted set written by one script,
 or a deque in memory), trimmed to the last ``max_failures`` entries. This is an exact sliding
 window - unlike INCR + EXPIRE, a burst at the edge of two windows cannot double the allowance -
 and the times come from the injected clock, so the window is testable without sleeping, against
@@ -21,12 +21,24 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import redis.asyncio as redis
+if TYPE_CHECKING:
+    from proxy.redis_store import RedisClient
 
 KEY_PREFIX = "comfygate:login-failures:"
 MAX_MEMORY_KEYS = 100_000
 """Memory backend: above this many tracked keys, expired ones are swept on the next failure."""
+
+# KEYS[1] the failure log; ARGV: cutoff, member, now, max_failures, ttl. Only the newest
+# max_failures entries matter for the decision: bounded memory per key.
+_RECORD_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 class LoginThrottle:
@@ -36,7 +48,7 @@ class LoginThrottle:
         self,
         max_failures: int,
         window_seconds: float,
-        redis: redis.Redis | None = None,
+        redis: RedisClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_failures < 1 or window_seconds <= 0:
@@ -95,7 +107,7 @@ class LoginThrottle:
         digest = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
         return f"{KEY_PREFIX}user:{digest[:32]}"
 
-    async def _redis_until(self, client: redis.Redis, keys: list[str], now: float) -> float:
+    async def _redis_until(self, client: RedisClient, keys: list[str], now: float) -> float:
         # Read-only, so no transaction: a failure recorded meanwhile is seen by the next check.
         cutoff = now - self.window_seconds
         async with client.pipeline(transaction=False) as pipe:
@@ -109,18 +121,18 @@ class LoginThrottle:
                 until = max(until, oldest + self.window_seconds)
         return until
 
-    async def _redis_record(self, client: redis.Redis, keys: list[str], now: float) -> None:
-        # MULTI/EXEC: trim, add and expire apply together, so a key never loses its TTL.
+    async def _redis_record(self, client: RedisClient, keys: list[str], now: float) -> None:
+        # One script per key: trim, add and expire apply together, so a key never loses its
+        # TTL. Per key rather than one MULTI/EXEC over both: the IP's and the name's keys may
+        # live on different Redis Cluster nodes (the pipeline is split per node).
         cutoff = now - self.window_seconds
         ttl = int(self.window_seconds) + 1  # cleanup only; the window itself uses the clock
         member = f"{now!r}:{secrets.token_hex(4)}"  # unique: two failures in one tick both count
-        async with client.pipeline(transaction=True) as pipe:
+        async with client.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.zremrangebyscore(key, "-inf", repr(cutoff))
-                pipe.zadd(key, {member: now})
-                # Only the newest max_failures matter for the decision: bounded memory per key.
-                pipe.zremrangebyrank(key, 0, -(self.max_failures + 1))
-                pipe.expire(key, ttl)
+                pipe.eval(
+                    _RECORD_SCRIPT, 1, key, repr(cutoff), member, repr(now), self.max_failures, ttl
+                )
             await pipe.execute()
 
     def _memory_until(self, key: str, now: float) -> float:

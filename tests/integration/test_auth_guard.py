@@ -116,17 +116,18 @@ BAD_TOKENS = [
     (
         "wrong key",
         hs256(
-            {"sub": "a", "roles": ["user"], "exp": NOW + 60}, "another-secret-of-32-bytes-or-more"
+            {"sub": "a", "roles": ["user"], "exp": NOW + 86400},
+            "another-secret-of-32-bytes-or-more",
         ),
         "token_bad_signature",
     ),
     (
         "alg none",
-        jwt.encode({"sub": "a", "roles": ["user"], "exp": NOW + 60}, "", algorithm="none"),
+        jwt.encode({"sub": "a", "roles": ["user"], "exp": NOW + 86400}, "", algorithm="none"),
         "token_alg_not_allowed",
     ),
     ("malformed", "not.a.jwt", "token_malformed"),
-    ("missing subject", hs256({"roles": ["user"], "exp": NOW + 60}), "token_missing_subject"),
+    ("missing subject", hs256({"roles": ["user"], "exp": NOW + 86400}), "token_missing_subject"),
 ]
 
 

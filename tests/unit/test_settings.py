@@ -104,3 +104,78 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_malformed_toml(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="config file"):
         load_settings(write(tmp_path, "[server\nport ="), environ={})
+
+
+# -- [redis]: one of url / sentinels / cluster_nodes, and TLS options -------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "mode"),
+    [
+        ({}, "none"),
+        ({"url": "unix:///run/redis.sock?db=2"}, "standalone"),
+        ({"sentinels": ["10.0.0.1:26379", "[::1]:26380"], "sentinel_master": "m"}, "sentinel"),
+        ({"cluster_nodes": ["10.0.0.1:7000"]}, "cluster"),
+    ],
+)
+def test_redis_mode(section: dict[str, object], mode: str) -> None:
+    assert load_settings(None, overrides={"redis": section}, environ={}).redis.mode == mode
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            'url = "redis://a"\ncluster_nodes = ["b:7000"]',
+            "redis: set only one of url, sentinels, cluster_nodes",
+        ),
+        ('sentinels = ["a:26379"]', "redis: sentinels and sentinel_master go together"),
+        ('sentinel_master = "m"', "redis: sentinels and sentinel_master go together"),
+        ('cluster_nodes = ["a"]', "redis.cluster_nodes: [0] 'a': must be host:port"),
+        ('sentinels = ["::1:26379"]', "redis.sentinels: [0] '::1:26379': must be host:port"),
+        ('cluster_nodes = ["a:0"]', "redis.cluster_nodes: [0] 'a:0': must be host:port"),
+        ('cluster_nodes = ["a:7000"]\ndb = 1', "redis: db: a Redis Cluster only has database 0"),
+        ('url = "redis://a"\ntls_verify = "none"', "redis: tls_* settings need a rediss:// url"),
+        ('url = "redis://a"\ntls = true', "redis: tls: with url, use a rediss:// url instead"),
+        ('cluster_nodes = ["a:7000"]\ntls_verify = "none"', "redis: tls_* settings need"),
+        ('url = "rediss://a"\ntls_ca_certs = "/nonexistent/ca.pem"', "redis.tls_ca_certs: "),
+        ("socket_timeout_seconds = 0", "redis.socket_timeout_seconds: Input should be greater"),
+    ],
+)
+def test_invalid_redis_settings(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, f"[redis]\n{toml}"), environ={})
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_redis_tls_files_and_key_needs_cert(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = load_settings(
+        None,
+        overrides={"redis": {"cluster_nodes": ["a:7000"], "tls": True, "tls_ca_certs": str(ca)}},
+        environ={},
+    )
+    assert settings.redis.uses_tls
+    with pytest.raises(SettingsError, match="tls_keyfile needs tls_certfile"):
+        load_settings(
+            None,
+            overrides={"redis": {"url": "rediss://a", "tls_keyfile": str(ca)}},
+            environ={},
+        )
+
+
+def test_redis_passwords_are_redacted_and_may_come_from_files(tmp_path: Path) -> None:
+    from proxy.settings import redacted  # noqa: PLC0415
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        f'[redis]\nsentinels = ["a:26379"]\nsentinel_master = "m"\npassword_file = "{secret}"\n'
+        'sentinel_password = "s2"',
+    )
+    settings = load_settings(path, environ={})
+    assert settings.redis.password == "s3cret"
+    shown = redacted(settings)["redis"]
+    assert shown["password"] == shown["sentinel_password"] == "<redacted>"

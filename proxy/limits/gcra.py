@@ -1,0 +1,142 @@
+"""GCRA (the generic cell rate algorithm): one stored timestamp per limited key.
+
+A limit of ``count`` requests per ``period`` with ``burst`` B admits one request every
+``T = period / count`` in the steady state, and up to B at once from a full allowance. The state
+of a key is its *theoretical arrival time* (TAT): when the allowance would be full again. A
+request at ``now`` is admitted when ``max(TAT, now) + T - B*T <= now``; admitting it moves the
+TAT forward by ``T``. Compared with a fixed window it needs no per-window counters and cannot be
+doubled by a burst at a window edge; compared with a token bucket it stores one number.
+
+The same arithmetic exists twice, kept identical on purpose and tested for parity:
+
+- :func:`gcra` in Python, for the in-process limiter (no Redis configured);
+- :data:`GCRA_LUA`, one atomic script per check on a single key (Redis Cluster-safe), with the
+  time taken from Redis ``TIME`` so several proxies with skewed clocks agree.
+
+All times are integer microseconds: Lua numbers are doubles, exact up to 2**53 (year 2255 in
+microseconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError
+
+from proxy.redis_store import RedisClient
+
+MICROS: Final = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one check against one limit."""
+
+    allowed: bool
+    remaining: int
+    """Requests that could still be admitted at once, after this one."""
+    retry_after: float
+    """Seconds until the next request would be admitted (0 when this one was)."""
+    reset: float
+    """Seconds until the allowance is full again."""
+
+
+def emission_micros(emission_seconds: float) -> int:
+    """GCRA's ``T`` in whole microseconds (at least 1)."""
+    return max(1, round(emission_seconds * MICROS))
+
+
+def gcra(tat: int | None, now: int, emission: int, burst: int) -> tuple[int | None, Decision]:
+    """One GCRA step: ``(the TAT to store or None when refused, the decision)``.
+
+    ``tat`` is the stored TAT (None: never seen or expired = full allowance), ``now``, ``emission``
+    (``T``) in microseconds.
+    """
+    base = now if tat is None or tat < now else tat
+    new_tat = base + emission
+    allow_at = new_tat - burst * emission
+    if now < allow_at:
+        return None, Decision(False, 0, (allow_at - now) / MICROS, (base - now) / MICROS)
+    remaining = (now - allow_at) // emission
+    return new_tat, Decision(True, remaining, 0.0, (new_tat - now) / MICROS)
+
+
+GCRA_LUA: Final = """
+-- GCRA on one key (Redis Cluster-safe). KEYS[1]: the key; ARGV[1]: emission interval T and
+-- ARGV[2]: burst B, T in microseconds. ARGV[3], tests only: "now" in microseconds instead of
+-- Redis TIME (the proxy never sends it). Returns {allowed, remaining, retry_after_us, reset_us}.
+if redis.replicate_commands then redis.replicate_commands() end
+local emission = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now
+if ARGV[3] then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + emission
+local allow_at = new_tat - burst * emission
+if now < allow_at then
+  return {0, 0, allow_at - now, tat - now}
+end
+-- The key lives exactly as long as it holds information: once the TAT has passed, a missing
+-- key and a stored one mean the same full allowance.
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX',
+  math.max(1, math.ceil((new_tat - now) / 1000)))
+return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
+"""
+
+GCRA_SHA: Final = hashlib.sha1(GCRA_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+class GcraScript:
+    """:data:`GCRA_LUA` run by ``EVALSHA``; loaded with ``SCRIPT LOAD`` when Redis does not know
+    it (first use, a restart, ``SCRIPT FLUSH``, a failover to a replica without it)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self._client = client
+
+    async def load(self) -> None:
+        """``SCRIPT LOAD`` (on every primary of a cluster)."""
+        sha = await self._client.script_load(GCRA_LUA)
+        if sha != GCRA_SHA:  # pragma: no cover - would mean a different SHA-1
+            raise redis.RedisError(f"SCRIPT LOAD returned {sha}, expected {GCRA_SHA}")
+
+    async def run(self, key: str, emission: int, burst: int, now: int | None = None) -> Decision:
+        """One check. ``now`` (microseconds) replaces Redis ``TIME``: for tests only.
+
+        Raises:
+            redis.RedisError, OSError: Redis failed; the caller decides what that means.
+        """
+        args = (key, emission, burst) if now is None else (key, emission, burst, now)
+        try:
+            reply = await self._client.evalsha(GCRA_SHA, 1, *args)
+        except NoScriptError:
+            await self.load()
+            reply = await self._client.evalsha(GCRA_SHA, 1, *args)
+        allowed, remaining, retry_after, reset = (int(v) for v in reply)
+        return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
+
+
+def whole_seconds(seconds: float) -> int:
+    """Seconds for a header: rounded up, so a client that waits this long is admitted."""
+    return math.ceil(seconds) if seconds > 0 else 0
+
+
+__all__ = [
+    "GCRA_LUA",
+    "GCRA_SHA",
+    "MICROS",
+    "Decision",
+    "GcraScript",
+    "emission_micros",
+    "gcra",
+    "whole_seconds",
+]
