@@ -158,6 +158,20 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
     Raises:
         PayloadTooLarge: over ``server.max_inspected_body_mb``.
     """
+    await read_body(request, ctx)
+    try:
+        return orjson.loads(ctx.body) if ctx.body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
+    """The request body, read once and kept in ``ctx.body`` for forwarding; not parsed (a
+    guard that inspects the JSON parses it once through the ``ctx.parsed_body`` cache).
+
+    Raises:
+        PayloadTooLarge: over ``server.max_inspected_body_mb``.
+    """
     if ctx.body is None:
         limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
         if request.content_length is not None and request.content_length > limit:
@@ -170,10 +184,7 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
             chunks.append(chunk)
         ctx.body = b"".join(chunks)
         ctx.bytes_in = size
-    try:
-        return orjson.loads(ctx.body) if ctx.body else None
-    except orjson.JSONDecodeError:
-        return None
+    return ctx.body
 
 
 async def redact_argv(status: int, body: bytes) -> bytes:

@@ -31,6 +31,7 @@ import orjson
 from proxy.errors import Rejection
 from proxy.isolation.files import FileScope, FileTarget, PathRefused, clean_relative
 from proxy.isolation.files import referenced_file as _referenced_file
+from proxy.state import RequestContext
 
 SENSITIVE_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
 """Comfy.org credentials for partner nodes: forwarded, never logged, stored or echoed."""
@@ -76,6 +77,8 @@ class Violation:
     ref: FileRef | None = None
     """Set when the only problem is the folder: a store record of the user's may still allow
     the file (e.g. a preview in temp/ with an empty subfolder)."""
+    details: str = ""
+    """ComfyUI's per-error ``details`` (e.g. the policy rule broken); the input name if empty."""
 
 
 class PromptRejected(Rejection):
@@ -91,12 +94,9 @@ class PromptRejected(Rejection):
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         super().__init__(
-            f"Prompt refused: node {first.node_id} ({first.class_type}) input "
-            f"{first.input_name}: {first.message}{more}",
+            f"Prompt refused: {describe_violation(first, input_word='input ')}{more}",
             error_type=first.error_type,
-            details="\n".join(
-                f"node {v.node_id} ({v.class_type}) {v.input_name}: {v.message}" for v in violations
-            ),
+            details="\n".join(describe_violation(v) for v in violations),
             extra={
                 "node_id": first.node_id,
                 "class_type": first.class_type,
@@ -111,18 +111,32 @@ def node_errors(violations: Sequence[Violation]) -> dict[str, Any]:
     """``{node_id: {"errors": [...], "dependent_outputs": [], "class_type": ...}}``."""
     out: dict[str, Any] = {}
     for v in violations:
+        if not v.node_id:
+            continue  # about the whole prompt (e.g. its size): only in the top-level error
         entry = out.setdefault(
             v.node_id, {"errors": [], "dependent_outputs": [], "class_type": v.class_type}
         )
+        extra_info: dict[str, Any] = {}
+        if v.input_name:
+            extra_info = {"input_name": v.input_name, "received_value": v.received_value}
         entry["errors"].append(
             {
                 "type": v.error_type,
                 "message": v.message,
-                "details": f"{v.input_name}",
-                "extra_info": {"input_name": v.input_name, "received_value": v.received_value},
+                "details": v.details or v.input_name,
+                "extra_info": extra_info,
             }
         )
     return out
+
+
+def describe_violation(v: Violation, *, input_word: str = "") -> str:
+    """One line about a violation: the prompt's, a node's, or one of its inputs'."""
+    if not v.node_id:
+        return v.message
+    if not v.input_name:
+        return f"node {v.node_id} ({v.class_type}): {v.message}"
+    return f"node {v.node_id} ({v.class_type}) {input_word}{v.input_name}: {v.message}"
 
 
 # -- the graph ---------------------------------------------------------------------------------
@@ -317,6 +331,19 @@ def parse_body(raw: bytes, charset: str | None) -> ParsedBody | NotJson:
         return ParsedBody(json.loads(raw.decode(charset or "utf-8")), exact_json=True)
     except (LookupError, ValueError, RecursionError):
         return NOT_JSON
+
+
+def parse_request_body(ctx: RequestContext, charset: str | None) -> ParsedBody | NotJson:
+    """:func:`parse_body` of ``ctx.body``, parsed once for every guard that inspects it (the
+    workflow policy, then isolation): a 200-node workflow is not decoded twice. The cache is
+    tied to the body object, so a guard that replaces ``ctx.body`` never sees a stale parse."""
+    raw = ctx.body if ctx.body is not None else b""
+    cached = ctx.parsed_body
+    if cached is not None and cached[0] is raw and isinstance(cached[1], ParsedBody | NotJson):
+        return cached[1]
+    parsed = parse_body(raw, charset)
+    ctx.parsed_body = (raw, parsed)
+    return parsed
 
 
 def dump_body(value: object, *, exact_json: bool = False) -> bytes:

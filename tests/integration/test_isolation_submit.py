@@ -185,10 +185,11 @@ async def test_prompt_refused_by_comfyui_is_forgotten(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     mine = str(uuid.uuid4())
-    bad = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+    # Allowed by the workflow policy, refused by ComfyUI's validation (no images input).
+    bad = {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}
     status, answer = await submit(client, A, {"prompt": bad, "prompt_id": mine})
     assert status == 400
-    assert answer["error"]["type"] == "invalid_prompt"  # ComfyUI's own refusal, passed on
+    assert answer["error"]["type"] == "prompt_outputs_failed_validation"  # ComfyUI's, passed on
     assert await client.app[OWNERSHIP].prompt(mine) is None
     status, answer = await submit(client, A, {"prompt": save_graph(), "prompt_id": mine})
     assert (status, answer["prompt_id"]) == (200, mine)

@@ -1,0 +1,198 @@
+"""What the UI offers: ComfyUI's catalog routes answered for the caller's role.
+
+The stock frontend builds its node library from ``GET /object_info`` and its model pickers from
+the combo lists in it, ``/embeddings`` and ``/experiment/models/{folder}``; API clients use
+``/models/{folder}``. A role sees only the node types its policy allows and, in every list, only
+the models it allows, judged by the same ``RolePolicy`` the workflow checker uses, so the UI
+never offers what ``/prompt`` would refuse.
+
+Routes (rules ``object_info`` and ``models``; GET and HEAD, anything else is forwarded):
+
+- ``/object_info``: from the cache (``catalog_cache``), one filtered copy per (policy version,
+  role); ``/object_info/{class}``: from the same cache, ``{}`` (ComfyUI's own answer for a
+  class it does not know) when the class is not allowed.
+- ``/models/{folder}``, ``/embeddings``, ``/experiment/models/{folder}``: forwarded, the JSON
+  list filtered (not cached: ComfyUI answers them quickly).
+- ``/experiment/models/preview/{folder}/{i}/{name}``: ComfyUI's empty 404 for a model the
+  caller may not see, else forwarded.
+- ``/models``, ``/experiment/models`` (folder lists, no model names): forwarded untouched.
+
+Unrestricted principals (admins, or everyone with ``policy.enabled = false``) get ComfyUI's
+own bytes (``/object_info`` from the cache, the lists forwarded as is). Answers keep ComfyUI's
+status and content type, are gzip encoded when the client accepts it, and carry a weak ETag
+(``If-None-Match`` -> 304) and ``Cache-Control: private, no-cache``: they depend on who asks.
+
+Errors: ComfyUI's error answers pass unchanged (never cached); once a copy of ``/object_info``
+exists, a failed refresh keeps serving it (the UI keeps working while ComfyUI restarts). An
+answer that should carry a list but cannot be parsed is never passed on (502
+``upstream_bad_catalog``): unfiltered, it would show what the role may not see.
+
+Modules: ``catalog_upstream`` (the caches and the fetch), ``catalog_cache`` (one instance's
+cache), ``catalog_filter`` (pure filters), ``catalog_http`` (ETag, gzip, responses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import hdrs, web
+
+from proxy.errors import Unauthenticated
+from proxy.policy.catalog_cache import Answer, CatalogNotJson
+from proxy.policy.catalog_filter import (
+    allows_model,
+    filter_model_entries,
+    filter_model_names,
+    folder_names,
+    single_class,
+)
+from proxy.policy.catalog_http import answer_response, is_json, send_rendered
+from proxy.policy.catalog_upstream import TRANSPORT_ERRORS, Catalog, catalog_context, fetch_answer
+from proxy.policy.model import RolePolicy
+from proxy.state import CATALOG, CONTEXT, METRICS, POLICY, POOL, RequestContext
+from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
+
+CATALOG_RULES = frozenset({"object_info", "models"})
+"""Route rules (``proxy.routes``) whose requests :func:`serve_catalog` answers."""
+_NOT_FORWARDED = (
+    # The answer is read, so it is asked for whole and fresh: a 206 or 304 could not be
+    # filtered (SECURITY). Accept-Encoding passes: ComfyUI encodes as it would, the proxy
+    # decodes to read and encodes its answer the same way.
+    hdrs.EXPECT,
+    hdrs.CONTENT_LENGTH,
+    hdrs.TRANSFER_ENCODING,
+    hdrs.RANGE,
+    hdrs.IF_RANGE,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_MATCH,
+    hdrs.IF_UNMODIFIED_SINCE,
+)
+
+
+async def serve_catalog(request: web.Request) -> web.StreamResponse:
+    """Terminal handler of the ``object_info`` and ``models`` rules (see the module doc)."""
+    ctx = request[CONTEXT]
+    if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+        return await forward_http(request)
+    segments = [unquote(s) for s in ctx.path.split("/")[1:]]
+    if segments == ["object_info"]:
+        return await _object_info(request, ctx)
+    policy = _policy(request, ctx)
+    if policy is None:  # unrestricted: ComfyUI's own answer, byte for byte
+        return await forward_http(request)
+    match segments:
+        case ["object_info", class_type] if class_type:
+            return await _forward_filtered(
+                request, ctx, dict, lambda info: single_class(info, class_type, policy)
+            )
+        case ["models", _] | ["embeddings"] | ["experiment", "models", _] if (
+            policy.allows_every_model
+        ):
+            return await forward_http(request)
+        case ["models", folder]:
+            return await _forward_filtered(
+                request, ctx, list, lambda names: filter_model_names(names, folder, policy)
+            )
+        case ["embeddings"]:
+            return await _forward_filtered(
+                request, ctx, list, lambda names: filter_model_names(names, "embeddings", policy)
+            )
+        case ["experiment", "models", folder]:
+            return await _forward_filtered(
+                request, ctx, list, lambda entries: filter_model_entries(entries, folder, policy)
+            )
+        case ["experiment", "models", "preview", folder, _index, *name] if name:
+            if not allows_model(policy, "/".join(name), folder_names(folder)):
+                return web.Response(status=404)  # ComfyUI's answer for a model it lacks
+    return await forward_http(request)
+
+
+def _policy(request: web.Request, ctx: RequestContext) -> RolePolicy | None:
+    """The caller's effective policy (its ``key`` and ``version`` name its cached copy), or
+    None when it may use everything (unrestricted role, or the policy is off)."""
+    principal = ctx.principal
+    if principal is None:  # the auth guard runs before every ComfyUI route
+        raise Unauthenticated("no principal")
+    store = request.app[POLICY]
+    if not store.enabled:
+        return None
+    policy = store.for_principal(principal)
+    return None if policy.unrestricted else policy
+
+
+async def _object_info(request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+    policy = _policy(request, ctx)
+    upstream = ctx.target or request.app[POOL].home()
+    cache = request.app[CATALOG].cache(upstream)
+    version = request.app[POLICY].version
+    snapshot = cache.snapshot
+    if snapshot is None:
+        outcome = "miss"
+        ctx.upstream = upstream.name
+        started = time.perf_counter()
+        # The miss is this client's request: its path (no query) and its Comfy-User.
+        miss = (ctx.upstream_path.partition("?")[0], ctx.upstream_headers)
+        try:
+            current = await cache.current(version, miss)
+        finally:
+            ctx.upstream_seconds = time.perf_counter() - started
+    else:
+        stale = cache.clock() - snapshot.fetched_at >= cache.ttl
+        outcome = "stale" if stale else "hit"
+        current = await cache.current(version)
+    if isinstance(current, Answer):  # ComfyUI's error, not cached
+        request.app[METRICS].catalog_answers.labels("passthrough").inc()
+        return answer_response(request, ctx, current)
+    request.app[METRICS].catalog_answers.labels(outcome).inc()
+    if policy is None:
+        rendered = current.raw
+    else:
+        rendered = cache.copy_for(current, policy, policy.version, policy.key)
+    return await send_rendered(request, ctx, rendered, compressed=current.compressed)
+
+
+async def _forward_filtered(
+    request: web.Request,
+    ctx: RequestContext,
+    shape: type[list[Any]] | type[dict[str, Any]],
+    keep: Callable[[Any], Any],
+) -> web.StreamResponse:
+    """Forward the request (as GET) and send ComfyUI's answer with its successful JSON body of
+    ``shape`` replaced by ``keep(body)``; other answers (404 for an unknown folder, errors)
+    pass as they are."""
+    pool = request.app[POOL]
+    upstream = ctx.target or pool.home()
+    ctx.upstream = upstream.name
+    headers = build_upstream_headers(request, ctx, upstream)
+    for name in _NOT_FORWARDED:
+        headers.popall(name, None)
+    limit = request.app[CATALOG].max_bytes
+    started = time.perf_counter()
+    try:
+        # GET even for HEAD: the Content-Length of the unfiltered list would tell its size.
+        answer = await fetch_answer(
+            pool, upstream, ctx.upstream_path, list(headers.items()), limit=limit
+        )
+    except TRANSPORT_ERRORS as exc:
+        raise map_client_error(exc, upstream, request) from None
+    finally:
+        ctx.upstream_seconds = time.perf_counter() - started
+    if not 200 <= answer.status < 300:
+        return answer_response(request, ctx, answer)
+    # SECURITY: every success carries a list (or a node): filtered, or not sent at all.
+    parsed: Any = None
+    if is_json(answer.content_type):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            parsed = orjson.loads(answer.body)
+    if not isinstance(parsed, shape):
+        raise CatalogNotJson(f"ComfyUI at {upstream.name} sent a catalog answer that is not JSON")
+    return answer_response(request, ctx, answer, orjson.dumps(keep(parsed)))
+
+
+__all__ = ["CATALOG_RULES", "Catalog", "catalog_context", "serve_catalog"]
