@@ -36,6 +36,16 @@ check: lint typecheck test
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+## dashboard: regenerate deploy/grafana/dashboards/comfygate.json from deploy/grafana/dashboard.py
+.PHONY: dashboard dashboard-preview
+dashboard: $(STAMP)
+	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/dashboards/comfygate.json.tmp
+	mv deploy/grafana/dashboards/comfygate.json.tmp deploy/grafana/dashboards/comfygate.json
+
+## dashboard-preview: re-draw deploy/grafana/preview.png from a real Prometheus (a few minutes)
+dashboard-preview: $(STAMP)
+	$(BIN)/python -m tests.deploy.preview $(PREVIEW_ARGS)
+
 ## browser-deps: Debian's Chromium for the browser tests (CI runs this; needs root)
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

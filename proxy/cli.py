@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--upstream", action="append", help="ComfyUI URL; repeat for several (upstream.urls)"
     )
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the port under a supervisor (server.workers)"
+    )
 
     check = sub.add_parser("check-config", help="validate the configuration and print it")
     _config_arg(check)
@@ -49,7 +51,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     server: dict[str, Any] = {}
-    for key in ("host", "port", "base_path"):
+    for key in ("host", "port", "base_path", "workers"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -59,15 +61,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _run(settings: Settings) -> None:
-    from proxy.server import serve  # noqa: PLC0415 - keeps check-config free of server imports
+def _run(settings: Settings) -> int:
+    if settings.server.workers > 1:
+        from proxy.limits.limiter import warn_if_process_local  # noqa: PLC0415
+        from proxy.supervisor import supervise  # noqa: PLC0415
 
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+        warn_if_process_local(
+            redis_configured=settings.redis.mode != "none",
+            enabled=settings.rate_limits.enabled,
+            workers=settings.server.workers,
+        )
+
+        return supervise(settings)
+    from proxy.server import run, serve  # noqa: PLC0415 - keeps check-config free of server imports
+
+    run(serve(settings))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,11 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(settings.logging)
     try:
-        _run(settings)
-    except SettingsError as exc:  # found while starting (a key, a users file)
+        return _run(settings)
+    except SettingsError as exc:  # found while starting (a key, a users file, a busy port)
         print(exc, file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,366 @@
+"""Generation metrics: prompts submitted and finished (by role and outcome), queue wait and
+execution time.
+
+Sources, each prompt counted once whichever of them (and whichever worker or replica) sees it:
+
+* ``POST /prompt`` answered 200 (``Metrics.request_finished`` -> :meth:`GenerationTracker.
+  submitted`): the submitter's role, and the submission time on the proxy's clock (isolation's
+  ownership record has it earlier: it is written before the prompt is forwarded).
+* The WebSocket relay (:meth:`GenerationTracker.observe_frame`): ``execution_start`` (queue
+  wait = now - submission), ``execution_success`` / ``_error`` / ``_interrupted`` (outcome;
+  execution time from ComfyUI's own ``timestamp`` of start and end, one clock).
+* A prompt that left ComfyUI's queue without a relay seeing its end (an API client polling
+  ``/history``): :meth:`GenerationTracker.prompt_left_queue`, called by whoever notices (the
+  queue-quota reconciler), reads that one ``/history/{id}`` entry, whose ``status.messages``
+  carry the same events with their timestamps. No entry: ``cancelled`` (deleted from the
+  queue, or lost with a restarted ComfyUI).
+
+"Once" is a per-prompt record with first-writer-wins fields (``HSETNX`` in Redis when
+configured, shared by workers and replicas; a bounded dict otherwise). Everything here runs
+in background tasks: a frame is never held back by a Redis round trip, and a Redis failure
+costs accuracy (possible double counts), never a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any, Final, Protocol
+
+import aiohttp
+import orjson
+import redis.asyncio as redis
+import structlog
+from aiohttp import hdrs, web
+
+from proxy.isolation.ownership import OwnershipStore
+from proxy.observability.metrics import Metrics, role_label
+from proxy.upstream.pool import UpstreamPool
+
+log = structlog.get_logger("comfygate.metrics")
+
+OUTCOMES: Final = {
+    "execution_success": "completed",
+    "execution_error": "failed",
+    "execution_interrupted": "interrupted",
+}
+START: Final = "execution_start"
+_MARKER: Final = '"execution_'
+"""Cheap pre-check on a text frame before it is parsed (most frames are progress)."""
+RECORD_TTL_SECONDS: Final = 2 * 24 * 3600
+MAX_LOCAL_RECORDS: Final = 50_000
+REDIS_TIMEOUT_SECONDS: Final = 0.25
+REDIS_OP: Final = "generation"
+HISTORY_TIMEOUT_SECONDS: Final = 5.0
+UNKNOWN_ROLE: Final = "unknown"
+
+
+class PromptStats(Protocol):
+    """One small record per prompt: ``role``, ``submitted`` (proxy clock), ``started``
+    (ComfyUI's ms timestamp), ``ended``; fields are written once."""
+
+    async def submitted(self, prompt_id: str, role: str, at: float) -> None: ...
+
+    async def claim(self, prompt_id: str, field: str, value: str) -> dict[str, str] | None:
+        """Set ``field`` if it is not set yet and return the record; None if it was set
+        (someone else counted this stage)."""
+        ...
+
+
+class MemoryPromptStats:
+    """One process (no Redis): a bounded dict, oldest prompts forgotten first."""
+
+    def __init__(self, max_records: int = MAX_LOCAL_RECORDS) -> None:
+        self._records: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._max = max_records
+
+    def _record(self, prompt_id: str) -> dict[str, str]:
+        record = self._records.get(prompt_id)
+        if record is None:
+            record = self._records[prompt_id] = {}
+            while len(self._records) > self._max:
+                self._records.popitem(last=False)
+        return record
+
+    async def submitted(self, prompt_id: str, role: str, at: float) -> None:
+        record = self._record(prompt_id)
+        record.setdefault("role", role)
+        record.setdefault("submitted", repr(at))
+
+    async def claim(self, prompt_id: str, field: str, value: str) -> dict[str, str] | None:
+        record = self._record(prompt_id)
+        if field in record:
+            return None
+        record[field] = value
+        return dict(record)
+
+
+class RedisPromptStats:
+    """Shared by workers and replicas: a hash ``<prefix><prompt id>`` per prompt."""
+
+    def __init__(
+        self, client: Any, prefix: str = "comfygate:gen:", ttl: int = RECORD_TTL_SECONDS
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._ttl = ttl
+
+    async def submitted(self, prompt_id: str, role: str, at: float) -> None:
+        key = self._prefix + prompt_id
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(key, "role", role)
+            pipe.hsetnx(key, "submitted", repr(at))
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
+
+    async def claim(self, prompt_id: str, field: str, value: str) -> dict[str, str] | None:
+        key = self._prefix + prompt_id
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(key, field, value)
+            pipe.hgetall(key)
+            pipe.expire(key, self._ttl)
+            first, record, _ = await pipe.execute()
+        if not first:
+            return None
+        return {_text(k): _text(v) for k, v in record.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class GenerationTracker:
+    """Counts prompts from submissions, relayed events and history (see the module doc)."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        stats: PromptStats,
+        *,
+        pool: UpstreamPool | None = None,
+        ownership: OwnershipStore | None = None,
+        fallback: PromptStats | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._stats = stats
+        self._ownership = ownership
+        """Prompt records of isolation, written *before* forwarding: ComfyUI may start a
+        prompt before its answer reaches the proxy (and this tracker's own record)."""
+        self._fallback = fallback or MemoryPromptStats()
+        """Used while the shared store fails (then a prompt may be counted twice)."""
+        self._pool = pool
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- entry points (synchronous: they only schedule) ------------------------------------
+    def submitted(self, prompt_id: str | None, roles: frozenset[str], upstream: str) -> None:
+        """ComfyUI accepted a prompt (counted at once; its record written in the background)."""
+        role = role_label(roles)
+        self._metrics.prompts_submitted.labels(role).inc()
+        if prompt_id:
+            self._spawn(self._store("submitted", prompt_id, role, time.time()))
+
+    def observe_frame(self, frame: str, roles: frozenset[str], upstream: str) -> None:
+        """A text frame ComfyUI sent on a relayed socket (before the tenant filter)."""
+        if _MARKER not in frame:
+            return
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(message, dict):
+            return
+        kind, data = message.get("type"), message.get("data")
+        if not isinstance(data, dict) or not isinstance(prompt_id := data.get("prompt_id"), str):
+            return
+        timestamp = data.get("timestamp")
+        ts = float(timestamp) if isinstance(timestamp, int | float) else None
+        if kind == START:
+            self._spawn(self._started(prompt_id, ts, time.time(), upstream, roles))
+        elif isinstance(kind, str) and kind in OUTCOMES:
+            self._spawn(self._ended(prompt_id, OUTCOMES[kind], ts, upstream, roles))
+
+    def prompt_left_queue(self, prompt_id: str, upstream: str) -> None:
+        """``prompt_id`` is no longer in ``upstream``'s queue; count its end from ComfyUI's
+        history unless a relay already did."""
+        self._spawn(self._from_history(prompt_id, upstream))
+
+    # -- stages ----------------------------------------------------------------------------
+    async def _started(
+        self,
+        prompt_id: str,
+        ts: float | None,
+        now: float,
+        upstream: str,
+        roles: frozenset[str],
+    ) -> None:
+        record = await self._claim(prompt_id, "started", repr(ts if ts is not None else -1.0))
+        if record is None:
+            return
+        submitted = await self._submitted_at(prompt_id, record)
+        if submitted is not None:
+            self._metrics.prompt_queue_wait.labels(upstream).observe(max(0.0, now - submitted))
+
+    async def _ended(
+        self,
+        prompt_id: str,
+        outcome: str,
+        ts: float | None,
+        upstream: str,
+        roles: frozenset[str] | None,
+        *,
+        started: float | None = None,
+    ) -> None:
+        record = await self._claim(prompt_id, "ended", outcome)
+        if record is None:
+            return
+        role = record.get("role") or (role_label(roles) if roles is not None else UNKNOWN_ROLE)
+        self._metrics.prompts_finished.labels(role, outcome).inc()
+        start = started if started is not None else _number(record.get("started"))
+        if start is not None and start >= 0 and ts is not None and ts >= start:
+            self._metrics.prompt_execution.labels(upstream).observe((ts - start) / 1000)
+
+    async def _from_history(self, prompt_id: str, upstream: str) -> None:
+        if self._pool is None:
+            return
+        target = next((u for u in self._pool.upstreams if u.name == upstream), None)
+        if target is None:
+            return
+        try:
+            async with self._pool.session.get(
+                target.url_for(f"/history/{prompt_id}"),
+                headers={hdrs.HOST: target.host_header, hdrs.ACCEPT: "application/json"},
+                timeout=aiohttp.ClientTimeout(total=HISTORY_TIMEOUT_SECONDS),
+            ) as resp:
+                if resp.status != 200:
+                    return
+                body = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+            return  # the end stays uncounted; never worth a retry storm
+        entry = body.get(prompt_id) if isinstance(body, dict) else None
+        if not isinstance(entry, dict):
+            await self._ended(prompt_id, "cancelled", None, upstream, None)
+            return
+        outcome, start, end = history_outcome(entry)
+        if start is not None:
+            # Not seen on a relay either: the wait as ComfyUI's clock tells it.
+            record = await self._claim(prompt_id, "started", repr(start))
+            submitted = await self._submitted_at(prompt_id, record) if record else None
+            if submitted is not None:
+                wait = max(0.0, start / 1000 - submitted)
+                self._metrics.prompt_queue_wait.labels(upstream).observe(wait)
+        await self._ended(prompt_id, outcome, end, upstream, None, started=start)
+
+    # -- plumbing --------------------------------------------------------------------------
+    async def _submitted_at(self, prompt_id: str, record: Mapping[str, str]) -> float | None:
+        if self._ownership is not None:
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    owned = await self._ownership.prompt(prompt_id)
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+            else:
+                if owned is not None:
+                    return owned.created_at
+        return _number(record.get("submitted"))
+
+    async def _store(self, what: str, prompt_id: str, role: str, at: float) -> None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                await self._stats.submitted(prompt_id, role, at)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            await self._fallback.submitted(prompt_id, role, at)
+        else:
+            self._timed(started)
+
+    async def _claim(self, prompt_id: str, field: str, value: str) -> dict[str, str] | None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                record = await self._stats.claim(prompt_id, field, value)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return await self._fallback.claim(prompt_id, field, value)
+        self._timed(started)
+        return record
+
+    def _timed(self, started: float) -> None:
+        if isinstance(self._stats, RedisPromptStats):
+            self._metrics.redis_duration.labels(REDIS_OP).observe(time.perf_counter() - started)
+
+    def _failed(self, exc: BaseException) -> None:
+        kind = "timeout" if isinstance(exc, TimeoutError | redis.TimeoutError) else "error"
+        self._metrics.redis_errors.labels(REDIS_OP, kind).inc()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("generation_metrics_failed", error=type(exc).__name__, exc_info=exc)
+
+    async def drain(self) -> None:
+        """Wait for the scheduled work (tests; shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def history_outcome(entry: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
+    """``(outcome, start ms, end ms)`` of a ComfyUI history entry (``status.messages``)."""
+    status = entry.get("status")
+    messages = status.get("messages") if isinstance(status, dict) else None
+    start = end = None
+    outcome = ""
+    for item in messages if isinstance(messages, list) else ():
+        if not (isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[1], dict)):
+            continue
+        event, data = item
+        ts = _number(data.get("timestamp"))
+        if event == START:
+            start = ts
+        elif event in OUTCOMES:
+            outcome, end = OUTCOMES[event], ts
+    if not outcome:
+        status_str = status.get("status_str") if isinstance(status, dict) else None
+        outcome = "failed" if status_str == "error" else "completed"
+    return outcome, start, end
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+GENERATION = web.AppKey("comfygate.generation", GenerationTracker)
+
+
+async def generation_tracker(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx`` (after Redis and the pool): ``app[GENERATION]``."""
+    from proxy.state import METRICS, OWNERSHIP, POOL, REDIS  # noqa: PLC0415 - state imports us
+
+    client = app[REDIS]
+    stats: PromptStats = RedisPromptStats(client) if client is not None else MemoryPromptStats()
+    tracker = GenerationTracker(app[METRICS], stats, pool=app[POOL], ownership=app.get(OWNERSHIP))
+    app[GENERATION] = tracker
+    app[METRICS].generation = tracker
+    yield
+    await tracker.close()

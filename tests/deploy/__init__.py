@@ -1,0 +1,1 @@
+"""Tests of the deployment files in deploy/ (no Docker engine or cluster runs here)."""
