@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench import report
+from bench import multi_history, multi_placement, policy_cost, report
 from bench.fixtures import Fixtures, place_files
 from bench.loadgen import pick_load_generator
 from bench.procs import (
@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep-logs", action="store_true", help="copy process logs to .bench/")
     p.add_argument("--list", action="store_true", help="list scenarios and targets, then exit")
+    p.add_argument("--no-multi", action="store_true", help="skip the multi-instance run")
     return p.parse_args(argv)
 
 
@@ -132,6 +133,8 @@ class Bench:
         self.rss_trace: dict[str, list[tuple[str, float]]] = {}
         self.load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.foreign = ForeignCpu()
+        self.multi: dict[str, Any] = {}
+        self.policy: dict[str, Any] = {}
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -220,6 +223,43 @@ class Bench:
                 results[sc.name] = await self._scenario(ctx, sc, running, launcher)
                 self.log(report.render_scenario(results[sc.name], self.opts.reps))
                 self.log("")
+        only = {s for s in self.args.only.split(",") if s}
+        if not self.args.no_multi and (not only or "multi" in only):
+            # Several instances: processes of their own (placement: 4 fakes vs 1).
+            try:
+                self.multi["placement"] = await multi_placement.run(
+                    self.group, tmp, cg_cmd, reps=self.opts.reps, log=self.log
+                )
+            except Exception as exc:
+                self.problems.append(f"multi-instance placement: {type(exc).__name__}: {exc}")
+                self.log(f"!! multi-instance placement: {exc}")
+            self.log("")
+            # Merged views: GET /history over 4 instances vs the same history on one.
+            try:
+                self.multi["history"] = await multi_history.run(
+                    self.group, tmp, cg_cmd, reps=self.opts.reps, log=self.log
+                )
+            except Exception as exc:
+                self.problems.append(f"multi-instance history: {type(exc).__name__}: {exc}")
+                self.log(f"!! multi-instance history: {exc}")
+            self.log("")
+
+        if not only or "policy" in only:
+            # The workflow policy's cost: a 200-node workflow, policy on vs off (own processes).
+            try:
+                self.policy = await policy_cost.run(
+                    self.group,
+                    tmp,
+                    cg_cmd,
+                    loadgen,
+                    reps=self.opts.reps,
+                    duration=self.opts.duration,
+                    log=self.log,
+                )
+            except Exception as exc:
+                self.problems.append(f"workflow policy: {type(exc).__name__}: {exc}")
+                self.log(f"!! workflow policy: {exc}")
+            self.log("")
 
         log_scan = {
             name: scan_log(t.proc.log_path)
@@ -332,6 +372,8 @@ class Bench:
             "rss_trace_mb": self.rss_trace,
             "comfygate_logs": log_scan,
             "problems": self.problems,
+            "multi_instance": self.multi,
+            "workflow_policy": self.policy,
             "load_average": {"start": self.load_start, "end": os.getloadavg()},
             "seconds": elapsed,
         }
@@ -345,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for sc in SCENARIOS:
             print(f"{sc.name:14} {sc.title}")
+        print(f"{'multi':14} POST /prompt through 1 vs 4 instances: placement overhead")
+        print(f"{'multi':14} GET /history merged over 4 instances vs 1 (same history)")
+        print(f"{'policy':14} POST /prompt, 200-node workflow: workflow policy on vs off")
         for t in default_targets():
             print(f"target {t.name:12} {t.kind:10} {t.description}")
         return 0

@@ -7,9 +7,18 @@
                                                                          |- relay_websocket
                                                                          '- the proxy's own routes
 
-Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role, then the isolation guard
-of the route family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws). The
-proxy's own routes (health, login, its static files) run no guard: they are the only public ones.
+Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role -> ratelimit (not on
+static files; ``POST /login`` checks its own limit), then the isolation guard of the route
+family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws), then the queue
+quota (prompt, ws). The proxy's own routes (health, login, its static files) run no guard: they
+are the only public ones, except ``POST /admin/reload`` (the chain, then admins only).
+
+``POST /prompt`` runs the workflow policy (``proxy.policy.guard``) after the rate limit and
+before everything that rewrites or records the prompt.
+
+``POST /prompt`` also runs idempotency (a repeated ``Idempotency-Key``) and placement (which
+instance; several instances) just before isolation; uploads run replication after it. The
+``idempotency_finish`` middleware around the guards stores or frees a claimed key.
 """
 
 from __future__ import annotations
@@ -37,8 +46,19 @@ from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
+from proxy.limits.classes import limited_rule
+from proxy.limits.enforce import rate_limits_context
+from proxy.limits.guard import RateLimitGuard
+from proxy.limits.quota_guard import QueueQuotaGuard
+from proxy.limits.quota_service import queue_quota_context
+from proxy.observability.context import metrics_context
+from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
+from proxy.policy.catalog import CATALOG_RULES, catalog_context, serve_catalog
+from proxy.policy.guard import PolicyGuard
+from proxy.policy.reload import RELOAD_ROUTE, AdminGuard, add_reload_route, policy_reload_hook
+from proxy.policy.store import PolicyStore
 from proxy.redis_store import redis_client
 from proxy.routes import OTHER, RULES
 from proxy.settings import Settings
@@ -47,23 +67,45 @@ from proxy.state import (
     HEADER_POLICY,
     LIFECYCLE,
     METRICS,
+    POLICY,
     POOL,
+    RELOAD_HOOKS,
     SETTINGS,
     HeaderPolicy,
     Lifecycle,
 )
+from proxy.upstream.admin import (
+    ADMIN_UPSTREAM_ROUTES,
+    UpstreamAdminGuard,
+    add_upstream_admin_routes,
+)
 from proxy.upstream.forward import forward_http
+from proxy.upstream.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
+from proxy.upstream.multi import (
+    dispatch_multi,
+    is_multi,
+    multi_instance_context,
+    relay_websocket_multi,
+)
+from proxy.upstream.placement_guard import PlacementGuard
 from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.registry import registry_context
+from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """The terminal handler for ComfyUI's surface: WebSocket relay or HTTP forward."""
     rule = request[CONTEXT].rule
+    multi = is_multi(request.app[POOL])  # several instances: merged views, sticky, fan-in
     if rule.websocket and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
-        return await relay_websocket(request)
+        return await (relay_websocket_multi if multi else relay_websocket)(request)
     if rule.name == "users":  # only GET gets here (RoleGuard); the proxy manages ComfyUI users
         return await users_endpoint(request)
+    if rule.name in CATALOG_RULES:  # what the UI offers: filtered to the caller's policy
+        return await serve_catalog(request)
+    if multi:
+        return await dispatch_multi(request)
     return await forward_http(request)
 
 
@@ -76,12 +118,35 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         RoleGuard(),  # admin-only families and actions
     )
     guards = {r.name: chain for r in (*RULES, OTHER)}
+    if settings.rate_limits.enabled:
+        # After the role guard (a refused request spends nothing), before isolation (whose
+        # reads of Redis and bodies a flood must not reach). Not on static files.
+        limit = RateLimitGuard()
+        guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
+    if settings.policy.enabled:
+        # After the rate limit (a flood is refused before its bodies are parsed), before
+        # isolation (which rewrites what the policy allowed).
+        guards["prompt"] = (*guards["prompt"], PolicyGuard())
+    guards[RELOAD_ROUTE] = (*chain, AdminGuard())  # POST /admin/reload: admins only
+    for name in ADMIN_UPSTREAM_ROUTES:  # /admin/upstreams[/{name}/drain|undrain]: admins only
+        guards[name] = (*chain, UpstreamAdminGuard())
+    # A repeated Idempotency-Key is answered from memory; then placement chooses the instance
+    # (several instances), under whose name isolation records the prompt.
+    guards["prompt"] = (*guards["prompt"], IdempotencyGuard(), PlacementGuard())
     # Isolation last: it narrows what an allowed request sees and touches.
     read, submit = ReadGuard(), SubmitGuard()
     for name in ("history", "queue", "jobs", "interrupt", "ws"):
-        guards[name] = (*chain, read)
+        guards[name] = (*guards[name], read)
     for name in ("prompt", "upload", "view"):
-        guards[name] = (*chain, submit)
+        guards[name] = (*guards[name], submit)
+    # Several instances: an upload goes to every healthy one (after isolation rewrote it).
+    guards["upload"] = (*guards["upload"], ReplicationGuard())
+    if settings.rate_limits.enabled:
+        # Queue quota last: on /ws it wraps isolation's frame filter; on POST /prompt it counts
+        # the prompt itself only with isolation off (isolation counts it once it set the id).
+        quota = QueueQuotaGuard()
+        for name in ("prompt", "ws"):
+            guards[name] = (*guards[name], quota)
     return guards
 
 
@@ -113,6 +178,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             observe,  # outermost: request id + context, and the one log line for every outcome
             render_errors,  # every error below becomes a JSON response observe can count
             resolve_route,  # rule decided before guards; a malformed path is a rendered 400
+            idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
             make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
@@ -120,12 +186,29 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry)
+    enable_user_counter(settings.metrics, app[METRICS])  # opt-in per-user counts
     app[POOL] = UpstreamPool(settings.upstream)
     app[LIFECYCLE] = Lifecycle()
     app[HEADER_POLICY] = build_header_policy(settings)
+    app[RELOAD_HOOKS] = []  # run on SIGHUP (proxy/server.py)
+    app[POLICY] = PolicyStore(settings.policy, settings.roles)  # a bad policy file fails here
+    app[RELOAD_HOOKS].append(policy_reload_hook(app))
     # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
     app.cleanup_ctx.extend(
-        [_upstream_pool, redis_client, authenticator_context, ownership_store, relay_sweeper]
+        [
+            _upstream_pool,
+            redis_client,
+            rate_limits_context,  # needs Redis; before anything serves
+            authenticator_context,
+            ownership_store,
+            metrics_context,  # needs Redis and the pool: upstream probe, generation tracker
+            queue_quota_context,  # needs Redis, the pool and the rate limits; runs a poller
+            relay_sweeper,
+            catalog_context,  # fetches through the pool; filters with app[POLICY]
+            multi_instance_context,  # several instances: fan-in, file locations, lost prompts
+            idempotency_context,  # needs Redis
+            registry_context,  # needs Redis and the catalog: discovery, health, capabilities
+        ]
     )
     app.on_shutdown.append(_close_websockets)
     app.on_response_prepare.append(add_response_headers)
@@ -133,6 +216,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     # The proxy's own routes first (health checks at the root, whatever the base path).
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=True)
     app.router.add_get("/readyz", readyz, name="readyz", allow_head=True)
+    if settings.metrics.enabled and settings.metrics.on_main_port:
+        add_metrics_route(app, settings.metrics)  # else a listener of its own (server.py)
     base = settings.server.base_path
     if base:
         # The frontend derives its API base from the page path: it must be served at "/comfy/"
@@ -144,5 +229,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
     # Public: the login page and its assets (handlers get their collaborators at startup).
     add_login_routes(app, base_path=base, settings=settings.auth)
+    add_reload_route(app, base_path=base)  # admins only (AdminGuard, wired by route name)
+    add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

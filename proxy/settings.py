@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,11 +37,21 @@ from yarl import URL
 from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, RoleSettings, check_role_references
 from proxy.errors import SettingsError
 from proxy.limits.settings import RateLimitSettings
+from proxy.observability.settings import MetricsSettings
+from proxy.policy.settings import PolicySettings
+from proxy.upstream.registry_settings import (
+    DiscoverySettings,
+    HealthSettings,
+    InstanceSettings,
+    PlacementSettings,
+    instance_name,
+)
 
 ENV_PREFIX = "COMFYGATE_"
 CONFIG_ENV = "COMFYGATE_CONFIG"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DEFAULT_UPSTREAM_URLS = ("http://127.0.0.1:8188",)
 
 
 class _Section(BaseModel):
@@ -66,6 +77,9 @@ class ServerSettings(_Section):
     """On SIGTERM: how long ``/readyz`` answers 503, still serving, before the listener closes."""
     max_inspected_body_mb: float = Field(default=32.0, gt=0)
     """Largest body the proxy reads itself (JSON it inspects); uploads stream past it."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """Processes serving the port (SO_REUSEPORT) under one supervisor; state they share
+    (limits, ownership, revocations) needs ``[redis]`` when more than one."""
 
     @field_validator("base_path")
     @classmethod
@@ -99,7 +113,12 @@ class ServerSettings(_Section):
 class UpstreamSettings(_Section):
     """The ComfyUI instances behind the proxy."""
 
-    urls: tuple[str, ...] = ("http://127.0.0.1:8188",)
+    # instances and discovery come before urls: urls may be empty when one of them is set.
+    instances: tuple[InstanceSettings, ...] = ()
+    """``[[upstream.instances]]``: url, name, weight, tags. When set (or with discovery),
+    ``urls`` left at its default is ignored."""
+    discovery: DiscoverySettings = DiscoverySettings()
+    urls: tuple[str, ...] = _DEFAULT_UPSTREAM_URLS
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     read_timeout_seconds: float = Field(default=300.0, gt=0)
     """Longest silence while reading an upstream response (not the total duration)."""
@@ -108,12 +127,31 @@ class UpstreamSettings(_Section):
     keepalive_seconds: float = Field(default=30.0, ge=0)
     preserve_host: bool = False
     """Send the client's Host upstream instead of the upstream's own (Origin is kept consistent)."""
+    merge_timeout_seconds: float = Field(default=2.0, gt=0)
+    """Several instances: how long a merged view (``GET /history``, ``/queue``, ``/api/jobs``,
+    ``/prompt``) waits for each one; a slower instance is left out of that answer."""
+    ws_reconnect_max_seconds: float = Field(default=10.0, gt=0)
+    """Several instances: longest pause between reconnects of a client's socket to an instance
+    that went away (the client's own socket stays open)."""
+    lost_watch_seconds: float = Field(default=2.0, ge=0)
+    """Several instances: how often each instance's queue is read to know which prompts it
+    holds, so that they are reported as failed if it dies (0 = not watched)."""
+
+    health: HealthSettings = HealthSettings()
+    placement: PlacementSettings = PlacementSettings()
+    home: str = ""
+    """Name of the instance that keeps settings and user data (default: the first one)."""
 
     @field_validator("urls")
     @classmethod
-    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one upstream URL is required")
+    def _urls(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        discovery = info.data.get("discovery")
+        discovered = isinstance(discovery, DiscoverySettings) and bool(discovery.hostname)
+        if not value and not info.data.get("instances") and not discovered:
+            raise ValueError(
+                "at least one upstream URL is required (or upstream.instances, "
+                "upstream.discovery.hostname)"
+            )
         problems = []
         for i, raw in enumerate(value):
             url = URL(raw)
@@ -124,6 +162,25 @@ class UpstreamSettings(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return tuple(u.rstrip("/") for u in value)
+
+    @property
+    def static_instances(self) -> tuple[InstanceSettings, ...]:
+        """The configured list: ``urls`` as plain instances, then ``instances``. The default
+        ``urls`` is a placeholder dropped when ``instances`` or discovery is configured."""
+        urls = self.urls
+        if (self.instances or self.discovery.hostname) and urls == _DEFAULT_UPSTREAM_URLS:
+            urls = ()
+        return (*(InstanceSettings(url=u) for u in urls), *self.instances)
+
+    @model_validator(mode="after")
+    def _instance_names(self) -> UpstreamSettings:
+        names = [i.name or instance_name(i.url) for i in self.static_instances]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"instance names must be unique (duplicated: {duplicates})")
+        if self.home and self.home not in names and not self.discovery.hostname:
+            raise ValueError(f"home: {self.home!r} is not the name of a configured instance")
+        return self
 
 
 class WebSocketSettings(_Section):
@@ -171,8 +228,52 @@ class IsolationSettings(_Section):
 
 
 class RedisSettings(_Section):
+    """Where shared state lives: one of ``url`` (a single server), ``sentinels`` +
+    ``sentinel_master`` (a Sentinel-managed master, followed across failovers) or
+    ``cluster_nodes`` (a Redis Cluster). None of them: no Redis, state in process memory."""
+
     url: str = ""
-    """Empty: no Redis; state is kept in process memory (single process only)."""
+    """``redis://``, ``rediss://`` (TLS) or ``unix://``; credentials and db in the URL."""
+    sentinels: tuple[str, ...] = ()
+    """``host:port`` of the Sentinels that monitor ``sentinel_master``."""
+    sentinel_master: str = ""
+    """The master's name in the Sentinels' configuration (``sentinel monitor <name> ...``)."""
+    sentinel_password: str = ""
+    """Password of the Sentinels themselves (their ``requirepass``), when they have one."""
+    cluster_nodes: tuple[str, ...] = ()
+    """``host:port`` startup nodes of a Redis Cluster (the rest is discovered)."""
+    username: str = ""
+    """ACL user for the Sentinel-managed master or the cluster nodes (``url`` carries its own)."""
+    password: str = ""
+    """Password for the Sentinel-managed master or the cluster nodes (``url`` carries its own)."""
+    db: int = Field(default=0, ge=0)
+    """Database of a Sentinel-managed master (a cluster only has 0; ``url``: in its path)."""
+    tls: bool = False
+    """TLS to the Sentinels, the master and the cluster nodes (``url``: use ``rediss://``)."""
+    tls_ca_certs: str = ""
+    """PEM bundle of the CAs that sign the servers' certificates (empty: the system's)."""
+    tls_certfile: str = ""
+    """Client certificate (PEM) for servers that require mutual TLS."""
+    tls_keyfile: str = ""
+    """Private key of ``tls_certfile`` (empty: the key is in the certificate file)."""
+    tls_verify: Literal["required", "optional", "none"] = "required"
+    """Server certificate check. SECURITY: ``none`` accepts any server (lab use only)."""
+    tls_check_hostname: bool = True
+    """Whether the certificate must name the host connected to."""
+    socket_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait for one command's reply (rate limit checks have their own, tighter
+    ``rate_limits.redis_budget_ms``). Measured on the event loop: a busy process needs slack
+    beyond the network round trip, or a load spike reads as a Redis outage."""
+    connect_timeout_seconds: float = Field(default=1.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
+    """Cap on pooled connections per Redis server (per node in a cluster). Idle ones are
+    reused; a command that finds none free at the cap fails like a connection error, so keep
+    it above the requests one proxy process serves at once (each holds one while it waits)."""
+    retries: int = Field(default=1, ge=0)
+    """Immediate retries of a command after a connection error (a restarted server leaves
+    dead pooled connections behind); more would multiply the wait while Redis is down."""
+    health_check_interval_seconds: float = Field(default=30.0, ge=0)
+    """A pooled connection idle this long is PINGed before use (0: never)."""
 
     @field_validator("url")
     @classmethod
@@ -180,6 +281,75 @@ class RedisSettings(_Section):
         if value and URL(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("scheme must be redis://, rediss:// or unix://")
         return value
+
+    @field_validator("sentinels", "cluster_nodes")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems = [
+            f"[{i}] {raw!r}: must be host:port (IPv6 as [addr]:port)"
+            for i, raw in enumerate(value)
+            if parse_host_port(raw) is None
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("tls_ca_certs", "tls_certfile", "tls_keyfile")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value!r}: no such file")
+        return value
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> RedisSettings:
+        problems = []
+        chosen = [k for k in ("url", "sentinels", "cluster_nodes") if getattr(self, k)]
+        if len(chosen) > 1:
+            problems.append(f"set only one of url, sentinels, cluster_nodes (got {chosen})")
+        if bool(self.sentinels) != bool(self.sentinel_master):
+            problems.append("sentinels and sentinel_master go together")
+        if self.cluster_nodes and self.db:
+            problems.append("db: a Redis Cluster only has database 0")
+        tls_files = self.tls_ca_certs or self.tls_certfile or self.tls_keyfile
+        plain_url = self.url and URL(self.url).scheme != "rediss"
+        if (tls_files or self.tls_verify != "required") and (plain_url or not self.uses_tls):
+            problems.append("tls_* settings need a rediss:// url or tls = true")
+        if self.tls and self.url:
+            problems.append("tls: with url, use a rediss:// url instead")
+        if self.tls_keyfile and not self.tls_certfile:
+            problems.append("tls_keyfile needs tls_certfile")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def mode(self) -> Literal["none", "standalone", "sentinel", "cluster"]:
+        if self.sentinels:
+            return "sentinel"
+        if self.cluster_nodes:
+            return "cluster"
+        return "standalone" if self.url else "none"
+
+    @property
+    def uses_tls(self) -> bool:
+        if self.url:
+            return URL(self.url).scheme == "rediss"
+        return self.tls
+
+
+def parse_host_port(raw: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` as a pair; None when malformed."""
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            return None
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # a bare IPv6 address is ambiguous: brackets required
+    return host, int(port)
 
 
 class Settings(BaseSettings):
@@ -200,6 +370,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     isolation: IsolationSettings = IsolationSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    policy: PolicySettings = PolicySettings()
+    metrics: MetricsSettings = MetricsSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")
@@ -239,7 +411,9 @@ _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 
 # Keys whose values are secrets: never printed by check-config, never logged.
-SECRET_KEYS = frozenset({"secret", "private_key", "url"})
+SECRET_KEYS = frozenset(
+    {"secret", "private_key", "url", "password", "sentinel_password", "bearer_token"}
+)
 
 
 def _resolve_files(section: str, value: Any) -> Any:

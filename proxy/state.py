@@ -23,10 +23,15 @@ if TYPE_CHECKING:
     from proxy.auth.authenticator import Authenticator
     from proxy.auth.comfy_users import ComfyUserDirectory
     from proxy.isolation.ownership import OwnershipStore
+    from proxy.limits.enforce import RateLimits
+    from proxy.limits.quota_service import QueueQuota
+    from proxy.policy.catalog_upstream import Catalog
+    from proxy.policy.store import PolicyStore
+    from proxy.upstream.placement_guard import Failover
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
 from proxy.settings import Settings
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import Upstream, UpstreamPool
 
 
 @dataclass(slots=True)
@@ -52,6 +57,9 @@ class RequestContext:
     """Set by the auth guard; None only on the proxy's own public routes."""
     body: bytes | None = None
     """The request body when a guard had to read it; forwarded instead of the stream."""
+    parsed_body: tuple[bytes, object] | None = None
+    """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (see
+    ``proxy.isolation.prompt.parse_request_body``); stale as soon as ``body`` is replaced."""
     body_stream: AsyncIterator[bytes] | None = None
     """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
     chunked framing (its Content-Type goes in ``upstream_headers``)."""
@@ -64,6 +72,13 @@ class RequestContext:
     it; forces a buffered response. Not called for non-JSON or compressed answers."""
     ws_filter: Callable[[str | bytes], Awaitable[str | bytes | None]] | None = None
     """On a WebSocket relay: each frame from ComfyUI goes through it; None drops the frame."""
+    upgraded: bool = False
+    """The WebSocket handshake was answered (101): the request's status from then on."""
+    target: Upstream | None = None
+    """The instance this request must go to (sticky routing, placement); None: the home one."""
+    failover: Failover | None = None
+    """Set by placement on ``POST /prompt``: sends the submission, moving it to the next
+    candidate instance when one refuses it (``proxy.upstream.placement_guard``)."""
 
 
 @dataclass(slots=True)
@@ -107,5 +122,17 @@ METRICS = web.AppKey("comfygate.metrics", Metrics)
 AUTH: web.AppKey[Authenticator] = web.AppKey("comfygate.auth")
 OWNERSHIP: web.AppKey[OwnershipStore] = web.AppKey("comfygate.ownership")
 COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users")
-REDIS: web.AppKey[redis.Redis | None] = web.AppKey("comfygate.redis")
-"""None when no Redis is configured (state kept in process memory)."""
+RELOAD_HOOKS: web.AppKey[list[Callable[[], Awaitable[None]]]] = web.AppKey("comfygate.reload")
+"""Run on SIGHUP by ``proxy.server`` (in every worker: the supervisor forwards it); append a
+reload coroutine function (e.g. from a ``cleanup_ctx``). A failing hook is logged, not fatal."""
+REDIS: web.AppKey[redis.Redis | redis.RedisCluster | None] = web.AppKey("comfygate.redis")
+"""None when no Redis is configured (state kept in process memory); otherwise a
+``proxy.redis_store.RedisClient`` (standalone, Sentinel-managed or cluster)."""
+RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("comfygate.rate_limits")
+"""Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
+POLICY: web.AppKey[PolicyStore] = web.AppKey("comfygate.policy")
+"""The workflow policy in force (swapped on reload); see ``proxy.policy.store``."""
+CATALOG: web.AppKey[Catalog] = web.AppKey("comfygate.catalog")
+"""``/object_info`` cached per ComfyUI instance, filtered per role (``proxy.policy.catalog``)."""
+QUEUE_QUOTA: web.AppKey[QueueQuota] = web.AppKey("comfygate.queue_quota")
+"""Per-user queue quotas (in Redis when configured, else in memory) and their reconciler."""

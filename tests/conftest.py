@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,13 @@ from pytest_aiohttp import AiohttpClient
 
 from proxy.app import create_app
 from proxy.settings import Settings, load_settings
+from tests.redis_cluster import (
+    SENTINEL_MASTER,
+    LocalCluster,
+    LocalSentinel,
+    start_cluster,
+    start_sentinel,
+)
 from tests.redis_server import RedisServer, start_redis
 
 if TYPE_CHECKING:
@@ -50,6 +58,63 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushdb()
     client.close()
     return redis_server.url
+
+
+def _started(start: Callable[[], Any]) -> Any:
+    """Start a Redis deployment; skip locally (fail in CI) when redis-server is missing."""
+    try:
+        return start()
+    except FileNotFoundError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A local 3-master Redis Cluster, started on first use and kept for the session."""
+    cluster: LocalCluster = _started(start_cluster)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A master and a Sentinel monitoring it, started on first use and kept for the session."""
+    setup: LocalSentinel = _started(start_sentinel)
+    yield setup
+    setup.stop()
+
+
+@dataclass(frozen=True)
+class RedisBackend:
+    """One Redis deployment the proxy can use: ``make_proxy(url, redis=backend.settings)``."""
+
+    name: str
+    """``standalone``, ``sentinel`` or ``cluster``."""
+    settings: dict[str, Any]
+    """The ``[redis]`` section that points the proxy at it."""
+
+
+REDIS_BACKENDS = ("standalone", "sentinel", "cluster")
+
+
+@pytest.fixture(params=REDIS_BACKENDS)
+def redis_backend(request: pytest.FixtureRequest) -> RedisBackend:
+    """Each Redis deployment in turn, flushed before the test; the sentinel and cluster
+    setups are only started when a test asks for them."""
+    name = request.param
+    if name == "standalone":
+        return RedisBackend(name, {"url": request.getfixturevalue("redis_url")})
+    if name == "sentinel":
+        setup: LocalSentinel = request.getfixturevalue("redis_sentinel")
+        setup.flush()
+        return RedisBackend(
+            name, {"sentinels": setup.sentinels, "sentinel_master": SENTINEL_MASTER}
+        )
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    return RedisBackend(name, {"cluster_nodes": cluster.nodes})
 
 
 @pytest.fixture
@@ -100,6 +165,8 @@ def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
                 merged[key] = value
         overrides[name] = merged
     overrides.setdefault("logging", {}).setdefault("format", "json")
+    # No background upstream probe unless a test asks: tests count what reaches the fake.
+    overrides.setdefault("metrics", {}).setdefault("upstream_poll_seconds", 0)
     return load_settings(None, overrides=overrides, environ={})
 
 

@@ -11,11 +11,13 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
-import redis.asyncio as redis
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from proxy.redis_store import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,7 @@ class RedisOwnershipStore:
     (sorted set of prompt ids by expiry), ``<p>file:<type>:<subfolder>:<name>`` (owner)."""
 
     def __init__(
-        self, client: redis.Redis, retention_seconds: float, prefix: str = "comfygate:own:"
+        self, client: RedisClient, retention_seconds: float, prefix: str = "comfygate:own:"
     ) -> None:
         self._redis = client
         self._retention = retention_seconds

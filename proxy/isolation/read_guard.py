@@ -55,6 +55,8 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import OwnershipStore
 from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import map_client_error
+from proxy.upstream.merge import fetch_merged_queue, parsed_answer
+from proxy.upstream.multi import MULTI
 
 HISTORY_PAGING = ("max_items", "offset")
 JOBS_PAGING = ("limit", "offset")
@@ -317,6 +319,8 @@ async def fetch_queue(request: web.Request) -> object:
         UpstreamTimeout: ComfyUI went silent.
     """
     pool = request.app[POOL]
+    if pool.managed or len(pool.upstreams) > 1:  # several instances: who runs where
+        return await fetch_merged_queue(request, request.app[MULTI])
     upstream = pool.pick()
     try:
         async with pool.session.get(
@@ -343,6 +347,9 @@ def _answer(ctx: RequestContext, status: int, payload: object | None = None) -> 
 
 def _loads(body: bytes) -> object:
     """The JSON of an upstream answer; None (filtered to an empty view) when it is not JSON."""
+    merged = parsed_answer(body)  # several instances: the merged answer, already parsed
+    if merged is not None:
+        return merged
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -6,7 +6,8 @@ every request passes.
 
 - ``POST /prompt``: :mod:`proxy.isolation.prompt` checks and rewrites the body; the prompt is
   recorded as the caller's *before* it is forwarded (ComfyUI may send its events before its
-  answer) and forgotten again if ComfyUI refuses it.
+  answer) and forgotten again if ComfyUI refuses it. It is counted against the caller's queue
+  quota first (:mod:`proxy.limits.quota_service`; over it: 429 ``queue_full``).
 - ``POST /upload/image|mask``: the multipart body is rebuilt while it streams (the file part is
   never buffered) so the file lands in ``input/users/<owner>/``; the stored file is recorded as
   the caller's from ComfyUI's answer.
@@ -25,7 +26,7 @@ from urllib.parse import quote, urlencode
 import orjson
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
-from proxy.auth.guard import read_json_body
+from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
 from proxy.isolation.files import (
     FileScope,
@@ -46,15 +47,16 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
     NOT_JSON,
+    ParsedBody,
     PromptRejected,
     check_graph,
     client_id_of,
     dump_body,
-    parse_body,
+    parse_request_body,
     requested_prompt_id,
     rewrite_submission,
 )
-from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 
@@ -120,8 +122,8 @@ async def _owned(store: OwnershipStore, ref: tuple[str, str, str] | None, owner:
 async def _submit_prompt(
     request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
 ) -> None:
-    await read_json_body(request, ctx)  # reads and keeps ctx.body (size-limited)
-    parsed = parse_body(ctx.body or b"", request.charset)
+    await read_body(request, ctx)  # reads and keeps ctx.body (size-limited), not parsed
+    parsed = parse_request_body(ctx, request.charset)  # already parsed by the policy guard
     if parsed is NOT_JSON or not isinstance(parsed.value, dict):
         return  # ComfyUI cannot read it either (400/500); nothing can run
     body = parsed.value
@@ -152,14 +154,23 @@ async def _submit_prompt(
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=scope.owner,
-        upstream=request.app[POOL].pick().name,
+        upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
         created_at=time.time(),
     )
+    # Counted against the caller's queue quota before anything is recorded or forwarded
+    # (over it: 429 queue_full); ComfyUI's answer then confirms or releases the count.
+    quota = request.app[QUEUE_QUOTA]
+    counted = principal is not None and await quota.reserve(
+        ctx, principal, prompt_id, record.upstream
+    )
     # Recorded before forwarding: ComfyUI may emit this prompt's events before it answers.
     if not await store.record_prompt(record):
+        if counted:
+            await quota.release([prompt_id], reason="taken")
         raise _taken()  # another request recorded the same id in the meantime
     ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
+    ctx.parsed_body = (ctx.body, ParsedBody(rewritten, parsed.exact_json))  # for later readers
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
     ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
 
@@ -169,8 +180,8 @@ async def _record_admin_prompt(
 ) -> None:
     """An admin's prompt: only its client id namespaced (the WebSocket relay namespaces every
     socket's, admins' too) and an id minted when it has none; then recorded as the admin's."""
-    await read_json_body(request, ctx)
-    parsed = parse_body(ctx.body or b"", request.charset)
+    await read_body(request, ctx)
+    parsed = parse_request_body(ctx, request.charset)
     if parsed is NOT_JSON or not isinstance(parsed.value, dict):
         return
     body = parsed.value
@@ -180,14 +191,17 @@ async def _record_admin_prompt(
     client_id = upstream_client_id(owner, client_id_of(body))
     rewritten = {**body, "prompt_id": prompt_id, "client_id": client_id}
     ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
+    ctx.parsed_body = (ctx.body, ParsedBody(rewritten, parsed.exact_json))  # for later readers
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=owner,
-        upstream=request.app[POOL].pick().name,
+        upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
         created_at=time.time(),
     )
+    if ctx.principal is not None:  # admins' quota is 0 (unlimited) unless configured
+        await request.app[QUEUE_QUOTA].reserve(ctx, ctx.principal, prompt_id, record.upstream)
     if await store.record_prompt(record):
         ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
 

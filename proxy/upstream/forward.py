@@ -88,10 +88,14 @@ def map_client_error(exc: BaseException, upstream: Upstream, request: web.Reques
     metrics = request.app[METRICS]
     if isinstance(exc, (TimeoutError, UpstreamHttpTimeout)):
         metrics.upstream_errors.labels(upstream.name, "timeout").inc()
+        if isinstance(exc.__cause__, TimeoutError):  # connecting timed out (passive health)
+            request.app[POOL].report_failure(upstream, "timeout")
         return UpstreamTimeout(f"ComfyUI at {upstream.name} did not answer in time")
     refused = isinstance(exc, (aiohttp.ClientConnectorError, UpstreamConnectError))
     kind = "refused" if refused else "protocol"
     metrics.upstream_errors.labels(upstream.name, kind).inc()
+    if refused:  # nothing listens there (passive health); a broken exchange may be the client's
+        request.app[POOL].report_failure(upstream, "refused")
     return UpstreamUnavailable(f"ComfyUI at {upstream.name} is unreachable ({type(exc).__name__})")
 
 
@@ -102,7 +106,7 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     """Send the request to ComfyUI and relay its answer."""
     ctx = request[CONTEXT]
     pool = request.app[POOL]
-    upstream = pool.pick()
+    upstream = ctx.target or pool.home()
     ctx.upstream = upstream.name
     headers = build_upstream_headers(request, ctx, upstream)
     # We send the body at once and skip 1xx answers: no "100 Continue" handshake upstream.
@@ -131,12 +135,16 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
 
     started = time.perf_counter()
     try:
-        resp = await pool.http1(upstream).request(
-            request.method,
-            upstream.target_prefix + ctx.upstream_path,
-            list(headers.items()),
-            body,
-        )
+        if ctx.failover is not None:  # placement: a refused submission moves to another instance
+            resp, upstream = await ctx.failover.send(request, upstream, body)
+        else:
+            resp = await pool.http1(upstream).request(
+                request.method,
+                upstream.target_prefix + ctx.upstream_path,
+                list(headers.items()),
+                body,
+            )
+            pool.report_response(upstream, resp.status)  # passive health (several instances)
     except _CLIENT_ERRORS as exc:
         ctx.upstream_seconds = time.perf_counter() - started
         log.warning(

@@ -150,16 +150,31 @@ async def _pump_upstream(
     ctx: RequestContext,
 ) -> _Ended:
     frame_filter = ctx.ws_filter
-    frames = metrics.ws_frames
-    text_frames, binary_frames = frames.labels("down", "text"), frames.labels("down", "binary")
-    down_bytes = metrics.ws_bytes.labels("down")
+    frames, sizes = metrics.ws_frames, metrics.ws_bytes
+    text_frames, text_bytes = frames.labels("down", "text"), sizes.labels("down", "text")
+    preview_frames = frames.labels("down", "preview")
+    preview_bytes = sizes.labels("down", "preview")
+    binary_frames, binary_bytes = frames.labels("down", "binary"), sizes.labels("down", "binary")
+    # Generation metrics read ComfyUI's execution events as they pass (before the filter).
+    tracker = metrics.generation
+    roles = ctx.principal.roles if ctx.principal is not None else frozenset()
     while True:
         msg = await upstream_ws.receive()
         if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
             data = msg.data
-            (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
-            down_bytes.inc(len(data))
-            ctx.bytes_out += len(data)
+            size = len(data)
+            if msg.type is WSMsgType.TEXT:
+                text_frames.inc()
+                text_bytes.inc(size)
+                if tracker is not None:
+                    tracker.observe_frame(data, roles, ctx.upstream)
+            elif is_preview(data):
+                preview_frames.inc()
+                preview_bytes.inc(size)
+            else:
+                binary_frames.inc()
+                binary_bytes.inc(size)
+            ctx.bytes_out += size
             if frame_filter is not None:
                 filtered = await frame_filter(data)
                 if filtered is None:
@@ -181,14 +196,18 @@ async def _pump_client(
     metrics: Metrics,
     ctx: RequestContext,
 ) -> _Ended:
-    frames = metrics.ws_frames
-    text_frames, binary_frames = frames.labels("up", "text"), frames.labels("up", "binary")
-    up_bytes = metrics.ws_bytes.labels("up")
+    frames, sizes = metrics.ws_frames, metrics.ws_bytes
+    text_frames, text_bytes = frames.labels("up", "text"), sizes.labels("up", "text")
+    binary_frames, binary_bytes = frames.labels("up", "binary"), sizes.labels("up", "binary")
     while True:
         msg = await ws.receive()
         if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-            (text_frames if msg.type is WSMsgType.TEXT else binary_frames).inc()
-            up_bytes.inc(len(msg.data))
+            if msg.type is WSMsgType.TEXT:
+                text_frames.inc()
+                text_bytes.inc(len(msg.data))
+            else:
+                binary_frames.inc()
+                binary_bytes.inc(len(msg.data))
             ctx.bytes_in += len(msg.data)
             if upstream_ws.closed:
                 continue  # superseded by a newer socket with this clientId: ComfyUI ignores it too
@@ -212,7 +231,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS].websocket
     pool, metrics = app[POOL], app[METRICS]
-    upstream = pool.pick()
+    upstream = ctx.target or pool.home()
     ctx.upstream = upstream.name
     max_msg = int(settings.max_message_mb * 1024 * 1024)
 
@@ -275,6 +294,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, RuntimeError) as exc:
         await upstream_ws.close()
         raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
+    ctx.upgraded = True
 
     superseded = asyncio.Event()
 

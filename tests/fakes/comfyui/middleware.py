@@ -177,3 +177,25 @@ def make_origin_only(fake: FakeComfyUI) -> Middleware:
         return await handler(request)
 
     return cast(Middleware, origin_only)
+
+
+def make_faults(fake: FakeComfyUI) -> Middleware:
+    """Fake-only failures (:attr:`FakeComfyUI.fail_status`, :attr:`FakeComfyUI.fail_prompts`)."""
+
+    @web.middleware
+    async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/__fake__/"):
+            return await handler(request)
+        if fake.fail_status is not None:
+            return web.Response(status=fake.fail_status, text="fake failure")
+        if (
+            fake.fail_prompts > 0
+            and request.method == "POST"
+            and request.path in ("/prompt", "/api/prompt")
+        ):
+            fake.fail_prompts -= 1
+            await request.read()
+            return web.Response(status=500, text="500 Internal Server Error (fake)")
+        return await handler(request)
+
+    return cast(Middleware, faults)

@@ -20,6 +20,7 @@ import os
 import struct
 import time
 import weakref
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +30,14 @@ from aiohttp.typedefs import Middleware
 from . import files, images, queue_routes, userdata
 from . import frontend as frontend_module
 from .executor import Executor
-from .middleware import Received, cache_control, make_origin_only, make_record, read_body
+from .middleware import (
+    Received,
+    cache_control,
+    make_faults,
+    make_origin_only,
+    make_record,
+    read_body,
+)
 from .nodes import NodeRegistry
 from .paths import Paths
 from .queue import PromptQueue
@@ -60,7 +68,10 @@ class FakeComfyUI:
         strict_prompt_id: bool = False,
         preview_method: str = "latent2rgb",
         record: bool = True,
+        nodes: Collection[str] | None = None,
     ) -> None:
+        """``nodes``: the node classes this instance has (default: every one the fake knows),
+        as instances with different custom nodes installed."""
         self.paths = Paths.create(Path(root))
         self.origin_check = origin_check
         self.sec_fetch_check = sec_fetch_check
@@ -76,6 +87,12 @@ class FakeComfyUI:
         self.log_subscribers: set[str] = set()
         self.web_root = frontend_module.frontend_root(frontend, self.paths.root)
         self.registry = NodeRegistry(self.paths)
+        if nodes is not None:
+            self.registry.classes = {k: v for k, v in self.registry.classes.items() if k in nodes}
+        self.fail_prompts = 0
+        """Fake-only: the next N ``POST /prompt`` answer 500 before anything is queued."""
+        self.fail_status: int | None = None
+        """Fake-only: every request answers this status (an instance that is sick)."""
         self.socket_table = SocketTable()
         self.executor = Executor(
             self.registry, self.paths, self.socket_table, preview_method=preview_method
@@ -128,6 +145,18 @@ class FakeComfyUI:
     async def wait_idle(self) -> None:
         """Until the queue is empty, nothing runs and the last messages were sent."""
         await self.queue.wait_idle()
+
+    async def wait_socket(self, sid: str, *, flags: bool = False, gone: bool = False) -> None:
+        """Until a socket is registered under ``sid`` (with ``flags``: and told its feature
+        flags; with ``gone``: until none is)."""
+
+        def ready() -> bool:
+            if gone:
+                return sid not in self.sockets
+            told = self.socket_table.metadata.get(sid, {}).get("feature_flags")
+            return sid in self.sockets and (not flags or bool(told))
+
+        await self.socket_table.wait_for(ready)
 
     async def broadcast(self, message: Any) -> None:
         """Send ``message`` (a whole JSON message) to every registered socket."""
@@ -182,7 +211,11 @@ class FakeComfyUI:
 
     # -- app ---------------------------------------------------------------------------
     def _build_app(self) -> web.Application:
-        middlewares: list[Middleware] = [cast(Middleware, cache_control), make_origin_only(self)]
+        middlewares: list[Middleware] = [
+            make_faults(self),
+            cast(Middleware, cache_control),
+            make_origin_only(self),
+        ]
         if self.record:
             middlewares = [make_record(self), *middlewares, cast(Middleware, read_body)]
         app = web.Application(client_max_size=self.max_upload_size, middlewares=middlewares)

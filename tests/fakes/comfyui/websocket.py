@@ -15,6 +15,7 @@ run-ws-binary.json, run-progress-text.json, run-tiny-model-ksampler.json):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import uuid
@@ -65,6 +66,20 @@ class SocketTable:
     def __init__(self) -> None:
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
+        self._changed: asyncio.Condition | None = None
+
+    async def changed(self) -> None:
+        """Fake-only: wake :meth:`wait_for` (a socket registered, told its flags, or left)."""
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Fake-only: until ``predicate()`` holds (checked after every socket change)."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(predicate)
 
     def supports_preview_metadata(self, sid: str | None) -> bool:
         """``feature_flags.supports_feature(..., "supports_preview_metadata")``."""
@@ -105,6 +120,7 @@ async def websocket_handler(fake: FakeComfyUI, request: web.Request) -> web.WebS
         sid = uuid.uuid4().hex
     table.sockets[sid] = ws
     table.metadata[sid] = {"feature_flags": {}}
+    await table.changed()
     try:
         await table.send_json("status", {"status": fake.queue.queue_info(), "sid": sid}, sid)
         if fake.queue.client_id == sid and fake.queue.last_node_id is not None:
@@ -123,10 +139,12 @@ async def websocket_handler(fake: FakeComfyUI, request: web.Request) -> web.WebS
                     flags = data.get("data", {})
                     table.metadata.setdefault(sid, {})["feature_flags"] = flags
                     await table.send_json("feature_flags", fake.server_features(), sid)
+                    await table.changed()
                 first_message = False
             elif msg.type == WSMsgType.BINARY:
                 fake.ws_received.append((sid, "binary", msg.data))
     finally:
         table.sockets.pop(sid, None)
         table.metadata.pop(sid, None)
+        await table.changed()
     return ws
