@@ -57,7 +57,7 @@ from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
 from proxy.policy.catalog import CATALOG_RULES, catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
-from proxy.policy.reload import RELOAD_ROUTE, AdminGuard, add_reload_route, policy_reload_hook
+from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
 from proxy.policy.store import PolicyStore
 from proxy.redis_store import redis_client
 from proxy.routes import OTHER, RULES
@@ -76,8 +76,8 @@ from proxy.state import (
 )
 from proxy.upstream.admin import (
     ADMIN_UPSTREAM_ROUTES,
-    UpstreamAdminGuard,
     add_upstream_admin_routes,
+    upstream_admin_guard,
 )
 from proxy.upstream.forward import forward_http
 from proxy.upstream.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
@@ -127,9 +127,10 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
         guards["prompt"] = (*guards["prompt"], PolicyGuard())
-    guards[RELOAD_ROUTE] = (*chain, AdminGuard())  # POST /admin/reload: admins only
-    for name in ADMIN_UPSTREAM_ROUTES:  # /admin/upstreams[/{name}/drain|undrain]: admins only
-        guards[name] = (*chain, UpstreamAdminGuard())
+    guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
+    upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
+    for name in ADMIN_UPSTREAM_ROUTES:
+        guards[name] = (*chain, upstreams_admin)
     # A repeated Idempotency-Key is answered from memory; then placement chooses the instance
     # (several instances), under whose name isolation records the prompt.
     guards["prompt"] = (*guards["prompt"], IdempotencyGuard(), PlacementGuard())
@@ -229,7 +230,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
     # Public: the login page and its assets (handlers get their collaborators at startup).
     add_login_routes(app, base_path=base, settings=settings.auth)
-    add_reload_route(app, base_path=base)  # admins only (AdminGuard, wired by route name)
+    add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

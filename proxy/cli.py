@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="processes serving the port under a supervisor (server.workers)"
     )
 
-    check = sub.add_parser("check-config", help="validate the configuration and print it")
+    check = sub.add_parser(
+        "check-config",
+        help="validate the configuration and the workflow policy files, and print the settings",
+    )
     _config_arg(check)
     auth_cli.register(sub)  # user add|remove|list|passwd, token create|revoke
     return parser
@@ -59,6 +62,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if getattr(args, "upstream", None):
         out["upstream"] = {"urls": tuple(args.upstream)}
     return out
+
+
+def _check_policy(settings: Settings) -> None:
+    """Load the workflow policy files as startup does (``create_app`` builds the policy store
+    whether or not ``policy.enabled``), so a bad file fails here and not at the next deploy.
+
+    Raises:
+        PolicyError: every problem of the files at once.
+    """
+    from proxy.policy.loader import load_policy  # noqa: PLC0415 - only this command needs it
+
+    load_policy(settings.policy, settings.roles)
 
 
 def _run(settings: Settings) -> int:
@@ -89,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("user", "token"):
         return auth_cli.run(args, settings)
     if args.command == "check-config":
+        try:
+            _check_policy(settings)
+        except SettingsError as exc:  # the same message startup prints: file, key, rule
+            print(exc, file=sys.stderr)
+            return 2
         print(json.dumps(redacted(settings), indent=2))
         return 0
     configure_logging(settings.logging)

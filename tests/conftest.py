@@ -60,6 +60,17 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of one test alone: fault-injection tests stop and restart it."""
+    try:
+        server = start_redis()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
 def _started(start: Callable[[], Any]) -> Any:
     """Start a Redis deployment; skip locally (fail in CI) when redis-server is missing."""
     try:

@@ -48,6 +48,29 @@ class Target:
     legend: str = ""
 
 
+def p50_p99(histogram: str, extra: str = "", by: str = "") -> tuple[Target, Target]:
+    """The median and the 99th percentile of ``histogram``, legends ``[{{by}} ]p50|p99``."""
+    label = f"{{{{{by}}}}} " if by else ""
+    return (
+        Target(quantile(0.5, histogram, extra, by), f"{label}p50"),
+        Target(quantile(0.99, histogram, extra, by), f"{label}p99"),
+    )
+
+
+def breaker_states() -> list[dict[str, Any]]:
+    """Value mappings of a breaker-state gauge (0 closed, 1 half-open, 2 open)."""
+    return [
+        {
+            "type": "value",
+            "options": {
+                "0": {"text": "closed", "color": "green"},
+                "1": {"text": "half-open", "color": "orange"},
+                "2": {"text": "open", "color": "red"},
+            },
+        }
+    ]
+
+
 @dataclass
 class Panel:
     title: str
@@ -139,18 +162,7 @@ ROWS: tuple[Row, ...] = (
             ),
             _ts(
                 "Latency p50 / p99 by route rule",
-                Target(
-                    quantile(
-                        0.5, "comfygate_http_request_duration_seconds", 'rule=~"$rule"', "rule"
-                    ),
-                    "{{rule}} p50",
-                ),
-                Target(
-                    quantile(
-                        0.99, "comfygate_http_request_duration_seconds", 'rule=~"$rule"', "rule"
-                    ),
-                    "{{rule}} p99",
-                ),
+                *p50_p99("comfygate_http_request_duration_seconds", 'rule=~"$rule"', "rule"),
                 unit="s",
                 description="Request start to response end (WebSocket upgrades excluded).",
             ),
@@ -192,14 +204,7 @@ ROWS: tuple[Row, ...] = (
             ),
             _ts(
                 "Latency p50 / p99 (requests)",
-                Target(
-                    quantile(0.5, "comfygate_upstream_duration_seconds", by="upstream"),
-                    "{{upstream}} p50",
-                ),
-                Target(
-                    quantile(0.99, "comfygate_upstream_duration_seconds", by="upstream"),
-                    "{{upstream}} p99",
-                ),
+                *p50_p99("comfygate_upstream_duration_seconds", by="upstream"),
                 unit="s",
             ),
             _ts(
@@ -237,16 +242,7 @@ ROWS: tuple[Row, ...] = (
                     "{{upstream}}",
                 ),
                 unit="short",
-                mappings=[
-                    {
-                        "type": "value",
-                        "options": {
-                            "0": {"text": "closed", "color": "green"},
-                            "1": {"text": "half-open", "color": "orange"},
-                            "2": {"text": "open", "color": "red"},
-                        },
-                    }
-                ],
+                mappings=breaker_states(),
                 description="0 closed (takes prompts), 1 half-open, 2 open.",
             ),
         ],
@@ -268,15 +264,13 @@ ROWS: tuple[Row, ...] = (
             ),
             _ts(
                 "Queue wait p50 / p99",
-                Target(quantile(0.5, "comfygate_prompt_queue_wait_seconds"), "p50"),
-                Target(quantile(0.99, "comfygate_prompt_queue_wait_seconds"), "p99"),
+                *p50_p99("comfygate_prompt_queue_wait_seconds"),
                 unit="s",
                 description="From submission to execution_start.",
             ),
             _ts(
                 "Execution time p50 / p99",
-                Target(quantile(0.5, "comfygate_prompt_execution_seconds"), "p50"),
-                Target(quantile(0.99, "comfygate_prompt_execution_seconds"), "p99"),
+                *p50_p99("comfygate_prompt_execution_seconds"),
                 unit="s",
                 description="From execution_start to success, error or interruption.",
             ),
@@ -365,13 +359,7 @@ ROWS: tuple[Row, ...] = (
         [
             _ts(
                 "Redis latency p50 / p99",
-                Target(
-                    quantile(0.5, "comfygate_redis_command_duration_seconds", by="op"), "{{op}} p50"
-                ),
-                Target(
-                    quantile(0.99, "comfygate_redis_command_duration_seconds", by="op"),
-                    "{{op}} p99",
-                ),
+                *p50_p99("comfygate_redis_command_duration_seconds", by="op"),
                 unit="s",
             ),
             _ts(
@@ -386,16 +374,7 @@ ROWS: tuple[Row, ...] = (
                     f"max by (instance) (comfygate_redis_breaker_state{{{SEL}}})", "{{instance}}"
                 ),
                 unit="short",
-                mappings=[
-                    {
-                        "type": "value",
-                        "options": {
-                            "0": {"text": "closed", "color": "green"},
-                            "1": {"text": "half-open", "color": "orange"},
-                            "2": {"text": "open", "color": "red"},
-                        },
-                    }
-                ],
+                mappings=breaker_states(),
                 description="0 closed, 1 half-open, 2 open (Redis bypassed: fail modes apply).",
             ),
         ],

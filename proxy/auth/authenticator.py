@@ -17,7 +17,12 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.auth.principal import Principal, Source
-from proxy.auth.revocation import MemoryRevocationList, RedisRevocationList, RevocationList
+from proxy.auth.revocation import (
+    MemoryRevocationList,
+    RedisRevocationList,
+    RevocationList,
+    cached,
+)
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
@@ -178,10 +183,13 @@ def print_bootstrap_token(jwt_settings: JwtSettings, roles: Mapping[str, RoleSet
 
 
 def build_revocations(app: web.Application) -> RevocationList:
-    from proxy.state import REDIS  # noqa: PLC0415 - state imports auth types
+    from proxy.state import REDIS, SETTINGS  # noqa: PLC0415 - state imports auth types
 
     client = app[REDIS]
-    return RedisRevocationList(client) if client is not None else MemoryRevocationList()
+    if client is None:
+        return MemoryRevocationList()  # a dict lookup already: nothing to cache
+    ttl = app[SETTINGS].auth.revocation_cache_seconds
+    return cached(RedisRevocationList(client), ttl)
 
 
 async def authenticator_context(app: web.Application) -> AsyncIterator[None]:

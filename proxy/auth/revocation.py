@@ -8,13 +8,21 @@ covers the verifier's leeway), or after :data:`MAX_UNKNOWN_EXPIRY_SECONDS` when 
 
 Redis errors are mapped here to :class:`RevocationUnavailable` (503): the revocation check fails
 closed, a token is never accepted because its revocation could not be looked up.
+
+The lookup runs on every authenticated request. :class:`CachedRevocationList` (in front of the
+Redis list when ``auth.revocation_cache_seconds > 0``) answers repeated lookups of one token id
+from process memory for that long: a revocation made elsewhere (another replica or worker,
+``comfygate token revoke``) is then honoured here after at most that many seconds; one made
+through this process at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -38,6 +46,9 @@ REDIS_TIMEOUT_SECONDS = 1.0
 """Bound on one denylist lookup, whatever the shared client's retry policy: the lookup runs on
 every authenticated request, so an outage must fail fast (503), not stall requests."""
 DEFAULT_MEMORY_ENTRIES = 100_000
+DEFAULT_CACHE_ENTRIES = 10_000
+"""Token ids whose answer :class:`CachedRevocationList` remembers (the least recent go first;
+forgetting one only costs a lookup)."""
 
 
 # SET <key> 1 PX <ms>, unless the key already outlives that: a second revoke never shortens a
@@ -208,11 +219,124 @@ class RedisRevocationList:
             raise RevocationUnavailable("the token revocation list is unavailable") from None
 
 
+class CachedRevocationList:
+    """A :class:`RevocationList` that remembers each token id's answer for ``ttl_seconds``.
+
+    In front of :class:`RedisRevocationList` it turns the per-request ``EXISTS`` (a round trip
+    and ~60 us of client CPU) into a dict lookup for every request of a token after its first
+    within the TTL. Concurrent lookups of one id share one query. Bounded by ``max_entries``.
+
+    SECURITY: the cache trades freshness for speed, within a bound the operator sets
+    (``auth.revocation_cache_seconds``; 0 = no cache):
+
+    - a revocation written elsewhere is honoured after at most ``ttl_seconds``: an answer is
+      kept that long from when its query was *sent*, so it is never older than the TTL;
+    - :meth:`revoke` through this object drops the id's answer and any query in flight at
+      once, and no query that overlapped the revocation may store its answer (it may have read
+      Redis before the write landed);
+    - failures are never cached: an unreadable list fails closed on every call, as without it.
+    """
+
+    def __init__(
+        self,
+        inner: RevocationList,
+        ttl_seconds: float,
+        *,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive (0 = use the list without a cache)")
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.inner = inner
+        self.ttl = ttl_seconds
+        self._max_entries = max_entries
+        self.clock = clock
+        """Monotonic seconds; tests replace it to drive the TTL."""
+        self._answers: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+        """token id -> (valid until, revoked)."""
+        self._inflight: dict[str, asyncio.Task[bool]] = {}
+        self._epoch = 0
+        """Bumped before and after every revocation through this object: a query that saw it
+        change may have read Redis before the write, so its answer is used once, not stored."""
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    async def revoke(self, token_id: str, until: float | None) -> None:
+        """See :meth:`RevocationList.revoke`; this process refuses ``token_id`` at once.
+
+        Raises:
+            ValueError: ``token_id`` is empty or too long.
+            RevocationUnavailable: the backing store cannot be written.
+        """
+        self._forget(token_id)
+        try:
+            await self.inner.revoke(token_id, until)
+        finally:
+            # Again after the write: a query sent while it was on its way may have missed it.
+            self._forget(token_id)
+
+    async def is_revoked(self, token_id: str) -> bool:
+        """See :meth:`RevocationList.is_revoked`.
+
+        Raises:
+            RevocationUnavailable: the backing store cannot be read (never cached).
+        """
+        known = self._answers.get(token_id)
+        if known is not None:
+            if known[0] > self.clock():
+                return known[1]
+            del self._answers[token_id]
+        query = self._inflight.get(token_id)
+        if query is None:
+            query = asyncio.get_running_loop().create_task(self._query(token_id))
+            self._inflight[token_id] = query
+            query.add_done_callback(functools.partial(self._settled, token_id))
+        # Shielded: one caller giving up (its client went away) must not cancel the others'.
+        return await asyncio.shield(query)
+
+    async def _query(self, token_id: str) -> bool:
+        epoch, sent = self._epoch, self.clock()
+        revoked = await self.inner.is_revoked(token_id)
+        if epoch == self._epoch:
+            self._remember(token_id, sent + self.ttl, revoked)
+        return revoked
+
+    def _remember(self, token_id: str, valid_until: float, revoked: bool) -> None:
+        self._answers[token_id] = (valid_until, revoked)
+        self._answers.move_to_end(token_id)
+        while len(self._answers) > self._max_entries:
+            self._answers.popitem(last=False)  # the oldest answer expires first anyway
+
+    def _forget(self, token_id: str) -> None:
+        self._epoch += 1
+        self._answers.pop(token_id, None)
+        self._inflight.pop(token_id, None)  # later callers send a query of their own
+
+    def _settled(self, token_id: str, query: asyncio.Task[bool]) -> None:
+        if self._inflight.get(token_id) is query:
+            del self._inflight[token_id]
+        if not query.cancelled():
+            query.exception()  # retrieved: every caller may have gone (no "never retrieved")
+
+
+def cached(revocations: RevocationList, ttl_seconds: float) -> RevocationList:
+    """``revocations`` behind a :class:`CachedRevocationList`, or as is for a TTL of 0."""
+    if ttl_seconds <= 0:
+        return revocations
+    return CachedRevocationList(revocations, ttl_seconds)
+
+
 __all__ = [
+    "DEFAULT_CACHE_ENTRIES",
     "EXPIRY_GRACE_SECONDS",
     "MAX_UNKNOWN_EXPIRY_SECONDS",
+    "CachedRevocationList",
     "MemoryRevocationList",
     "RedisRevocationList",
     "RevocationList",
     "RevocationUnavailable",
+    "cached",
 ]

@@ -128,6 +128,10 @@ class AuthSettings(_Section):
     relay_recheck_seconds: float = Field(default=30.0, ge=0)
     """How often open WebSockets have their credential re-checked (revoked or expired: closed
     with 1008); 0 = never."""
+    revocation_cache_seconds: float = Field(default=1.0, ge=0, le=300)
+    """With Redis: how long one token id's answer from the revocation list is reused by this
+    process (a revocation made on another replica or with ``comfygate token revoke`` is honoured
+    after at most this long; one made through this process at once); 0 = look up every request."""
 
 
 class RoleSettings(_Section):

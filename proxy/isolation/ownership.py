@@ -3,6 +3,10 @@
 Shared by all proxy replicas through Redis; in process memory when no Redis is configured.
 Entries expire after ``isolation.retention_seconds``, aligned with how long ComfyUI keeps
 history (it keeps the newest 10,000 entries in memory until it restarts).
+
+Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script (one
+round trip) that claims the id and adds it to the owner's index together, except on a Redis
+Cluster, where the two keys are in different slots and it takes two round trips.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
+import redis.asyncio as redis
 from aiohttp import web
 
 if TYPE_CHECKING:
@@ -110,6 +115,18 @@ class MemoryOwnershipStore:
         return known[1] if known is not None and self._live(known[0]) else None
 
 
+# KEYS: the prompt's record, its owner's index. ARGV: record (JSON), ttl (s), prompt id, the
+# entry's expiry and now (epoch s). The index entry is added only when the id was claimed: a
+# taken id must never appear among another owner's prompts, not even for a moment.
+RECORD_PROMPT_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class RedisOwnershipStore:
     """Store shared by replicas. Keys: ``<p>prompt:<id>`` (JSON record), ``<p>owner:<owner>``
     (sorted set of prompt ids by expiry), ``<p>file:<type>:<subfolder>:<name>`` (owner)."""
@@ -120,37 +137,48 @@ class RedisOwnershipStore:
         self._redis = client
         self._retention = retention_seconds
         self._prefix = prefix
+        # A cluster keeps a prompt's record and its owner's index in different slots, which
+        # one script may not touch together.
+        self._one_script = not isinstance(client, redis.RedisCluster)
+        self._record_script = client.register_script(RECORD_PROMPT_LUA)
 
     async def record_prompt(self, record: PromptRecord) -> bool:
         ttl = max(1, int(self._retention))
-        created = await self._redis.set(
-            f"{self._prefix}prompt:{record.prompt_id}",
-            orjson.dumps(
-                {
-                    "owner": record.owner,
-                    "upstream": record.upstream,
-                    "client_id": record.client_id,
-                    "created_at": record.created_at,
-                }
-            ),
-            ex=ttl,
-            nx=True,
+        key = f"{self._prefix}prompt:{record.prompt_id}"
+        index = f"{self._prefix}owner:{record.owner}"
+        value = orjson.dumps(
+            {
+                "owner": record.owner,
+                "upstream": record.upstream,
+                "client_id": record.client_id,
+                "created_at": record.created_at,
+            }
         )
-        if not created:
+        now = time.time()
+        if self._one_script:
+            created = await self._record_script(
+                keys=[key, index],
+                args=[value, ttl, record.prompt_id, now + self._retention, now],
+            )
+            return bool(created)
+        if not await self._redis.set(key, value, ex=ttl, nx=True):
             return False
-        key = f"{self._prefix}owner:{record.owner}"
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {record.prompt_id: time.time() + self._retention})
-            pipe.zremrangebyscore(key, "-inf", time.time())
-            pipe.expire(key, ttl)
+            pipe.zadd(index, {record.prompt_id: now + self._retention})
+            pipe.zremrangebyscore(index, "-inf", now)
+            pipe.expire(index, ttl)
             await pipe.execute()
         return True
 
     async def forget_prompt(self, prompt_id: str) -> None:
         record = await self.prompt(prompt_id)
-        await self._redis.delete(f"{self._prefix}prompt:{prompt_id}")
-        if record is not None:
-            await self._redis.zrem(f"{self._prefix}owner:{record.owner}", prompt_id)
+        if record is None:
+            await self._redis.delete(f"{self._prefix}prompt:{prompt_id}")
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(f"{self._prefix}prompt:{prompt_id}")
+            pipe.zrem(f"{self._prefix}owner:{record.owner}", prompt_id)
+            await pipe.execute()
 
     async def prompt(self, prompt_id: str) -> PromptRecord | None:
         raw = await self._redis.get(f"{self._prefix}prompt:{prompt_id}")

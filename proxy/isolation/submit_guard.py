@@ -18,12 +18,15 @@ every request passes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlencode
 
 import orjson
+import redis.asyncio as redis
+import structlog
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
 from proxy.auth.guard import read_body
@@ -59,6 +62,8 @@ from proxy.isolation.prompt import (
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
+
+log = structlog.get_logger("comfygate.isolation")
 
 FIELD_LIMIT = 64 * 1024
 """Largest non-file form field read (ComfyUI's fields are short: type, subfolder, original_ref)."""
@@ -132,12 +137,10 @@ async def _submit_prompt(
     if violations:
         raise PromptRejected(violations)
     settings = request.app[SETTINGS]
-    requested = requested_prompt_id(body)
-    # SECURITY: a known id is refused whoever owns it; ComfyUI would overwrite that history
-    # entry (and its outputs' attribution), and the answer must not say whose it is.
-    if requested is not None and await store.prompt(requested) is not None:
-        raise _taken()
-    prompt_id = requested or str(uuid.uuid4())
+    # SECURITY: a known id is refused whoever owns it (the record's SET NX below decides, in
+    # one step); ComfyUI would overwrite that history entry (and its outputs' attribution), and
+    # the answer must not say whose it is.
+    prompt_id = requested_prompt_id(body) or str(uuid.uuid4())
     client_id = upstream_client_id(scope.owner, client_id_of(body))
     roles = settings.roles
     principal = ctx.principal
@@ -158,17 +161,10 @@ async def _submit_prompt(
         client_id=client_id,
         created_at=time.time(),
     )
-    # Counted against the caller's queue quota before anything is recorded or forwarded
-    # (over it: 429 queue_full); ComfyUI's answer then confirms or releases the count.
-    quota = request.app[QUEUE_QUOTA]
-    counted = principal is not None and await quota.reserve(
-        ctx, principal, prompt_id, record.upstream
-    )
-    # Recorded before forwarding: ComfyUI may emit this prompt's events before it answers.
-    if not await store.record_prompt(record):
-        if counted:
-            await quota.release([prompt_id], reason="taken")
-        raise _taken()  # another request recorded the same id in the meantime
+    # Counted against the caller's queue quota (over it: 429 queue_full) and recorded as the
+    # caller's before forwarding (ComfyUI may emit the prompt's events before it answers).
+    if not await _count_and_record(request, ctx, store, record):
+        raise _taken()  # another request recorded the same id
     ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
     ctx.parsed_body = (ctx.body, ParsedBody(rewritten, parsed.exact_json))  # for later readers
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
@@ -200,10 +196,61 @@ async def _record_admin_prompt(
         client_id=client_id,
         created_at=time.time(),
     )
-    if ctx.principal is not None:  # admins' quota is 0 (unlimited) unless configured
-        await request.app[QUEUE_QUOTA].reserve(ctx, ctx.principal, prompt_id, record.upstream)
-    if await store.record_prompt(record):
+    # Admins' quota is 0 (unlimited) unless configured; a known id is theirs to reuse.
+    if await _count_and_record(request, ctx, store, record, release_if_taken=False):
         ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+
+
+async def _count_and_record(
+    request: web.Request,
+    ctx: RequestContext,
+    store: OwnershipStore,
+    record: PromptRecord,
+    *,
+    release_if_taken: bool = True,
+) -> bool:
+    """Reserve ``record``'s prompt in the caller's queue quota and record it as theirs, at once:
+    two independent writes (different Redis keys, slots on a cluster), so they travel together
+    and cost one round trip, not two. Whether the record was written (False: the id is known).
+
+    Each write is undone if the other refuses, so that nothing is left counted or owned for a
+    prompt that is not forwarded: a refused reservation forgets the record just written (the
+    id is this request's, nobody else saw it), and a taken id releases the reservation unless
+    ``release_if_taken`` is False (an admin's prompt goes ahead with a known id).
+
+    Raises:
+        QueueFull, BadRequest, QuotaUnavailable: the quota refused (see ``QueueQuota.reserve``).
+        redis.RedisError, OSError: the record could not be written.
+    """
+    quota = request.app[QUEUE_QUOTA]
+    principal = ctx.principal
+    if principal is None or not quota.tracks(principal):
+        return await store.record_prompt(record)
+    counted, recorded = await asyncio.gather(
+        quota.reserve(ctx, principal, record.prompt_id, record.upstream),
+        store.record_prompt(record),
+        return_exceptions=True,
+    )
+    if recorded is True and isinstance(counted, BaseException):
+        await _forget_quietly(store, record.prompt_id)
+    elif recorded is not True and counted is True and (release_if_taken or recorded is not False):
+        await quota.release([record.prompt_id], reason="taken")
+    if recorded is False and release_if_taken:
+        return False  # taken decides: as if the id had been checked first
+    if isinstance(counted, BaseException):
+        raise counted
+    if isinstance(recorded, BaseException):
+        raise recorded
+    return recorded
+
+
+async def _forget_quietly(store: OwnershipStore, prompt_id: str) -> None:
+    """Undo a record made for a prompt that is not forwarded. A failure leaves an id owned by
+    the caller that never ran (it expires with the retention); the quota's refusal stands."""
+    try:
+        await store.forget_prompt(prompt_id)
+    except (redis.RedisError, OSError):
+        log.warning("ownership_forget_failed", prompt_id=prompt_id)
 
 
 def _taken() -> BadRequest:

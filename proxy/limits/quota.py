@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from proxy.auth.principal import Principal
 from proxy.auth.settings import RoleSettings
@@ -82,6 +82,23 @@ class QuotaStore(Protocol):
 
     async def in_use(self, owner: str) -> int:
         """The owner's unfinished prompts (expired entries excluded)."""
+        ...
+
+
+@runtime_checkable
+class QuotaMover(Protocol):
+    """A store that can re-tag a reservation with another upstream (placement failover).
+
+    Separate from :class:`QuotaStore` so that a store without it still satisfies that protocol;
+    :class:`MemoryQuotaStore` has it, Redis gets it from
+    :class:`~proxy.limits.quota_move.RedisQuotaMover` (see :func:`~proxy.limits.quota_move.
+    quota_mover`)."""
+
+    async def move_upstream(self, prompt_id: str, upstream: str) -> bool:
+        """Count ``prompt_id`` on ``upstream`` instead of the upstream it was reserved on,
+        keeping its owner, expiry and acceptance; True if it is counted there now. No cap is
+        checked: the prompt was admitted once, and refusing it halfway through a failover would
+        lose it (the new upstream may exceed its cap by the prompts moved onto it)."""
         ...
 
 
@@ -167,6 +184,19 @@ class MemoryQuotaStore:
     async def in_use(self, owner: str) -> int:
         return len(self._purge(self._by_owner, owner, self.clock()))
 
+    async def move_upstream(self, prompt_id: str, upstream: str) -> bool:
+        entry = self._entries.get(prompt_id)
+        if entry is None:
+            return False
+        if entry.expires_at <= self.clock():
+            self._purge(self._by_upstream, entry.upstream, self.clock())
+            return False
+        if entry.upstream != upstream:
+            self._discard(self._by_upstream, entry.upstream, prompt_id)
+            entry.upstream = upstream
+            self._by_upstream.setdefault(upstream, set()).add(prompt_id)
+        return True
+
     def _purge(self, index: dict[str, set[str]], name: str, now: float) -> set[str]:
         """``index[name]`` without expired entries (which are dropped everywhere)."""
         ids = index.get(name)
@@ -193,6 +223,7 @@ class MemoryQuotaStore:
 __all__ = [
     "MemoryQuotaStore",
     "Outcome",
+    "QuotaMover",
     "QuotaStore",
     "Reservation",
     "Snapshot",

@@ -24,7 +24,6 @@ read releases nothing of its own that poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -38,6 +37,7 @@ from proxy.isolation.events import END_EVENTS
 from proxy.isolation.views import queue_ids
 from proxy.limits.quota import Snapshot
 from proxy.limits.quota_service import QueueQuota, StoreFailed
+from proxy.periodic import Periodic
 from proxy.settings import Settings
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -102,30 +102,24 @@ class QuotaReconciler:
         self.grace = upstream.connect_timeout_seconds + upstream.read_timeout_seconds
         """Unanswered submissions older than this are reconciled as if accepted."""
         self._gauge = quota.metrics.queue_quota_in_use
-        self._task: asyncio.Task[None] | None = None
+        # The poll period itself, not a synchronisation (tests wait with wait_polls).
+        self._loop = Periodic(
+            self.poll_once,
+            self.interval,
+            name="quota-poll",
+            log=log,
+            event="queue_quota_poll_failed",
+        )
         self._lock = asyncio.Lock()
         self._polled = asyncio.Condition()
         self.polls = 0
         """Completed polls (tests wait on it with :meth:`wait_polls`)."""
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="quota-poll")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # the poll period itself, not a synchronisation
-            try:
-                await self.poll_once()
-            except Exception:  # a bug must not end the loop: the next poll tries again
-                log.exception("queue_quota_poll_failed")
+        await self._loop.stop()
 
     async def wait_polls(self, count: int) -> None:
         """Until at least ``count`` polls have completed (for tests and diagnostics)."""

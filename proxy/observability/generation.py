@@ -10,10 +10,16 @@ Sources, each prompt counted once whichever of them (and whichever worker or rep
   wait = now - submission), ``execution_success`` / ``_error`` / ``_interrupted`` (outcome;
   execution time from ComfyUI's own ``timestamp`` of start and end, one clock).
 * A prompt that left ComfyUI's queue without a relay seeing its end (an API client polling
-  ``/history``): :meth:`GenerationTracker.prompt_left_queue`, called by whoever notices (the
-  queue-quota reconciler), reads that one ``/history/{id}`` entry, whose ``status.messages``
-  carry the same events with their timestamps. No entry: ``cancelled`` (deleted from the
-  queue, or lost with a restarted ComfyUI).
+  ``/history``): :meth:`GenerationTracker.prompt_left_queue` reads that one ``/history/{id}``
+  entry, whose ``status.messages`` carry the same events with their timestamps. No entry:
+  ``cancelled`` (deleted from the queue, or lost with a restarted ComfyUI). Who notices:
+  the tracker's own *end watch* for every prompt this process submitted (admins' and other
+  unquota'd prompts included: the queue-quota reconciler only sees counted ones) - every
+  ``[metrics] upstream_poll_seconds`` (0 = no background reads: off, like the upstream probe),
+  while it watches any, it reads the ``GET /queue`` of the instances they were accepted on, and
+  a prompt no longer listed has ended - and the queue-quota reconciler, whichever is first.
+  The watch forgets a prompt as soon as its end is counted here (a relay's event included), so
+  a prompt with a socket costs no queue read after its end.
 
 "Once" is a per-prompt record with first-writer-wins fields (``HSETNX`` in Redis when
 configured, shared by workers and replicas; a bounded dict otherwise). Everything here runs
@@ -36,8 +42,10 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.views import queue_ids
 from proxy.observability.metrics import Metrics, role_label
-from proxy.upstream.pool import UpstreamPool
+from proxy.periodic import Periodic
+from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.metrics")
 
@@ -55,6 +63,11 @@ REDIS_TIMEOUT_SECONDS: Final = 0.25
 REDIS_OP: Final = "generation"
 HISTORY_TIMEOUT_SECONDS: Final = 5.0
 UNKNOWN_ROLE: Final = "unknown"
+MAX_WATCHED: Final = 50_000
+"""Prompts whose end the watch waits for, per process (oldest given up first)."""
+WATCH_MAX_AGE_SECONDS: Final = 24 * 3600.0
+"""A prompt still queued (or on an unreachable instance) this long is no longer watched."""
+QUEUE_TIMEOUT_SECONDS: Final = 10.0
 
 
 class PromptStats(Protocol):
@@ -152,6 +165,14 @@ class GenerationTracker:
         """Used while the shared store fails (then a prompt may be counted twice)."""
         self._pool = pool
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watched: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """Prompts this process submitted whose end is not counted here yet: id -> (instance
+        that accepted it, submission time); the end watch's work list."""
+        self._watch_lock = asyncio.Lock()
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        """Start claims in flight, by prompt id (an end waits for its start's)."""
+        self.watch_rounds = 0
+        """Completed end-watch rounds (diagnostics)."""
 
     # -- entry points (synchronous: they only schedule) ------------------------------------
     def submitted(self, prompt_id: str | None, roles: frozenset[str], upstream: str) -> None:
@@ -159,7 +180,9 @@ class GenerationTracker:
         role = role_label(roles)
         self._metrics.prompts_submitted.labels(role).inc()
         if prompt_id:
-            self._spawn(self._store("submitted", prompt_id, role, time.time()))
+            now = time.time()
+            self._watch(prompt_id, upstream, now)
+            self._spawn(self._store("submitted", prompt_id, role, now))
 
     def observe_frame(self, frame: str, roles: frozenset[str], upstream: str) -> None:
         """A text frame ComfyUI sent on a relayed socket (before the tenant filter)."""
@@ -177,14 +200,69 @@ class GenerationTracker:
         timestamp = data.get("timestamp")
         ts = float(timestamp) if isinstance(timestamp, int | float) else None
         if kind == START:
-            self._spawn(self._started(prompt_id, ts, time.time(), upstream, roles))
+            task = self._spawn(self._started(prompt_id, ts, time.time(), upstream, roles))
+            self._starting[prompt_id] = task
+            task.add_done_callback(lambda _: self._starting.pop(prompt_id, None))
         elif isinstance(kind, str) and kind in OUTCOMES:
-            self._spawn(self._ended(prompt_id, OUTCOMES[kind], ts, upstream, roles))
+            # After the start's claim: the execution time is read from the record it writes
+            # (two background round trips to Redis need not complete in order).
+            starting = self._starting.get(prompt_id)
+            ended = self._ended(prompt_id, OUTCOMES[kind], ts, upstream, roles)
+            self._spawn(ended if starting is None else _after(starting, ended))
 
     def prompt_left_queue(self, prompt_id: str, upstream: str) -> None:
         """``prompt_id`` is no longer in ``upstream``'s queue; count its end from ComfyUI's
         history unless a relay already did."""
+        self._watched.pop(prompt_id, None)  # noticed: the watch need not read it again
         self._spawn(self._from_history(prompt_id, upstream))
+
+    # -- the end watch ---------------------------------------------------------------------
+    def _watch(self, prompt_id: str, upstream: str, at: float) -> None:
+        self._watched[prompt_id] = (upstream, at)
+        self._watched.move_to_end(prompt_id)
+        while len(self._watched) > MAX_WATCHED:
+            given_up, _ = self._watched.popitem(last=False)
+            log.warning("generation_watch_full", prompt_id=given_up)
+
+    @property
+    def watched(self) -> int:
+        """Prompts whose end the watch still waits for."""
+        return len(self._watched)
+
+    async def watch_once(self) -> int:
+        """One round of the end watch: read the queue of each instance with watched prompts
+        and hand the ones it no longer lists to :meth:`prompt_left_queue`; how many.
+
+        The prompts are taken *before* the queues are read: each was accepted (its 200 seen)
+        before it was watched, so a queue read after that lists it unless it has ended.
+        """
+        async with self._watch_lock:
+            ended = await self._watch_round()
+            self.watch_rounds += 1
+        return ended
+
+    async def _watch_round(self) -> int:
+        if not self._watched or self._pool is None:
+            return 0
+        now = time.time()
+        by_upstream: dict[str, list[str]] = {}
+        for prompt_id, (upstream, at) in list(self._watched.items()):
+            if now - at > WATCH_MAX_AGE_SECONDS:
+                del self._watched[prompt_id]  # an end we will not see: given up, uncounted
+                continue
+            by_upstream.setdefault(upstream, []).append(prompt_id)
+        instances = {u.name: u for u in self._pool.upstreams}
+        names = [n for n in by_upstream if n in instances]
+        queues = await asyncio.gather(*(_queued(self._pool, instances[n]) for n in names))
+        ended = 0
+        for name, live in zip(names, queues, strict=True):
+            if live is None:
+                continue  # unreadable now: the next round asks again
+            for prompt_id in by_upstream[name]:
+                if prompt_id not in live and prompt_id in self._watched:
+                    self.prompt_left_queue(prompt_id, name)
+                    ended += 1
+        return ended
 
     # -- stages ----------------------------------------------------------------------------
     async def _started(
@@ -212,6 +290,7 @@ class GenerationTracker:
         *,
         started: float | None = None,
     ) -> None:
+        self._watched.pop(prompt_id, None)  # its end is counted (here or elsewhere)
         record = await self._claim(prompt_id, "ended", outcome)
         if record is None:
             return
@@ -295,10 +374,11 @@ class GenerationTracker:
         kind = "timeout" if isinstance(exc, TimeoutError | redis.TimeoutError) else "error"
         self._metrics.redis_errors.labels(REDIS_OP, kind).inc()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -314,6 +394,33 @@ class GenerationTracker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> None:
+    """``then`` once ``first`` is over (whatever its outcome: it logs its own failure)."""
+    await asyncio.wait([first])
+    await then
+
+
+async def _queued(pool: UpstreamPool, upstream: Upstream) -> set[str] | None:
+    """The prompt ids ``upstream`` lists as running or pending; None when it cannot be read
+    (never "empty": an unreadable answer must not end every watched prompt)."""
+    try:
+        async with pool.session.get(
+            upstream.url_for("/queue"),
+            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+            timeout=aiohttp.ClientTimeout(total=QUEUE_TIMEOUT_SECONDS),
+        ) as resp:
+            if resp.status != 200:
+                return None
+            queue = orjson.loads(await resp.read())
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(queue, dict) or not all(
+        isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
+    ):
+        return None
+    return {*queue_ids(queue, "queue_running"), *queue_ids(queue, "queue_pending")}
 
 
 def history_outcome(entry: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
@@ -355,12 +462,26 @@ GENERATION = web.AppKey("comfygate.generation", GenerationTracker)
 
 async def generation_tracker(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` (after Redis and the pool): ``app[GENERATION]``."""
-    from proxy.state import METRICS, OWNERSHIP, POOL, REDIS  # noqa: PLC0415 - state imports us
+    from proxy.state import METRICS, OWNERSHIP, POOL, REDIS, SETTINGS  # noqa: PLC0415 - cycle
 
     client = app[REDIS]
     stats: PromptStats = RedisPromptStats(client) if client is not None else MemoryPromptStats()
     tracker = GenerationTracker(app[METRICS], stats, pool=app[POOL], ownership=app.get(OWNERSHIP))
     app[GENERATION] = tracker
     app[METRICS].generation = tracker
+    # The watch period itself, not a synchronisation (tests call watch_once). 0: the operator
+    # wants no background reads of ComfyUI for metrics (as for the upstream probe).
+    interval = app[SETTINGS].metrics.upstream_poll_seconds
+    watch = Periodic(
+        tracker.watch_once,
+        interval,
+        name="generation-watch",
+        log=log,
+        event="generation_watch_failed",
+        jitter=0.1,
+    )
+    if interval > 0:
+        watch.start()
     yield
+    await watch.stop()
     await tracker.close()

@@ -1,10 +1,17 @@
-"""The upstream probe: each ComfyUI's up/down, probe latency and queue depth, in the background.
+"""The upstream gauges: each ComfyUI's up/down, probe latency and queue depth.
 
-Every ``metrics.upstream_poll_seconds`` each process sends ``GET /prompt`` to each instance:
-the cheapest route ComfyUI has (``{"exec_info": {"queue_remaining": N}}``, N = pending +
-running). ComfyUI executes one prompt at a time, so ``running = min(N, 1)`` and the rest is
-pending. An exact split from a component that reads ``GET /queue`` anyway (the queue-quota
-reconciler) takes precedence through :meth:`UpstreamProbe.queue_observed`.
+They come from one ``GET /prompt`` per instance and period
+(:func:`proxy.upstream.health_checks.probe`), the cheapest route ComfyUI has
+(``{"exec_info": {"queue_remaining": N}}``, N = pending + running). ComfyUI executes one
+prompt at a time, so ``running = min(N, 1)`` and the rest is pending. An exact split from a
+component that reads ``GET /queue`` anyway (the queue-quota reconciler) takes precedence through
+:meth:`UpstreamProbe.queue_observed`.
+
+Who probes: with one instance, this module, every ``metrics.upstream_poll_seconds``; with
+several instances (or discovery), the registry's health checks, every
+``upstream.health.interval_seconds``, which publish each result here (one probe feeds the
+breaker, placement and the metrics). ``upstream_poll_seconds = 0`` turns the gauges off in both
+cases.
 
 With several workers every worker probes (a probe is a few hundred bytes); the gauges combine
 as "most recent value of any live worker".
@@ -13,76 +20,44 @@ as "most recent value of any live worker".
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import aiohttp
-import orjson
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from proxy.observability.metrics import Metrics
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.periodic import Periodic
+from proxy.upstream.health_checks import ProbeResult, probe
+from proxy.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("comfygate.metrics")
 
-PROBE_PATH = "/prompt"
-PROBE_TIMEOUT_SECONDS = 2.0
 EXACT_QUEUE_VALID_SECONDS = 30.0
 """How long an exact queue split reported by another component overrides the inferred one."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    up: bool
-    seconds: float
-    queue_remaining: int | None = None
-    failure: str = ""
-    """timeout, refused, status, protocol (empty when up)."""
-
-
-async def probe(session: aiohttp.ClientSession, upstream: Upstream) -> ProbeResult:
-    """One ``GET /prompt``: whether the instance answers, how fast, and its queue size."""
-    started = time.perf_counter()
-    try:
-        async with session.get(
-            upstream.url_for(PROBE_PATH),
-            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT: "application/json"},
-            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS),
-        ) as resp:
-            body = await resp.read()
-            seconds = time.perf_counter() - started
-            if resp.status != 200:
-                return ProbeResult(resp.status < 500, seconds, failure="status")
-    except TimeoutError:
-        return ProbeResult(False, time.perf_counter() - started, failure="timeout")
-    except (aiohttp.ClientConnectorError, ConnectionRefusedError):
-        return ProbeResult(False, time.perf_counter() - started, failure="refused")
-    except (aiohttp.ClientError, OSError):
-        return ProbeResult(False, time.perf_counter() - started, failure="protocol")
-    return ProbeResult(True, seconds, queue_remaining=_queue_remaining(body))
-
-
-def _queue_remaining(body: bytes) -> int | None:
-    try:
-        data = orjson.loads(body)
-        value = data["exec_info"]["queue_remaining"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, int) and value >= 0 else None
+JITTER = 0.2
+"""Workers started together do not probe in lockstep."""
 
 
 class UpstreamProbe:
-    """Probes every upstream periodically and sets the upstream gauges."""
+    """Sets the upstream gauges from probe results; probes by itself with one instance."""
 
-    def __init__(self, pool: UpstreamPool, metrics: Metrics, interval: float) -> None:
+    def __init__(
+        self, pool: UpstreamPool, metrics: Metrics, interval: float, timeout_seconds: float
+    ) -> None:
         self._pool = pool
         self._metrics = metrics
-        self._interval = interval
+        self._timeout = timeout_seconds
         self._exact_until: dict[str, float] = {}
+        self._loop = Periodic(
+            self.probe_all,
+            interval,
+            name="comfygate-upstream-probe",
+            log=log,
+            event="upstream_probe_failed",
+            jitter=JITTER,
+            immediately=True,
+        )
 
     def queue_observed(self, upstream: str, *, pending: int, running: int) -> None:
         """An exact queue split seen by another component (e.g. from ``GET /queue``)."""
@@ -96,11 +71,12 @@ class UpstreamProbe:
     async def probe_all(self) -> None:
         session = self._pool.session
         upstreams = self._pool.upstreams
-        results = await asyncio.gather(*(probe(session, u) for u in upstreams))
+        results = await asyncio.gather(*(probe(session, u, self._timeout) for u in upstreams))
         for upstream, result in zip(upstreams, results, strict=True):
             self.record(upstream.name, result)
 
     def record(self, name: str, result: ProbeResult) -> None:
+        """One probe's outcome into the gauges (a :data:`ProbeListener` of the health checks)."""
         metrics = self._metrics
         metrics.upstream_up.labels(name).set(1 if result.up else 0)
         metrics.upstream_probe_duration.labels(name).observe(result.seconds)
@@ -114,32 +90,59 @@ class UpstreamProbe:
             total = result.queue_remaining
             self._set_queue(name, max(total - 1, 0), min(total, 1))
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.probe_all()
-            except Exception:  # the probe must outlive any surprise (logged)
-                log.exception("upstream_probe_failed")
-            # A period, not a synchronisation; jittered so that workers started together do
-            # not probe in lockstep.
-            await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))  # noqa: S311
+    @property
+    def running(self) -> bool:
+        """Whether it probes by itself (one instance), rather than being fed by the checks."""
+        return self._loop.running
+
+    def start(self) -> None:
+        """Probe by itself every interval: only when nothing else feeds :meth:`record`."""
+        self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()
 
 
 UPSTREAM_PROBE = web.AppKey("comfygate.upstream_probe", UpstreamProbe)
 
 
 async def upstream_probe(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: the background probe (after the pool, whose session it uses)."""
+    """``cleanup_ctx``: the background probe (after the pool, whose session it uses).
+
+    With several instances (or discovery) the registry's health checks already probe each one:
+    ``registry_context`` subscribes :meth:`UpstreamProbe.record` to them when
+    :func:`probe_wanted` says the gauges are wanted, and no second loop runs here."""
     from proxy.state import METRICS, POOL, SETTINGS  # noqa: PLC0415 - state imports metrics
 
-    settings = app[SETTINGS].metrics
-    prober = UpstreamProbe(app[POOL], app[METRICS], settings.upstream_poll_seconds)
+    settings = app[SETTINGS]
+    pool = app[POOL]
+    prober = UpstreamProbe(
+        pool,
+        app[METRICS],
+        settings.metrics.upstream_poll_seconds,
+        settings.upstream.health.timeout_seconds,
+    )
     app[UPSTREAM_PROBE] = prober
-    if not settings.enabled or not settings.upstream_poll_seconds:
+    if not probe_wanted(app) or pool.managed:
         yield
         return
-    task = asyncio.create_task(prober.run())
+    prober.start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await prober.stop()
+
+
+def probe_wanted(app: web.Application) -> bool:
+    """Whether the upstream gauges are kept (``metrics.upstream_poll_seconds`` 0 = off)."""
+    from proxy.state import SETTINGS  # noqa: PLC0415 - state imports metrics
+
+    settings = app[SETTINGS].metrics
+    return settings.enabled and settings.upstream_poll_seconds > 0
+
+
+__all__ = [
+    "UPSTREAM_PROBE",
+    "ProbeResult",
+    "UpstreamProbe",
+    "probe_wanted",
+    "upstream_probe",
+]

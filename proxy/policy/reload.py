@@ -16,9 +16,10 @@ from typing import Literal
 import structlog
 from aiohttp import web
 
-from proxy.errors import Forbidden, ProxyError
+from proxy.auth.admin_guard import AdminGuard
+from proxy.errors import ProxyError
 from proxy.policy.loader import PolicyError
-from proxy.state import POLICY, SETTINGS, RequestContext
+from proxy.state import POLICY
 
 log = structlog.get_logger("comfygate.policy")
 
@@ -36,20 +37,9 @@ class PolicyInvalid(ProxyError):
     error_type = "policy_invalid"
 
 
-class AdminGuard:
-    """Only admins (or a role listing ``admin_reload`` in ``allow_routes``) pass.
-
-    SECURITY: the proxy's own routes run no guard unless wired; this one is wired after the
-    authentication guards, so an anonymous caller gets 401 and a non-admin 403.
-    """
-
-    name = "admin"
-
-    async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        principal = ctx.principal
-        roles = request.app[SETTINGS].roles
-        if principal is None or not principal.may_use(RELOAD_ROUTE, roles):
-            raise Forbidden("reloading the policy is for admins", error_type="forbidden_role")
+def reload_guard() -> AdminGuard:
+    """The admin guard of ``POST /admin/reload`` (permission ``admin_reload``)."""
+    return AdminGuard(RELOAD_ROUTE, "reloading the policy")
 
 
 async def reload_policy(app: web.Application, *, trigger: Trigger) -> int:
@@ -105,10 +95,10 @@ def policy_reload_hook(app: web.Application) -> Callable[[], Awaitable[None]]:
 __all__ = [
     "RELOAD_PATH",
     "RELOAD_ROUTE",
-    "AdminGuard",
     "PolicyInvalid",
     "add_reload_route",
     "admin_reload",
     "policy_reload_hook",
+    "reload_guard",
     "reload_policy",
 ]

@@ -10,7 +10,8 @@
 
 Same mechanism as ``POST /admin/reload`` (``proxy.policy.reload``): named routes of the proxy's
 own, registered before the catch-all, with the guards wired by route name in
-``app.build_guards``: origin, authentication, CSRF, role, then :class:`UpstreamAdminGuard`.
+``app.build_guards``: origin, authentication, CSRF, role, then :func:`upstream_admin_guard`
+(one :class:`proxy.auth.admin_guard.AdminGuard`).
 With Redis the drain is shared by every replica (each adopts it at its next health round).
 """
 
@@ -20,8 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import Forbidden, NotFound
-from proxy.state import POOL, SETTINGS, RequestContext
+from proxy.auth.admin_guard import AdminGuard
+from proxy.errors import NotFound
+from proxy.state import POOL
 from proxy.upstream.pool import Instance, UpstreamPool
 
 ADMIN_UPSTREAMS = "admin_upstreams"
@@ -32,20 +34,9 @@ ADMIN_UPSTREAM_ROUTES = (ADMIN_UPSTREAMS, DRAIN_ROUTE, UNDRAIN_ROUTE)
 """Route (and route-rule) names; ``app.build_guards`` wires the admin chain for each."""
 
 
-class UpstreamAdminGuard:
-    """Only admins (or a role listing ``admin_upstreams`` in ``allow_routes``) pass.
-
-    SECURITY: the proxy's own routes run no guard unless wired; these are wired after the
-    authentication guards, so an anonymous caller gets 401 and a non-admin 403.
-    """
-
-    name = "admin"
-
-    async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        principal = ctx.principal
-        roles = request.app[SETTINGS].roles
-        if principal is None or not principal.may_use(ADMIN_UPSTREAMS, roles):
-            raise Forbidden("managing instances is for admins", error_type="forbidden_role")
+def upstream_admin_guard() -> AdminGuard:
+    """The admin guard of every ``/admin/upstreams`` route (permission ``admin_upstreams``)."""
+    return AdminGuard(ADMIN_UPSTREAMS, "managing instances")
 
 
 def describe(pool: UpstreamPool, instance: Instance) -> dict[str, Any]:

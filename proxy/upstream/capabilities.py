@@ -14,13 +14,13 @@ capabilities_refresh_seconds``, when an instance joins and when it comes back up
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from proxy.periodic import Periodic
 from proxy.policy.model import is_model_input
 
 log = structlog.get_logger("comfygate.upstream.capabilities")
@@ -103,8 +103,13 @@ class CapabilityRefresher:
         settable ``capabilities``)."""
         self._instances = instances
         self._source = source
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(
+            self.refresh_all,
+            interval,
+            name="comfygate-capabilities",
+            log=log,
+            event="capabilities_refresh_failed",
+        )
 
     async def refresh(self, name: str) -> None:
         """Read one instance's capabilities again (on join, on up, on schedule)."""
@@ -134,20 +139,7 @@ class CapabilityRefresher:
         await asyncio.gather(*(self.refresh(i.upstream.name) for i in self._instances()))
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="comfygate-capabilities")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh_all()
-            except Exception:  # the loop must outlive any surprise
-                log.exception("capabilities_refresh_failed")
+        await self._loop.stop()

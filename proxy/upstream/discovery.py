@@ -14,13 +14,13 @@ The resolver is injectable (tests, or another service registry): any
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from proxy.periodic import Periodic
 from proxy.upstream.pool import Upstream, UpstreamPool
 from proxy.upstream.registry_settings import DiscoverySettings
 
@@ -69,7 +69,13 @@ class DnsDiscovery:
         self._pool = pool
         self._settings = settings
         self.resolver = resolver
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(
+            self.resolve_once,
+            settings.interval_seconds,
+            name="comfygate-discovery",
+            log=log,
+            event="discovery_round_failed",
+        )
 
     async def resolve_once(self) -> None:
         """Resolve the name now and apply the difference (joins first, then leaves)."""
@@ -98,20 +104,7 @@ class DnsDiscovery:
                 await self._pool.leave(upstream.name)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="comfygate-discovery")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.interval_seconds)
-            try:
-                await self.resolve_once()
-            except Exception:  # the loop must outlive any surprise
-                log.exception("discovery_round_failed")
+        await self._loop.stop()

@@ -33,31 +33,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 import structlog
-from aiohttp import WebSocketError, WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, web
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
-from proxy.upstream.forward import build_upstream_headers, map_client_error
-from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 from proxy.upstream.merge import MERGED, queue_remaining
 from proxy.upstream.pool import Upstream
 from proxy.upstream.websocket import (
-    CLOSE_TIMEOUT_SECONDS,
     SLOW_CLIENT_REASON,
     ClientSendQueue,
-    is_preview,
-    sendable_close_code,
+    Ended,
+    FrameFilter,
+    accept_client,
+    client_protocols,
+    connect_upstream,
+    forget_client,
+    pump_down,
+    pump_up,
+    quietly,
+    relay_outcome,
+    send_frame,
 )
 
 if TYPE_CHECKING:
@@ -71,15 +77,6 @@ STABLE_SECONDS = 10.0
 WATCHED_EVENTS = frozenset({"executed", *END_EVENTS})
 """Events the fan-in reads itself: output files (where they are) and prompt ends."""
 _SNIFF_LIMIT = 4096
-_ENDS = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-FrameFilter = Callable[[str | bytes], Any]
-
-
-@dataclass(slots=True)
-class _Ended:
-    side: str
-    code: int
-    reason: str
 
 
 class FanInRegistry:
@@ -146,7 +143,7 @@ class _Link:
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
         if self.ws is not None:
-            await _quietly(self.ws.close(code=WSCloseCode.OK, message=message))
+            await quietly(self.ws.close(code=WSCloseCode.OK, message=message))
             self.ws = None
 
     async def _run(self, ws: aiohttp.ClientWebSocketResponse | None) -> None:
@@ -173,7 +170,7 @@ class _Link:
                 # is sent by the client pump) or was kept as client_flags (sent here).
                 self.ws = ws
                 if relay.client_flags is not None:
-                    await _quietly(ws.send_str(relay.client_flags))
+                    await quietly(ws.send_str(relay.client_flags))
             self.ws = ws
             if reconnecting:
                 # SECURITY: a new socket, a fresh filter: an execution window seen on the old
@@ -182,7 +179,7 @@ class _Link:
             opened = time.monotonic()
             ended = await self._pump(ws)
             self.ws = None
-            await _quietly(ws.close())
+            await quietly(ws.close())
             ws = None
             if ended is not None:  # the client cannot keep up: the whole relay ends
                 relay.end(ended)
@@ -203,46 +200,19 @@ class _Link:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.kick.wait(), seconds)
 
-    async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> _Ended | None:
+    async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> Ended | None:
         """Frames from this instance to the client until its socket ends (None), or until the
         client's queue overflows (the relay's end)."""
         relay = self.relay
-        frames, sizes = relay.metrics.ws_frames, relay.metrics.ws_bytes
-        text_frames, text_bytes = frames.labels("down", "text"), sizes.labels("down", "text")
-        preview_frames = frames.labels("down", "preview")
-        preview_bytes = sizes.labels("down", "preview")
-        binary_frames = frames.labels("down", "binary")
-        binary_bytes = sizes.labels("down", "binary")
-        tracker = relay.metrics.generation  # reads execution events before the filter
-        ctx = relay.ctx
-        roles = ctx.principal.roles if ctx.principal is not None else frozenset()
-        name = self.upstream.name
-        frame_filter = self.filter
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                data = msg.data
-                size = len(data)
-                if msg.type is WSMsgType.TEXT:
-                    text_frames.inc()
-                    text_bytes.inc(size)
-                    if tracker is not None:
-                        tracker.observe_frame(data, roles, name)
-                elif is_preview(data):
-                    preview_frames.inc()
-                    preview_bytes.inc(size)
-                else:
-                    binary_frames.inc()
-                    binary_bytes.inc(size)
-                ctx.bytes_out += size
-                if frame_filter is not None:
-                    data = await frame_filter(data)
-                    if data is None:
-                        continue
-                if not relay.deliver(self, data):
-                    return _Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
-            elif msg.type in _ENDS:
-                return None
+        ended = await pump_down(
+            ws,
+            functools.partial(relay.deliver, self),
+            self.filter,
+            self.upstream.name,
+            relay.metrics,
+            relay.ctx,
+        )
+        return ended if ended.side == "client" else None
 
 
 def _link_filter(base: FrameFilter | None) -> FrameFilter | None:
@@ -321,34 +291,14 @@ class FanInRelay:
         self.sent_total: int | None = None
         self.flags_answered = False
         self.superseded = asyncio.Event()
-        self.done: asyncio.Future[_Ended] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
 
     # -- upstream sockets ----------------------------------------------------------------
     async def open(self, upstream: Upstream) -> aiohttp.ClientWebSocketResponse:
         """Connect a socket to ``upstream`` under this relay's client id."""
-        headers = build_upstream_headers(self.request, self.ctx, upstream)
-        for name in WEBSOCKET_HANDSHAKE:
-            headers.pop(name, None)
-        try:
-            return await self.pool.session.ws_connect(
-                upstream.ws_url_for(self.ctx.upstream_path),
-                headers=headers,
-                protocols=self.protocols,
-                max_msg_size=self.max_msg,
-                autoclose=False,
-                autoping=True,
-                compress=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_SECONDS),
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            self.metrics.upstream_errors.labels(upstream.name, "ws_handshake").inc()
-            raise ProxyError(
-                f"ComfyUI refused the WebSocket handshake ({exc.status})",
-                error_type="upstream_ws_refused",
-                status=exc.status if 400 <= exc.status < 500 else 502,
-            ) from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise map_client_error(exc, upstream, self.request) from None
+        return await connect_upstream(
+            self.request, self.ctx, upstream, self.protocols, self.max_msg
+        )
 
     def ensure_link(self, upstream: Upstream) -> None:
         """A socket to ``upstream`` (joined or back): started, or retried now."""
@@ -410,7 +360,7 @@ class FanInRelay:
         assert self.queue is not None
         if self.queue.put(frame):
             return True
-        self.end(_Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON))
+        self.end(Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON))
         return False
 
     def send_local(self, frames: list[str]) -> bool:
@@ -467,59 +417,39 @@ class FanInRelay:
             return
         if message.get("type") == "executed":
             if self.registry.locations is not None:
+                # ComfyUI sends ``executed`` only to the submitter's (namespaced) client id:
+                # this socket's principal owns the prompt (sticky /view prefers its copy).
+                principal = self.ctx.principal
                 self.registry.locations.record(
-                    link.upstream.name, views.node_files(data.get("output"))
+                    link.upstream.name,
+                    views.node_files(data.get("output")),
+                    principal.comfy_user if principal is not None else None,
                 )
         elif isinstance(prompt_id := data.get("prompt_id"), str) and self.registry.on_finished:
             self.registry.on_finished(prompt_id)
 
-    def end(self, ended: _Ended) -> None:
+    def end(self, ended: Ended) -> None:
         if not self.done.done():
             self.done.set_result(ended)
 
     # -- the client side ------------------------------------------------------------------
-    async def pump_client(self) -> _Ended:
+    async def pump_client(self) -> Ended:
         assert self.ws is not None
-        ws = self.ws
-        frames, sizes = self.metrics.ws_frames, self.metrics.ws_bytes
-        text_frames, text_bytes = frames.labels("up", "text"), sizes.labels("up", "text")
-        binary_frames, binary_bytes = frames.labels("up", "binary"), sizes.labels("up", "binary")
         first = True
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                if msg.type is WSMsgType.TEXT:
-                    text_frames.inc()
-                    text_bytes.inc(len(msg.data))
-                else:
-                    binary_frames.inc()
-                    binary_bytes.inc(len(msg.data))
-                self.ctx.bytes_in += len(msg.data)
-                flags = msg.type is WSMsgType.TEXT and _event_type(msg.data) == "feature_flags"
-                if first and flags:
-                    self.client_flags = msg.data  # replayed first to sockets opened later
-                first = False
-                await self._to_instances(msg.type, msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                return _Ended("client", sendable_close_code(msg.data), msg.extra or "")
-            elif msg.type is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
-                return _Ended("client", sendable_close_code(msg.data.code), str(msg.data)[:100])
-            elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                code = ws.close_code or WSCloseCode.GOING_AWAY
-                return _Ended("client", sendable_close_code(code, WSCloseCode.GOING_AWAY), "")
 
-    async def _to_instances(self, kind: WSMsgType, data: str | bytes) -> None:
-        for link in list(self.links.values()):
-            upstream_ws = link.ws
-            if upstream_ws is None or upstream_ws.closed:
-                continue
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                if kind is WSMsgType.TEXT:
-                    assert isinstance(data, str)
-                    await upstream_ws.send_str(data)
-                else:
-                    assert isinstance(data, bytes)
-                    await upstream_ws.send_bytes(data)
+        async def to_instances(data: str | bytes) -> None:
+            nonlocal first
+            if first and isinstance(data, str) and _event_type(data) == "feature_flags":
+                self.client_flags = data  # replayed first to sockets opened later
+            first = False
+            for link in list(self.links.values()):
+                upstream_ws = link.ws
+                if upstream_ws is None or upstream_ws.closed:
+                    continue
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await send_frame(upstream_ws, data)
+
+        return await pump_up(self.ws, to_instances, self.metrics, self.ctx)
 
 
 async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.StreamResponse:
@@ -546,13 +476,7 @@ async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.Stre
     }
     for older in olders.values():
         await older()  # takeover: the older relay's upstream sockets close first
-    protocols = tuple(
-        p.strip()
-        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
-        for p in value.split(",")
-        if p.strip()
-    )
-    relay = FanInRelay(request, registry, client_id, protocols)
+    relay = FanInRelay(request, registry, client_id, client_protocols(request))
     started = time.perf_counter()
     results = await asyncio.gather(*(relay.open(u) for u in upstreams), return_exceptions=True)
     ctx.upstream_seconds = time.perf_counter() - started
@@ -567,35 +491,13 @@ async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.Stre
         first = refused[0] if refused else errors[0]
         raise first if isinstance(first, Exception) else UpstreamUnavailable("no instance")
 
-    ws = web.WebSocketResponse(
-        protocols=(opened[0][1].protocol,) if opened[0][1].protocol else (),
-        max_msg_size=relay.max_msg,
-        heartbeat=ws_settings.heartbeat_seconds or None,
-        autoclose=False,
-        autoping=True,
-        compress=False,
-        timeout=CLOSE_TIMEOUT_SECONDS,
+    ws = await accept_client(
+        request, opened[0][1].protocol, relay.max_msg, (upstream_ws for _, upstream_ws in opened)
     )
-    try:
-        await ws.prepare(request)
-    except (ConnectionError, RuntimeError) as exc:
-        for _, upstream_ws in opened:
-            await _quietly(upstream_ws.close())
-        raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
-    relay.ctx.upgraded = True  # its status is 101 from here on, however it ends (chain.observe)
     relay.ws = ws
-    relay.queue = ClientSendQueue(
-        ws,
-        max_bytes=int(ws_settings.send_queue_mb * 1024 * 1024),
-        drop_stale_previews=ws_settings.drop_stale_previews,
-        metrics=metrics,
-    )
+    relay.queue = ClientSendQueue.for_client(ws, ws_settings, metrics)
     for upstream in pool.upstreams:
         relay._claim(upstream)
-    if ctx.principal is not None:
-        lifecycle.relay_principals[ws] = ctx.principal
-    lifecycle.websockets.add(ws)
-    metrics.ws_open.inc()
     registry.add(relay)
     connected = dict(opened)
     for upstream in upstreams:
@@ -608,32 +510,12 @@ async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.Stre
         if relay.superseded.is_set() and not client.done() and not relay.done.done():
             await asyncio.wait((client,))  # taken over: open and silent until the client leaves
     finally:
-        ended = _outcome(client, relay.done, ctx.request_id)
+        ended = relay_outcome((client, relay.done), ctx.request_id, event="fanin_failed")
         await asyncio.shield(_finish(relay, ended, client))
     return ws
 
 
-def _outcome(
-    client: asyncio.Future[_Ended], done: asyncio.Future[_Ended], request_id: str
-) -> _Ended:
-    for pump in (client, done):
-        if not pump.done() or pump.cancelled():
-            continue
-        if (error := pump.exception()) is not None:
-            log.error(
-                "fanin_failed", request_id=request_id, error=type(error).__name__, exc_info=error
-            )
-            return _Ended("proxy", WSCloseCode.INTERNAL_ERROR, "relay failed")
-        return pump.result()
-    return _Ended("client", WSCloseCode.GOING_AWAY, "client went away")
-
-
-async def _quietly(closing: Any) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
-        await closing
-
-
-async def _finish(relay: FanInRelay, ended: _Ended, client: asyncio.Future[_Ended]) -> None:
+async def _finish(relay: FanInRelay, ended: Ended, client: asyncio.Future[Ended]) -> None:
     """Close every upstream socket first, then the client; account for the relay."""
     reason = ended.reason.encode()[:123]
     relay.end(ended)
@@ -648,13 +530,10 @@ async def _finish(relay: FanInRelay, ended: _Ended, client: asyncio.Future[_Ende
     if relay.queue is not None:
         await relay.queue.close()
     assert relay.ws is not None
-    await _quietly(relay.ws.close(code=ended.code, message=reason))
+    await quietly(relay.ws.close(code=ended.code, message=reason))
     client.cancel()
     await asyncio.gather(client, return_exceptions=True)
-    app = relay.request.app
-    app[LIFECYCLE].websockets.discard(relay.ws)
-    app[LIFECYCLE].relay_principals.pop(relay.ws, None)
-    app[METRICS].ws_open.dec()
+    forget_client(relay.request.app, relay.ws)
     log.info(
         "relay_closed",
         request_id=relay.ctx.request_id,

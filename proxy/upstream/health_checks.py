@@ -13,15 +13,17 @@ eject a healthy instance. Each failed probe doubles the wait, up to ``max_open_s
 
 :class:`HealthChecker` runs the active checks: ``GET /prompt`` on every instance each
 ``upstream.health.interval_seconds``. ComfyUI answers it from memory (``queue_remaining``), so
-it is the cheapest call there is, and its answer feeds placement (the instance's queue length).
+it is the cheapest call there is, and its answer feeds placement (the instance's queue length)
+and, through :meth:`HealthChecker.subscribe`, the metrics' up/latency/queue gauges
+(``proxy.observability.upstreams``), so each instance gets one probe, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -30,10 +32,11 @@ import orjson
 import structlog
 from aiohttp import hdrs
 
+from proxy.periodic import Periodic
 from proxy.upstream.registry_settings import HealthSettings
 
 if TYPE_CHECKING:
-    from proxy.upstream.pool import Instance, UpstreamPool
+    from proxy.upstream.pool import Instance, Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.health")
 
@@ -124,13 +127,86 @@ def queue_remaining(body: bytes) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The outcome of one ``GET /prompt`` (:func:`probe`)."""
+
+    up: bool
+    """ComfyUI answered, below 500."""
+    seconds: float
+    queue_remaining: int | None = None
+    """Pending + running, from a 200 answer."""
+    failure: str = ""
+    """timeout, refused, status, protocol (empty on a 200); the metrics' ``kind`` label."""
+    error: str = ""
+    """The exception's type name when nothing answered (for the log)."""
+    refused: bool = False
+    """Nothing listens there (a refused connection, not a TLS failure): eject at once."""
+
+
+async def probe(
+    session: aiohttp.ClientSession, upstream: Upstream, timeout_seconds: float
+) -> ProbeResult:
+    """One ``GET /prompt``: whether the instance answers, how fast, and its queue size.
+
+    The one probe of an instance: the health checks run it for the breaker and placement and
+    publish the result to the metrics; without them (one instance) the metrics run it."""
+    started = time.perf_counter()
+    try:
+        async with session.get(
+            upstream.url_for(CHECK_PATH),
+            headers={
+                hdrs.HOST: upstream.host_header,
+                hdrs.ACCEPT: "application/json",
+                hdrs.ACCEPT_ENCODING: "identity",
+            },
+            timeout=aiohttp.ClientTimeout(total=timeout_seconds),
+        ) as resp:
+            body = await resp.read()
+            seconds = time.perf_counter() - started
+            if resp.status != 200:
+                return ProbeResult(resp.status < 500, seconds, failure="status")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        return _no_answer(exc, time.perf_counter() - started)
+    return ProbeResult(True, seconds, queue_remaining=queue_remaining(body))
+
+
+def _no_answer(exc: BaseException, seconds: float) -> ProbeResult:
+    if isinstance(exc, TimeoutError):
+        failure = "timeout"
+    elif isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        failure = "refused"
+    else:
+        failure = "protocol"
+    refused = isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+        exc, aiohttp.ClientConnectorCertificateError
+    )
+    return ProbeResult(False, seconds, failure=failure, error=type(exc).__name__, refused=refused)
+
+
+ProbeListener = Callable[[str, ProbeResult], None]
+"""Told every check's outcome (instance name, result): the metrics' up/latency/queue gauges."""
+
+
 class HealthChecker:
     """Active checks of every instance (see the module docstring)."""
 
     def __init__(self, pool: UpstreamPool, settings: HealthSettings) -> None:
         self._pool = pool
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[ProbeListener] = []
+        self._loop = Periodic(
+            self._round,
+            settings.interval_seconds,
+            name="comfygate-health-checks",
+            log=log,
+            event="upstream_checks_failed",
+            fixed_rate=True,
+        )
+
+    def subscribe(self, listener: ProbeListener) -> None:
+        """Publish every check's result to ``listener`` (one probe feeds health and metrics)."""
+        self._listeners.append(listener)
 
     async def check_all(self) -> None:
         """One round: every closed instance, and every open one whose wait is over."""
@@ -138,52 +214,28 @@ class HealthChecker:
         await asyncio.gather(*(self.check(i) for i in due))
 
     async def check(self, instance: Instance) -> bool:
-        """``GET /prompt`` on one instance; the outcome goes to its breaker."""
-        upstream = instance.upstream
-        refused = False
-        try:
-            async with self._pool.session.get(
-                upstream.url_for(CHECK_PATH),
-                headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
-                timeout=aiohttp.ClientTimeout(total=self._settings.timeout_seconds),
-            ) as resp:
-                body = await resp.read()
-                ok = resp.status < 500
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("upstream_check_failed", upstream=upstream.name, error=type(exc).__name__)
-            ok, body = False, b""
-            # Refused: nothing listens there any more (ejected at once, like a refused request).
-            refused = isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
-                exc, aiohttp.ClientConnectorCertificateError
-            )
-        if instance.upstream.name not in self._pool.names():
-            return ok  # it left while we asked
-        if ok:
-            instance.observe_queue(queue_remaining(body))
+        """``GET /prompt`` on one instance; the outcome goes to its breaker and the listeners."""
+        name = instance.upstream.name
+        result = await probe(self._pool.session, instance.upstream, self._settings.timeout_seconds)
+        if result.error:
+            log.info("upstream_check_failed", upstream=name, error=result.error)
+        if name not in self._pool.names():
+            return result.up  # it left while we asked
+        for listener in self._listeners:
+            listener(name, result)
+        if result.up:
+            instance.observe_queue(result.queue_remaining)
             await self._pool.record_success(instance)
         else:
-            await self._pool.record_failure(instance, "refused" if refused else "check")
-        return ok
+            await self._pool.record_failure(instance, "refused" if result.refused else "check")
+        return result.up
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="comfygate-health-checks")
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        interval = self._settings.interval_seconds
-        next_at = time.monotonic()
-        while True:
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            try:
-                await self._pool.sync_drained()
-                await self.check_all()
-            except Exception:  # a bug here must not stop the checks for good
-                log.exception("upstream_checks_failed")
+    async def _round(self) -> None:
+        await self._pool.sync_drained()
+        await self.check_all()

@@ -12,8 +12,9 @@ itself is :func:`proxy.upstream.placement.decide`; here it meets the request:
 :class:`Submission` sends the body (read whole by the guards) to the target; if the instance
 refuses the connection (or it times out connecting) or answers 5xx, nothing was queued there,
 and the same bytes (the same ``prompt_id``: isolation always sets one) go to the next candidate,
-up to ``upstream.placement.max_attempts`` instances. The ownership record is moved to the
-instance that accepted before the bytes go there (ComfyUI may send events before it answers).
+up to ``upstream.placement.max_attempts`` instances. The ownership record and the queue-quota
+reservation are moved to the next instance before the bytes go there (ComfyUI may send events
+before it answers; the per-upstream cap and gauge count where the prompt is queued).
 A failure after the request was sent (a read timeout, a reset mid-answer) is *not* retried: the
 prompt may be queued there, and a second copy would run twice.
 """
@@ -33,7 +34,17 @@ from proxy.auth.guard import read_json_body
 from proxy.errors import Rejection
 from proxy.isolation.ownership import FileRef
 from proxy.isolation.prompt import NOT_JSON, parse_request_body
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.limits.quota_move import move_reservation
+from proxy.state import (
+    CONTEXT,
+    METRICS,
+    OWNERSHIP,
+    POOL,
+    QUEUE_QUOTA,
+    REDIS,
+    SETTINGS,
+    RequestContext,
+)
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.http1 import (
     UpstreamConnectError,
@@ -215,12 +226,15 @@ class Submission:
     async def _moved(
         self, request: web.Request, failed: Upstream, upstream: Upstream, body: Body
     ) -> None:
-        """The prompt goes to ``upstream`` now: its ownership record says so first."""
+        """The prompt goes to ``upstream`` now: its ownership record and its queue-quota
+        reservation say so first."""
         request.app[METRICS].placements.labels("moved").inc()
         log.info("submission_moved", from_upstream=failed.name, to_upstream=upstream.name)
         prompt_id = _prompt_id(body)
         if prompt_id is None:
             return
+        if (quota := request.app.get(QUEUE_QUOTA)) is not None:
+            await move_reservation(quota, request.app[REDIS], prompt_id, upstream.name)
         store = request.app[OWNERSHIP]
         record = await store.prompt(prompt_id)
         if record is None or record.upstream == upstream.name:

@@ -33,7 +33,7 @@ from yarl import URL
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import UpstreamSettings
-from proxy.upstream.health_checks import Breaker, BreakerState
+from proxy.upstream.health_checks import Breaker, BreakerState, probe
 from proxy.upstream.http1 import Http1Pool
 from proxy.upstream.registry_settings import instance_name
 
@@ -49,7 +49,6 @@ log = structlog.get_logger("comfygate.upstream")
 SKIP_AUTO_HEADERS = frozenset(
     {hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT, hdrs.CONTENT_TYPE}
 )
-PROBE_PATH = "/prompt"  # GET /prompt: queue size only, the cheapest route ComfyUI has
 PROBE_TIMEOUT_SECONDS = 2.0
 PROBE_CACHE_SECONDS = 1.0
 DRAINED_KEY = "comfygate:upstreams:drained"
@@ -428,15 +427,7 @@ class UpstreamPool:
         cached = self._probe_cache.get(upstream.name)
         if cached is not None and now - cached[0] < PROBE_CACHE_SECONDS:
             return cached[1]
-        try:
-            async with self.session.get(
-                upstream.url_for(PROBE_PATH),
-                headers={hdrs.HOST: upstream.host_header},
-                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS),
-            ) as resp:
-                ok = resp.status < 500
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            ok = False
+        ok = (await probe(self.session, upstream, PROBE_TIMEOUT_SECONDS)).up
         self._probe_cache[upstream.name] = (now, ok)
         return ok
 

@@ -27,6 +27,7 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.observability.upstreams import UPSTREAM_PROBE, probe_wanted
 from proxy.policy.catalog_cache import Snapshot
 from proxy.state import CATALOG, METRICS, POOL, REDIS, SETTINGS
 from proxy.upstream.capabilities import CapabilityRefresher, ObjectInfoSource
@@ -96,6 +97,8 @@ async def registry_context(app: web.Application) -> AsyncIterator[None]:
     pool.metrics = app[METRICS]
     pool.redis = app[REDIS]
     health = HealthChecker(pool, settings.health)
+    if probe_wanted(app):  # the checks feed the upstream gauges (no probe of their own here)
+        health.subscribe(app[UPSTREAM_PROBE].record)
     capabilities = CapabilityRefresher(
         pool.instances,
         catalog_source(app),

@@ -17,9 +17,11 @@ one of them must reach that instance:
 ``POST /api/jobs/cancel``                       ``job_ids`` split per instance
 ``GET /view`` (``output``/``temp``)             the instance that produced the file (learnt from
                                                 history, job details and ``executed`` events);
-                                                unknown: the first instance that has it (HEAD
-                                                asked of all at once); ``input`` files (uploads,
-                                                shared inputs, present on every instance): home
+                                                the caller's own prompt's instance first (see
+                                                :class:`FileLocations`); unknown: the first
+                                                instance that has it (HEAD asked of all at
+                                                once); ``input`` files (uploads, shared inputs,
+                                                present on every instance): home
 ==============================================  =============================================
 
 A prompt whose instance became unavailable and that was reported lost answers as a failed
@@ -64,6 +66,15 @@ Rewrite = Callable[[int, bytes], Awaitable[bytes]]
 class FileLocations:
     """Which instance holds each output or temp file, as last learnt (bounded, in memory).
 
+    Each ComfyUI numbers its outputs on its own, so one name (``output/ComfyUI_00001_.png``)
+    can exist on two instances with different images: two admins' prompts (not moved under
+    ``users/<owner>/``), previews in ``temp/``, or one user's prompts on two instances. A
+    location learnt from a prompt whose owner is known (its ownership record; the socket of
+    its ``executed`` event, which ComfyUI only sends to the submitter's client id) is also kept
+    *per owner*, and :meth:`get` prefers the caller's own: a user's ``/view`` reaches the
+    instance of their own prompt that produced the file, whoever else produced the same name
+    later. Without an owner (a prompt the proxy did not record) the last location learnt wins.
+
     Each proxy replica learns locations from what it relays; a miss costs one parallel
     ``HEAD /view`` to every instance, so replicas need not share this.
     """
@@ -71,36 +82,49 @@ class FileLocations:
     def __init__(self, max_entries: int = MAX_LOCATIONS) -> None:
         self._max = max_entries
         self._where: OrderedDict[FileRef, str] = OrderedDict()
-        self._prompts: OrderedDict[str, None] = OrderedDict()
+        self._owned: OrderedDict[tuple[str, FileRef], str] = OrderedDict()
+        """(owner, file) -> instance of the owner's prompt that produced it (newest last)."""
+        self._prompts: OrderedDict[tuple[str, str | None], None] = OrderedDict()
 
-    def record(self, upstream: str, refs: Iterable[FileRef]) -> None:
+    def record(self, upstream: str, refs: Iterable[FileRef], owner: str | None = None) -> None:
+        """``refs`` are on ``upstream`` (outputs of a prompt of ``owner`` when known)."""
         for ref in refs:
             key = _normal(ref)
             if key is None or key[0] == "input":
                 continue
             self._where[key] = upstream
             self._where.move_to_end(key)
+            if owner:
+                self._owned[(owner, key)] = upstream
+                self._owned.move_to_end((owner, key))
         while len(self._where) > self._max:
             self._where.popitem(last=False)
+        while len(self._owned) > self._max:
+            self._owned.popitem(last=False)
 
-    def get(self, ref: FileRef) -> str | None:
+    def get(self, ref: FileRef, owner: str | None = None) -> str | None:
+        """Where ``ref`` is: the instance of ``owner``'s own prompt that produced it if one
+        did, else the last one learnt."""
+        if owner and (mine := self._owned.get((owner, ref))) is not None:
+            return mine
         return self._where.get(ref)
 
-    def record_history(self, upstream: str, history: object) -> None:
-        """The outputs of every finished entry of a history answer (each prompt once)."""
+    def record_history(self, upstream: str, history: object, owner: str | None = None) -> None:
+        """The outputs of every finished entry of a history answer (each prompt once, and once
+        more when its owner is learnt later)."""
         if not isinstance(history, dict):
             return
         seen = self._prompts
         for prompt_id, entry in history.items():
-            if prompt_id in seen or not isinstance(entry, dict):
+            if (prompt_id, owner) in seen or not isinstance(entry, dict):
                 continue  # finished entries do not change: each is read once
-            self.record(upstream, views.output_files(entry.get("outputs")))
-            seen[prompt_id] = None
+            self.record(upstream, views.output_files(entry.get("outputs")), owner)
+            seen[(prompt_id, owner)] = None
             if len(seen) > RECORDED_PROMPTS:
                 seen.popitem(last=False)
 
-    def record_outputs(self, upstream: str, outputs: object) -> None:
-        self.record(upstream, views.output_files(outputs))
+    def record_outputs(self, upstream: str, outputs: object, owner: str | None = None) -> None:
+        self.record(upstream, views.output_files(outputs), owner)
 
 
 def _normal(ref: FileRef) -> FileRef | None:
@@ -171,6 +195,7 @@ async def history_entry(
         target = reachable_target(request, record.upstream)
         if target is None:
             return await answer(request, _unreachable(request, record), 200, lost_body)
+        owner = record.owner
 
         async def learn(status: int, body: bytes) -> bytes:
             if status != 200:
@@ -178,7 +203,7 @@ async def history_entry(
             found = _loads(body)
             if not found and lost is not None:
                 return lost_body  # the instance came back without it: it was lost
-            state.locations.record_history(target.name, found)
+            state.locations.record_history(target.name, found, owner)
             return body
 
         _chain(ctx, learn)
@@ -215,6 +240,7 @@ async def job(
                 return await answer(request, degraded, 200, b'{"cancelled": false}')
             return await answer(request, degraded, 404, JOB_NOT_FOUND)
         if detail:
+            owner = record.owner
 
             async def learn(status: int, body: bytes) -> bytes:
                 if status == 404 and lost is not None:
@@ -222,7 +248,8 @@ async def job(
                 if status == 200:
                     found = _loads(body)
                     if isinstance(found, dict):
-                        state.locations.record_outputs(target.name, found.get("outputs"))
+                        outputs = found.get("outputs")
+                        state.locations.record_outputs(target.name, outputs, owner)
                 return body
 
             _chain(ctx, learn)
@@ -385,7 +412,10 @@ async def view(request: web.Request, state: MultiInstance) -> web.StreamResponse
         return await forward_http(request)  # ComfyUI's own 400/403, from home
     if ref[0] == "input":
         return await forward_http(request)  # uploads and shared inputs are on every instance
-    known = state.locations.get(ref)
+    # The caller's own prompt's copy first: another prompt may have made a file of that name
+    # on another instance.
+    principal = ctx.principal
+    known = state.locations.get(ref, principal.comfy_user if principal is not None else None)
     target = reachable_target(request, known) if known is not None else None
     if target is None:
         probe = views.without_query_params(ctx.upstream_path, PROBE_DROPPED_PARAMS)

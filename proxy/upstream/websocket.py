@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -31,6 +32,10 @@ from proxy.observability.metrics import Metrics
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
+from proxy.upstream.pool import Upstream
+
+if TYPE_CHECKING:
+    from proxy.settings import WebSocketSettings
 
 log = structlog.get_logger("comfygate.websocket")
 
@@ -39,6 +44,10 @@ PREVIEW_TYPES = (1, 4)
 CLOSE_TIMEOUT_SECONDS = 5.0
 _UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire (RFC 6455 7.4)
 SLOW_CLIENT_REASON = "client too slow to receive events"
+
+
+FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
+"""``ctx.ws_filter``: returns the frame to send (possibly rewritten), or None to drop it."""
 
 
 def is_preview(frame: bytes) -> bool:
@@ -71,6 +80,18 @@ class ClientSendQueue:
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
         self.dropped = 0
+
+    @classmethod
+    def for_client(
+        cls, ws: web.WebSocketResponse, settings: WebSocketSettings, metrics: Metrics
+    ) -> ClientSendQueue:
+        """The queue of one relayed client, sized by ``[websocket]``."""
+        return cls(
+            ws,
+            max_bytes=int(settings.send_queue_mb * 1024 * 1024),
+            drop_stale_previews=settings.drop_stale_previews,
+            metrics=metrics,
+        )
 
     def put(self, frame: str | bytes) -> bool:
         """Queue a frame; False when the client cannot keep up and must be closed."""
@@ -134,7 +155,7 @@ class ClientSendQueue:
 
 
 @dataclass(slots=True)
-class _Ended:
+class Ended:
     """How one direction of a relay ended."""
 
     side: str
@@ -143,13 +164,18 @@ class _Ended:
     reason: str
 
 
-async def _pump_upstream(
+async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional arguments
     upstream_ws: aiohttp.ClientWebSocketResponse,
-    queue: ClientSendQueue,
+    put: Callable[[str | bytes], bool],
+    frame_filter: FrameFilter | None,
+    upstream: str,
     metrics: Metrics,
     ctx: RequestContext,
-) -> _Ended:
-    frame_filter = ctx.ws_filter
+) -> Ended:
+    """Frames from one ComfyUI socket toward the client until it ends: counted, read by the
+    generation tracker, filtered (``frame_filter``: isolation; None drops a frame), then
+    ``put`` (False: the client cannot keep up and the relay ends with 1013). Shared by the
+    direct relay and each instance socket of the fan-in."""
     frames, sizes = metrics.ws_frames, metrics.ws_bytes
     text_frames, text_bytes = frames.labels("down", "text"), sizes.labels("down", "text")
     preview_frames = frames.labels("down", "preview")
@@ -167,7 +193,7 @@ async def _pump_upstream(
                 text_frames.inc()
                 text_bytes.inc(size)
                 if tracker is not None:
-                    tracker.observe_frame(data, roles, ctx.upstream)
+                    tracker.observe_frame(data, roles, upstream)
             elif is_preview(data):
                 preview_frames.inc()
                 preview_bytes.inc(size)
@@ -180,22 +206,24 @@ async def _pump_upstream(
                 if filtered is None:
                     continue  # not this user's to see
                 data = filtered
-            if not queue.put(data):
-                return _Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
+            if not put(data):
+                return Ended("client", WSCloseCode.TRY_AGAIN_LATER, SLOW_CLIENT_REASON)
         elif msg.type is WSMsgType.CLOSE:
-            return _Ended("upstream", sendable_close_code(msg.data), msg.extra or "")
+            return Ended("upstream", sendable_close_code(msg.data), msg.extra or "")
         elif msg.type is WSMsgType.ERROR:
-            return _Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection failed")
+            return Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection failed")
         elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
-            return _Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection lost")
+            return Ended("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection lost")
 
 
-async def _pump_client(
+async def pump_up(
     ws: web.WebSocketResponse,
-    upstream_ws: aiohttp.ClientWebSocketResponse,
+    forward: Callable[[str | bytes], Awaitable[None]],
     metrics: Metrics,
     ctx: RequestContext,
-) -> _Ended:
+) -> Ended:
+    """Frames from the client toward ComfyUI until the client ends: counted, then ``forward``
+    (to one socket, or to every instance's). Shared by the direct relay and the fan-in."""
     frames, sizes = metrics.ws_frames, metrics.ws_bytes
     text_frames, text_bytes = frames.labels("up", "text"), sizes.labels("up", "text")
     binary_frames, binary_bytes = frames.labels("up", "binary"), sizes.labels("up", "binary")
@@ -209,20 +237,142 @@ async def _pump_client(
                 binary_frames.inc()
                 binary_bytes.inc(len(msg.data))
             ctx.bytes_in += len(msg.data)
-            if upstream_ws.closed:
-                continue  # superseded by a newer socket with this clientId: ComfyUI ignores it too
-            if msg.type is WSMsgType.TEXT:
-                await upstream_ws.send_str(msg.data)
-            else:
-                await upstream_ws.send_bytes(msg.data)
+            await forward(msg.data)
         elif msg.type is WSMsgType.CLOSE:
-            return _Ended("client", sendable_close_code(msg.data), msg.extra or "")
+            return Ended("client", sendable_close_code(msg.data), msg.extra or "")
         elif msg.type is WSMsgType.ERROR and isinstance(msg.data, WebSocketError):
             # A protocol violation by the client (e.g. a frame over max_message_mb: 1009).
-            return _Ended("client", sendable_close_code(msg.data.code), str(msg.data)[:100])
+            return Ended("client", sendable_close_code(msg.data.code), str(msg.data)[:100])
         elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             code = ws.close_code or WSCloseCode.GOING_AWAY
-            return _Ended("client", sendable_close_code(code, WSCloseCode.GOING_AWAY), "")
+            return Ended("client", sendable_close_code(code, WSCloseCode.GOING_AWAY), "")
+
+
+async def send_frame(ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> None:
+    """Send a text (str) or binary (bytes) frame on as it came."""
+    if isinstance(data, str):
+        await ws.send_str(data)
+    else:
+        await ws.send_bytes(data)
+
+
+def client_protocols(request: web.Request) -> tuple[str, ...]:
+    """The subprotocols the client offered (``Sec-WebSocket-Protocol``), for ComfyUI."""
+    return tuple(
+        p.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for p in value.split(",")
+        if p.strip()
+    )
+
+
+async def connect_upstream(
+    request: web.Request,
+    ctx: RequestContext,
+    upstream: Upstream,
+    protocols: tuple[str, ...],
+    max_msg: int,
+) -> aiohttp.ClientWebSocketResponse:
+    """Open the socket to ``upstream`` for ``ctx.upstream_path``.
+
+    Raises:
+        ProxyError: ComfyUI answered the handshake with an HTTP status (its own 4xx passed on,
+            else 502), or could not be reached (``map_client_error``).
+    """
+    app = request.app
+    headers = build_upstream_headers(request, ctx, upstream)
+    for name in WEBSOCKET_HANDSHAKE:
+        headers.pop(name, None)
+    try:
+        return await app[POOL].session.ws_connect(
+            upstream.ws_url_for(ctx.upstream_path),
+            headers=headers,
+            protocols=protocols,
+            max_msg_size=max_msg,
+            autoclose=False,
+            autoping=True,
+            compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_SECONDS),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        # ComfyUI answered the handshake with an HTTP status (its 403 origin check, a 404):
+        # pass the status on, as ComfyUI would have answered the client directly.
+        app[METRICS].upstream_errors.labels(upstream.name, "ws_handshake").inc()
+        status = exc.status if 400 <= exc.status < 500 else 502
+        raise ProxyError(
+            f"ComfyUI refused the WebSocket handshake ({exc.status})",
+            error_type="upstream_ws_refused",
+            status=status,
+        ) from None
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise map_client_error(exc, upstream, request) from None
+
+
+async def accept_client(
+    request: web.Request,
+    protocol: str | None,
+    max_msg: int,
+    upstream_sockets: Iterable[aiohttp.ClientWebSocketResponse],
+) -> web.WebSocketResponse:
+    """Accept the client's upgrade (once the upstream sockets are up) and account for it
+    (undone by :func:`forget_client`).
+
+    Raises:
+        UpstreamUnavailable: the client went away during the handshake (``upstream_sockets``
+            are closed first).
+    """
+    app = request.app
+    ws = web.WebSocketResponse(
+        protocols=(protocol,) if protocol else (),
+        max_msg_size=max_msg,
+        heartbeat=app[SETTINGS].websocket.heartbeat_seconds or None,
+        autoclose=False,
+        autoping=True,
+        compress=False,  # previews are JPEG/PNG already; deflate would cost CPU and ~300 KB/socket
+        timeout=CLOSE_TIMEOUT_SECONDS,
+    )
+    try:
+        await ws.prepare(request)
+    except (ConnectionError, RuntimeError) as exc:
+        for upstream_ws in upstream_sockets:
+            await quietly(upstream_ws.close())
+        raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
+    ctx = request[CONTEXT]
+    ctx.upgraded = True  # its status is 101 from here on, however it ends (chain.observe)
+    lifecycle = app[LIFECYCLE]
+    if ctx.principal is not None:
+        lifecycle.relay_principals[ws] = ctx.principal
+    lifecycle.websockets.add(ws)
+    app[METRICS].ws_open.inc()
+    return ws
+
+
+def forget_client(app: web.Application, ws: web.WebSocketResponse) -> None:
+    """Undo :func:`accept_client`'s accounting (the client's socket is closed)."""
+    app[LIFECYCLE].websockets.discard(ws)
+    app[LIFECYCLE].relay_principals.pop(ws, None)
+    app[METRICS].ws_open.dec()
+
+
+def relay_outcome(
+    pumps: Iterable[asyncio.Future[Ended]], request_id: str, *, event: str = "relay_failed"
+) -> Ended:
+    """How a relay ended: the first of ``pumps`` (in order of precedence) that finished, a
+    failed one as 1011 (logged as ``event``), else the client went away (handler cancelled)."""
+    for pump in pumps:
+        if not pump.done() or pump.cancelled():
+            continue
+        if (error := pump.exception()) is not None:
+            log.error(event, request_id=request_id, error=type(error).__name__, exc_info=error)
+            return Ended("proxy", WSCloseCode.INTERNAL_ERROR, "relay failed")
+        return pump.result()
+    return Ended("client", WSCloseCode.GOING_AWAY, "client went away")
+
+
+async def quietly(closing: Awaitable[object]) -> None:
+    """Await a close or a send whose failure only means the peer is gone already."""
+    with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+        await closing
 
 
 async def relay_websocket(request: web.Request) -> web.StreamResponse:
@@ -247,75 +397,28 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:
         await older()
 
-    headers = build_upstream_headers(request, ctx, upstream)
-    for name in WEBSOCKET_HANDSHAKE:
-        headers.pop(name, None)
-    protocols = tuple(
-        p.strip()
-        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
-        for p in value.split(",")
-        if p.strip()
-    )
-    try:
-        upstream_ws = await pool.session.ws_connect(
-            upstream.ws_url_for(ctx.upstream_path),
-            headers=headers,
-            protocols=protocols,
-            max_msg_size=max_msg,
-            autoclose=False,
-            autoping=True,
-            compress=0,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_SECONDS),
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        # ComfyUI answered the handshake with an HTTP status (its 403 origin check, a 404):
-        # pass the status on, as ComfyUI would have answered the client directly.
-        metrics.upstream_errors.labels(upstream.name, "ws_handshake").inc()
-        status = exc.status if 400 <= exc.status < 500 else 502
-        raise ProxyError(
-            f"ComfyUI refused the WebSocket handshake ({exc.status})",
-            error_type="upstream_ws_refused",
-            status=status,
-        ) from None
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise map_client_error(exc, upstream, request) from None
-
-    ws = web.WebSocketResponse(
-        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-        max_msg_size=max_msg,
-        heartbeat=settings.heartbeat_seconds or None,
-        autoclose=False,
-        autoping=True,
-        compress=False,  # previews are JPEG/PNG already; deflate would cost CPU and ~300 KB/socket
-        timeout=CLOSE_TIMEOUT_SECONDS,
-    )
-    try:
-        await ws.prepare(request)
-    except (ConnectionError, RuntimeError) as exc:
-        await upstream_ws.close()
-        raise UpstreamUnavailable(f"client went away during the handshake: {exc}") from None
-    ctx.upgraded = True
+    upstream_ws = await connect_upstream(request, ctx, upstream, client_protocols(request), max_msg)
+    ws = await accept_client(request, upstream_ws.protocol, max_msg, (upstream_ws,))
 
     superseded = asyncio.Event()
 
     async def supersede() -> None:
         superseded.set()
-        await _quietly(upstream_ws.close(code=WSCloseCode.OK, message=b"superseded"))
+        await quietly(upstream_ws.close(code=WSCloseCode.OK, message=b"superseded"))
 
     if client_id:
         lifecycle.relays[takeover_key] = supersede
-    if ctx.principal is not None:
-        lifecycle.relay_principals[ws] = ctx.principal
-    lifecycle.websockets.add(ws)
-    metrics.ws_open.inc()
-    queue = ClientSendQueue(
-        ws,
-        max_bytes=int(settings.send_queue_mb * 1024 * 1024),
-        drop_stale_previews=settings.drop_stale_previews,
-        metrics=metrics,
+    queue = ClientSendQueue.for_client(ws, settings, metrics)
+
+    async def to_upstream(data: str | bytes) -> None:
+        if upstream_ws.closed:
+            return  # superseded by a newer socket with this clientId: ComfyUI ignores it too
+        await send_frame(upstream_ws, data)
+
+    down = asyncio.create_task(
+        pump_down(upstream_ws, queue.put, ctx.ws_filter, upstream.name, metrics, ctx)
     )
-    down = asyncio.create_task(_pump_upstream(upstream_ws, queue, metrics, ctx))
-    up = asyncio.ensure_future(_pump_client(ws, upstream_ws, metrics, ctx))
+    up = asyncio.ensure_future(pump_up(ws, to_upstream, metrics, ctx))
     try:
         await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
         if superseded.is_set() and not up.done():
@@ -327,29 +430,10 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
         # Also reached when the client's disconnect cancels this handler: the upstream socket
         # must still be closed (shielded), or ComfyUI would keep routing this clientId's events
         # to a dead relay.
-        ended = _outcome((down, up), ctx.request_id)
+        # The client pump first: it is the last to end in a takeover.
+        ended = relay_outcome((up, down), ctx.request_id)
         await asyncio.shield(_finish(request, ws, upstream_ws, queue, ended, (down, up)))
     return ws
-
-
-def _outcome(pumps: tuple[asyncio.Future[_Ended], ...], request_id: str) -> _Ended:
-    """How the relay ended: the client pump if it finished (it is the last to end in a
-    takeover), else the upstream pump, else the client went away (handler cancelled)."""
-    for pump in reversed(pumps):
-        if not pump.done() or pump.cancelled():
-            continue
-        if (error := pump.exception()) is not None:
-            log.error(
-                "relay_failed", request_id=request_id, error=type(error).__name__, exc_info=error
-            )
-            return _Ended("proxy", WSCloseCode.INTERNAL_ERROR, "relay failed")
-        return pump.result()
-    return _Ended("client", WSCloseCode.GOING_AWAY, "client went away")
-
-
-async def _quietly(closing: Awaitable[object]) -> None:
-    with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
-        await closing
 
 
 async def _finish(  # noqa: PLR0917 - private, called once
@@ -357,8 +441,8 @@ async def _finish(  # noqa: PLR0917 - private, called once
     ws: web.WebSocketResponse,
     upstream_ws: aiohttp.ClientWebSocketResponse,
     queue: ClientSendQueue,
-    ended: _Ended,
-    pumps: tuple[asyncio.Future[_Ended], ...],
+    ended: Ended,
+    pumps: tuple[asyncio.Future[Ended], ...],
 ) -> None:
     """Close both sides (upstream first), stop the pumps, account for the relay."""
     reason = ended.reason.encode()[:123]  # a close frame's reason fits in 123 bytes
@@ -367,15 +451,12 @@ async def _finish(  # noqa: PLR0917 - private, called once
         await queue.flush(within=CLOSE_TIMEOUT_SECONDS)
     await queue.close()
     # Upstream first: closing the client's side ends its connection, and with it this handler.
-    await _quietly(upstream_ws.close(code=ended.code, message=reason))
-    await _quietly(ws.close(code=ended.code, message=reason))
+    await quietly(upstream_ws.close(code=ended.code, message=reason))
+    await quietly(ws.close(code=ended.code, message=reason))
     for pump in pumps:
         pump.cancel()
     await asyncio.gather(*pumps, return_exceptions=True)
-    app = request.app
-    app[LIFECYCLE].websockets.discard(ws)
-    app[LIFECYCLE].relay_principals.pop(ws, None)
-    app[METRICS].ws_open.dec()
+    forget_client(request.app, ws)
     ctx = request[CONTEXT]
     log.info(
         "relay_closed",

@@ -155,17 +155,47 @@ async def queue_prompt_from_ui(recorder: PageRecorder, loaded: Loaded, base_path
     return Ran(response, prompt_id, view)
 
 
+CATALOG_PATHS = ("/object_info", "/api/object_info")
+"""ComfyUI's node catalog: the proxy caches it (``proxy.policy.catalog_cache``) and serves every
+principal a copy filtered from ONE upstream answer, so what reached ComfyUI for it is not
+necessarily this user's request (see :func:`assert_reached_as`)."""
+
+
+def is_catalog_fetch(method: str, path: str) -> bool:
+    """A ``GET`` of the catalog, with or without the ``/api`` prefix (and ``/{class}``)."""
+    return method == "GET" and any(path == p or path.startswith(p + "/") for p in CATALOG_PATHS)
+
+
 def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) -> None:
     """Everything the fake received came as ``subject``: ``Comfy-User`` derived from it by the
-    proxy, and none of the proxy's own cookies (session, login CSRF)."""
+    proxy, and none of the proxy's own cookies (session, login CSRF).
+
+    The invariant, made explicit: every *relayed* request carries exactly the signed-in user's
+    ``Comfy-User``. The cached catalog is the one designed exception: its upstream fetch is
+    either the request of the client that found the cache empty (then it carries that client's
+    ``Comfy-User``: here, ``subject``'s) or the proxy's own background refresh, which carries
+    no identity at all (the unfiltered copy an admin would get; ComfyUI's catalog does not
+    depend on the user, and each principal's copy is filtered from it by the proxy). Never
+    another user's identity, never credentials or cookies.
+    """
     assert upstream.fake.received, "nothing reached the fake"
     expected = comfy_user_id(subject)
+    relayed = [r for r in upstream.fake.received if not is_catalog_fetch(r.method, r.path)]
+    catalog = [r for r in upstream.fake.received if is_catalog_fetch(r.method, r.path)]
     strangers = [
         (r.method, r.raw_path, r.headers.get("Comfy-User"))
-        for r in upstream.fake.received
+        for r in relayed
         if r.headers.getall("Comfy-User", []) != [expected]
     ]
     assert not strangers, f"requests not as Comfy-User {expected}: {strangers}"
+    # SECURITY: a catalog fetch is this user's own (the miss) or the proxy's (no identity).
+    wrong_catalog = [
+        (r.method, r.raw_path, r.headers.getall("Comfy-User", []))
+        for r in catalog
+        if r.headers.getall("Comfy-User", []) not in ([expected], [])
+        or "Authorization" in r.headers
+    ]
+    assert not wrong_catalog, f"catalog fetched as someone else: {wrong_catalog}"
     leaked = [
         (r.method, r.raw_path)
         for r in upstream.fake.received

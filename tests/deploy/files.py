@@ -33,6 +33,17 @@ METRIC_NAME = re.compile(r"\bcomfygate_[a-z0-9_]+")
 _SAMPLE_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 
+def concrete_query(expr: str, rate_window: str) -> str:
+    """A dashboard query with its Grafana variables filled in: every job, instance and rule,
+    ``$__rate_interval`` = ``rate_window`` (for a Prometheus queried directly)."""
+    return (
+        expr.replace("$__rate_interval", rate_window)
+        .replace('job=~"$job"', 'job=~"comfygate"')
+        .replace("$instance", ".*")
+        .replace("$rule", ".*")
+    )
+
+
 def tool(name: str, install_hint: str) -> str:
     """The path of an external tool; skips (locally) or fails (CI) when it is missing."""
     found = shutil.which(name)

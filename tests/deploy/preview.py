@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 from playwright.async_api import async_playwright
 
-from tests.deploy.files import DASHBOARD, ROOT
+from tests.deploy.files import DASHBOARD, ROOT, concrete_query
 from tests.deploy.stack import Stack, WorkloadResult, generate, monitored_stack, refusals
 from tests.redis_server import start_redis
 
@@ -73,12 +73,7 @@ async def drive(stack: Stack, seconds: float) -> None:
 
 
 def substitute(expr: str) -> str:
-    return (
-        expr.replace("$__rate_interval", RATE_WINDOW)
-        .replace('job=~"$job"', 'job=~"comfygate"')
-        .replace("$instance", ".*")
-        .replace("$rule", ".*")
-    )
+    return concrete_query(expr, RATE_WINDOW)
 
 
 def legend(fmt: str, metric: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.deploy.files import DASHBOARD, tool
+from tests.deploy.files import DASHBOARD, concrete_query, tool
 from tests.deploy.stack import WorkloadResult, generate, monitored_stack, refusals
 from tests.redis_server import RedisServer
 
@@ -44,12 +44,7 @@ class Observed:
 
 
 def substitute(expr: str) -> str:
-    return (
-        expr.replace("$__rate_interval", RATE_WINDOW)
-        .replace('job=~"$job"', 'job=~"comfygate"')
-        .replace("$instance", ".*")
-        .replace("$rule", ".*")
-    )
+    return concrete_query(expr, RATE_WINDOW)
 
 
 async def observe(work: Path, redis_url: str) -> Observed:

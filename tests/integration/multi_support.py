@@ -8,7 +8,6 @@ that instance's name), then the prompt submitted to that instance with the names
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 import uuid
@@ -18,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
@@ -27,11 +25,10 @@ from proxy.state import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
+from tests.integration.support import Client, get_json, graph, post, saving_graph
 
-Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("admin", ("admin",))
-_colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached
 
 MULTI_SETTINGS: dict[str, Any] = {
     # Background reads would add requests the tests count: off unless a test turns them on.
@@ -103,30 +100,6 @@ def multi_proxy(make_proxy: ProxyFactory, fakes: Fakes) -> Callable[..., Any]:
     return build
 
 
-def graph() -> dict[str, Any]:
-    """EmptyImage -> PreviewImage: a temp output file, distinct every time."""
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
-    }
-
-
-def saving_graph(prefix: str) -> dict[str, Any]:
-    """EmptyImage -> SaveImage: an output file named after ``prefix``."""
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
-
-
 async def place(
     client: Client,
     fake: FakeComfyUI,
@@ -164,19 +137,6 @@ def relayed(fake: FakeComfyUI) -> list[Received]:
 
 def requests_to(fake: FakeComfyUI, method: str, path: str) -> list[Received]:
     return [r for r in relayed(fake) if r.method == method and r.path == path]
-
-
-async def get_json(client: Client, path: str, headers: dict[str, str]) -> Any:
-    async with client.get(path, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
-
-
-async def post(
-    client: Client, path: str, headers: dict[str, str], body: Any = None
-) -> tuple[int, bytes]:
-    async with client.post(path, headers=headers, json=body) as resp:
-        return resp.status, await resp.read()
 
 
 async def connect(

@@ -8,7 +8,6 @@ through the real app, both isolation guards included.
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import aiohttp
@@ -19,6 +18,7 @@ from PIL import Image
 
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.support import run_until_done
 
 A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("root", ("admin",))
 
@@ -27,19 +27,6 @@ def png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 10, 10)).save(out, format="PNG")
     return out.getvalue()
-
-
-async def run_until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[Any]:
-    events = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            data = json.loads(msg.data)
-            events.append(data)
-            inner = data.get("data", {})
-            done = data["type"] == "executing" and inner.get("node") is None
-            if done and inner.get("prompt_id") == prompt_id:
-                return events
 
 
 @pytest.mark.parametrize("state", ["memory", "redis"])

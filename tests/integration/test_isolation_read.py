@@ -26,6 +26,7 @@ from proxy.state import OWNERSHIP, POOL
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
+from tests.integration.support import get_json, post
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -97,19 +98,6 @@ async def submit(
 
 def requests_to(fake: FakeComfyUI, method: str, path: str) -> list[Received]:
     return [r for r in fake.received if r.method == method and r.path == path]
-
-
-async def get_json(client: Client, path: str, headers: dict[str, str]) -> Any:
-    async with client.get(path, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
-
-
-async def post(
-    client: Client, path: str, headers: dict[str, str], body: Any = None
-) -> tuple[int, bytes]:
-    async with client.post(path, headers=headers, json=body) as resp:
-        return resp.status, await resp.read()
 
 
 # -- history ------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ proxy apps sharing it, through HTTP only.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -24,23 +23,12 @@ from aiohttp.test_utils import TestClient
 from proxy.state import QUEUE_QUOTA
 from tests.conftest import ProxyFactory, RedisBackend, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.support import graph
 
 Client = TestClient[Any, Any]
 ALICE = bearer("alice")
 BURST = 5
 QUOTA = 3
-_colors = itertools.count(0x400000, 7919)
-
-
-def graph() -> dict[str, Any]:
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
-    }
 
 
 async def pair(

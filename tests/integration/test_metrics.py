@@ -4,19 +4,18 @@ upstream probe, and ``/metrics`` on the main port behind a token or a network li
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
+from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 
 from proxy.observability.generation import GENERATION
 from proxy.observability.upstreams import UPSTREAM_PROBE, ProbeResult
 from proxy.state import METRICS, QUEUE_QUOTA
+from proxy.upstream.registry import REGISTRY
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.support import run_until_done, sample
 
 ALICE = bearer("alice")
 WORKFLOW = {
@@ -26,23 +25,6 @@ WORKFLOW = {
     },
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "m"}},
 }
-
-
-def sample(client: TestClient[Any, Any], name: str, **labels: str) -> float:
-    return client.app[METRICS].registry.get_sample_value(name, labels) or 0.0
-
-
-async def run_until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[Any]:
-    events = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            data = json.loads(msg.data)
-            events.append(data)
-            inner = data.get("data", {})
-            done = data["type"] == "executing" and inner.get("node") is None
-            if done and inner.get("prompt_id") == prompt_id:
-                return events
 
 
 @pytest.mark.parametrize("state", ["memory", "redis"])
@@ -193,6 +175,39 @@ async def test_upstream_probe_sees_up_down_and_queue_depth(
         client, "comfygate_upstream_probe_failures_total", upstream=name, kind="refused"
     )
     assert failures == 1
+
+
+async def test_several_instances_get_the_gauges_from_the_health_checks(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Path
+) -> None:
+    """One probe per instance: with the registry, its health checks feed the gauges (the
+    metrics run no loop of their own); a stopped instance reads down at the next check."""
+    second = FakeComfyUI(root=tmp_path / "second")
+    await second.start()
+    try:
+        client = await make_proxy(
+            fake_comfy.url,
+            upstream={"urls": [fake_comfy.url, second.url], "lost_watch_seconds": 0},
+            metrics={"upstream_poll_seconds": 5},
+        )
+        assert not client.app[UPSTREAM_PROBE].running  # the checks probe, not the metrics
+        names = [u.removeprefix("http://") for u in (fake_comfy.url, second.url)]
+        # registry_context ran one round of checks at startup.
+        for name in names:
+            assert sample(client, "comfygate_upstream_up", upstream=name) == 1
+            count = sample(client, "comfygate_upstream_probe_duration_seconds_count", upstream=name)
+            assert count == 1
+
+        await second.stop()
+        await client.app[REGISTRY].health.check_all()
+        assert sample(client, "comfygate_upstream_up", upstream=names[0]) == 1
+        assert sample(client, "comfygate_upstream_up", upstream=names[1]) == 0
+        refused = sample(
+            client, "comfygate_upstream_probe_failures_total", upstream=names[1], kind="refused"
+        )
+        assert refused == 1
+    finally:
+        await second.stop()
 
 
 async def test_metrics_on_the_main_port_need_the_token(

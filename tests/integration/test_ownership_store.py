@@ -14,6 +14,9 @@ from proxy.isolation.ownership import (
     PromptRecord,
     RedisOwnershipStore,
 )
+from proxy.redis_store import connect
+from proxy.settings import RedisSettings
+from tests.conftest import RedisBackend
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -40,6 +43,7 @@ async def test_prompts(store: OwnershipStore) -> None:
     assert found is not None
     assert (found.owner, found.client_id) == ("alice", "cid-alice")
     assert await store.prompts_of("alice") == {"p1", "p2"}
+    assert await store.prompts_of("bob") == {"p3"}  # the taken p1 never joined Bob's prompts
     await store.forget_prompt("p1")
     assert await store.prompt("p1") is None
     assert await store.prompts_of("alice") == {"p2"}
@@ -64,3 +68,25 @@ async def test_memory_entries_expire() -> None:
     assert await store.prompts_of("alice") == set()
     assert await store.file_owner(("output", "", "a.png")) is None
     assert await store.record_prompt(record("p1", "bob"))  # an expired id can be used again
+
+
+async def test_a_taken_id_never_joins_another_owners_prompts(redis_backend: RedisBackend) -> None:
+    """One script on a standalone or Sentinel-managed Redis; on a cluster (the record and the
+    index in different slots) the index is written only after the claim succeeded."""
+    connection = connect(RedisSettings(**redis_backend.settings))
+    assert connection is not None
+    store = RedisOwnershipStore(connection.client, 3600)
+    try:
+        assert await store.record_prompt(record("p1", "alice"))
+        assert not await store.record_prompt(record("p1", "bob"))
+        assert await store.prompts_of("bob") == set()
+        assert await store.prompts_of("alice") == {"p1"}
+        found = await store.prompt("p1")
+        assert found is not None
+        assert found.owner == "alice"
+        await store.forget_prompt("p1")
+        assert await store.prompts_of("alice") == set()
+        assert await store.record_prompt(record("p1", "bob"))  # free again
+        assert await store.prompts_of("bob") == {"p1"}
+    finally:
+        await connection.close()

@@ -10,9 +10,9 @@ noticed through the WebSocket events (fast path) or the reconciler, which tests 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,14 +26,14 @@ from proxy.limits.quota_redis import RedisQuotaStore
 from proxy.limits.quota_service import QueueQuota
 from proxy.redis_store import connect
 from proxy.settings import RedisSettings
-from proxy.state import METRICS, QUEUE_QUOTA
+from proxy.state import METRICS, OWNERSHIP, QUEUE_QUOTA
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.support import graph
 
 Client = TestClient[Any, Any]
 A, B, C = bearer("alice"), bearer("bob"), bearer("carol")
 ADMIN = bearer("root", ("admin",))
-_colors = itertools.count(0x300000, 7919)  # a new graph every time: nothing is cached
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -42,17 +42,6 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "memory":
         return {}
     return {"redis": {"url": request.getfixturevalue("redis_url")}}
-
-
-def graph() -> dict[str, Any]:
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
-    }
 
 
 async def make(
@@ -262,6 +251,32 @@ async def test_upstream_cap(
     assert headers["Retry-After"] == str(body["error"]["retry_after"])
     assert refusals(client, "upstream_cap") == 1
     assert refusals(client, "user_quota") == 0
+
+
+async def test_a_refused_submission_leaves_nothing_owned_or_counted(
+    make_proxy: ProxyFactory, held: FakeComfyUI, backend: dict[str, Any]
+) -> None:
+    """The reservation and the ownership record are written together (one round trip); each
+    is undone when the other refuses."""
+    client = await make(make_proxy, held, backend, quota=1)
+    store, quota = client.app[OWNERSHIP], quota_of(client)
+    alice, bob = comfy_user_id("alice"), comfy_user_id("bob")
+    first, over = str(uuid.uuid4()), str(uuid.uuid4())
+    assert (await submit(client, A, prompt_id=first))[0] == 200
+    # Over the quota: the record written alongside the reservation is forgotten.
+    assert_queue_full(*await submit(client, A, prompt_id=over), have=1)
+    assert await store.prompt(over) is None
+    assert await store.prompts_of(alice) == {first}
+    # A taken id: the reservation made alongside is released, the record stays Alice's.
+    status, answer, _ = await submit(client, B, prompt_id=first)
+    assert (status, answer["error"]["type"]) == (400, "prompt_id_taken")
+    assert await quota.store.in_use(f"u:{bob}") == 0
+    assert await store.prompts_of(bob) == set()
+    record = await store.prompt(first)
+    assert record is not None
+    assert record.owner == alice
+    assert (await submit(client, B))[0] == 200  # Bob's slot is free
+    assert sum(1 for r in held.received if r.path.endswith("/prompt")) == 2
 
 
 # -- isolation off: the quota guard counts the prompt itself ----------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -22,7 +21,8 @@ from proxy.limits.enforce import limit_key
 from proxy.state import METRICS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
-from tests.redis_server import RedisServer, start_redis
+from tests.integration.support import sample
+from tests.redis_server import RedisServer
 
 Client = TestClient[Any, Any]
 ALICE, BOB, ADMIN = bearer("alice"), bearer("bob"), bearer("root", ("admin",))
@@ -357,21 +357,7 @@ async def test_login_attempts_are_keyed_by_client_ip(
 
 
 # --------------------------------------------------------------------- fault injection
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it gets stopped and restarted."""
-    try:
-        server = start_redis()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.stop()
-
-
-def sample(client: Client, name: str, **labels: str) -> float:
-    return client.app[METRICS].registry.get_sample_value(name, labels) or 0.0
+# (``own_redis``: a redis-server of the test alone, from tests/conftest.py)
 
 
 async def test_redis_stopped_mid_test_fail_modes_then_recovery(

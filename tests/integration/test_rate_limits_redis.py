@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
@@ -21,7 +21,7 @@ from proxy.limits.gcra import GCRA_SHA, MICROS, GcraScript, gcra
 from proxy.limits.limiter import LimiterUnavailable, RedisLimiter
 from proxy.limits.settings import RateLimitSettings
 from proxy.observability.metrics import Metrics
-from tests.redis_server import RedisServer, start_redis
+from tests.redis_server import RedisServer
 
 T, B = 10 * MICROS, 5
 """Slow on purpose: keys expire in Redis's real time, so the injected clock must never run
@@ -147,17 +147,7 @@ async def test_a_connection_closed_by_redis_is_replaced_transparently(redis_url:
 
 
 # ------------------------------------------------------------------ fault injection
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it gets stopped and restarted."""
-    try:
-        server = start_redis()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.stop()
+# (``own_redis``: a redis-server of the test alone, from tests/conftest.py)
 
 
 def state(breaker: CircuitBreaker) -> BreakerState:

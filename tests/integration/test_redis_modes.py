@@ -28,11 +28,12 @@ from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
 
 from proxy.auth import cli as auth_cli
+from proxy.auth.revocation import CachedRevocationList
 from proxy.auth.users import UsersFile
 from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
 from proxy.redis_store import connect, redis_ready
 from proxy.settings import RedisSettings
-from proxy.state import REDIS
+from proxy.state import AUTH, REDIS
 from tests.conftest import JWT_SECRET, ProxyFactory, RedisBackend, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_cluster import wait_until
@@ -115,6 +116,11 @@ async def exercise(client: Client, fake: FakeComfyUI, redis_section: dict[str, A
     auth = {"Authorization": f"Bearer {token}"}
     assert (await client.get("/api/queue", headers=auth)).status == 200
     assert await asyncio.to_thread(revoke_with_cli, jti, redis_section, fake.url) == 0
+    # Written by another process: honoured once this process's cached answer is older than
+    # auth.revocation_cache_seconds (its clock moved on by that much).
+    revocations = client.app[AUTH].revocations
+    assert isinstance(revocations, CachedRevocationList)
+    revocations.clock = lambda: time.monotonic() + revocations.ttl
     refused = await client.get("/api/queue", headers=auth)
     assert refused.status == 401
     assert (await refused.json())["error"]["type"] == "token_revoked"

@@ -1,0 +1,90 @@
+"""``Periodic``: run a coroutine every N seconds in the background until stopped.
+
+The proxy's background loops (health checks, DNS discovery, capability refresh, the upstream
+probe, the queue-quota reconciler) share the same shape: a named task, a period, and a round
+whose failure is logged and never ends the loop (the next round tries again). Stopping cancels
+the task and waits for it, so nothing runs after ``stop()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class Periodic:
+    """Runs ``work`` every ``interval`` seconds (see the module docstring).
+
+    By default each round waits ``interval`` after the previous one ended. With ``fixed_rate``
+    the rounds start ``interval`` apart (a slow round does not shift the following ones; the
+    ones it overran follow at once). ``jitter`` (0..1)
+    spreads each period by up to that fraction, so that processes started together do not all
+    ask in lockstep. ``immediately`` runs the first round on start instead of one period later.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[], Awaitable[object]],
+        interval: float,
+        *,
+        name: str,
+        log: Any,
+        event: str,
+        jitter: float = 0.0,
+        immediately: bool = False,
+        fixed_rate: bool = False,
+    ) -> None:
+        """``log.exception(event)`` records a failed round (``log``: a structlog logger)."""
+        self._work = work
+        self.interval = interval
+        self._name = name
+        self._log = log
+        self._event = event
+        self._jitter = jitter
+        self._immediately = immediately
+        self._fixed_rate = fixed_rate
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        """Start the loop (a second call while it runs does nothing)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait until it has stopped."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _period(self) -> float:
+        if not self._jitter:
+            return self.interval
+        # A spread, not a secret: the standard generator is right here.
+        return self.interval * random.uniform(1 - self._jitter, 1 + self._jitter)  # noqa: S311
+
+    async def _loop(self) -> None:
+        next_at = time.monotonic() + (0.0 if self._immediately else self._period())
+        while True:
+            # A period, not a synchronisation: nothing waits for a round to happen.
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            try:
+                await self._work()
+            except Exception:  # noqa: BLE001 - logged; a bug in one round must not end the loop
+                self._log.exception(self._event)
+            if self._fixed_rate:
+                next_at += self._period()
+            else:
+                next_at = time.monotonic() + self._period()
+
+
+__all__ = ["Periodic"]
