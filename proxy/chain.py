@@ -23,8 +23,16 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
+from redis.exceptions import RedisClusterException, RedisError
 
-from proxy.errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthenticated
+from proxy.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 from proxy.routes import RouteRule, classify, normalise_path, rule
 from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
 from proxy.upstream.headers import client_address
@@ -210,6 +218,26 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
         # closed transport and drops it quietly); 499 is what the log line records.
         ctx.error_type = "client_disconnected"
         return web.Response(status=CLIENT_CLOSED_REQUEST)
+    except (RedisError, RedisClusterException) as exc:
+        # Shared state (ownership, quotas, sessions...) could not be read or written: the
+        # request cannot be decided safely, and nothing was half-done that a retry would repeat
+        # (writes are single scripts or undone on refusal). A 503 the client may retry, not a 500.
+        log.warning(
+            "state_store_unavailable",
+            request_id=ctx.request_id,
+            rule=ctx.rule.name,
+            error=type(exc).__name__,
+        )
+        request.app[METRICS].redis_errors.labels(op="request", kind="unavailable").inc()
+        return _render(
+            request,
+            ctx,
+            ServiceUnavailable(
+                "the proxy's shared state store (Redis) is unavailable; try again shortly",
+                error_type="state_unavailable",
+                headers={hdrs.RETRY_AFTER: "1"},
+            ),
+        )
     except Exception:
         log.exception("request_failed", request_id=ctx.request_id, rule=ctx.rule.name)
         return _render(

@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 
 from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import (
+    FailModeRevocations,
     MemoryRevocationList,
     RedisRevocationList,
     RevocationList,
@@ -183,13 +184,14 @@ def print_bootstrap_token(jwt_settings: JwtSettings, roles: Mapping[str, RoleSet
 
 
 def build_revocations(app: web.Application) -> RevocationList:
-    from proxy.state import REDIS, SETTINGS  # noqa: PLC0415 - state imports auth types
+    from proxy.state import METRICS, REDIS, SETTINGS  # noqa: PLC0415 - state imports auth types
 
     client = app[REDIS]
     if client is None:
         return MemoryRevocationList()  # a dict lookup already: nothing to cache
     ttl = app[SETTINGS].auth.revocation_cache_seconds
-    return cached(RedisRevocationList(client), ttl)
+    failed_open = app[METRICS].redis_errors.labels(op="revocation", kind="failed_open")
+    return FailModeRevocations(cached(RedisRevocationList(client), ttl), failed_open.inc)
 
 
 async def authenticator_context(app: web.Application) -> AsyncIterator[None]:

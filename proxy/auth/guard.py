@@ -14,7 +14,9 @@ import orjson
 from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
+from proxy.auth.revocation import FAIL_OPEN
 from proxy.errors import Forbidden, PayloadTooLarge
+from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
 
@@ -37,7 +39,14 @@ class AuthGuard:
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         auth = request.app[AUTH]
-        principal, session = await auth.authenticate(request, websocket=is_websocket(request))
+        websocket = is_websocket(request)
+        # The route class's Redis fail mode also governs the denylist lookup (see
+        # revocation.FailModeRevocations): read-only classes stay up while Redis is down.
+        token = FAIL_OPEN.set(_fails_open(request, ctx, websocket=websocket))
+        try:
+            principal, session = await auth.authenticate(request, websocket=websocket)
+        finally:
+            FAIL_OPEN.reset(token)
         ctx.principal = principal
         if principal.source == "query":
             # SECURITY: the token is the caller's credential; it must not reach ComfyUI's logs.
@@ -52,6 +61,13 @@ class AuthGuard:
             ctx.response_headers.append(
                 (hdrs.SET_COOKIE, session_cookie(request, value, renewed.absolute_expires_at))
             )
+
+
+def _fails_open(request: web.Request, ctx: RequestContext, *, websocket: bool) -> bool:
+    if ctx.rule.name == "static":  # the frontend's own files
+        return True
+    cls = route_class(ctx.rule.name, request.method, websocket=websocket)
+    return cls is not None and request.app[SETTINGS].rate_limits.fail_mode(cls) == "open"
 
 
 def without_query_param(raw_path: str, name: str) -> str:

@@ -24,6 +24,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import redis.asyncio as redis
@@ -329,11 +330,50 @@ def cached(revocations: RevocationList, ttl_seconds: float) -> RevocationList:
     return CachedRevocationList(revocations, ttl_seconds)
 
 
+FAIL_OPEN: ContextVar[bool] = ContextVar("comfygate_revocation_fail_open", default=False)
+"""Set by the auth guard for the request being authenticated: True when its route class is
+configured ``fail_open`` (``rate_limits.fail_closed`` does not list it)."""
+
+
+class FailModeRevocations:
+    """The outermost :class:`RevocationList`: applies the request's Redis fail mode to lookups.
+
+    SECURITY: an operator who lets a route class through while Redis is down (``fail_open``)
+    accepts that its requests run unchecked against the shared state; the denylist lives there
+    too, so for those classes an unreadable denylist lets an otherwise valid token through (a
+    log line and a metric each time). Every other class fails closed (503), as before; writes
+    (revocations, logouts) always fail loudly.
+    """
+
+    def __init__(
+        self, inner: RevocationList, on_fail_open: Callable[[], None] = lambda: None
+    ) -> None:
+        self.inner = inner
+        self._on_fail_open = on_fail_open
+
+    async def revoke(self, token_id: str, until: float | None) -> None:
+        """See :meth:`RevocationList.revoke`."""
+        await self.inner.revoke(token_id, until)
+
+    async def is_revoked(self, token_id: str) -> bool:
+        """See :meth:`RevocationList.is_revoked`; fails open only when :data:`FAIL_OPEN` is set."""
+        try:
+            return await self.inner.is_revoked(token_id)
+        except RevocationUnavailable:
+            if not FAIL_OPEN.get():
+                raise
+            log.warning("revocation_check_failed_open")
+            self._on_fail_open()
+            return False
+
+
 __all__ = [
     "DEFAULT_CACHE_ENTRIES",
     "EXPIRY_GRACE_SECONDS",
+    "FAIL_OPEN",
     "MAX_UNKNOWN_EXPIRY_SECONDS",
     "CachedRevocationList",
+    "FailModeRevocations",
     "MemoryRevocationList",
     "RedisRevocationList",
     "RevocationList",

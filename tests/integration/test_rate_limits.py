@@ -408,3 +408,36 @@ async def test_redis_stopped_mid_test_fail_modes_then_recovery(
     assert sample(client, "comfygate_redis_breaker_state") == 0
     ready = await client.get("/readyz")
     assert (await ready.json())["rate_limiter"] == "ok"
+
+
+async def test_signed_in_reads_fail_open_on_the_denylist_too(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, own_redis: RedisServer
+) -> None:
+    """With auth on, the token denylist lives in Redis as well: a fail-open class still serves
+    a valid token (logged and counted), a fail-closed class is refused before ComfyUI, and a
+    read whose answer needs the ownership records (a user's history) is a clean 503."""
+    client = await make_proxy(
+        fake_comfy.url,
+        token=None,
+        redis={"url": own_redis.url},
+        auth={"revocation_cache_seconds": 0},  # every lookup goes to Redis
+        rate_limits={"breaker_failures": 1, "breaker_open_seconds": 60},
+    )
+    assert (await client.get("/object_info", headers=ALICE)).status == 200
+    own_redis.stop()
+    try:
+        resp = await client.get("/object_info", headers=ALICE)
+        assert resp.status == 200, await resp.text()
+        assert sample(client, "comfygate_redis_errors_total", op="revocation", kind="failed_open")
+        # Isolation cannot tell alice's entries from others' without Redis: refused, not leaked.
+        resp = await client.get("/history", headers=ALICE)
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["type"] == "state_unavailable"
+        fake_comfy.reset()
+        resp = await client.post("/prompt", json={"prompt": GRAPH}, headers=ALICE)
+        assert resp.status == 503
+        assert (await resp.json())["error"]["type"] == "revocation_unavailable"
+        assert fake_comfy.received == []
+    finally:
+        own_redis.start()

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
 
 from proxy.auth import cli as auth_cli
-from proxy.auth.revocation import CachedRevocationList
+from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
 from proxy.auth.users import UsersFile
 from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
 from proxy.redis_store import connect, redis_ready
@@ -118,7 +118,9 @@ async def exercise(client: Client, fake: FakeComfyUI, redis_section: dict[str, A
     assert await asyncio.to_thread(revoke_with_cli, jti, redis_section, fake.url) == 0
     # Written by another process: honoured once this process's cached answer is older than
     # auth.revocation_cache_seconds (its clock moved on by that much).
-    revocations = client.app[AUTH].revocations
+    outer = client.app[AUTH].revocations
+    assert isinstance(outer, FailModeRevocations)
+    revocations = outer.inner
     assert isinstance(revocations, CachedRevocationList)
     revocations.clock = lambda: time.monotonic() + revocations.ttl
     refused = await client.get("/api/queue", headers=auth)

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.auth.revocation import (
     CachedRevocationList,
+    FailModeRevocations,
     MemoryRevocationList,
     RedisRevocationList,
     RevocationUnavailable,
@@ -84,7 +85,9 @@ async def test_a_revocation_on_one_replica_is_refused_by_another_within_the_ttl(
     replica_b = await make_proxy(fake_comfy.url, token=None, **sections)
     clock = Clock()
     for replica in (replica_a, replica_b):
-        revocations = replica.app[AUTH].revocations
+        outer = replica.app[AUTH].revocations
+        assert isinstance(outer, FailModeRevocations)
+        revocations = outer.inner
         assert isinstance(revocations, CachedRevocationList)
         assert revocations.ttl == TTL
         revocations.clock = clock
@@ -107,7 +110,9 @@ async def test_zero_switches_the_cache_off(
     client = await make_proxy(
         fake_comfy.url, redis={"url": redis_url}, auth={"revocation_cache_seconds": 0}
     )
-    assert isinstance(client.app[AUTH].revocations, RedisRevocationList)
+    outer = client.app[AUTH].revocations
+    assert isinstance(outer, FailModeRevocations)
+    assert isinstance(outer.inner, RedisRevocationList)
     inner = MemoryRevocationList()
     assert cached(inner, 0) is inner
 
