@@ -34,6 +34,9 @@ class PromptRecord:
     client_id: str
     """The namespaced client id ComfyUI saw."""
     created_at: float
+    role: str = ""
+    """The submitter's role label (``metrics.role_label``), for the generation metrics: they
+    read it from here instead of writing a record of their own on every submission."""
 
 
 FileRef = tuple[str, str, str]
@@ -152,6 +155,7 @@ class RedisOwnershipStore:
                 "upstream": record.upstream,
                 "client_id": record.client_id,
                 "created_at": record.created_at,
+                "role": record.role,
             }
         )
         now = time.time()
@@ -191,6 +195,7 @@ class RedisOwnershipStore:
             upstream=str(data["upstream"]),
             client_id=str(data["client_id"]),
             created_at=float(data["created_at"]),
+            role=str(data.get("role", "")),  # absent in records written before it was added
         )
 
     async def prompts_of(self, owner: str) -> set[str]:

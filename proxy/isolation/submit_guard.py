@@ -59,6 +59,7 @@ from proxy.isolation.prompt import (
     requested_prompt_id,
     rewrite_submission,
 )
+from proxy.observability.metrics import role_label
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
@@ -160,6 +161,7 @@ async def _submit_prompt(
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
         created_at=time.time(),
+        role=role_label(principal.roles) if principal is not None else "",
     )
     # Counted against the caller's queue quota (over it: 429 queue_full) and recorded as the
     # caller's before forwarding (ComfyUI may emit the prompt's events before it answers).
@@ -195,6 +197,7 @@ async def _record_admin_prompt(
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
         created_at=time.time(),
+        role=role_label(ctx.principal.roles) if ctx.principal is not None else "",
     )
     # Admins' quota is 0 (unlimited) unless configured; a known id is theirs to reuse.
     if await _count_and_record(request, ctx, store, record, release_if_taken=False):

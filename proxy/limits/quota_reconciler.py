@@ -138,6 +138,9 @@ class QuotaReconciler:
     async def _reconcile(self, upstreams: list[Upstream]) -> int:
         quota = self._quota
         snapshots: dict[str, Snapshot] = {}
+        # Acceptances this process has seen but not yet written (they are batched off the
+        # response path): written first, so that none is missed by this snapshot.
+        await quota.settle()
         for upstream in upstreams:  # first: only what was accepted before the queues are read
             try:
                 snapshots[upstream.name] = await quota.bounded(

@@ -73,13 +73,17 @@ return {0, mine + 1}
 )
 
 ACCEPT_LUA: Final = """
--- KEYS[1]: the prompt's record. Marked only if still there: a prompt may end (and be released
--- from its events) before ComfyUI's answer to the submission reaches the proxy.
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'accepted', 1)
-  return 1
+-- KEYS: prompt records. Each marked only if still there: a prompt may end (and be released
+-- from its events) before ComfyUI's answer to the submission reaches the proxy. Returns how
+-- many were marked.
+local marked = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'accepted', 1)
+    marked = marked + 1
+  end
 end
-return 0
+return marked
 """
 
 RELEASE_LUA: Final = """
@@ -196,6 +200,14 @@ class RedisQuotaStore:
 
     async def accepted(self, prompt_id: str) -> None:
         await _ACCEPT(self._client, [f"{PREFIX}p:{prompt_id}"], [])
+
+    async def accepted_many(self, prompt_ids: Collection[str]) -> None:
+        """:meth:`accepted` for several prompts, one script call per :data:`RELEASE_BATCH`
+        (the submissions answered while the previous call was in flight travel together)."""
+        ids = list(dict.fromkeys(prompt_ids))
+        for start in range(0, len(ids), RELEASE_BATCH):
+            keys = [f"{PREFIX}p:{pid}" for pid in ids[start : start + RELEASE_BATCH]]
+            await _ACCEPT(self._client, keys, [])
 
     async def release(self, prompt_ids: Collection[str]) -> int:
         ids = list(dict.fromkeys(prompt_ids))

@@ -101,6 +101,9 @@ class QueueQuota:
         }
         self.reconciler: QuotaReconciler | None = None
         """This process's reconciler (set by :func:`queue_quota_context`)."""
+        self._to_accept: list[str] = []
+        """Prompts ComfyUI accepted whose mark is not sent yet (see :meth:`accept_later`)."""
+        self._accepting: asyncio.Task[None] | None = None
 
     # -- who is limited how ------------------------------------------------------------
     def limit_for(self, principal: Principal) -> int:
@@ -202,7 +205,7 @@ class QueueQuota:
             if previous is not None:
                 body = await previous(status, body)
             if status == 200:
-                await self.accepted(prompt_id)
+                self.accept_later(prompt_id)
             else:
                 await self.release([prompt_id], reason="refused")  # not queued: not counted
             return body
@@ -210,6 +213,46 @@ class QueueQuota:
         return rewrite
 
     # -- ends --------------------------------------------------------------------------
+    def accept_later(self, prompt_id: str) -> None:
+        """Mark ``prompt_id`` accepted in the background, batched with the other submissions
+        answered meanwhile: the answer is not held for a Redis round trip, and N concurrent
+        answers cost one script call, not N.
+
+        Safe because the mark only makes an entry *reconcilable*: until it lands, a reconciler
+        skips the entry (this process's first waits for it: :meth:`settle`; another replica's
+        checks it one poll later), and a mark that never lands (Redis failing) is covered by the
+        grace rule, as an awaited mark that failed always was. An entry released meanwhile (its
+        end seen on a socket) is not recreated: the script marks existing records only.
+        """
+        self._to_accept.append(prompt_id)
+        if self._accepting is None:
+            self._accepting = asyncio.get_running_loop().create_task(self._accept_pending())
+
+    async def _accept_pending(self) -> None:
+        try:
+            while batch := self._to_accept:
+                self._to_accept = []
+                await self._accept_batch(batch)
+        finally:
+            self._accepting = None
+
+    async def _accept_batch(self, prompt_ids: list[str]) -> None:
+        many = getattr(self.store, "accepted_many", None)
+        try:
+            if many is not None:
+                await self.bounded(many(prompt_ids), "accept")
+            else:  # the memory store: no round trips to save
+                for prompt_id in prompt_ids:
+                    await self.bounded(self.store.accepted(prompt_id), "accept")
+        except StoreFailed as exc:
+            log.warning("queue_quota_accept_failed", error=exc.kind, count=len(prompt_ids))
+
+    async def settle(self) -> None:
+        """Until every mark :meth:`accept_later` scheduled in this process is sent (or failed):
+        the reconciler's snapshot and shutdown wait for it."""
+        while (task := self._accepting) is not None:
+            await asyncio.shield(task)
+
     async def accepted(self, prompt_id: str) -> None:
         """ComfyUI queued it. A failure only delays reconciliation (the grace covers it)."""
         try:
@@ -291,6 +334,7 @@ async def queue_quota_context(app: web.Application) -> AsyncIterator[None]:
         reconciler.start()
     yield
     await reconciler.stop()
+    await quota.settle()  # accepts in flight: a replica's reconciler may rely on them
 
 
 __all__ = [

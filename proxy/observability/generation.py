@@ -22,7 +22,11 @@ Sources, each prompt counted once whichever of them (and whichever worker or rep
   a prompt with a socket costs no queue read after its end.
 
 "Once" is a per-prompt record with first-writer-wins fields (``HSETNX`` in Redis when
-configured, shared by workers and replicas; a bounded dict otherwise). Everything here runs
+configured, shared by workers and replicas; a bounded dict otherwise). With isolation on, a
+submission writes nothing to it: isolation's ownership record, written before forwarding, has
+the role and submission time already, and a Redis write per ``POST /prompt`` for the same facts
+was a measurable share of the proxy's submission cost; the record then starts with the first
+stage claimed (a start or an end). Everything here runs
 in background tasks: a frame is never held back by a Redis round trip, and a Redis failure
 costs accuracy (possible double counts), never a request.
 """
@@ -41,7 +45,7 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.views import queue_ids
 from proxy.observability.metrics import Metrics, role_label
 from proxy.periodic import Periodic
@@ -98,9 +102,17 @@ class MemoryPromptStats:
         return record
 
     async def submitted(self, prompt_id: str, role: str, at: float) -> None:
+        self.note_submitted(prompt_id, role, at)
+
+    def note_submitted(self, prompt_id: str, role: str, at: float) -> None:
+        """:meth:`submitted`, synchronously (a dict write)."""
         record = self._record(prompt_id)
         record.setdefault("role", role)
         record.setdefault("submitted", repr(at))
+
+    def peek(self, prompt_id: str) -> dict[str, str] | None:
+        """The record as it is, unchanged (None: unknown)."""
+        return self._records.get(prompt_id)
 
     async def claim(self, prompt_id: str, field: str, value: str) -> dict[str, str] | None:
         record = self._record(prompt_id)
@@ -154,7 +166,8 @@ class GenerationTracker:
         *,
         pool: UpstreamPool | None = None,
         ownership: OwnershipStore | None = None,
-        fallback: PromptStats | None = None,
+        fallback: MemoryPromptStats | None = None,
+        owned_submissions: bool = False,
     ) -> None:
         self._metrics = metrics
         self._stats = stats
@@ -163,6 +176,10 @@ class GenerationTracker:
         prompt before its answer reaches the proxy (and this tracker's own record)."""
         self._fallback = fallback or MemoryPromptStats()
         """Used while the shared store fails (then a prompt may be counted twice)."""
+        self._owned_submissions = owned_submissions and ownership is not None
+        """Isolation records every submission (role, time) before it is forwarded: no record
+        of this tracker's own is written for it (kept in this process's dict only, a fallback
+        for a prompt whose ownership record cannot be read)."""
         self._pool = pool
         self._tasks: set[asyncio.Task[None]] = set()
         self._watched: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -182,7 +199,10 @@ class GenerationTracker:
         if prompt_id:
             now = time.time()
             self._watch(prompt_id, upstream, now)
-            self._spawn(self._store("submitted", prompt_id, role, now))
+            if self._owned_submissions:
+                self._fallback.note_submitted(prompt_id, role, now)
+            else:
+                self._spawn(self._store("submitted", prompt_id, role, now))
 
     def observe_frame(self, frame: str, roles: frozenset[str], upstream: str) -> None:
         """A text frame ComfyUI sent on a relayed socket (before the tenant filter)."""
@@ -294,7 +314,9 @@ class GenerationTracker:
         record = await self._claim(prompt_id, "ended", outcome)
         if record is None:
             return
-        role = record.get("role") or (role_label(roles) if roles is not None else UNKNOWN_ROLE)
+        role = record.get("role") or await self._submitter_role(prompt_id)
+        if not role:
+            role = role_label(roles) if roles is not None else UNKNOWN_ROLE
         self._metrics.prompts_finished.labels(role, outcome).inc()
         start = started if started is not None else _number(record.get("started"))
         if start is not None and start >= 0 and ts is not None and ts >= start:
@@ -332,17 +354,33 @@ class GenerationTracker:
         await self._ended(prompt_id, outcome, end, upstream, None, started=start)
 
     # -- plumbing --------------------------------------------------------------------------
+    async def _owned(self, prompt_id: str) -> PromptRecord | None:
+        """Isolation's record of ``prompt_id`` (None: none, or unreadable now)."""
+        if self._ownership is None:
+            return None
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                return await self._ownership.prompt(prompt_id)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return None
+
+    def _local(self, prompt_id: str, field: str) -> str | None:
+        """``field`` of the submission as this process noted it (owned submissions only)."""
+        record = self._fallback.peek(prompt_id) if self._owned_submissions else None
+        return record.get(field) if record is not None else None
+
+    async def _submitter_role(self, prompt_id: str) -> str | None:
+        if not self._owned_submissions:
+            return None  # the shared record has the role (written on submission)
+        owned = await self._owned(prompt_id)
+        return (owned.role if owned is not None else "") or self._local(prompt_id, "role")
+
     async def _submitted_at(self, prompt_id: str, record: Mapping[str, str]) -> float | None:
-        if self._ownership is not None:
-            try:
-                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-                    owned = await self._ownership.prompt(prompt_id)
-            except (redis.RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)
-            else:
-                if owned is not None:
-                    return owned.created_at
-        return _number(record.get("submitted"))
+        owned = await self._owned(prompt_id)
+        if owned is not None:
+            return owned.created_at
+        return _number(record.get("submitted") or self._local(prompt_id, "submitted"))
 
     async def _store(self, what: str, prompt_id: str, role: str, at: float) -> None:
         started = time.perf_counter()
@@ -466,7 +504,14 @@ async def generation_tracker(app: web.Application) -> AsyncIterator[None]:
 
     client = app[REDIS]
     stats: PromptStats = RedisPromptStats(client) if client is not None else MemoryPromptStats()
-    tracker = GenerationTracker(app[METRICS], stats, pool=app[POOL], ownership=app.get(OWNERSHIP))
+    tracker = GenerationTracker(
+        app[METRICS],
+        stats,
+        pool=app[POOL],
+        ownership=app.get(OWNERSHIP),
+        # With isolation on, SubmitGuard records every prompt (with its role) before forwarding.
+        owned_submissions=app[SETTINGS].isolation.enabled,
+    )
     app[GENERATION] = tracker
     app[METRICS].generation = tracker
     # The watch period itself, not a synchronisation (tests call watch_once). 0: the operator

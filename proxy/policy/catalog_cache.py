@@ -151,8 +151,13 @@ class ObjectInfoCache:
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
         on_snapshot: Callable[[Snapshot], None] | None = None,
+        policy_version: Callable[[], int] | None = None,
     ) -> None:
+        """``policy_version``: the policy store's current version; a copy fetched under it is
+        not refetched when a caller first names that version (a background fetch, such as the
+        registry's capability read, knows no version)."""
         self.name = name
+        self._current_policy_version = policy_version
         self._on_snapshot = on_snapshot
         self.ttl = ttl
         self.clock = clock
@@ -248,6 +253,8 @@ class ObjectInfoCache:
             if answer.status != 200:
                 return self._failed(answer, f"status {answer.status}")
             snapshot = self._parse(answer)
+            if self._current_policy_version is not None:
+                self._policy_version = max(self._policy_version, self._current_policy_version())
             self._prebuild(snapshot)
             self._snapshot = snapshot
             if self._on_snapshot is not None:

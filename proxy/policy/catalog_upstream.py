@@ -2,8 +2,8 @@
 (``app[CATALOG]``), and the one way the catalog asks ComfyUI something (:func:`fetch_answer`:
 the whole answer, decoded, because it is going to be read).
 
-Issue 8 (several instances): :meth:`Catalog.cache` is already per instance; the merged view is
-``catalog_filter.union_object_info`` over the caches of ``pool.reachable()``, one step above.
+Issue 8 (several instances): :meth:`Catalog.cache` is per instance; the merged view
+(:attr:`Catalog.union`, ``catalog_union``) is the union over the caches of ``pool.reachable()``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.policy.catalog_cache import Answer, CatalogNotJson, Miss, ObjectInfoCache, Snapshot
 from proxy.policy.catalog_http import JSON, is_json
+from proxy.policy.catalog_union import UnionView
 from proxy.settings import Settings
 from proxy.state import CATALOG, METRICS, POLICY, POOL, SETTINGS
 from proxy.upstream.headers import client_response_headers
@@ -42,16 +43,21 @@ class Catalog:
         settings: Settings,
         *,
         on_object_info: Callable[[Mapping[str, Any]], None] | None = None,
+        policy_version: Callable[[], int] | None = None,
     ) -> None:
         """``on_object_info``: called with every new upstream answer (the policy store learns
-        each node type's outputs from it)."""
+        each node type's outputs from it). ``policy_version``: the policy store's version (a
+        copy fetched in the background under the current policy is not refetched for it)."""
         self._pool = pool
+        self._policy_version = policy_version
         self._on_object_info = on_object_info
         self._metrics = metrics
         self._ttl = float(settings.policy.object_info_ttl_seconds)
         self.max_bytes = int(settings.server.max_inspected_body_mb * 1024 * 1024)
         """Largest answer (decoded) the catalog reads: ``server.max_inspected_body_mb``."""
         self._caches: dict[str, ObjectInfoCache] = {}
+        self.union = UnionView()
+        """The union of several instances' copies (``catalog_union``)."""
 
     def cache(self, upstream: Upstream) -> ObjectInfoCache:
         """The cache of one instance (created on first use: instances may join at runtime)."""
@@ -69,13 +75,31 @@ class Catalog:
                     self._metrics.catalog_refreshes.labels(upstream.name, outcome).inc()
 
             cache = self._caches[upstream.name] = ObjectInfoCache(
-                upstream.name, fetch, ttl=self._ttl, on_snapshot=self._snapshot_taken
+                upstream.name,
+                fetch,
+                ttl=self._ttl,
+                on_snapshot=self._snapshot_taken,
+                policy_version=self._policy_version,
             )
         return cache
 
     def _snapshot_taken(self, snapshot: Snapshot) -> None:
-        if self._on_object_info is not None:
+        if self._on_object_info is None:
+            return
+        others = [
+            c.snapshot.info
+            for c in self._caches.values()
+            if c.snapshot is not None and c.snapshot is not snapshot
+        ]
+        if not others:
             self._on_object_info(snapshot.info)
+            return
+        # Several instances: the listener (the policy store's output counts) replaces what it
+        # knew, so it hears every class any instance has, not only the one just refreshed.
+        merged: dict[str, Any] = {}
+        for info in (*others, snapshot.info):
+            merged.update(info)
+        self._on_object_info(merged)
 
     async def idle(self) -> None:
         """Until no refresh is in flight anywhere."""
@@ -180,7 +204,17 @@ async def catalog_context(app: web.Application) -> AsyncIterator[None]:
         if store is not None:
             store.set_object_info(info)
 
-    catalog = Catalog(app[POOL], app[METRICS], app[SETTINGS], on_object_info=learn)
+    def policy_version() -> int:
+        store = app.get(POLICY)
+        return store.version if store is not None else 0
+
+    catalog = Catalog(
+        app[POOL],
+        app[METRICS],
+        app[SETTINGS],
+        on_object_info=learn,
+        policy_version=policy_version,
+    )
     app[CATALOG] = catalog
     yield
     await catalog.close()

@@ -33,6 +33,13 @@ from proxy.policy.catalog_filter import (
     union_object_info,
 )
 from proxy.policy.catalog_http import comfy_coding
+from proxy.policy.catalog_union import (
+    Part,
+    UnionView,
+    gather_snapshots,
+    union_entries,
+    union_names,
+)
 from proxy.policy.model import GlobSet, GraphLimits, ModelGlobs, RolePolicy, RoleRules
 
 CAPTURE = Path(__file__).resolve().parents[1] / "data" / "comfyui_object_info.json"
@@ -466,3 +473,89 @@ def test_renamed_folders_are_judged_under_both_names() -> None:
     names = ["flux-dev.safetensors", "flux-nsfw.safetensors", "sdxl.safetensors"]
     assert filter_model_names(names, "diffusion_models", p) == ["flux-dev.safetensors"]
     assert filter_model_names(names, "unet", p) == ["flux-dev.safetensors"]
+
+
+# -- several instances (catalog_union) ---------------------------------------------------------
+
+
+def test_model_lists_of_several_instances_are_united() -> None:
+    assert union_names([["b.pt", "a.pt"], ["c.pt", "a.pt"], []]) == ["a.pt", "b.pt", "c.pt"]
+    assert union_names([["a"], [7, "a"], [7]]) == ["a", 7]
+    first = {"name": "a.pt", "pathIndex": 0}
+    entries = [[first, {"name": "b.pt"}], [{"name": "a.pt", "pathIndex": 1}, {"name": "c.pt"}]]
+    assert union_entries(entries) == [first, {"name": "b.pt"}, {"name": "c.pt"}]
+
+
+async def snapshot_of(info: dict[str, Any]) -> tuple[ObjectInfoCache, Snapshot]:
+    cache = ObjectInfoCache("u", Upstream(body(info)).fetch, ttl=60)
+    snap = await cache.current()
+    assert isinstance(snap, Snapshot)
+    return cache, snap
+
+
+async def test_union_view_is_rebuilt_only_when_an_instance_changes() -> None:
+    info = capture()
+    ckpt = {"CheckpointLoaderSimple": info["CheckpointLoaderSimple"]}
+    a_cache, a = await snapshot_of(info)
+    other = copy.deepcopy(ckpt)
+    other["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = ["zz.safetensors"]
+    b_cache, b = await snapshot_of({**other, "Custom": {"input": {}}})
+    view = UnionView()
+    parts = [Part("a", a_cache, a), Part("b", b_cache, b)]
+    union, copies = view.view(parts)
+    assert copies is view
+    assert set(union.info) == set(info) | {"Custom"}
+    options = union.info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert options[-1] == "zz.safetensors"
+    # the same snapshots: the same union, the same role copies
+    again, _ = view.view([Part("a", a_cache, a), Part("b", b_cache, b)])
+    assert again is union
+    assert view.builds == 1
+    narrow = policy(("CheckpointLoaderSimple",), ("zz*",))
+    copy_a = view.copy_for(union, narrow, 1, "narrow")
+    assert view.copy_for(union, narrow, 1, "narrow") is copy_a
+    narrowed = orjson.loads(copy_a.body)
+    ckpt_options = narrowed["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert ckpt_options == ["zz.safetensors"]
+    assert view.copy_for(union, policy(version=2), 2, "narrow") is not copy_a  # a reload
+    # one instance refreshed (a new generation): a new union, new copies
+    b_cache2, b2 = await snapshot_of({**other})
+    b2 = Snapshot(b.generation + 1, b2.info, b2.raw, b2.compressed, b2.fetched_at, b2.models)
+    newer, _ = view.view([Part("a", a_cache, a), Part("b", b_cache2, b2)])
+    assert newer is not union
+    assert "Custom" not in newer.info
+    assert view.generation == 2
+    # a request still holding the old union is answered, and nothing of it is kept
+    late = view.copy_for(union, narrow, 1, "narrow")
+    assert late is not copy_a
+    assert view.copy_for(newer, narrow, 1, "narrow") is not late
+    # an instance leaving changes the key too; a single one answers from its own cache
+    only, copies = view.view([Part("a", a_cache, a)])
+    assert only is a
+    assert copies is a_cache
+    assert view.builds == 2
+
+
+async def test_gather_takes_copies_at_once_and_waits_for_misses_within_the_limit() -> None:
+    ready_cache, ready = await snapshot_of({"A": {}})
+    down = ObjectInfoCache("down", Upstream(UpstreamUnavailable("down")).fetch, ttl=60)
+    slow_upstream = Upstream(body({"S": {}}))
+    slow_upstream.gate.clear()
+    slow = ObjectInfoCache("slow", slow_upstream.fetch, ttl=60)
+    miss: Miss = ("/api/object_info", {"Comfy-User": "alice"})
+    gathered = await gather_snapshots(
+        [("ready", ready_cache), ("down", down), ("slow", slow)], 1, miss, within=0.05
+    )
+    assert [p.name for p in gathered.parts] == ["ready"]
+    assert gathered.parts[0].snapshot is ready
+    assert gathered.missing == ["down", "slow"]
+    assert isinstance(gathered.failure, UpstreamUnavailable)
+    assert gathered.outcome == "miss"
+    assert slow_upstream.misses == [miss]  # the client's request, as with one instance
+    # the slow fetch went on without this request, and joins the next answer
+    slow_upstream.gate.set()
+    await slow.idle()
+    gathered = await gather_snapshots([("ready", ready_cache), ("slow", slow)], 1, miss, within=1)
+    assert [p.name for p in gathered.parts] == ["ready", "slow"]
+    assert gathered.outcome == "hit"
+    assert gathered.failure is None
