@@ -55,6 +55,8 @@ async def test_events_from_all_three_instances_reach_one_socket(
     for fake in fakes:
         await fake.wait_socket(sid, flags=True)  # every instance got the client's flags
     b_ws, _ = await connect(client, B, "tab-b")
+    for fake in fakes:  # B's broadcast below must find B's socket on every instance
+        await fake.wait_socket(upstream_client_id(BOB, "tab-b"), flags=True)
 
     prompts = [await place(client, fake, ALICE, "tab") for fake in fakes]
     seen: list[Any] = []
