@@ -4,22 +4,27 @@ Shared by all proxy replicas through Redis; in process memory when no Redis is c
 Entries expire after ``isolation.retention_seconds``, aligned with how long ComfyUI keeps
 history (it keeps the newest 10,000 entries in memory until it restarts).
 
-Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script (one
-round trip) that claims the id and adds it to the owner's index together, except on a Redis
-Cluster, where the two keys are in different slots and it takes two round trips.
+Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script that
+claims the id and adds it to the owner's index together, and the claims that arrive together
+share one round trip on a connection of the store's own (:mod:`proxy.limits.coalesce`, as the
+rate limiter's checks do). On a Redis Cluster the two keys are in different slots: two round
+trips per claim through the cluster client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as redis
 from aiohttp import web
+
+from proxy.limits.coalesce import Coalescer, ScriptCall, ScriptPipe
 
 if TYPE_CHECKING:
     from proxy.redis_store import RedisClient
@@ -141,9 +146,36 @@ class RedisOwnershipStore:
         self._retention = retention_seconds
         self._prefix = prefix
         # A cluster keeps a prompt's record and its owner's index in different slots, which
-        # one script may not touch together.
-        self._one_script = not isinstance(client, redis.RedisCluster)
-        self._record_script = client.register_script(RECORD_PROMPT_LUA)
+        # one script may not touch together: there, the claim and the index are two steps.
+        self._claims: Coalescer[ScriptCall, Any] | None = None
+        if isinstance(client, redis.Redis):
+            pool = client.connection_pool
+            self._pipe = ScriptPipe(pool, RECORD_PROMPT_LUA)
+            timeout = pool.connection_kwargs.get("socket_timeout")
+            self._timeout: float | None = timeout
+            self._claims = Coalescer(self._send_claims, _abandoned)
+
+    async def _send_claims(self, calls: list[ScriptCall]) -> Sequence[Any]:
+        """One round trip for every claim queued, bounded like one command of the shared
+        client (``redis.socket_timeout_seconds``). Every failure is a ``redis.RedisError``, so
+        a request answers 503 state_unavailable whatever went wrong."""
+        try:
+            if not self._pipe.connected:
+                await self._pipe.connect()  # bounded by the connect timeout, not the budget
+            async with asyncio.timeout(self._timeout):
+                return await self._pipe.exchange(calls)
+        except redis.RedisError:
+            raise
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise redis.TimeoutError("ownership claim timed out") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"ownership claim failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """Stop the claims' pump and drop the store's own connection (app cleanup)."""
+        if self._claims is not None:
+            await self._claims.close()
+            await self._pipe.close()
 
     async def record_prompt(self, record: PromptRecord) -> bool:
         ttl = max(1, int(self._retention))
@@ -159,11 +191,11 @@ class RedisOwnershipStore:
             }
         )
         now = time.time()
-        if self._one_script:
-            created = await self._record_script(
-                keys=[key, index],
-                args=[value, ttl, record.prompt_id, now + self._retention, now],
-            )
+        args = (value, ttl, record.prompt_id, now + self._retention, now)
+        if self._claims is not None:
+            created = await self._claims.submit(((key, index), args))
+            if isinstance(created, Exception):  # an error reply (OOM, READONLY, ...)
+                raise created
             return bool(created)
         if not await self._redis.set(key, value, ex=ttl, nx=True):
             return False
@@ -233,3 +265,10 @@ async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     )
     app[OWNERSHIP] = store
     yield
+    if isinstance(store, RedisOwnershipStore):
+        await store.aclose()
+
+
+def _abandoned() -> redis.ConnectionError:
+    """What the other claims of a batch get when its sender was cancelled (shutdown)."""
+    return redis.ConnectionError("ownership claim abandoned")

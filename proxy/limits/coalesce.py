@@ -14,9 +14,11 @@ spreads the keys over nodes and goes through :class:`~proxy.limits.gcra.GcraScri
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import math
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as redis
 from redis.asyncio.connection import AbstractConnection
@@ -25,14 +27,18 @@ from redis.exceptions import NoScriptError, ResponseError
 from proxy.limits.gcra import GCRA_LUA, GCRA_SHA, MICROS, Decision
 
 T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 DEFAULT_CONNECT_TIMEOUT = 1.0
 """For a pool configured without a connect timeout."""
 Check = tuple[str, int, int]
 """``(key, emission, burst)``: the arguments of one GCRA check."""
+ScriptCall = tuple[Sequence[Any], Sequence[Any]]
+"""``(keys, args)``: the arguments of one ``EVALSHA``."""
 
 
-class GcraPipe:
-    """Runs batches of GCRA checks on one dedicated connection, one batch at a time.
+class ScriptPipe:
+    """Runs batches of ``EVALSHA`` of one script on one dedicated connection, one at a time.
 
     The caller bounds each batch with its own deadline (``asyncio.timeout``); any failure,
     including that timeout, drops the connection (replies may still be in flight) and the next
@@ -40,8 +46,10 @@ class GcraPipe:
     lookup of the current primary).
     """
 
-    def __init__(self, pool: redis.ConnectionPool) -> None:
+    def __init__(self, pool: redis.ConnectionPool, lua: str) -> None:
         self._pool = pool
+        self._lua = lua
+        self.sha = hashlib.sha1(lua.encode(), usedforsecurity=False).hexdigest()
         self._conn: AbstractConnection | None = None
 
     @property
@@ -51,11 +59,11 @@ class GcraPipe:
     async def connect(self) -> None:
         """(Re)connect, bounded by the pool's own connect timeout (``redis.connect_timeout_
         seconds``): a TCP and TLS handshake is not a command, and must not have to fit in the
-        checks' budget (a fresh TLS connection on a busy host takes tens of milliseconds)."""
+        batches' budget (a fresh TLS connection on a busy host takes tens of milliseconds)."""
         conn = self._conn
         if conn is None:
             conn = self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            # Batches run under the limiter's own deadline: no per-write or per-reply timers.
+            # Batches run under the caller's own deadline: no per-write or per-reply timers.
             conn.socket_timeout = None
         if not conn.is_connected:
             try:
@@ -71,13 +79,14 @@ class GcraPipe:
                 raise
 
     async def load(self) -> None:
-        """``SCRIPT LOAD`` on the limiter's connection (startup)."""
+        """``SCRIPT LOAD`` on the pipe's connection (startup)."""
         await self.connect()
         assert self._conn is not None
-        await self._guarded(self._exchange(self._conn, [("SCRIPT", "LOAD", GCRA_LUA)]))
+        await self._guarded(self._exchange(self._conn, [("SCRIPT", "LOAD", self._lua)]))
 
-    async def run(self, checks: Sequence[Check]) -> list[Decision]:
-        """One round trip (two when the script must be loaded first).
+    async def exchange(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Every call's reply, in order: one round trip (two when the script must be loaded
+        first). An error reply of one call (other than NOSCRIPT) is returned as its exception.
 
         Raises:
             redis.RedisError, OSError: the batch failed as a whole; nothing is known of it.
@@ -86,7 +95,7 @@ class GcraPipe:
         await self.connect()
         assert self._conn is not None
         try:
-            return await self._guarded(self._checks(self._conn, checks))
+            return await self._guarded(self._calls(self._conn, calls))
         except (redis.ConnectionError, ConnectionError) as exc:
             if not reused or isinstance(exc, TimeoutError):
                 raise
@@ -94,23 +103,27 @@ class GcraPipe:
         # without our noticing: like redis-py's own single retry, once more on a fresh one.
         await self.connect()
         assert self._conn is not None
-        return await self._guarded(self._checks(self._conn, checks))
+        return await self._guarded(self._calls(self._conn, calls))
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.disconnect(nowait=True)
 
-    async def _checks(self, conn: AbstractConnection, checks: Sequence[Check]) -> list[Decision]:
-        replies = await self._exchange(conn, [_evalsha(c) for c in checks])
+    def _evalsha(self, call: ScriptCall) -> tuple[Any, ...]:
+        keys, args = call
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def _calls(self, conn: AbstractConnection, calls: Sequence[ScriptCall]) -> list[Any]:
+        replies = await self._exchange(conn, [self._evalsha(c) for c in calls])
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:  # Redis restarted, SCRIPT FLUSH, failover: those checks did not run
+        if missing:  # Redis restarted, SCRIPT FLUSH, failover: those calls did not run
             again = await self._exchange(
-                conn, [("SCRIPT", "LOAD", GCRA_LUA), *(_evalsha(checks[i]) for i in missing)]
+                conn, [("SCRIPT", "LOAD", self._lua), *(self._evalsha(calls[i]) for i in missing)]
             )
             for i, reply in zip(missing, again[1:], strict=True):
                 replies[i] = reply
-        return [_decision(r) for r in replies]
+        return replies
 
     async def _guarded(self, exchange: Awaitable[T]) -> T:
         """Any failure (including a deadline) drops the connection: replies may be in flight."""
@@ -134,9 +147,107 @@ class GcraPipe:
         return replies
 
 
-def _evalsha(check: Check) -> tuple[Any, ...]:
-    key, emission, burst = check
-    return ("EVALSHA", GCRA_SHA, 1, key, emission, burst)
+class GcraPipe(ScriptPipe):
+    """:class:`ScriptPipe` of the GCRA script: batches of checks, a decision for each."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        super().__init__(pool, GCRA_LUA)
+        assert self.sha == GCRA_SHA
+
+    async def run(self, checks: Sequence[Check]) -> list[Decision]:
+        """One round trip (two when the script must be loaded first).
+
+        Raises:
+            redis.RedisError, OSError: the batch failed as a whole; nothing is known of it.
+        """
+        replies = await self.exchange(
+            [((key,), (emission, burst)) for key, emission, burst in checks]
+        )
+        return [_decision(r) for r in replies]
+
+
+class Coalescer(Generic[ItemT, ResultT]):
+    """Items submitted while a batch is in flight go together in the next one.
+
+    ``send`` runs one batch and returns one result per item, in order, or raises for the batch
+    as a whole (every item of it then raises that error). An idle coalescer sends the first
+    item from its caller's task (no task hop when requests come one by one); items that arrive
+    meanwhile are sent by a pump task once that batch is done, all in one batch.
+
+    A caller cancelled while it sends a batch abandons that batch: the others in it get
+    ``abandoned()`` (the replies may never be read). A caller cancelled while waiting leaves
+    its item in its batch (the request was made).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[ItemT]], Awaitable[Sequence[ResultT]]],
+        abandoned: Callable[[], BaseException],
+    ) -> None:
+        self._send = send
+        self._abandoned = abandoned
+        self._queue: list[tuple[ItemT, asyncio.Future[ResultT]]] = []
+        self._busy = False
+        """A batch is in flight (sent by a caller or by the pump)."""
+        self._pump: asyncio.Task[None] | None = None
+
+    async def submit(self, item: ItemT) -> ResultT:
+        """``item``'s result. Raises: whatever ``send`` raised for its batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ResultT] = loop.create_future()
+        self._queue.append((item, future))
+        if self._busy:
+            return await future
+        self._busy = True
+        try:
+            await self._run_batch()
+        except BaseException:
+            if not future.cancelled():
+                future.exception()  # this caller is going away: mark it retrieved
+            raise
+        finally:
+            if self._queue:
+                self._pump = loop.create_task(self._run_batches())
+            else:
+                self._busy = False
+        return future.result()
+
+    async def close(self) -> None:
+        """Stop the pump (app cleanup); the queued items fail as abandoned."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+
+    async def _run_batches(self) -> None:
+        try:
+            while self._queue:
+                await self._run_batch()
+        finally:
+            self._pump = None
+            self._busy = False
+            batch, self._queue = self._queue, []
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(self._abandoned())
+
+    async def _run_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        try:
+            results = await self._send([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the batch's error, whatever it is, is each item's
+            for _, future in batch:
+                if not future.done():  # done: its caller was cancelled
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(self._abandoned())
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 def _decision(reply: Any) -> Decision:
@@ -146,4 +257,4 @@ def _decision(reply: Any) -> Decision:
     return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
 
 
-__all__ = ["Check", "GcraPipe"]
+__all__ = ["Check", "Coalescer", "GcraPipe", "ScriptCall", "ScriptPipe"]

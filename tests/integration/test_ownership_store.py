@@ -26,7 +26,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[OwnershipStore]
         return
     url: str = request.getfixturevalue("redis_url")
     client = redis.Redis.from_url(url)
-    yield RedisOwnershipStore(client, 3600)
+    store = RedisOwnershipStore(client, 3600)
+    yield store
+    await store.aclose()
     await client.aclose()
 
 
@@ -89,4 +91,5 @@ async def test_a_taken_id_never_joins_another_owners_prompts(redis_backend: Redi
         assert await store.record_prompt(record("p1", "bob"))  # free again
         assert await store.prompts_of("bob") == {"p1"}
     finally:
+        await store.aclose()
         await connection.close()
