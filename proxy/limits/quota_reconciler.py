@@ -28,23 +28,19 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import aiohttp
 import orjson
 import structlog
-from aiohttp import hdrs
 
 from proxy.isolation.events import END_EVENTS
-from proxy.isolation.views import queue_ids
 from proxy.limits.quota import Snapshot
 from proxy.limits.quota_service import QueueQuota, StoreFailed
 from proxy.periodic import Periodic
 from proxy.settings import Settings
 from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.queue_read import queued_ids
 
 log = structlog.get_logger("comfygate.quota")
 
-QUEUE_TIMEOUT_SECONDS: Final = 10.0
-"""Bound on one ``GET /queue`` (its answer holds every queued graph: it can be large)."""
 SEEN_ENDS: Final = 64
 """Prompt ends remembered per socket (a success is reported twice: no second release)."""
 _END_MARKERS: Final = tuple(f'"{t}"' for t in sorted(END_EVENTS))
@@ -152,7 +148,9 @@ class QuotaReconciler:
         if any(s.candidates for s in snapshots.values()):
             # Every instance's queue: a prompt that failed over to another instance than the
             # one it was counted on is still live there.
-            read = await asyncio.gather(*(self._live(u) for u in upstreams))
+            read = await asyncio.gather(
+                *(queued_ids(self._pool, u, reader="queue_quota") for u in upstreams)
+            )
             queues = {u.name: q for u, q in zip(upstreams, read, strict=True)}
         live = set().union(*(q for q in queues.values() if q is not None))
         released = 0
@@ -169,37 +167,6 @@ class QuotaReconciler:
             self._gauge.labels(name).set(max(0, snapshot.in_use - freed))
             released += freed
         return released
-
-    async def _live(self, upstream: Upstream) -> set[str] | None:
-        """The prompt ids ComfyUI lists as running or pending; None when it cannot be read."""
-        try:
-            async with self._pool.session.get(
-                upstream.url_for("/queue"),
-                headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
-                timeout=aiohttp.ClientTimeout(total=QUEUE_TIMEOUT_SECONDS),
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning(
-                "queue_quota_poll_unreachable", upstream=upstream.name, error=type(exc).__name__
-            )
-            return None
-        if status != 200:
-            log.warning("queue_quota_poll_refused", upstream=upstream.name, status=status)
-            return None
-        try:
-            queue = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            log.warning("queue_quota_poll_not_json", upstream=upstream.name)
-            return None
-        if not isinstance(queue, dict) or not all(
-            isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
-        ):
-            # SECURITY: an answer we cannot read must not release everything.
-            log.warning("queue_quota_poll_unexpected", upstream=upstream.name)
-            return None
-        return {*queue_ids(queue, "queue_running"), *queue_ids(queue, "queue_pending")}
 
 
 __all__ = ["QuotaEventObserver", "QuotaReconciler", "ended_prompt"]

@@ -46,10 +46,10 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
-from proxy.isolation.views import queue_ids
 from proxy.observability.metrics import Metrics, role_label
 from proxy.periodic import Periodic
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.queue_read import queued_ids
 
 log = structlog.get_logger("comfygate.metrics")
 
@@ -71,7 +71,6 @@ MAX_WATCHED: Final = 50_000
 """Prompts whose end the watch waits for, per process (oldest given up first)."""
 WATCH_MAX_AGE_SECONDS: Final = 24 * 3600.0
 """A prompt still queued (or on an unreachable instance) this long is no longer watched."""
-QUEUE_TIMEOUT_SECONDS: Final = 10.0
 
 
 class PromptStats(Protocol):
@@ -273,7 +272,9 @@ class GenerationTracker:
             by_upstream.setdefault(upstream, []).append(prompt_id)
         instances = {u.name: u for u in self._pool.upstreams}
         names = [n for n in by_upstream if n in instances]
-        queues = await asyncio.gather(*(_queued(self._pool, instances[n]) for n in names))
+        queues = await asyncio.gather(
+            *(queued_ids(self._pool, instances[n], reader="generation") for n in names)
+        )
         ended = 0
         for name, live in zip(names, queues, strict=True):
             if live is None:
@@ -438,27 +439,6 @@ async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> 
     """``then`` once ``first`` is over (whatever its outcome: it logs its own failure)."""
     await asyncio.wait([first])
     await then
-
-
-async def _queued(pool: UpstreamPool, upstream: Upstream) -> set[str] | None:
-    """The prompt ids ``upstream`` lists as running or pending; None when it cannot be read
-    (never "empty": an unreadable answer must not end every watched prompt)."""
-    try:
-        async with pool.session.get(
-            upstream.url_for("/queue"),
-            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
-            timeout=aiohttp.ClientTimeout(total=QUEUE_TIMEOUT_SECONDS),
-        ) as resp:
-            if resp.status != 200:
-                return None
-            queue = orjson.loads(await resp.read())
-    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(queue, dict) or not all(
-        isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
-    ):
-        return None
-    return {*queue_ids(queue, "queue_running"), *queue_ids(queue, "queue_pending")}
 
 
 def history_outcome(entry: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
