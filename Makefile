@@ -1,19 +1,50 @@
 # Every target bootstraps its own virtualenv, so a fresh clone needs only python3 >= 3.11.
+# Installs come from the committed, hash-pinned lock files in requirements/ (see README,
+# "Development"): the same versions on every machine until a deliberate `make upgrade` commit.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/comfygate.example.toml
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/dev.txt
+# One resolution for every lock file: all platforms, the oldest supported Python.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes
 
-.PHONY: install run test lint typecheck check bench browser-deps clean
+.PHONY: install run test lint typecheck check bench browser-deps clean lock upgrade test-oldest
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Re-runs only when the lock or pyproject.toml changed: an up-to-date venv needs no network.
+# pip checks every hash (--require-hashes is implied by the hashes in the file) and refuses a
+# package the lock does not pin; comfygate itself is installed editable with the locked
+# setuptools (--no-build-isolation), so no build step fetches anything unpinned.
+$(STAMP): $(LOCK) pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## lock: re-resolve requirements/*.txt within pyproject.toml's ranges (keeps current pins
+## where they still fit); commit the result
+lock: $(STAMP)
+	$(UV_COMPILE) pyproject.toml requirements/tools.in --extra dev -o requirements/dev.txt
+	$(UV_COMPILE) pyproject.toml -c requirements/dev.txt -o requirements/runtime.txt
+	$(UV_COMPILE) requirements/build.in -c requirements/dev.txt -o requirements/build.txt
+	$(UV_COMPILE) pyproject.toml requirements/tools.in --extra dev --resolution lowest-direct \
+	  -o requirements/oldest.txt
+
+## upgrade: the newest versions within the ranges, then lint, typecheck and the suite on them
+upgrade: $(STAMP)
+	$(UV_COMPILE) pyproject.toml requirements/tools.in --extra dev --upgrade -o requirements/dev.txt
+	$(MAKE) lock
+	$(MAKE) install lint typecheck test
+
+## test-oldest: the suite on the lowest versions pyproject.toml admits (requirements/oldest.txt)
+test-oldest:
+	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/oldest.txt
+	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
 
 ## run: serve the proxy on the embedded defaults (ComfyUI on 127.0.0.1:8188, no Redis)
 run: $(STAMP)
@@ -51,4 +82,4 @@ browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-oldest .mypy_cache .ruff_cache .pytest_cache

@@ -45,6 +45,10 @@ RedisClient = redis.Redis | redis.RedisCluster
 """Any client the proxy may hold: standalone/Sentinel-managed (``Redis``) or ``RedisCluster``.
 Code that runs against it uses single-key commands (or keys sharing a hash tag) only."""
 
+# redis-py < 8 leaves ``Sentinel.__init__`` untyped (a strict "untyped call" there), 8.x types it.
+# Calling it through a typed alias works with both without a version-dependent ignore.
+_SENTINEL: Callable[..., Sentinel] = Sentinel
+
 PING_TIMEOUT_SECONDS = 1.0
 RETRY_BACKOFF_BASE_SECONDS = 0.01
 RETRY_BACKOFF_CAP_SECONDS = 0.1
@@ -163,7 +167,7 @@ def connect(settings: RedisSettings) -> RedisConnection | None:
             **({"ssl": True, **tls} if tls else {}),
             "password": settings.sentinel_password or None,
         }
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        sentinel = _SENTINEL(
             [_address(a) for a in settings.sentinels], sentinel_kwargs=sentinel_kwargs
         )
         master = sentinel.master_for(
