@@ -44,7 +44,7 @@ test-oldest:
 	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/oldest.txt
 	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
+	COMFYGATE_TEST_LOCK=oldest.txt .venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
 
 ## run: serve the proxy on the embedded defaults (ComfyUI on 127.0.0.1:8188, no Redis)
 run: $(STAMP)

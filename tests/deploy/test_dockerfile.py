@@ -169,6 +169,7 @@ def _context_copy(parser: DockerfileParser, destination: Path) -> None:
                     src, destination / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
                 )
             else:
+                (destination / source).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, destination / source)
 
 
@@ -180,22 +181,54 @@ def _run(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def test_build_installs_only_from_the_hash_pinned_lock(dockerfile: DockerfileParser) -> None:
+    """The image gets the versions CI tested: every package from a committed lock file, checked
+    by hash; the wheel built with the locked backend and installed without resolving anything."""
+    (build_stage, *_rest) = stages(dockerfile)
+    run = " ".join(instructions(build_stage, "RUN"))
+    steps = [step.strip() for step in run.split("&&")]
+    pip_installs = [s for s in steps if re.search(r"\bpip install ", s)]
+    assert pip_installs, run
+    for step in pip_installs:
+        # Either a lock file, checked by hash, or the local wheel with no dependency resolution.
+        assert ("--require-hashes -r requirements/" in step) or (
+            "--no-deps" in step and "/wheels/" in step
+        ), step
+    assert any("-r requirements/runtime.txt" in s for s in pip_installs)
+    assert any("-r requirements/build.txt" in s for s in pip_installs)
+    (wheel_step,) = [s for s in steps if re.search(r"\bpip wheel ", s)]
+    assert "--no-build-isolation" in wheel_step
+    assert "--no-deps" in wheel_step
+
+
 @pytest.fixture(scope="module")
 def installed_venv(dockerfile: DockerfileParser, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The build stage's RUN, on the host: ``pip wheel`` of the context, then a fresh venv with
-    that wheel installed (dependencies from the package index, as ``docker build`` does)."""
+    """The build stage's RUN, on the host: the locked build backend in a build venv, ``pip
+    wheel`` of the context with it, then a fresh venv with the runtime lock and that wheel."""
     work = tmp_path_factory.mktemp("docker-build")
     context = work / "src"
     context.mkdir()
     _context_copy(dockerfile, context)
+    quiet = ("--quiet", "--no-compile", "--disable-pip-version-check")
+    builder = work / "build-venv"  # stands in for the build stage's own interpreter
+    _run(sys.executable, "-m", "venv", builder)
+    _run(
+        builder / "bin" / "pip",
+        "install",
+        *quiet,
+        "--require-hashes",
+        "-r",
+        context / "requirements" / "build.txt",
+    )
     wheels = work / "wheels"
     _run(
-        sys.executable,
+        builder / "bin" / "python",
         "-m",
         "pip",
         "wheel",
         "--quiet",
         "--no-deps",
+        "--no-build-isolation",
         "--wheel-dir",
         wheels,
         ".",
@@ -207,11 +240,12 @@ def installed_venv(dockerfile: DockerfileParser, tmp_path_factory: pytest.TempPa
     _run(
         venv / "bin" / "pip",
         "install",
-        "--quiet",
-        "--no-compile",
-        "--disable-pip-version-check",
-        wheel,
+        *quiet,
+        "--require-hashes",
+        "-r",
+        context / "requirements" / "runtime.txt",
     )
+    _run(venv / "bin" / "pip", "install", *quiet, "--no-deps", wheel)
     return venv
 
 
