@@ -25,7 +25,7 @@ def codec(clock: Clock, **settings: float) -> SessionCodec:
 
 def test_round_trip() -> None:
     clock = Clock()
-    value, session = codec(clock).issue("alice", ["user", "admin"])
+    value, session = codec(clock).issue("alice", ["user", "admin"], source="token")
     back = codec(clock).verify(value)
     assert back == session
     assert back.roles == ("admin", "user")
@@ -35,7 +35,7 @@ def test_round_trip() -> None:
 def test_idle_expiry_and_renewal() -> None:
     clock = Clock()
     c = codec(clock, idle_timeout_seconds=100, absolute_timeout_seconds=1000)
-    value, session = c.issue("alice", ["user"])
+    value, session = c.issue("alice", ["user"], source="token")
     clock.now += 40
     assert not c.needs_renewal(session)
     clock.now += 20  # 40 s left of 100: past half-life
@@ -53,7 +53,7 @@ def test_idle_expiry_and_renewal() -> None:
 def test_absolute_expiry_bounds_renewal() -> None:
     clock = Clock()
     c = codec(clock, idle_timeout_seconds=100, absolute_timeout_seconds=150)
-    _, session = c.issue("alice", ["user"])
+    _, session = c.issue("alice", ["user"], source="token")
     clock.now += 90
     value, renewed = c.renew(session)
     assert renewed.expires_at == session.absolute_expires_at
