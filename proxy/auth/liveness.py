@@ -11,7 +11,12 @@ they cannot disagree:
 - a session made from a password: the user is still in the users file, with the same entry
   (:meth:`SessionCodec.user_generation`). ``comfygate user remove`` / ``user passwd`` or an edit
   of the user's roles end it. The users file is re-read when its mtime, size or inode change
-  (:class:`UsersFile`), checked on each lookup: edits by the CLI need no restart or signal.
+  (:class:`UsersFile`), checked on each lookup: edits by the CLI need no restart or signal. A
+  file that became unreadable or invalid keeps its last good contents (as for logins), so a
+  botched edit does not sign everyone out. A role change ends the session rather than updating
+  it: the holder signs in again and gets the new roles, and no socket keeps the old ones. An
+  argon2 rehash at login (after a parameter upgrade) changes the entry too, ending that user's
+  other sessions once.
 
 A session's expiry (idle, absolute, capped at the token's ``exp``) is the codec's business.
 """

@@ -35,7 +35,6 @@ from proxy.auth.settings import SessionSettings
 SESSION_TYPE = "comfygate-session"
 ALGORITHM = "HS256"
 SessionSource = Literal["password", "token"]
-_SOURCES: frozenset[str] = frozenset({"password", "token"})
 
 
 class InvalidSession(Exception):
@@ -164,11 +163,12 @@ class SessionCodec:
             raise InvalidSession("session_invalid")
         source, token_id, generation = claims.get("src"), claims.get("tjti"), claims.get("ugen")
         # SECURITY: a session must say which credential it came from, so that it ends with it.
-        if source not in _SOURCES or not (token_id is None or isinstance(token_id, str)):
-            raise InvalidSession("session_invalid")
-        if (source == "password") != isinstance(generation, str) or (
-            source == "password" and token_id is not None
-        ):
+        if source == "password":
+            tied = isinstance(generation, str) and bool(generation) and token_id is None
+        else:
+            tied = source == "token" and generation is None
+            tied = tied and (token_id is None or (isinstance(token_id, str) and bool(token_id)))
+        if not tied:
             raise InvalidSession("session_invalid")
         now = self._clock()
         if float(claims["exp"]) <= now or float(claims["aexp"]) <= now:
