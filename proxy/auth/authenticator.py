@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.auth.liveness import MESSAGES, SessionLiveness
 from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import (
     FailModeRevocations,
@@ -57,6 +58,14 @@ class Authenticator:
     verifier: TokenVerifier
     sessions: SessionCodec
     revocations: RevocationList
+    users: UsersFile | None = None
+    """The login page's users file: a password session lives while its user's entry is
+    unchanged (None: no password login, so no password session is live)."""
+
+    @property
+    def liveness(self) -> SessionLiveness:
+        """The session liveness check over this authenticator's current collaborators."""
+        return SessionLiveness(self.revocations, self.users, self.sessions)
 
     async def authenticate(
         self, request: web.Request, *, websocket: bool
@@ -112,10 +121,10 @@ class Authenticator:
             raise Unauthenticated(
                 "your session has ended; log in again", error_type=exc.reason
             ) from None
-        if await self.revocations.is_revoked(session.session_id):
-            raise Unauthenticated(
-                "your session has ended; log in again", error_type="session_revoked"
-            )
+        ended = await self.liveness.ended(session)
+        if ended is not None:
+            log.info("session_refused", user=session.subject, reason=ended)
+            raise Unauthenticated(MESSAGES[ended], error_type="session_revoked")
         roles = frozenset(r for r in session.roles if r in self.roles)
         if not roles:
             raise Forbidden("your roles are no longer configured", error_type="no_role")
@@ -126,6 +135,7 @@ class Authenticator:
             token_id=session.session_id,
             # Idle expiry is the cookie's business; an open socket lives to the absolute limit.
             expires_at=session.absolute_expires_at,
+            session=session,
         )
         return principal, session
 
@@ -214,13 +224,6 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     if bootstrap:
         print_bootstrap_token(jwt_settings, settings.roles)
     await verifier.start()
-    auth = app[AUTH] = Authenticator(
-        settings=settings.auth,
-        roles=settings.roles,
-        verifier=verifier,
-        sessions=SessionCodec(settings.auth.session, session_secret(settings.auth)),
-        revocations=revocations,
-    )
     users = None
     if settings.auth.login.users_file:
         users = UsersFile(Path(settings.auth.login.users_file))
@@ -228,6 +231,14 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
             users.load()
         except UsersFileError as exc:
             raise SettingsError([f"auth.login.users_file: {exc}"]) from None
+    auth = app[AUTH] = Authenticator(
+        settings=settings.auth,
+        roles=settings.roles,
+        verifier=verifier,
+        sessions=SessionCodec(settings.auth.session, session_secret(settings.auth)),
+        revocations=revocations,
+        users=users,
+    )
     app[LOGIN_PAGE] = LoginPage(
         base_path=settings.server.base_path,
         settings=settings.auth,

@@ -6,7 +6,9 @@ such user, Redis down, ...), 2 a usage or configuration problem.
 
 Passwords come from a prompt (twice, not echoed) or, with ``--password-stdin``, from the first
 line of standard input; never from the command line, where other users could read them in the
-process list. ``token create`` prints the token alone on stdout, so it can be captured with
+process list. ``user remove`` and ``user passwd`` end the user's browser sessions (the proxy
+re-reads the file when it changes; see :mod:`proxy.auth.liveness`), as does a role change made
+by editing the file. ``token create`` prints the token alone on stdout, so it can be captured with
 ``$(...)``; its ``jti`` (for ``token revoke``) goes to stderr.
 """
 
@@ -194,7 +196,7 @@ def _user(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
         if args.subcommand == "remove":
             users.remove(args.name)
             print(f"removed {args.name} from {path}", file=io.err)
-            print("existing sessions end at their expiry or logout", file=io.err)
+            print(_SESSIONS_END, file=io.err)
             return 0
         if args.subcommand == "passwd":
             if users.get(args.name) is None:
@@ -202,10 +204,17 @@ def _user(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
                 raise CliError(f"no user {args.name!r}")
             record = users.set_password(args.name, _password(args, io))
             print(f"password of {record.name} changed", file=io.err)
+            print(_SESSIONS_END, file=io.err)
             return 0
     except UsersFileError as exc:
         raise CliError(str(exc)) from None
     raise CliError(f"unknown user command {args.subcommand!r}", 2)
+
+
+_SESSIONS_END = (
+    "their browser sessions end at their next request, and open WebSockets at the next "
+    "recheck (auth.relay_recheck_seconds), on every proxy that reads this users file"
+)
 
 
 def _roles(requested: Sequence[str] | None, settings: Settings) -> list[str]:
@@ -280,7 +289,8 @@ async def _revoke(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
     finally:
         await connection.close()
     print(
-        f"revoked {args.jti} until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(until))} UTC",
+        f"revoked {args.jti} until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(until))} UTC"
+        " (with the browser sessions signed in with it)",
         file=io.err,
     )
     return 0

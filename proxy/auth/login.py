@@ -29,8 +29,9 @@ import hmac
 import math
 import re
 import secrets
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiohttp_jinja2
@@ -40,12 +41,13 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import MultiDictProxy
 
+from proxy.auth.liveness import SessionLiveness
 from proxy.auth.principal import Principal, Source
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.settings import AuthSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
-from proxy.auth.users import UsersFile
+from proxy.auth.users import UserRecord, UsersFile
 from proxy.chain import json_error
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.guard import limit_login
@@ -146,6 +148,7 @@ class LoginPage:
                     username=username,
                     headers={hdrs.RETRY_AFTER: str(seconds)},
                 )
+            outcome: UserRecord | Principal | str
             if method == "token":
                 outcome = await self._check_token(_field(form, "token").strip())
             else:
@@ -174,12 +177,8 @@ class LoginPage:
                 method=method,
                 username=username,
             )
-        subject, roles, not_after = outcome
-        value, session = self.sessions.issue(subject, roles)
-        if not_after is not None and not_after < session.absolute_expires_at:
-            # A session from a pasted token must not outlive the token.
-            value, session = self.sessions.renew(replace(session, absolute_expires_at=not_after))
-        log.info("login_succeeded", user=subject, client=ip, method=method)
+        value, session = self._issue(outcome)
+        log.info("login_succeeded", user=session.subject, client=ip, method=method)
         response = web.Response(status=303, headers={hdrs.LOCATION: next_path})
         self._set_session_cookie(request, response, value, session)
         _no_store(response)
@@ -268,10 +267,28 @@ class LoginPage:
 
     # ------------------------------------------------------------------------- credentials
 
-    async def _check_password(
-        self, username: str, password: str
-    ) -> tuple[str, tuple[str, ...], None] | str:
-        """``(subject, roles, None)``, or the reason for the log when refused."""
+    def _issue(self, credential: UserRecord | Principal) -> tuple[str, Session]:
+        """The session for a checked credential, tied to it (see :mod:`proxy.auth.liveness`):
+        a user's entry by its generation, a pasted token by its ``jti`` and ``exp``."""
+        if isinstance(credential, UserRecord):
+            roles = tuple(r for r in credential.roles if r in self.roles)
+            generation = self.sessions.user_generation(
+                credential.name, credential.password_hash, credential.roles
+            )
+            return self.sessions.issue(
+                credential.name, roles, source="password", user_generation=generation
+            )
+        return self.sessions.issue(
+            credential.subject,
+            sorted(r for r in credential.roles if r in self.roles),
+            source="token",
+            token_id=credential.token_id,
+            # A session from a pasted token must not outlive the token.
+            not_after=credential.expires_at,
+        )
+
+    async def _check_password(self, username: str, password: str) -> UserRecord | str:
+        """The user's entry, or the reason for the log when refused."""
         if self.users is None:
             return "password_login_disabled"
         if not username or not password:
@@ -283,13 +300,12 @@ class LoginPage:
             )
         if record is None:
             return "bad_credentials"
-        roles = tuple(r for r in record.roles if r in self.roles)
-        if not roles:
+        if not any(r in self.roles for r in record.roles):
             return "no_known_role"
-        return record.name, roles, None
+        return record
 
-    async def _check_token(self, token: str) -> tuple[str, tuple[str, ...], float | None] | str:
-        """``(subject, roles, token expiry)``, or the reason for the log when refused."""
+    async def _check_token(self, token: str) -> Principal | str:
+        """The token's principal, or the reason for the log when refused."""
         if not self.settings.login.allow_token_login:
             return "token_login_disabled"
         if not token:
@@ -303,10 +319,12 @@ class LoginPage:
         except NoKnownRole:
             return "no_known_role"
         # The verifier has checked the denylist (a revoked token never becomes a session).
-        roles = tuple(sorted(r for r in principal.roles if r in self.roles))
-        if not roles:
+        if not any(r in self.roles for r in principal.roles):
             return "no_known_role"
-        return principal.subject, roles, principal.expires_at
+        if principal.expires_at is not None and principal.expires_at <= time.time():
+            # Past its exp but within the verifier's leeway: the session would be born dead.
+            return "token_expired"
+        return principal
 
     # ----------------------------------------------------------------------------- session
 
@@ -320,12 +338,13 @@ class LoginPage:
             return None
 
     async def _live_session(self, request: web.Request) -> Session | None:
-        """The browser's session when it is valid, not revoked and still grants a role."""
+        """The browser's session when it is valid, live (its credential has not ended) and
+        still grants a role."""
         session = self._verified_session(request)
         if session is None or not any(r in self.roles for r in session.roles):
             return None
         try:
-            if await self.revocations.is_revoked(session.session_id):
+            if await SessionLiveness(self.revocations, self.users, self.sessions).ended(session):
                 return None
         except (redis.RedisError, OSError, ServiceUnavailable):
             return None  # just show the sign-in form

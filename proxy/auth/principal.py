@@ -6,9 +6,12 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.auth.settings import RoleSettings
+
+if TYPE_CHECKING:
+    from proxy.auth.sessions import Session
 
 Source = Literal["bearer", "cookie", "query", "anonymous"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -24,6 +27,9 @@ class Principal:
     token_id: str | None = None
     """The token's ``jti`` or the session id: what revocation refers to."""
     expires_at: float | None = None
+    session: Session | None = None
+    """The session the principal came from (``source == "cookie"``): what the open-socket
+    recheck asks :class:`proxy.auth.liveness.SessionLiveness` about."""
 
     @property
     def comfy_user(self) -> str:

@@ -2,8 +2,11 @@
 
 A socket is authenticated once, at the handshake, and may stay open for days. Every
 ``auth.relay_recheck_seconds`` the sweeper checks the credential behind each open relay: expired
-(token ``exp``, session idle/absolute limit) or revoked (logout on any replica, ``comfygate token
-revoke``) closes the socket with 1008 (policy violation). Logout on this replica closes at once.
+(token ``exp``, session absolute limit, itself capped at a pasted token's ``exp``) or ended
+(logout on any replica, ``comfygate token revoke`` of the token or of the token a session was
+signed in with, ``comfygate user remove|passwd`` or a role change of a session's user: see
+:class:`proxy.auth.liveness.SessionLiveness`) closes the socket with 1008 (policy violation).
+Logout on this replica closes at once.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from proxy.state import AUTH, LIFECYCLE, POLICY_VIOLATION, SETTINGS
 log = structlog.get_logger("comfygate.auth")
 
 
-async def sweep_once(app: web.Application) -> int:
-    """One pass over the open relays; returns how many were closed."""
+async def sweep_once(app: web.Application, *, now: float | None = None) -> int:
+    """One pass over the open relays; returns how many were closed. ``now``: epoch seconds to
+    judge expiry by (tests pass a later time rather than wait)."""
     lifecycle, auth = app[LIFECYCLE], app[AUTH]
-    now = time.time()
+    now = time.time() if now is None else now
     closed = 0
     for ws, principal in list(lifecycle.relay_principals.items()):
         if ws.closed:
@@ -33,9 +37,15 @@ async def sweep_once(app: web.Application) -> int:
         reason = ""
         if principal.expires_at is not None and principal.expires_at <= now:
             reason = "credential expired"
-        elif principal.token_id is not None:
+        else:
             try:
-                if await auth.revocations.is_revoked(principal.token_id):
+                if principal.session is not None:
+                    ended = await auth.liveness.ended(principal.session)
+                    if ended is not None:
+                        reason = "credential revoked"
+                elif principal.token_id is not None and await auth.revocations.is_revoked(
+                    principal.token_id
+                ):
                     reason = "credential revoked"
             except ServiceUnavailable:
                 return closed  # the revocation list is down: try again next time

@@ -417,7 +417,7 @@ class ProxyServer:
     ) -> None:
         """Put a session the app itself issued into ``context``, as the login page would have
         (same name, path, HttpOnly, SameSite=Lax): for tests about the relay, not the login."""
-        value, _session = self.app[AUTH].sessions.issue(subject, roles)
+        value, _session = self.app[AUTH].sessions.issue(subject, roles, source="token")
         await self.put_session_cookie(context, value)
 
     async def put_session_cookie(self, context: BrowserContext, value: str) -> None:

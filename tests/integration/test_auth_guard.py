@@ -297,7 +297,7 @@ async def session_client(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, **sections: Any
 ) -> tuple[TestClient[Any, Any], str]:
     client = await make_proxy(fake_comfy.url, token=None, **sections)
-    value, _ = client.app[AUTH].sessions.issue("carol", ["user"])
+    value, _ = client.app[AUTH].sessions.issue("carol", ["user"], source="token")
     return client, value
 
 
