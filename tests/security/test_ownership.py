@@ -180,6 +180,19 @@ async def alice_output(client: Client, fake: FakeComfyUI) -> FileRef:
     return (image["type"], image["subfolder"], image["filename"])
 
 
+async def alice_unseen_output(client: Client, fake: FakeComfyUI) -> FileRef:
+    """A's SaveImage submitted without a socket and never read back: no record of it at all."""
+    saver = {"class_type": "SaveImage", "inputs": {"filename_prefix": "unseen"}}
+    status, answer = await submit(client, A, {"prompt": image_graph(saver)})
+    assert status == 200, answer
+    await fake.wait_idle()
+    folder = client.app[FOLDERS].of(ALICE)
+    [name] = [n for n in os.listdir(os.path.join(fake.paths.output, folder)) if "unseen" in n]
+    ref = ("output", folder, name)
+    assert await client.app[OWNERSHIP].file_owner(ref) is None
+    return ref
+
+
 async def alice_preview(client: Client, fake: FakeComfyUI) -> FileRef:
     """A's PreviewImage: recorded as A's from her socket (she can view it, see below)."""
     _, events = await run(client, fake, A, image_graph({"class_type": "PreviewImage"}), "a-tab")
@@ -206,6 +219,7 @@ async def alice_unseen_preview(client: Client, fake: FakeComfyUI) -> FileRef:
 TARGETS: dict[str, Callable[[Client, FakeComfyUI], Any]] = {
     "upload": alice_upload,
     "output": alice_output,
+    "unclaimed-output": alice_unseen_output,
     "preview": alice_preview,
     "unclaimed-preview": alice_unseen_preview,
 }
