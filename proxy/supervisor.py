@@ -45,13 +45,13 @@ from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
 from proxy.errors import SettingsError
+from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
 from proxy.observability.exposition import (
     MULTIPROC_ENV,
     exposition_registry,
     start_metrics_listener,
 )
 from proxy.observability.logging import configure_logging
-from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
 from proxy.settings import Settings
 
 log = structlog.get_logger("comfygate.supervisor")

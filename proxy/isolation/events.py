@@ -133,7 +133,8 @@ class SocketEventFilter:
         record = await self.own_record(prompt_id) if isinstance(prompt_id, str) else None
         if record is None:
             return None  # SECURITY: someone else's prompt
-        assert isinstance(data, dict) and isinstance(prompt_id, str)  # prompt_id came from it
+        assert isinstance(data, dict)  # prompt_id came from it
+        assert isinstance(prompt_id, str)
         self._track(kind, data, prompt_id)
         if kind == "executed":
             # SECURITY: never every file dict of the output (Preview3D echoes its inputs):

@@ -51,9 +51,9 @@ from proxy.auth.guard import read_json_body
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
 from proxy.isolation import views
+from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import map_client_error

@@ -32,6 +32,7 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
 from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
+from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.files import (
     FileScope,
     FileTarget,
@@ -47,7 +48,6 @@ from proxy.isolation.files import (
     upload_subfolder,
     view_target,
 )
-from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.namespaces import FOLDERS, upstream_client_id
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
