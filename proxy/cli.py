@@ -11,6 +11,7 @@ from typing import Any
 from proxy import __version__
 from proxy.auth import cli as auth_cli
 from proxy.errors import SettingsError
+from proxy.isolation import cli as isolation_cli
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings, load_settings, redacted
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(check)
     auth_cli.register(sub)  # user add|remove|list|passwd, token create|revoke
+    isolation_cli.register(sub)  # folders SUBJECT...
     return parser
 
 
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in ("user", "token"):
         return auth_cli.run(args, settings)
+    if args.command == "folders":
+        return isolation_cli.run(settings, args.subjects)
     if args.command == "check-config":
         try:
             _check_policy(settings)

@@ -36,6 +36,7 @@ from yarl import URL
 
 from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, RoleSettings, check_role_references
 from proxy.errors import SettingsError
+from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
 from proxy.limits.settings import RateLimitSettings
 from proxy.observability.settings import MetricsSettings
 from proxy.policy.settings import PolicySettings
@@ -216,6 +217,15 @@ class IsolationSettings(_Section):
     passed_event_types: tuple[str, ...] = ("status", "feature_flags")
     """WebSocket JSON events without a prompt id that every user still receives; other events
     the proxy cannot attribute to the user (custom-node broadcasts) are dropped."""
+    folder_secret: str = ""
+    """Keys users' folder names (``users/<comfy_user>-<hmac>``), so that nobody can derive
+    another user's folder from a user name. Must be the same on every replica and kept across
+    restarts (changing it moves everyone to new, empty folders). ``folder_secret_file`` / env.
+    Empty: a random per-process key (a warning says so)."""
+    preview_nodes: tuple[str, ...] = ("PreviewImage", "MaskPreview", "PreviewAudio")
+    """Node classes whose ``temp/`` files (named by ComfyUI, not by an input) become the
+    submitter's when their UI output names them. Only list nodes that never echo a file name
+    taken from an input."""
 
     @field_validator("shared_input_folders")
     @classmethod
@@ -225,6 +235,13 @@ class IsolationSettings(_Section):
             if not folder or folder.startswith("/") or ".." in parts or "\\" in folder:
                 raise ValueError(f"[{i}] {folder!r}: must be a relative folder without '..'")
         return tuple(f.strip("/") for f in value)
+
+    @field_validator("folder_secret")
+    @classmethod
+    def _folder_secret(cls, value: str) -> str:
+        if value and len(value) < FOLDER_SECRET_MIN_LENGTH:
+            raise ValueError(f"must be at least {FOLDER_SECRET_MIN_LENGTH} characters")
+        return value
 
 
 class RedisSettings(_Section):
@@ -412,7 +429,15 @@ _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 # Keys whose values are secrets: never printed by check-config, never logged.
 SECRET_KEYS = frozenset(
-    {"secret", "private_key", "url", "password", "sentinel_password", "bearer_token"}
+    {
+        "secret",
+        "private_key",
+        "url",
+        "password",
+        "sentinel_password",
+        "bearer_token",
+        "folder_secret",
+    }
 )
 
 

@@ -45,6 +45,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
 from proxy.errors import SettingsError
+from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
 from proxy.observability.exposition import (
     MULTIPROC_ENV,
     exposition_registry,
@@ -341,6 +342,19 @@ async def _join(process: BaseProcess) -> None:
     await asyncio.to_thread(process.join)
 
 
+def _shared_folder_secret(settings: Settings) -> Settings:
+    """Without a configured ``isolation.folder_secret`` each worker would name users' folders
+    with a key of its own: the supervisor generates one for all of them (for this run only;
+    it warns what that means)."""
+    isolation = settings.isolation
+    if isolation.folder_secret:
+        return settings
+    names = folder_names("")
+    warn_if_unstable(names, isolation=isolation.enabled, shared_state=settings.redis.mode != "none")
+    shared = isolation.model_copy(update={"folder_secret": generated_secret()})
+    return settings.model_copy(update={"isolation": shared})
+
+
 def supervise(settings: Settings) -> int:
     """Run the supervisor and its workers until SIGTERM/SIGINT; the exit status."""
     if settings.redis.mode == "none":
@@ -350,6 +364,7 @@ def supervise(settings: Settings) -> int:
             detail="rate limits, queue quotas, prompt ownership, revocations and login "
             "throttling are kept per worker process; configure [redis] to share them",
         )
+    settings = _shared_folder_secret(settings)
     directory: Path | None = None
     if settings.metrics.enabled:
         # Before any worker starts: each one's prometheus-client picks its value class at

@@ -6,7 +6,9 @@ passes every frame ComfyUI sends on that socket through it, and a ``None`` drops
 Rules, for a non-admin caller:
 
 * JSON events carrying ``data.prompt_id`` pass iff the prompt is the caller's (an ownership
-  lookup, cached per socket); ``executed`` outputs of the caller are recorded as its files.
+  lookup, cached per socket). Of an ``executed`` output only the previews of the prompt's own
+  preview nodes are recorded as the caller's files (:mod:`proxy.isolation.attribution`): the
+  output is the node's to write, and a node may echo any file name it was given.
 * ``status`` passes, its connect-time ``sid`` (the namespaced id ComfyUI saw) mapped back to the
   client's own id; the types in ``isolation.passed_event_types`` pass; so does the connect-time
   ``executing`` without a prompt id (ComfyUI sends it only to the sid whose prompt runs).
@@ -32,8 +34,8 @@ from typing import Any
 
 import orjson
 
-from proxy.isolation.ownership import FileRef, OwnershipStore
-from proxy.isolation.views import node_files
+from proxy.isolation.attribution import preview_files
+from proxy.isolation.ownership import FileRef, OwnershipStore, PromptRecord
 
 PREVIEW_IMAGE = 1
 TEXT = 3
@@ -69,7 +71,8 @@ class SocketEventFilter:
         self.admin = admin
         self._ownership = ownership
         self._passed = frozenset(passed_types) - ADMIN_ONLY_EVENTS
-        self._owned: dict[str, bool] = {}
+        self._owned: dict[str, PromptRecord | None] = {}
+        """Prompt id -> its record if it is the caller's, else None."""
         self.running: str | None = None
         """The caller's prompt executing as seen on this socket (gates binary types 1 and 3)."""
 
@@ -83,14 +86,18 @@ class SocketEventFilter:
     # -- ownership ------------------------------------------------------------------------
     async def owns(self, prompt_id: str) -> bool:
         """Whether ``prompt_id`` is the caller's; cached (owners never change) and bounded."""
-        known = self._owned.get(prompt_id)
-        if known is None:
-            record = await self._ownership.prompt(prompt_id)
-            known = record is not None and record.owner == self.owner
-            if len(self._owned) >= OWNER_CACHE_SIZE:
-                self._owned.clear()
-            self._owned[prompt_id] = known
-        return known
+        return await self.own_record(prompt_id) is not None
+
+    async def own_record(self, prompt_id: str) -> PromptRecord | None:
+        """The record of ``prompt_id`` if it is the caller's (cached like :meth:`owns`)."""
+        if prompt_id in self._owned:
+            return self._owned[prompt_id]
+        record = await self._ownership.prompt(prompt_id)
+        mine = record if record is not None and record.owner == self.owner else None
+        if len(self._owned) >= OWNER_CACHE_SIZE:
+            self._owned.clear()
+        self._owned[prompt_id] = mine
+        return mine
 
     # -- text frames ----------------------------------------------------------------------
     async def _text(self, frame: str) -> str | None:
@@ -123,12 +130,16 @@ class SocketEventFilter:
                     self.running = self.running or _UNKNOWN_RUNNING
                 return frame
             return None  # SECURITY: unattributable (custom-node broadcasts, display_component)
-        if not isinstance(prompt_id, str) or not await self.owns(prompt_id):
+        record = await self.own_record(prompt_id) if isinstance(prompt_id, str) else None
+        if record is None:
             return None  # SECURITY: someone else's prompt
         assert isinstance(data, dict)  # prompt_id came from it
+        assert isinstance(prompt_id, str)
         self._track(kind, data, prompt_id)
         if kind == "executed":
-            files = list(node_files(data.get("output")))
+            # SECURITY: never every file dict of the output (Preview3D echoes its inputs):
+            # only what the prompt's own preview nodes wrote (proxy.isolation.attribution).
+            files = preview_files(data.get("node"), data.get("output"), record.previews)
             if files:
                 await self._ownership.record_files(self.owner, files)
         return frame

@@ -4,7 +4,7 @@ ComfyUI names a file ``(type, subfolder, filename)`` and confines it to the type
 with ``os.path.commonpath`` (protocol doc 6.4): any subfolder inside ``output/`` is fair game,
 including other users' ``users/<owner>/``. The proxy therefore decides on a *normalised* relative
 path, refuses anything that could mean something else on another platform (``..``, absolute
-paths, drive letters, backslashes, NUL), and gives each user ``users/<owner>/`` plus the
+paths, drive letters, backslashes, NUL), and gives each user ``users/<owner>-<tag>/`` plus the
 configured shared input folders. Records in the ownership store can widen this to single files
 (previews in ``temp/`` with an empty subfolder); the guard asks the store, this module does not.
 
@@ -19,8 +19,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from proxy.isolation.namespaces import user_folder
 
 if TYPE_CHECKING:
     from proxy.isolation.ownership import FileRef
@@ -46,16 +44,19 @@ class PathRefused(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class FileScope:
-    """What one user may read and write: ``users/<owner>/`` everywhere, shared folders in input/."""
+    """What one user may read and write: the user's folder everywhere, shared folders in input/."""
 
     owner: str
     """The principal's ``comfy_user``."""
+    folder: str
+    """``users/<owner>-<tag>`` (:func:`proxy.isolation.namespaces.user_folder`): the user's
+    subfolder of input/, output/ and temp/."""
     shared_input_folders: tuple[str, ...] = ()
 
-    @property
-    def folder(self) -> str:
-        """``users/<owner>``: the user's subfolder of input/, output/ and temp/."""
-        return user_folder(self.owner)
+    def __post_init__(self) -> None:
+        # SECURITY: an empty or unnormalised folder would make is_within() match far more.
+        if not self.folder or clean_relative(self.folder) != self.folder:
+            raise ValueError(f"not a user folder: {self.folder!r}")
 
     def owns(self, folder: str) -> bool:
         """Whether the normalised relative ``folder`` is the user's folder or below it."""

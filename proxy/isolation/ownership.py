@@ -4,6 +4,10 @@ Shared by all proxy replicas through Redis; in process memory when no Redis is c
 Entries expire after ``isolation.retention_seconds``, aligned with how long ComfyUI keeps
 history (it keeps the newest 10,000 entries in memory until it restarts).
 
+Files are recorded only as :mod:`proxy.isolation.attribution` decides (previews ComfyUI named
+itself, from a preview node of the owner's prompt; a user's folder needs no record), and the
+first claim of a name wins: a node's UI output can never take a file from its owner.
+
 Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script that
 claims the id and adds it to the owner's index together, and the claims that arrive together
 share one round trip on a connection of the store's own (:mod:`proxy.limits.coalesce`, as the
@@ -24,6 +28,7 @@ import orjson
 import redis.asyncio as redis
 from aiohttp import web
 
+from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
 from proxy.limits.coalesce import Coalescer, ScriptCall, ScriptPipe
 
 if TYPE_CHECKING:
@@ -42,6 +47,10 @@ class PromptRecord:
     role: str = ""
     """The submitter's role label (``metrics.role_label``), for the generation metrics: they
     read it from here instead of writing a record of their own on every submission."""
+    previews: tuple[str, ...] = ()
+    """Ids of the forwarded graph's preview nodes (``isolation.preview_nodes``): the only
+    nodes whose UI output may name files of the submitter outside its folder
+    (:mod:`proxy.isolation.attribution`)."""
 
 
 FileRef = tuple[str, str, str]
@@ -61,7 +70,9 @@ class OwnershipStore(Protocol):
         """Every live prompt id of ``owner``."""
         ...
 
-    async def record_files(self, owner: str, files: Iterable[FileRef]) -> None: ...
+    async def record_files(self, owner: str, files: Iterable[FileRef]) -> None:
+        """Claim ``files`` for ``owner``; a file someone else claimed first stays theirs."""
+        ...
 
     async def file_owner(self, ref: FileRef) -> str | None: ...
 
@@ -113,6 +124,9 @@ class MemoryOwnershipStore:
     async def record_files(self, owner: str, files: Iterable[FileRef]) -> None:
         expires = self._now() + self._retention
         for ref in files:
+            known = self._files.get(ref)
+            if known is not None and self._live(known[0]) and known[1] != owner:
+                continue  # SECURITY: first claim wins (see OwnershipStore.record_files)
             self._files[ref] = (expires, owner)
             self._files.move_to_end(ref)
         while len(self._files) > self._max:
@@ -188,6 +202,7 @@ class RedisOwnershipStore:
                 "client_id": record.client_id,
                 "created_at": record.created_at,
                 "role": record.role,
+                "previews": list(record.previews),
             }
         )
         now = time.time()
@@ -228,6 +243,7 @@ class RedisOwnershipStore:
             client_id=str(data["client_id"]),
             created_at=float(data["created_at"]),
             role=str(data.get("role", "")),  # absent in records written before it was added
+            previews=_previews(data.get("previews")),
         )
 
     async def prompts_of(self, owner: str) -> set[str]:
@@ -242,7 +258,9 @@ class RedisOwnershipStore:
         ttl = max(1, int(self._retention))
         async with self._redis.pipeline(transaction=False) as pipe:
             for ref in files:
-                pipe.set(self._file_key(ref), owner, ex=ttl)
+                # SECURITY: NX, first claim wins (see OwnershipStore.record_files); the owner's
+                # own claim is not refreshed, its retention runs from the first one.
+                pipe.set(self._file_key(ref), owner, ex=ttl, nx=True)
             await pipe.execute()
 
     async def file_owner(self, ref: FileRef) -> str | None:
@@ -256,8 +274,12 @@ async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
     from proxy.state import OWNERSHIP, REDIS, SETTINGS  # noqa: PLC0415 - state imports this
 
-    retention = app[SETTINGS].isolation.retention_seconds
+    isolation = app[SETTINGS].isolation
+    retention = isolation.retention_seconds
     client = app[REDIS]
+    names = folder_names(isolation.folder_secret)
+    warn_if_unstable(names, isolation=isolation.enabled, shared_state=client is not None)
+    app[FOLDERS] = names
     store: OwnershipStore = (
         RedisOwnershipStore(client, retention)
         if client is not None
@@ -267,6 +289,13 @@ async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     yield
     if isinstance(store, RedisOwnershipStore):
         await store.aclose()
+
+
+def _previews(value: object) -> tuple[str, ...]:
+    """A record's preview node ids (absent in records written before they were kept: none)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str))
 
 
 def _abandoned() -> redis.ConnectionError:

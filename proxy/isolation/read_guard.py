@@ -27,8 +27,9 @@ Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
                                             by :class:`~proxy.isolation.events.SocketEventFilter`
 ==========================================  ================================================
 
-History and job-detail answers also record the outputs of the caller's prompts as the caller's
-files (so ``/view`` of temp previews works for API clients that never had a socket).
+History and job-detail answers also record the previews of the caller's prompts as the caller's
+files (so ``/view`` of temp previews works for API clients that never had a socket); only what
+:mod:`proxy.isolation.attribution` attributes, never every file a node's output names.
 
 Answers the guard gives itself (no-ops, "not found") are raised as :class:`LocalAnswer`, shaped
 exactly as ComfyUI would answer for an unknown id.
@@ -50,9 +51,10 @@ from proxy.auth.guard import read_json_body
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
 from proxy.isolation import views
+from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import map_client_error
 from proxy.upstream.merge import fetch_merged_queue, parsed_answer
@@ -156,13 +158,24 @@ class ReadGuard:
     async def _record_history_files(
         self, ownership: OwnershipStore, owner: str, history: dict[str, Any]
     ) -> None:
-        """Record the outputs of the caller's finished prompts once per process (history is
-        polled by the UI; entries do not change once finished)."""
-        files = []
-        for prompt_id, refs in views.history_files(history):
-            if prompt_id not in self._recorded:
-                files.extend(refs)
-                self._recorded[prompt_id] = None
+        """Record the previews of the caller's finished prompts once per process (history is
+        polled by the UI; entries do not change once finished).
+
+        SECURITY: only files of the prompt's own preview nodes, as its record (written from the
+        forwarded graph) names them; every other file dict of an entry is the node's word
+        (``Preview3D`` echoes its inputs) and never the caller's (proxy.isolation.attribution).
+        """
+        files: list[FileRef] = []
+        for prompt_id, entry in history.items():
+            if prompt_id in self._recorded or not isinstance(entry, dict):
+                continue
+            self._recorded[prompt_id] = None
+            outputs = entry.get("outputs")
+            if not any(ref[0] == "temp" for ref in views.output_files(outputs)):
+                continue  # nothing that could be a preview: no record to read
+            record = await ownership.prompt(prompt_id)
+            if record is not None and record.owner == owner:
+                files.extend(attributed_outputs(outputs, record.previews))
         while len(self._recorded) > RECORDED_CACHE_SIZE:
             self._recorded.popitem(last=False)
         if files:
@@ -219,12 +232,14 @@ class ReadGuard:
                 raise _answer(ctx, 200, {"cancelled": False})
             raise _answer(ctx, 404, JOB_NOT_FOUND)
         if len(segments) == 1 and method == "GET":
+            mine = record
 
             async def rewrite(status: int, body: bytes) -> bytes:
                 if status == 200:
                     job = _loads(body)
                     outputs = job.get("outputs") if isinstance(job, dict) else None
-                    files = list(views.output_files(outputs))
+                    # SECURITY: the prompt's own previews only (see _record_history_files).
+                    files = list(attributed_outputs(outputs, mine.previews))
                     if files:
                         await ownership.record_files(owner, files)
                 return body

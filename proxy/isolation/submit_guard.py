@@ -9,7 +9,8 @@ every request passes.
   answer) and forgotten again if ComfyUI refuses it. It is counted against the caller's queue
   quota first (:mod:`proxy.limits.quota_service`; over it: 429 ``queue_full``).
 - ``POST /upload/image|mask``: the multipart body is rebuilt while it streams (the file part is
-  never buffered) so the file lands in ``input/users/<owner>/``; the stored file is recorded as
+  never buffered) so the file lands in the caller's folder of input/ (``users/<owner>-<tag>/``,
+  :mod:`proxy.isolation.namespaces`); the stored file is recorded as
   the caller's from ComfyUI's answer.
 - ``GET /view``: only the caller's folder, shared input folders and files recorded as the
   caller's; anything else is a 404 that looks like a missing file. ``/view_metadata`` and the
@@ -31,6 +32,7 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
 from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
+from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.files import (
     FileScope,
     FileTarget,
@@ -46,7 +48,7 @@ from proxy.isolation.files import (
     upload_subfolder,
     view_target,
 )
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.isolation.namespaces import FOLDERS, upstream_client_id
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
     NOT_JSON,
@@ -102,7 +104,9 @@ class SubmitGuard:
         if not settings.isolation.enabled or principal is None:
             return
         admin = principal.is_admin(settings.roles)
-        scope = FileScope(principal.comfy_user, settings.isolation.shared_input_folders)
+        owner = principal.comfy_user
+        folder = request.app[FOLDERS].of(owner)
+        scope = FileScope(owner, folder, settings.isolation.shared_input_folders)
         store = request.app[OWNERSHIP]
         rule = ctx.rule.name
         if rule == "prompt" and request.method == hdrs.METH_POST:
@@ -162,6 +166,9 @@ async def _submit_prompt(
         client_id=client_id,
         created_at=time.time(),
         role=role_label(principal.roles) if principal is not None else "",
+        # The nodes whose temp/ previews may become the caller's: read from the graph that is
+        # forwarded, never from what ComfyUI later reports (proxy.isolation.attribution).
+        previews=preview_node_ids(graph, settings.isolation.preview_nodes),
     )
     # Counted against the caller's queue quota (over it: 429 queue_full) and recorded as the
     # caller's before forwarding (ComfyUI may emit the prompt's events before it answers).

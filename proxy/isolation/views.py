@@ -130,7 +130,11 @@ def output_files(outputs: object) -> Iterator[FileRef]:
 
 
 def node_files(node_output: object) -> Iterator[FileRef]:
-    """The files of one node's UI output (the ``output`` of an ``executed`` event)."""
+    """The files one node's UI output names (the ``output`` of an ``executed`` event).
+
+    What the node *says*: a node may name any file (``Preview3D`` echoes its inputs), so this
+    is where files are (sticky routing), never whose they are (:mod:`proxy.isolation.attribution`).
+    """
     if not isinstance(node_output, dict):
         return
     for items in node_output.values():
@@ -144,15 +148,6 @@ def node_files(node_output: object) -> Iterator[FileRef]:
             subfolder = item.get("subfolder", "")
             if isinstance(name, str) and name and kind in FILE_TYPES and isinstance(subfolder, str):
                 yield (kind, subfolder, name)
-
-
-def history_files(history: Mapping[str, Any]) -> Iterator[tuple[str, list[FileRef]]]:
-    """``(prompt_id, files)`` for each entry of a (filtered) history that names files."""
-    for pid, entry in history.items():
-        if isinstance(entry, dict):
-            files = list(output_files(entry.get("outputs")))
-            if files:
-                yield pid, files
 
 
 def history_delete_body(
@@ -310,7 +305,6 @@ __all__ = [
     "filter_history",
     "filter_jobs",
     "history_delete_body",
-    "history_files",
     "history_window",
     "is_canonical_uuid",
     "jobs_cancel_ids",

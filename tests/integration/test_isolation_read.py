@@ -20,9 +20,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
+from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import PromptRecord
-from proxy.state import OWNERSHIP, POOL
+from proxy.state import OWNERSHIP, POOL, SETTINGS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
@@ -82,10 +83,12 @@ async def submit(
     prompt_id = str(uuid.uuid4())
     namespaced = upstream_client_id(owner, client_id or "")
     upstream = client.app[POOL].pick().name
-    record = PromptRecord(prompt_id, owner, upstream, namespaced, time.time())
+    prompt = graph(previews=previews)
+    nodes = preview_node_ids(prompt, client.app[SETTINGS].isolation.preview_nodes)
+    record = PromptRecord(prompt_id, owner, upstream, namespaced, time.time(), previews=nodes)
     assert await client.app[OWNERSHIP].record_prompt(record)
     body: dict[str, Any] = {
-        "prompt": graph(previews=previews),
+        "prompt": prompt,
         "prompt_id": prompt_id,
         "extra_data": {"create_time": int(time.time() * 1000)},
     }

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.isolation.namespaces import folder_names, upstream_client_id
 from proxy.state import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
@@ -28,6 +28,9 @@ from tests.fakes.comfyui.images import solid
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
+# The test settings configure no isolation.folder_secret: folders are keyed by this process's key.
+ALICE_NAME = folder_names("").of(ALICE).removeprefix("users/")
+BOB_NAME = folder_names("").of(BOB).removeprefix("users/")
 _colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached
 
 
@@ -90,7 +93,7 @@ async def alice_output(client: Client, fake: FakeComfyUI) -> str:
     status, answer = await submit(client, A, {"prompt": save_graph(), "client_id": "tab"})
     assert status == 200, answer
     await fake.wait_idle()
-    names = os.listdir(os.path.join(fake.paths.output, "users", ALICE))
+    names = os.listdir(os.path.join(fake.paths.output, "users", ALICE_NAME))
     assert len(names) == 1
     fake.reset()
     return names[0]
@@ -137,14 +140,14 @@ async def test_prompt_is_rewritten_into_the_users_namespace(
     assert sent["client_id"] == upstream_client_id(ALICE, "tab-1")
     assert "front" not in sent
     assert "number" not in sent
-    assert sent["prompt"]["9"]["inputs"]["filename_prefix"] == f"users/{ALICE}/run/img"
+    assert sent["prompt"]["9"]["inputs"]["filename_prefix"] == f"users/{ALICE_NAME}/run/img"
     assert sent["prompt"]["1"] == graph["1"]
     assert sent["extra_data"] == body["extra_data"]  # forwarded untouched
     record = await client.app[OWNERSHIP].prompt(answer["prompt_id"])
     assert record is not None
     assert (record.owner, record.client_id) == (ALICE, sent["client_id"])
     await fake_comfy.wait_idle()
-    saved = os.listdir(os.path.join(fake_comfy.paths.output, "users", ALICE, "run"))
+    saved = os.listdir(os.path.join(fake_comfy.paths.output, "users", ALICE_NAME, "run"))
     assert saved == ["img_00001_.png"]
 
 
@@ -249,7 +252,7 @@ async def test_own_output_is_viewable_by_its_owner_only(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     name = await alice_output(client, fake_comfy)
-    own = f"users/{ALICE}"
+    own = f"users/{ALICE_NAME}"
     async with client.get(
         "/api/view", params={"filename": name, "subfolder": own, "type": "output"}, headers=A
     ) as resp:
@@ -263,7 +266,7 @@ async def test_own_output_is_viewable_by_its_owner_only(
         {"filename": name, "subfolder": own, "type": "output"},
         {"filename": name, "subfolder": own},
         {"filename": f"{name} [output]", "subfolder": own, "type": "input"},
-        {"filename": name, "subfolder": f"users/{ALICE}/", "type": "temp"},
+        {"filename": name, "subfolder": f"users/{ALICE_NAME}/", "type": "temp"},
         {"filename": f"{own}/{name}"},  # ComfyUI would look for basename in output/
         {"filename": name, "subfolder": "users"},
     ]
@@ -271,14 +274,14 @@ async def test_own_output_is_viewable_by_its_owner_only(
         async with client.get("/view", params=params, headers=B) as resp:
             assert resp.status == 404, params
     traversal = [
-        f"/view?filename={name}&subfolder=users/{BOB}/../{ALICE}",
-        f"/view?filename={name}&subfolder=users%2F{BOB}%2F%2E%2E%2F{ALICE}",
-        f"/api/view?filename=..%2Fusers%2F{ALICE}%2F{name}",
-        f"/view?filename=%2Foutput%2Fusers%2F{ALICE}%2F{name}",
+        f"/view?filename={name}&subfolder=users/{BOB_NAME}/../{ALICE_NAME}",
+        f"/view?filename={name}&subfolder=users%2F{BOB_NAME}%2F%2E%2E%2F{ALICE_NAME}",
+        f"/api/view?filename=..%2Fusers%2F{ALICE_NAME}%2F{name}",
+        f"/view?filename=%2Foutput%2Fusers%2F{ALICE_NAME}%2F{name}",
         f"/view?filename={name}&subfolder=%2Fetc",
-        f"/view?filename={name}&subfolder=users%5C{ALICE}",
-        f"/view?filename={name}%00&subfolder=users/{ALICE}",
-        f"/view?filename={name}&subfolder=users/{BOB}&subfolder=users/{ALICE}",
+        f"/view?filename={name}&subfolder=users%5C{ALICE_NAME}",
+        f"/view?filename={name}%00&subfolder=users/{ALICE_NAME}",
+        f"/view?filename={name}&subfolder=users/{BOB_NAME}&subfolder=users/{ALICE_NAME}",
     ]
     for path in traversal:
         async with client.get(path, headers=B) as resp:
@@ -347,7 +350,7 @@ async def test_upload_lands_in_the_users_folder(
     fields = [(n, ("a.png", data) if n == "image" else v) for n, v in fields]
     status, answer = await upload(client, A, fields)
     assert status == 200, answer
-    folder = f"users/{ALICE}{subfolder}"
+    folder = f"users/{ALICE_NAME}{subfolder}"
     assert answer == {"name": "a.png", "subfolder": folder, "type": "input"}
     assert read_bytes(fake_comfy.paths.input, folder, "a.png") == data
     [received] = fake_comfy.received
@@ -415,7 +418,7 @@ async def test_loading_another_users_upload_is_refused(
     status, _ = await upload(client, A, [("image", ("secret.png", png()))])
     assert status == 200
     fake_comfy.reset()
-    for image in (f"users/{ALICE}/secret.png", f"users/{ALICE}/secret.png [input]"):
+    for image in (f"users/{ALICE_NAME}/secret.png", f"users/{ALICE_NAME}/secret.png [input]"):
         status, refused = await submit(client, B, {"prompt": load_graph(image)})
         assert status == 400
         assert refused["error"]["type"] == "input_file_forbidden"
@@ -425,7 +428,7 @@ async def test_loading_another_users_upload_is_refused(
             "input_name": "image",
         }
     status, refused = await submit(
-        client, B, {"prompt": load_graph(f"users/{BOB}/../{ALICE}/secret.png")}
+        client, B, {"prompt": load_graph(f"users/{BOB_NAME}/../{ALICE_NAME}/secret.png")}
     )
     assert (status, refused["error"]["type"]) == (400, "input_path_invalid")
     assert fake_comfy.received == []
@@ -434,17 +437,17 @@ async def test_loading_another_users_upload_is_refused(
 async def test_mask_original_ref_must_be_own(client: Client, fake_comfy: FakeComfyUI) -> None:
     status, answer = await upload(client, A, [("image", ("base.png", png()))])
     assert status == 200
-    ref = json.dumps({"filename": "base.png", "subfolder": f"users/{ALICE}", "type": "input"})
+    ref = json.dumps({"filename": "base.png", "subfolder": f"users/{ALICE_NAME}", "type": "input"})
     mask = [("image", ("mask.png", png())), ("original_ref", ref), ("subfolder", "clipspace")]
     fake_comfy.reset()
     status, refused = await upload(client, B, mask, path="/upload/mask")
     assert status == 403
     assert refused["error"]["type"] == "original_ref_forbidden"
-    assert not exists(fake_comfy.paths.input, "users", BOB)
+    assert not exists(fake_comfy.paths.input, "users", BOB_NAME)
     status, answer = await upload(client, A, mask, path="/api/upload/mask")
     assert status == 200, answer
-    assert answer["subfolder"] == f"users/{ALICE}/clipspace"
-    assert exists(fake_comfy.paths.input, "users", ALICE, "clipspace", "mask.png")
+    assert answer["subfolder"] == f"users/{ALICE_NAME}/clipspace"
+    assert exists(fake_comfy.paths.input, "users", ALICE_NAME, "clipspace", "mask.png")
 
 
 # -- admins and switching it off ---------------------------------------------------------------
@@ -452,7 +455,7 @@ async def test_mask_original_ref_must_be_own(client: Client, fake_comfy: FakeCom
 
 async def test_admin_is_unaffected(client: Client, fake_comfy: FakeComfyUI) -> None:
     name = await alice_output(client, fake_comfy)
-    params = {"filename": name, "subfolder": f"users/{ALICE}", "type": "output"}
+    params = {"filename": name, "subfolder": f"users/{ALICE_NAME}", "type": "output"}
     async with client.get("/view", params=params, headers=ADMIN) as resp:
         assert resp.status == 200
     status, answer = await upload(
@@ -511,7 +514,7 @@ async def test_large_upload_streams_through_intact(
         fields = [("image", ("big.png", data)), ("subfolder", "big"), ("type", "input")]
         status, answer = await upload(c, A, fields)
         assert status == 200, answer
-        assert answer["subfolder"] == f"users/{ALICE}/big"
-        assert read_bytes(fake.paths.input, "users", ALICE, "big", "big.png") == data
+        assert answer["subfolder"] == f"users/{ALICE_NAME}/big"
+        assert read_bytes(fake.paths.input, "users", ALICE_NAME, "big", "big.png") == data
     finally:
         await fake.stop()

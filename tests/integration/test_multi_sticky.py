@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.isolation.namespaces import FOLDERS
 from proxy.upstream.multi import MULTI
 from proxy.upstream.sticky import FileLocations
 from tests.integration.multi_support import (
@@ -67,7 +68,9 @@ async def test_outputs_are_viewed_on_the_instance_that_made_them(
     multi_proxy: Callable[..., Any], fakes: Fakes
 ) -> None:
     client: Client = await multi_proxy()
-    a1 = await place(client, fakes[2], ALICE, prompt=saving_graph("sticky"))
+    # As the submit guard rewrites it: into A's folder (only what is there is A's).
+    prefix = f"{client.app[FOLDERS].of(ALICE)}/sticky"
+    a1 = await place(client, fakes[2], ALICE, prompt=saving_graph(prefix))
     await fakes[2].wait_idle()
     entry = (await get_json(client, f"/history/{a1}", A))[a1]
     (image,) = entry["outputs"]["2"]["images"]

@@ -60,6 +60,30 @@ async def test_files(store: OwnershipStore) -> None:
     assert await store.file_owner(("output", "users/alice-1", "other.png")) is None
 
 
+async def test_a_file_claimed_first_stays_its_owners(store: OwnershipStore) -> None:
+    """Files are claimed, never taken over: an identical graph answered from ComfyUI's cache
+    names the first user's preview again, and that must not hand it to the second."""
+    ref = ("temp", "", "ComfyUI_temp_abcde_00001_.png")
+    await store.record_files("alice", [ref])
+    await store.record_files("bob", [ref, ("temp", "", "bobs.png")])
+    assert await store.file_owner(ref) == "alice"
+    assert await store.file_owner(("temp", "", "bobs.png")) == "bob"
+    await store.record_files("alice", [ref])  # the owner's own claim again: still hers
+    assert await store.file_owner(ref) == "alice"
+
+
+async def test_preview_nodes_are_kept_with_the_prompt(store: OwnershipStore) -> None:
+    mine = PromptRecord("p1", "alice", "u", "cid", time.time(), previews=("7", "12"))
+    assert await store.record_prompt(mine)
+    found = await store.prompt("p1")
+    assert found is not None
+    assert found.previews == ("7", "12")
+    assert await store.record_prompt(record("p2", "alice"))
+    found = await store.prompt("p2")
+    assert found is not None
+    assert found.previews == ()
+
+
 async def test_memory_entries_expire() -> None:
     now = [1000.0]
     store = MemoryOwnershipStore(60, clock=lambda: now[0])

@@ -17,7 +17,7 @@ MINE, THEIRS, UNKNOWN = "p-mine", "p-theirs", "p-unknown"
 @pytest.fixture
 async def store() -> MemoryOwnershipStore:
     store = MemoryOwnershipStore(3600)
-    await store.record_prompt(PromptRecord(MINE, "alice", "u", "ns-a", 0.0))
+    await store.record_prompt(PromptRecord(MINE, "alice", "u", "ns-a", 0.0, previews=("9",)))
     await store.record_prompt(PromptRecord(THEIRS, "bob", "u", "ns-b", 0.0))
     return store
 
@@ -157,6 +157,39 @@ async def test_executed_outputs_recorded_as_callers_files(store: MemoryOwnership
     other = {"images": [{"filename": "theirs.png", "subfolder": "", "type": "temp"}]}
     await events(text("executed", node="9", output=other, prompt_id=THEIRS))
     assert await store.file_owner(("temp", "", "theirs.png")) is None
+
+
+@pytest.mark.parametrize(
+    ("node", "item"),
+    [
+        # Not one of the prompt's preview nodes (e.g. Preview3D echoing camera_info).
+        ("3", {"filename": "x.png", "subfolder": "", "type": "temp"}),
+        (None, {"filename": "x.png", "subfolder": "", "type": "temp"}),
+        # A preview node's output, but not a preview ComfyUI names itself.
+        ("9", {"filename": "x.png", "subfolder": "users/bob-0123", "type": "temp"}),
+        ("9", {"filename": "x.png", "subfolder": "", "type": "input"}),
+        ("9", {"filename": "x.png", "subfolder": "", "type": "output"}),
+        ("9", {"filename": "x.png"}),  # type defaults to output
+        ("9", {"filename": "users/bob-0123/x.png", "subfolder": "", "type": "temp"}),
+        ("9", {"filename": "..", "subfolder": "", "type": "temp"}),
+    ],
+)
+async def test_executed_files_not_attributable_are_not_recorded(
+    store: MemoryOwnershipStore, node: str | None, item: dict[str, str]
+) -> None:
+    events = make(store)
+    frame = text("executed", node=node, output={"result": ["", item]}, prompt_id=MINE)
+    assert await events(frame) == frame  # the event itself is the caller's and passes
+    ref = (item.get("type", "output"), item.get("subfolder", ""), item["filename"])
+    assert await store.file_owner(ref) is None
+
+
+async def test_a_preview_claimed_first_stays_its_owners(store: MemoryOwnershipStore) -> None:
+    name = "ComfyUI_temp_qwert_00001_.png"
+    await store.record_files("bob", [("temp", "", name)])
+    output = {"images": [{"filename": name, "subfolder": "", "type": "temp"}]}
+    await make(store)(text("executed", node="9", output=output, prompt_id=MINE))
+    assert await store.file_owner(("temp", "", name)) == "bob"
 
 
 async def test_admin_sees_everything(store: MemoryOwnershipStore) -> None:

@@ -23,7 +23,7 @@ from proxy.isolation.files import (
     view_target,
 )
 
-SCOPE = FileScope("alice-1", ("shared", "team/common"))
+SCOPE = FileScope("alice-1", "users/alice-1", ("shared", "team/common"))
 
 
 @pytest.mark.parametrize(

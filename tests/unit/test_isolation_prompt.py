@@ -28,7 +28,7 @@ from proxy.isolation.prompt import (
     scoped_prefix,
 )
 
-SCOPE = FileScope("alice-1", ("shared",))
+SCOPE = FileScope("alice-1", "users/alice-1", ("shared",))
 OWN = "users/alice-1"
 
 

@@ -84,8 +84,6 @@ def test_output_files() -> None:
         ("output", "", "c.flac"),
     ]
     assert list(views.output_files(None)) == []
-    history = {"p1": {"outputs": outputs}, "p2": {"outputs": {}}, "p3": "junk"}
-    assert [pid for pid, _ in views.history_files(history)] == ["p1"]
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,13 @@ async def preview_image(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
     return (), ui
 
 
+async def preview_3d(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    """``Preview3D.process``: the UI output is ``{"result": [model_file, camera_info]}``, both
+    exactly as given. ``camera_info`` (LOAD3D_CAMERA) is not type-checked by validation, so a
+    literal object in the prompt comes back verbatim in ``executed`` and in history."""
+    return (), {"result": [i["model_file"], i.get("camera_info")]}
+
+
 async def save_image_websocket(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
     batch: ImageBatch = i["images"]
     for step, img in enumerate(batch):
@@ -277,6 +284,8 @@ NODE_FUNCTIONS: dict[str, NodeFunction] = {
     "SaveImage": save_image,
     "PreviewImage": preview_image,
     "SaveImageWebsocket": save_image_websocket,
+    "Preview3D": preview_3d,
+    "Preview3DAnimation": preview_3d,
     "CheckpointLoaderSimple": checkpoint_loader,
     "CLIPTextEncode": clip_text_encode,
     "EmptyLatentImage": empty_latent,

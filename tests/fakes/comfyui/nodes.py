@@ -4,8 +4,9 @@ The definitions are copied from real ComfyUI 0.3.64 answers (captures/http-basic
 run-tiny-model-ksampler.json, ``selected_entries``; ImageBlur written from
 ``nodes_post_processing``)
 into ``tests/data/comfyui_object_info.json``. Real ComfyUI registers 478 classes; the fake only
-the 14 it can execute plus 9 loader stubs the 1.27 frontend's model library looks up (they pass
-linked inputs through); a graph using any other class is rejected like an unknown node.
+the 16 it can execute (Preview3D and Preview3DAnimation written from ComfyUI's source) plus 9
+loader stubs the 1.27 frontend's model library looks up (they pass linked inputs through); a
+graph using any other class is rejected like an unknown node.
 Combo lists that depend on files are filled per request, as ComfyUI does: LoadImage's ``image``
 lists the input directory, CheckpointLoaderSimple's ``ckpt_name`` the checkpoints folder.
 """
@@ -73,7 +74,35 @@ def _load() -> dict[str, dict[str, Any]]:
     return data
 
 
-_DEFINITIONS = _load()
+def _preview_3d(name: str, display_name: str) -> dict[str, Any]:
+    """``Preview3D`` / ``Preview3DAnimation`` of ComfyUI 0.3.64, written from
+    ``comfy_extras/nodes_load_3d.py`` (legacy nodes: ``model_file`` STRING, optional
+    ``camera_info`` LOAD3D_CAMERA, OUTPUT_NODE, EXPERIMENTAL) as ``/object_info`` renders them.
+    In the builtin policy's base allow list; their UI output echoes ``camera_info`` verbatim."""
+    return {
+        "input": {
+            "required": {"model_file": ["STRING", {"default": "", "multiline": False}]},
+            "optional": {"camera_info": ["LOAD3D_CAMERA", {}]},
+        },
+        "input_order": {"required": ["model_file"], "optional": ["camera_info"]},
+        "output": [],
+        "output_is_list": [],
+        "output_name": [],
+        "name": name,
+        "display_name": display_name,
+        "description": "",
+        "python_module": "comfy_extras.nodes_load_3d",
+        "category": "3d",
+        "output_node": True,
+        "experimental": True,
+    }
+
+
+_DEFINITIONS = {
+    **_load(),
+    "Preview3D": _preview_3d("Preview3D", "Preview 3D"),
+    "Preview3DAnimation": _preview_3d("Preview3DAnimation", "Preview 3D - Animation"),
+}
 _SPECIAL: dict[str, dict[str, Any]] = {
     "LoadImage": {"validate_inputs": ("image",), "is_changed": "file"},
     "SaveImageWebsocket": {"is_changed": "always"},
