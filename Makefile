@@ -30,8 +30,7 @@ lock: $(STAMP)
 	$(UV_COMPILE) pyproject.toml requirements/tools.in --extra dev -o requirements/dev.txt
 	$(UV_COMPILE) pyproject.toml -c requirements/dev.txt -o requirements/runtime.txt
 	$(UV_COMPILE) requirements/build.in -c requirements/dev.txt -o requirements/build.txt
-	$(UV_COMPILE) pyproject.toml requirements/tools.in --extra dev --resolution lowest-direct \
-	  -o requirements/oldest.txt
+	$(UV_COMPILE) pyproject.toml --resolution lowest-direct -o requirements/oldest.txt
 
 ## upgrade: the newest versions within the ranges, then lint, typecheck and the suite on them
 upgrade: $(STAMP)
@@ -39,9 +38,11 @@ upgrade: $(STAMP)
 	$(MAKE) lock
 	$(MAKE) install lint typecheck test
 
-## test-oldest: the suite on the lowest versions pyproject.toml admits (requirements/oldest.txt)
+## test-oldest: the suite with comfygate's runtime dependencies at the lowest versions
+## pyproject.toml admits (requirements/oldest.txt), the test tools as locked
 test-oldest:
 	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
 	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/oldest.txt
 	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	COMFYGATE_TEST_LOCK=oldest.txt .venv-oldest/bin/python -m pytest $(PYTEST_ARGS)

@@ -70,16 +70,6 @@ def _unreachable(exc: RedisClusterException) -> redis.ConnectionError:
     return error
 
 
-class _ClusterPipeline(ClusterPipeline):
-    async def execute(
-        self, raise_on_error: bool = True, allow_redirections: bool = True
-    ) -> list[Any]:
-        try:
-            return await super().execute(raise_on_error, allow_redirections)
-        except RedisClusterException as exc:
-            raise _unreachable(exc) from exc
-
-
 class ClusterClient(redis.RedisCluster):
     """``RedisCluster`` whose failures are in redis-py's ``RedisError`` tree like every other
     client's. redis-py raises ``RedisClusterException`` (a bare ``Exception``) when no node can
@@ -96,9 +86,21 @@ class ClusterClient(redis.RedisCluster):
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
     ) -> ClusterPipeline:
-        if shard_hint:
-            return super().pipeline(transaction, shard_hint)  # raises: unsupported
-        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py does
+        # Wrapped per instance rather than subclassed: ClusterPipeline's constructor differs
+        # between redis-py 5.x and 8.x, redis-py's own pipeline() builds it right for each.
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        async def execute_mapped(
+            raise_on_error: bool = True, allow_redirections: bool = True
+        ) -> list[Any]:
+            try:
+                return await execute(raise_on_error, allow_redirections)
+            except RedisClusterException as exc:
+                raise _unreachable(exc) from exc
+
+        pipe.execute = execute_mapped  # type: ignore[method-assign]
+        return pipe
 
 
 def _retry(settings: RedisSettings) -> Retry:
