@@ -47,6 +47,8 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 DECODABLE = frozenset(_WBITS)
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+MIN_COMPRESSED_BYTES = 1024
+"""Smaller answers go out unencoded: gzip saves nothing on them (``{}`` would grow to 22 bytes)."""
 BACKGROUND_LIMIT = 256 * 1024 * 1024
 """Bound on an answer the proxy reads for its own bookkeeping, outside any request (queue,
 history and probe reads; a full queue lists every queued graph)."""
@@ -185,15 +187,21 @@ def _qvalue(params: str) -> float:
 
 
 def compress_for_client(request: web.Request, response: web.Response) -> None:
-    """gzip ``response`` (before it is prepared) when the client accepts gzip and it has a body;
-    ``Vary: Accept-Encoding`` either way (the representation depends on it). For HEAD aiohttp
-    announces the compressed length, as for the GET."""
+    """gzip ``response`` (before it is prepared) when the client accepts gzip and its body has
+    at least :data:`MIN_COMPRESSED_BYTES`; ``Vary: Accept-Encoding`` either way (the
+    representation depends on it). For HEAD aiohttp announces the compressed length, as for the
+    GET."""
     vary = response.headers.get(hdrs.VARY, "")
     if hdrs.ACCEPT_ENCODING.lower() not in vary.lower():
         response.headers[hdrs.VARY] = (
-            f"{vary}, {hdrs.ACCEPT_ENCODING}" if vary else (hdrs.ACCEPT_ENCODING)
+            f"{vary}, {hdrs.ACCEPT_ENCODING}" if vary else "Accept-Encoding"
         )
-    if response.body and accepts_gzip(request.headers.getall(hdrs.ACCEPT_ENCODING, ())):
+    body = response.body
+    if (
+        isinstance(body, bytes)
+        and len(body) >= MIN_COMPRESSED_BYTES
+        and accepts_gzip(request.headers.getall(hdrs.ACCEPT_ENCODING, ()))
+    ):
         response.enable_compression(ContentCoding.gzip)
 
 
@@ -201,6 +209,7 @@ __all__ = [
     "BACKGROUND_LIMIT",
     "DECODABLE",
     "IDENTITY",
+    "MIN_COMPRESSED_BYTES",
     "AnswerTooLarge",
     "UnreadableAnswer",
     "accepts_gzip",

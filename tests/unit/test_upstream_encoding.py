@@ -12,6 +12,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from proxy.upstream.encoding import (
+    MIN_COMPRESSED_BYTES,
     AnswerTooLarge,
     UnreadableAnswer,
     accepts_gzip,
@@ -122,16 +123,17 @@ def test_accepts_gzip(values: list[str], gzip_ok: bool) -> None:
 
 def test_compress_for_client_adds_vary_and_compresses_only_when_accepted() -> None:
     request = make_mocked_request("GET", "/", headers={"Accept-Encoding": "br, gzip"})
-    response = web.Response(body=BODY, headers={"Vary": "Cookie"})
+    big = BODY * (MIN_COMPRESSED_BYTES // len(BODY) + 1)
+    response = web.Response(body=big, headers={"Vary": "Cookie"})
     compress_for_client(request, response)
     assert response.headers["Vary"] == "Cookie, Accept-Encoding"
     assert response.compression
 
-    plain = web.Response(body=BODY)
+    plain = web.Response(body=big)
     compress_for_client(make_mocked_request("GET", "/", headers={"Accept-Encoding": "br"}), plain)
     assert plain.headers["Vary"] == "Accept-Encoding"
     assert not plain.compression
 
-    empty = web.Response(body=b"")
-    compress_for_client(request, empty)
-    assert not empty.compression
+    small = web.Response(body=BODY)  # not worth it
+    compress_for_client(request, small)
+    assert not small.compression
