@@ -240,7 +240,7 @@ async def _rewritten_response(
     assert ctx.rewrite_response is not None
     body = await ctx.rewrite_response(resp.status, payload)
     headers.popall(hdrs.CONTENT_ENCODING, None)  # the body is the proxy's own, unencoded
-    ctx.bytes_out = len(body)
+    ctx.bytes_out = 0 if request.method == hdrs.METH_HEAD else len(body)
     response = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
     compress_for_client(request, response)
     return response
