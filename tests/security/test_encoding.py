@@ -63,7 +63,9 @@ def recoding(recode: Recode) -> Middleware:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         response = await handler(request)
-        routed = request.path.startswith(("/api/history", "/api/queue", "/api/jobs"))
+        routed = request.method in ("GET", "HEAD") and request.path.startswith(
+            ("/api/history", "/api/queue", "/api/jobs", "/queue")  # "/queue": the proxy's own read
+        )
         if recode.coding is None or not routed or not isinstance(response, web.Response):
             return response
         assert isinstance(response.body, bytes)
@@ -363,6 +365,25 @@ async def test_unreadable_encoding_is_refused(
             assert received.headers["Accept-Encoding"] == "identity"
     after = sample(client, "comfygate_upstream_errors_total", upstream=name, kind="bad_encoding")
     assert after == before + 8
+
+
+async def test_decisions_on_an_unreadable_queue_are_refused(single: Scene) -> None:
+    """B's bare interrupt and clear are decided on the queue the proxy reads itself: unreadable,
+    nothing is interrupted or deleted."""
+    single.recode[0].coding, single.recode[0].encode = "br", bytes
+    client, fake = single.client, single.fakes[0]
+    for path, body in (("/api/interrupt", {}), ("/api/queue", {"clear": True})):
+        async with client.post(path, headers=B, json=body) as resp:
+            assert resp.status == 502, path
+            assert (await resp.json())["error"]["type"] == "upstream_bad_encoding"
+    asked = [r for r in fake.received if r.path == "/queue"]
+    assert asked
+    assert {r.headers["Accept-Encoding"] for r in asked} == {"identity"}
+    assert not [r for r in fake.received if r.method == "POST"]
+    single.recode[0].coding = None
+    async with aiohttp.ClientSession() as session, session.get(f"{fake.url}/queue") as resp:
+        queue = await resp.json()
+    assert {single.a_run, single.b_pending} <= queue_ids(queue)
 
 
 @pytest.mark.parametrize(
