@@ -68,8 +68,9 @@ class RequestContext:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     """Headers for the client's response (e.g. a renewed session cookie), added before prepare."""
     rewrite_response: Callable[[int, bytes], Awaitable[bytes]] | None = None
-    """Rewrites a JSON answer (any status) given its status and body, e.g. to filter or redact
-    it; forces a buffered response. Not called for non-JSON or compressed answers."""
+    """Rewrites an answer (any status but 204/304) given its status and body, e.g. to filter or
+    redact it; forces a buffered response. Setting it makes the answer read: asked for in
+    identity, decoded or refused (``proxy.upstream.encoding``), HEAD sent upstream as GET."""
     ws_filter: Callable[[str | bytes], Awaitable[str | bytes | None]] | None = None
     """On a WebSocket relay: each frame from ComfyUI goes through it; None drops the frame."""
     upgraded: bool = False

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import hdrs
 
 from proxy.errors import UpstreamUnavailable
+from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -61,16 +62,23 @@ class ComfyUserDirectory:
 
     async def _find_or_create(self, base: str, host: str, name: str) -> str:
         session = self._pool.session
-        headers = {hdrs.HOST: host, hdrs.CONTENT_TYPE: "application/json"}
+        headers = {
+            hdrs.HOST: host,
+            hdrs.CONTENT_TYPE: "application/json",
+            hdrs.ACCEPT_ENCODING: IDENTITY,
+        }
         try:
             async with session.get(f"{base}/users", headers=headers) as resp:
-                listing = orjson.loads(await resp.read()) if resp.status == 200 else {}
+                raw = await read_client_answer(resp, limit=BACKGROUND_LIMIT, upstream=host)
+                listing = orjson.loads(raw) if resp.status == 200 else {}
             for user_id, username in dict(listing.get("users") or {}).items():
                 if username == name:
                     return str(user_id)
             body = orjson.dumps({"username": name})
             async with session.post(f"{base}/users", data=body, headers=headers) as resp:
-                answer = orjson.loads(await resp.read())
+                answer = orjson.loads(
+                    await read_client_answer(resp, limit=BACKGROUND_LIMIT, upstream=host)
+                )
                 if resp.status != 200 or not isinstance(answer, str):
                     raise UpstreamUnavailable(
                         f"ComfyUI refused to create user {name!r} ({resp.status}); is it "

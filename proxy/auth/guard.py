@@ -164,8 +164,8 @@ class RoleGuard:
                 raise Forbidden(
                     f"clearing the whole {rule} is for admins", error_type="forbidden_role"
                 )
-        if rule == "system_stats" and request.method == "GET":
-            ctx.rewrite_response = redact_argv
+        if rule == "system_stats" and request.method in ("GET", "HEAD"):
+            ctx.rewrite_response = redact_argv  # HEAD too: it would tell the argv's length
 
 
 async def read_json_body(request: web.Request, ctx: RequestContext) -> object:

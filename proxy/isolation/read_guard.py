@@ -55,7 +55,8 @@ from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import FileRef, OwnershipStore
-from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.state import METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import map_client_error
 from proxy.upstream.merge import fetch_merged_queue, parsed_answer
 from proxy.upstream.multi import MULTI
@@ -231,7 +232,7 @@ class ReadGuard:
             if segments[1:] == ["cancel"]:
                 raise _answer(ctx, 200, {"cancelled": False})
             raise _answer(ctx, 404, JOB_NOT_FOUND)
-        if len(segments) == 1 and method == "GET":
+        if len(segments) == 1 and method in ("GET", "HEAD"):
             mine = record
 
             async def rewrite(status: int, body: bytes) -> bytes:
@@ -331,19 +332,23 @@ async def fetch_queue(request: web.Request) -> object:
 
     Raises:
         UpstreamUnavailable: ComfyUI is unreachable or did not answer with JSON.
+        UnreadableAnswer: its answer came in an encoding the proxy cannot read.
         UpstreamTimeout: ComfyUI went silent.
     """
     pool = request.app[POOL]
     if pool.managed or len(pool.upstreams) > 1:  # several instances: who runs where
         return await fetch_merged_queue(request, request.app[MULTI])
     upstream = pool.pick()
+    limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
     try:
         async with pool.session.get(
             upstream.url_for("/queue"),
-            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: IDENTITY},
         ) as resp:
-            body = await resp.read()
             status = resp.status
+            body = await read_client_answer(
+                resp, limit=limit, upstream=upstream.name, metrics=request.app[METRICS]
+            )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise map_client_error(exc, upstream, request) from None
     if status != 200:

@@ -45,9 +45,11 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.errors import UpstreamError
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.observability.metrics import Metrics, role_label
 from proxy.periodic import Periodic
+from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.queue_read import queued_ids
 
@@ -332,13 +334,20 @@ class GenerationTracker:
         try:
             async with self._pool.session.get(
                 target.url_for(f"/history/{prompt_id}"),
-                headers={hdrs.HOST: target.host_header, hdrs.ACCEPT: "application/json"},
+                headers={
+                    hdrs.HOST: target.host_header,
+                    hdrs.ACCEPT: "application/json",
+                    hdrs.ACCEPT_ENCODING: IDENTITY,
+                },
                 timeout=aiohttp.ClientTimeout(total=HISTORY_TIMEOUT_SECONDS),
             ) as resp:
                 if resp.status != 200:
                     return
-                body = orjson.loads(await resp.read())
-        except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+                raw = await read_client_answer(
+                    resp, limit=BACKGROUND_LIMIT, upstream=target.name, metrics=self._metrics
+                )
+                body = orjson.loads(raw)
+        except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError, UpstreamError):
             return  # the end stays uncounted; never worth a retry storm
         entry = body.get(prompt_id) if isinstance(body, dict) else None
         if not isinstance(entry, dict):

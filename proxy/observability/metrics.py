@@ -152,7 +152,8 @@ class Metrics:
         self.upstream_errors = Counter(
             "comfygate_upstream_errors",
             "Requests that failed toward the upstream, by upstream and kind "
-            "(timeout, refused, protocol, ws_handshake).",
+            "(timeout, refused, protocol, ws_handshake, bad_encoding: an answer the proxy must "
+            "read came in an encoding it cannot read).",
             ("upstream", "kind"),
             registry=r,
         )

@@ -8,7 +8,6 @@ Issue 8 (several instances): :meth:`Catalog.cache` is per instance; the merged v
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from proxy.policy.catalog_http import JSON, is_json
 from proxy.policy.catalog_union import UnionView
 from proxy.settings import Settings
 from proxy.state import CATALOG, METRICS, POLICY, POOL, SETTINGS
+from proxy.upstream.encoding import content_codings, decode
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpError, UpstreamHttpTimeout
 from proxy.upstream.pool import Upstream, UpstreamPool
@@ -30,7 +30,6 @@ OBJECT_INFO_PATHS = ("/api/object_info", "/object_info")
 """Where a background refresh fetches the catalog: the stock frontend's path first, the bare one
 for a ComfyUI without the ``/api`` mirror (before 0.2, which answers 404 to the first)."""
 TRANSPORT_ERRORS = (UpstreamHttpError, TimeoutError, OSError)
-_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 class Catalog:
@@ -142,12 +141,13 @@ async def fetch_answer(
     *,
     limit: int,
 ) -> Answer:
-    """``GET raw_path`` and the whole answer, gzip/deflate decoded, at most ``limit`` bytes.
+    """``GET raw_path`` and the whole answer, gzip/deflate decoded, at most ``limit`` bytes
+    (``proxy.upstream.encoding``, the one reader of encoded answers).
 
     Raises:
         UpstreamHttpError, TimeoutError, OSError: the exchange failed (:data:`TRANSPORT_ERRORS`).
         UpstreamUnavailable: the answer is larger than ``limit``.
-        CatalogNotJson: an encoding that was not asked for, or a corrupt one.
+        UnreadableAnswer: an encoding that was not asked for, or a corrupt one.
     """
     resp = await pool.http1(upstream).request(
         hdrs.METH_GET, upstream.target_prefix + raw_path, list(headers), None
@@ -163,27 +163,11 @@ async def fetch_answer(
     finally:
         resp.release()
     body = b"".join(chunks)
-    encoding = resp.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
-    compressed = encoding in _DECODED
-    if compressed:
-        body = _decode(body, limit, upstream)
-    elif encoding not in ("", "identity"):
-        raise CatalogNotJson(f"ComfyUI at {upstream.name} used an unexpected encoding")
+    compressed = bool(content_codings(resp.headers))
+    body = decode(body, resp.headers, limit=limit, upstream=upstream.name, metrics=pool.metrics)
     out: CIMultiDict[str] = client_response_headers(resp.headers)
     out.popall(hdrs.CONTENT_ENCODING, None)
     return Answer(resp.status, resp.reason, out, body, compressed)
-
-
-def _decode(body: bytes, limit: int, upstream: Upstream) -> bytes:
-    # wbits 47: a gzip or zlib header, detected. Bounded: a small bomb must not become GBs.
-    decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
-    try:
-        out = decoder.decompress(body, limit + 1)
-    except zlib.error:
-        raise CatalogNotJson(f"ComfyUI at {upstream.name} sent a corrupt gzip body") from None
-    if len(out) > limit or decoder.unconsumed_tail:
-        raise UpstreamUnavailable(f"ComfyUI at {upstream.name}: answer too large to read")
-    return out
 
 
 def _transport_error(exc: BaseException, upstream: Upstream, metrics: Metrics) -> ProxyError:

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, SETTINGS, RequestContext
+from proxy.upstream.encoding import ask_identity, compress_for_client, decode
 from proxy.upstream.headers import (
     client_response_headers,
     forwarded_values,
@@ -74,6 +75,10 @@ def build_upstream_headers(
         if kept:
             headers[hdrs.COOKIE] = kept
     headers.update(ctx.upstream_headers)
+    if ctx.rewrite_response is not None:
+        # SECURITY: an answer the proxy filters is read, so it is asked for unencoded (a
+        # compressed one used to pass unfiltered); what still comes encoded is decoded or refused.
+        ask_identity(headers)
     return headers
 
 
@@ -133,13 +138,18 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
         headers.popall(hdrs.TRANSFER_ENCODING, None)
         headers[hdrs.CONTENT_LENGTH] = str(len(body))
 
+    method = request.method
+    if method == hdrs.METH_HEAD and ctx.rewrite_response is not None:
+        # SECURITY: HEAD is answered as the filtered GET would be (same status, headers and
+        # length): ComfyUI's own HEAD would announce the unfiltered body's length.
+        method = hdrs.METH_GET
     started = time.perf_counter()
     try:
         if ctx.failover is not None:  # placement: a refused submission moves to another instance
             resp, upstream = await ctx.failover.send(request, upstream, body)
         else:
             resp = await pool.http1(upstream).request(
-                request.method,
+                method,
                 upstream.target_prefix + ctx.upstream_path,
                 list(headers.items()),
                 body,
@@ -171,9 +181,10 @@ async def _relay_response(
 ) -> web.StreamResponse:
     headers = client_response_headers(resp.headers)
     length = resp.content_length
-    no_body = request.method == hdrs.METH_HEAD or resp.status in _NO_BODY_STATUSES
-    if ctx.rewrite_response is not None and not no_body and _rewritable(resp):
+    if ctx.rewrite_response is not None and resp.status not in _NO_BODY_STATUSES:
+        # Whatever its content type or encoding: a filtered answer is never passed unread.
         return await _rewritten_response(request, ctx, resp, upstream, headers)
+    no_body = request.method == hdrs.METH_HEAD or resp.status in _NO_BODY_STATUSES
     if not no_body and length is not None and length <= SMALL_BODY:
         payload = await _read_all(request, ctx, resp, upstream, limit=SMALL_BODY)
         ctx.bytes_out = len(payload)
@@ -211,15 +222,6 @@ async def _read_all(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _rewritable(resp: UpstreamResponse) -> bool:
-    """Only plain (uncompressed) JSON bodies are rewritten; anything else passes as is."""
-    content_type = resp.headers.get(hdrs.CONTENT_TYPE, "")
-    return (
-        content_type.split(";", 1)[0].strip().lower() == "application/json"
-        and hdrs.CONTENT_ENCODING not in resp.headers
-    )
-
-
 async def _rewritten_response(
     request: web.Request,
     ctx: RequestContext,
@@ -227,12 +229,21 @@ async def _rewritten_response(
     upstream: Upstream,
     headers: CIMultiDict[str],
 ) -> web.Response:
+    """The answer read whole, decoded (see ``proxy.upstream.encoding``), rewritten, and sent as
+    the proxy's own body: gzip-compressed when the client accepts it. For a client's HEAD the
+    upstream request was a GET: the same response, its body left out by aiohttp."""
     limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
-    payload = await _read_all(request, ctx, resp, upstream, limit=limit)
+    raw = await _read_all(request, ctx, resp, upstream, limit=limit)
+    payload = decode(
+        raw, resp.headers, limit=limit, upstream=upstream.name, metrics=request.app[METRICS]
+    )
     assert ctx.rewrite_response is not None
     body = await ctx.rewrite_response(resp.status, payload)
-    ctx.bytes_out = len(body)
-    return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+    headers.popall(hdrs.CONTENT_ENCODING, None)  # the body is the proxy's own, unencoded
+    ctx.bytes_out = 0 if request.method == hdrs.METH_HEAD else len(body)
+    response = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+    compress_for_client(request, response)
+    return response
 
 
 async def _streamed_response(

@@ -32,7 +32,9 @@ import orjson
 import structlog
 from aiohttp import hdrs
 
+from proxy.errors import UpstreamError
 from proxy.periodic import Periodic
+from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.registry_settings import HealthSettings
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("comfygate.upstream.health")
 
 CHECK_PATH = "/prompt"
+PROBE_LIMIT = 64 * 1024
+"""``GET /prompt`` answers a few dozen bytes; a larger answer is not read."""
 
 
 class BreakerState(IntEnum):
@@ -158,11 +162,14 @@ async def probe(
             headers={
                 hdrs.HOST: upstream.host_header,
                 hdrs.ACCEPT: "application/json",
-                hdrs.ACCEPT_ENCODING: "identity",
+                hdrs.ACCEPT_ENCODING: IDENTITY,
             },
             timeout=aiohttp.ClientTimeout(total=timeout_seconds),
         ) as resp:
-            body = await resp.read()
+            try:
+                body = await read_client_answer(resp, limit=PROBE_LIMIT, upstream=upstream.name)
+            except UpstreamError:
+                body = b""  # it answered (alive); its queue size is unknown
             seconds = time.perf_counter() - started
             if resp.status != 200:
                 return ProbeResult(resp.status < 500, seconds, failure="status")

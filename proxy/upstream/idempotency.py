@@ -216,6 +216,10 @@ class IdempotencyGuard:
         if isinstance(outcome, Claimed):
             metrics.idempotency.labels("first").inc()
             request[CLAIM] = Claim(store, key, fingerprint, outcome.token)
+            if ctx.rewrite_response is None:
+                # The answer is stored and replayed: read it in a known encoding (identity),
+                # as every answer the proxy keeps (``proxy.upstream.encoding``).
+                ctx.rewrite_response = _kept_as_is
             return
         if isinstance(outcome, StoredAnswer):
             metrics.idempotency.labels("replayed").inc()
@@ -254,12 +258,19 @@ class Replay(Exception):
 _NOT_STORED = frozenset({408, 409, 425, 429})
 
 
+async def _kept_as_is(status: int, body: bytes) -> bytes:
+    del status
+    return body
+
+
 def _storable(response: web.StreamResponse) -> StoredAnswer | None:
     status = response.status
     if not (200 <= status < 300 or 400 <= status < 500) or status in _NOT_STORED:
         return None
     if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
         return None
+    if hdrs.CONTENT_ENCODING in response.headers:
+        return None  # bytes in an encoding the replay would not announce: never stored
     return StoredAnswer(status, response.body, response.headers.get(hdrs.CONTENT_TYPE, ""))
 
 

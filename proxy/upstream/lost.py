@@ -38,8 +38,10 @@ import orjson
 import structlog
 from aiohttp import hdrs
 
+from proxy.errors import UpstreamError
 from proxy.isolation.ownership import OwnershipStore
 from proxy.observability.metrics import Metrics
+from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.lost")
@@ -306,12 +308,15 @@ class LostPrompts:
         try:
             async with self.pool.session.get(
                 upstream.url_for(path),
-                headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+                headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: IDENTITY},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             ) as resp:
-                return resp.status, await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return None, b""
+                body = await read_client_answer(
+                    resp, limit=BACKGROUND_LIMIT, upstream=upstream.name, metrics=self.metrics
+                )
+                return resp.status, body
+        except (TimeoutError, aiohttp.ClientError, OSError, UpstreamError):
+            return None, b""  # unreadable: as if not answered (nothing is inferred from it)
 
     def observe_queue(self, upstream: Upstream, queue: object, asked_at: float) -> None:
         """A ``GET /queue`` answer the proxy fetched anyway (merged views)."""

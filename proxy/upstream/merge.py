@@ -34,8 +34,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.errors import UpstreamUnavailable
 from proxy.isolation import views
 from proxy.state import CONTEXT, METRICS, POOL, SETTINGS
+from proxy.upstream.encoding import (
+    AnswerTooLarge,
+    UnreadableAnswer,
+    ask_identity,
+    compress_for_client,
+    decode,
+)
 from proxy.upstream.forward import build_upstream_headers, forward_http
-from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpError, UpstreamHttpTimeout
+from proxy.upstream.http1 import (
+    UpstreamConnectError,
+    UpstreamHttpError,
+    UpstreamHttpTimeout,
+    UpstreamResponse,
+)
 from proxy.upstream.pool import Upstream
 
 if TYPE_CHECKING:
@@ -57,7 +69,10 @@ class Answer:
     upstream: Upstream
     status: int
     headers: CIMultiDictProxy[str]
+    """ComfyUI's headers, without ``Content-Encoding`` and ``Content-Length`` (``body`` is
+    decoded)."""
     body: bytes
+    """Identity-encoded (``proxy.upstream.encoding``)."""
 
     def json(self) -> object:
         """The body as JSON; None when it is not JSON."""
@@ -93,7 +108,7 @@ def instance_headers(
             hdrs.CONTENT_ENCODING,
         ):
             headers.popall(name, None)
-        headers[hdrs.ACCEPT_ENCODING] = "identity"  # the proxy reads it: never compressed
+        ask_identity(headers)  # the proxy reads it: never compressed
         return headers
     headers = base.copy()
     headers[hdrs.HOST] = upstream.host_header
@@ -113,15 +128,18 @@ async def ask(
     headers: CIMultiDict[str] | None = None,
 ) -> Answer | None:
     """Send ``method raw_path`` (a raw path + query, as ``ctx.upstream_path``) to ``upstream``
-    with the client's filtered headers, and read the whole answer.
+    with the client's filtered headers, and read the whole answer (decoded, at most
+    ``server.max_inspected_body_mb``).
 
-    Returns None when the instance is unreachable, broke the exchange, or did not answer within
-    ``within`` seconds (default ``upstream.merge_timeout_seconds``); the failure is logged and
-    counted, and reported to the pool's passive health check unless it was only slow.
+    Returns None when the instance is unreachable, broke the exchange, did not answer within
+    ``within`` seconds (default ``upstream.merge_timeout_seconds``), or sent an answer that
+    cannot be read (an unknown encoding, too large); the failure is logged and counted, and
+    reported to the pool's passive health check unless it was only slow or unreadable.
     """
     app = request.app
     pool = app[POOL]
     limit = within if within is not None else app[SETTINGS].upstream.merge_timeout_seconds
+    max_bytes = int(app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
     if headers is None:
         headers = instance_headers(request, upstream)
     if body is not None:
@@ -134,9 +152,16 @@ async def ask(
                 method, upstream.target_prefix + raw_path, list(headers.items()), body
             )
             try:
-                payload = await resp.read()
+                raw = await _read_bounded(resp, max_bytes, upstream)
             finally:
                 resp.release()
+        payload = decode(raw, resp.headers, limit=max_bytes, upstream=upstream.name)
+    except UnreadableAnswer:  # never passed on: the instance is left out
+        _count_failure(request, upstream, "bad_encoding")
+        return None
+    except AnswerTooLarge:
+        _count_failure(request, upstream, "merge_too_large")
+        return None
     except TimeoutError:
         # Slow is not dead: a busy ComfyUI answers late; this answer goes on without it.
         _count_failure(request, upstream, "merge_timeout")
@@ -150,7 +175,21 @@ async def ask(
         )
         return None
     pool.report_response(upstream, resp.status)
-    return Answer(upstream, resp.status, resp.headers, payload)
+    headers = CIMultiDict(resp.headers)
+    for name in (hdrs.CONTENT_ENCODING, hdrs.CONTENT_LENGTH):
+        headers.popall(name, None)
+    return Answer(upstream, resp.status, CIMultiDictProxy(headers), payload)
+
+
+async def _read_bounded(resp: UpstreamResponse, limit: int, upstream: Upstream) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"ComfyUI at {upstream.name}: answer too large to inspect")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _count_failure(request: web.Request, upstream: Upstream, kind: str, error: str = "") -> None:
@@ -203,7 +242,8 @@ async def ask_all(
 def json_response(
     request: web.Request, gathered: Gathered, status: int, body: bytes
 ) -> web.Response:
-    """A merged JSON answer, accounted like a forwarded one (upstream ``*``)."""
+    """A merged JSON answer, accounted like a forwarded one (upstream ``*``), gzip-compressed
+    when the client accepts it; for HEAD the same headers and length without the body."""
     ctx = request[CONTEXT]
     ctx.upstream = MERGED
     ctx.upstream_seconds = gathered.seconds
@@ -211,6 +251,7 @@ def json_response(
     response = web.Response(status=status, body=body, content_type="application/json")
     if gathered.missing:
         response.headers[DEGRADED_HEADER] = ", ".join(u.name for u in gathered.missing)
+    compress_for_client(request, response)
     return response
 
 

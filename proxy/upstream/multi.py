@@ -6,7 +6,7 @@ unchanged, at no extra cost).
 
 =====================================================  ========================================
 ``GET /history``, ``/queue``, ``/api/jobs``, ``/prompt``  merged over every reachable instance
-                                                       (:mod:`proxy.upstream.merge`)
+(HEAD: the GET's answer without its body)              (:mod:`proxy.upstream.merge`)
 per-prompt routes, ``/view`` outputs                   the instance concerned
                                                        (:mod:`proxy.upstream.sticky`)
 ``/ws``                                                a socket to every reachable instance
@@ -94,22 +94,24 @@ async def dispatch_multi(request: web.Request) -> web.StreamResponse:
         _watch_submission(request, state)
     if ctx.target is not None:
         return await forward_http(request)  # a guard (placement) already chose
+    # HEAD takes the GET's path (merged, filtered): its answer is the GET's without the body.
+    reading = method in ("GET", "HEAD")
     if rule == "history":
-        if method == "GET":
+        if reading:
             if path == "/history":
                 return await merge.merged_history(request, state)
             return await sticky.history_entry(request, state, path.split("/", 2)[2])
         if method == "POST":
             return await sticky.split_delete(request, state, history=True)
     elif rule == "queue":
-        if method == "GET":
+        if reading:
             return await merge.merged_queue(request, state)
         if method == "POST":
             return await sticky.split_delete(request, state, history=False)
     elif rule == "jobs":
         segments = path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
         if not segments:
-            if method == "GET":
+            if reading:
                 return await merge.merged_jobs(request, state)
         elif segments == ["cancel"] and method == "POST":
             return await sticky.jobs_cancel_many(request, state)
@@ -119,7 +121,7 @@ async def dispatch_multi(request: web.Request) -> web.StreamResponse:
         return await sticky.interrupt(request, state)
     elif rule == "view" and method in ("GET", "HEAD"):
         return await sticky.view(request, state)
-    elif rule == "prompt" and method == "GET":
+    elif rule == "prompt" and reading:
         return await merge.merged_prompt_info(request, state)
     return await forward_http(request)
 

@@ -14,7 +14,9 @@ import orjson
 import structlog
 from aiohttp import hdrs
 
+from proxy.errors import UpstreamError
 from proxy.isolation.views import queue_ids
+from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.queue")
@@ -31,12 +33,14 @@ async def queued_ids(pool: UpstreamPool, upstream: Upstream, *, reader: str) -> 
     try:
         async with pool.session.get(
             upstream.url_for("/queue"),
-            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+            headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: IDENTITY},
             timeout=aiohttp.ClientTimeout(total=QUEUE_TIMEOUT_SECONDS),
         ) as resp:
-            body = await resp.read()
             status = resp.status
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            body = await read_client_answer(
+                resp, limit=BACKGROUND_LIMIT, upstream=upstream.name, metrics=pool.metrics
+            )
+    except (TimeoutError, aiohttp.ClientError, OSError, UpstreamError) as exc:
         log.warning(
             "queue_read_unreachable",
             reader=reader,

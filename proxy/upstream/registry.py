@@ -32,6 +32,7 @@ from proxy.policy.catalog_cache import Snapshot
 from proxy.state import CATALOG, METRICS, POOL, REDIS, SETTINGS
 from proxy.upstream.capabilities import CapabilityRefresher, ObjectInfoSource
 from proxy.upstream.discovery import DnsDiscovery, Resolver, resolve_dns
+from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.health_checks import HealthChecker
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -81,12 +82,15 @@ async def fetch_object_info(
     """One direct ``GET /object_info`` (no catalog)."""
     async with pool.session.get(
         upstream.url_for("/object_info"),
-        headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: "identity"},
+        headers={hdrs.HOST: upstream.host_header, hdrs.ACCEPT_ENCODING: IDENTITY},
         timeout=aiohttp.ClientTimeout(total=OBJECT_INFO_TIMEOUT_SECONDS),
     ) as resp:
         if resp.status != 200:
             return None
-        data = orjson.loads(await resp.read())
+        body = await read_client_answer(
+            resp, limit=BACKGROUND_LIMIT, upstream=upstream.name, metrics=pool.metrics
+        )
+        data = orjson.loads(body)
     return (None, data) if isinstance(data, dict) else None
 
 

@@ -227,7 +227,7 @@ async def job(
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
     record = await prompt_record(request, job_id)
-    detail = not rest and request.method == "GET"
+    detail = not rest and request.method in ("GET", "HEAD")  # HEAD: the GET's answer
     cancel = rest == ["cancel"] and request.method == "POST"
     lost = state.lost.lost(job_id)
     if record is not None:

@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-sec-fetch-check", action="store_true")
     parser.add_argument("--max-upload-size", type=float, default=100, help="MB, like ComfyUI")
     parser.add_argument("--record", action="store_true", help="keep the request log (memory!)")
+    parser.add_argument("--enable-compress-response-body", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -37,6 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
         sec_fetch_check=not args.no_sec_fetch_check,
         max_upload_size=int(args.max_upload_size * 1024 * 1024),
         record=args.record,
+        compress_responses=args.enable_compress_response_body,
     )
     port = await fake.start(args.host, args.port)
     print(f"fake ComfyUI on http://{args.host}:{port} (root {root})", flush=True)

@@ -1,7 +1,8 @@
 """Middlewares of the fake, in ComfyUI's order (protocol doc §1, §2.10, §6.1):
 
 ``record`` (fake only: fills :attr:`FakeComfyUI.received`) -> ``cache_control`` (newer
-``middleware/cache_middleware.py``) -> ``origin_only`` (``server.py`` 0.3.64 plus the newer
+``middleware/cache_middleware.py``) -> ``compress_body`` (only with
+``--enable-compress-response-body``) -> ``origin_only`` (``server.py`` 0.3.64 plus the newer
 ``Sec-Fetch-Site: cross-site`` rule) -> ``read_body`` (fake only: reads the body once, honouring
 ``client_max_size`` -> 413, and stores it in the record).
 """
@@ -115,6 +116,33 @@ async def cache_control(request: web.Request, handler: Handler) -> web.StreamRes
         response.headers.setdefault("Cache-Control", f"public, max-age={ONE_DAY}")
     elif response.status in (302, 303, 307):
         response.headers.setdefault("Cache-Control", f"public, max-age={ONE_HOUR}")
+    return response
+
+
+COMPRESSED_CONTENT_TYPES = ("application/json", "text/plain")
+
+
+@web.middleware
+async def compress_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``--enable-compress-response-body`` (``server.py``, Comfy-Org/ComfyUI ``a125cd8``).
+
+    What ComfyUI does, checked against its source: whole ``web.Response`` answers only (not
+    streamed or file responses), whose content type is exactly JSON or plain text, with a
+    non-empty body, any status (errors too), HEAD too; when the *substring* ``gzip`` occurs
+    in the request's ``Accept-Encoding`` (case-sensitive, q-values not read: ``gzip;q=0``
+    compresses). The coding is then aiohttp's own choice (``enable_compression()`` without
+    ``force``): the first of ``deflate``, ``gzip``, ``identity`` named in the lowercased header,
+    so ``gzip, deflate`` gets deflate.
+    """
+    accept_encoding = request.headers.get("Accept-Encoding", "")
+    response = await handler(request)
+    if (
+        isinstance(response, web.Response)
+        and response.content_type in COMPRESSED_CONTENT_TYPES
+        and response.body
+        and "gzip" in accept_encoding
+    ):
+        response.enable_compression()
     return response
 
 

@@ -33,6 +33,7 @@ from .executor import Executor
 from .middleware import (
     Received,
     cache_control,
+    compress_body,
     make_faults,
     make_origin_only,
     make_record,
@@ -69,9 +70,11 @@ class FakeComfyUI:
         preview_method: str = "latent2rgb",
         record: bool = True,
         nodes: Collection[str] | None = None,
+        compress_responses: bool = False,
     ) -> None:
         """``nodes``: the node classes this instance has (default: every one the fake knows),
-        as instances with different custom nodes installed."""
+        as instances with different custom nodes installed. ``compress_responses``: as
+        ComfyUI started with ``--enable-compress-response-body`` (``middleware.compress_body``)."""
         self.paths = Paths.create(Path(root))
         self.origin_check = origin_check
         self.sec_fetch_check = sec_fetch_check
@@ -79,6 +82,7 @@ class FakeComfyUI:
         self.multi_user = multi_user
         self.strict_prompt_id = strict_prompt_id
         self.record = record
+        self.compress_responses = compress_responses
         self.host = "127.0.0.1"
         self.port = 8188
         self.received: list[Received] = []
@@ -214,6 +218,7 @@ class FakeComfyUI:
         middlewares: list[Middleware] = [
             make_faults(self),
             cast(Middleware, cache_control),
+            *([cast(Middleware, compress_body)] if self.compress_responses else []),
             make_origin_only(self),
         ]
         if self.record:
