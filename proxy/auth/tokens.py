@@ -208,7 +208,8 @@ class TokenVerifier:
     async def _verified_claims(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        # pyjwt 2.10 lets json's RecursionError (a deeply nested header) escape; later ones wrap it.
+        except (jwt.PyJWTError, RecursionError):
             raise InvalidToken("token_malformed", "the token is not a JWT") from None
         algorithm = header.get("alg")
         # SECURITY: the header's alg is only ever compared with the configured list; "none" and
@@ -232,7 +233,7 @@ class TokenVerifier:
             except jwt.InvalidKeyError:
                 log.warning("token_key_unusable", algorithm=algorithm)
                 continue
-            except jwt.PyJWTError:
+            except (jwt.PyJWTError, RecursionError):
                 raise InvalidToken("token_malformed", "the token is not a valid JWT") from None
             if not isinstance(claims, dict):
                 raise InvalidToken("token_malformed", "the token's payload is not an object")
