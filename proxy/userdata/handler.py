@@ -218,15 +218,17 @@ USERDATA = web.AppKey("comfygate.userdata", Userdata)
 
 
 async def userdata_context(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: the ``--multi-user`` detector, and a startup probe of every instance
-    (in the background: startup does not wait for ComfyUI) for the log line."""
+    """``cleanup_ctx``: the ``--multi-user`` detector, and (``upstream.check_multi_user_at_startup``)
+    a startup probe of every instance for the log line, in the background: startup does not wait
+    for ComfyUI."""
     modes = UserModes(app[POOL])
     app[USERDATA] = Userdata(modes=modes, settings_locks=KeyedLocks())
-    modes.startup = asyncio.create_task(modes.probe_all(), name="comfygate-user-modes")
+    if app[SETTINGS].upstream.check_multi_user_at_startup:
+        modes.startup = asyncio.create_task(modes.probe_all(), name="comfygate-user-modes")
     yield
-    if not modes.startup.done():
+    if modes.startup is not None:
         modes.startup.cancel()
-    await asyncio.gather(modes.startup, return_exceptions=True)
+        await asyncio.gather(modes.startup, return_exceptions=True)
 
 
 async def own_folder(request: web.Request, ctx: RequestContext, upstream: Upstream) -> Segments:
