@@ -218,9 +218,9 @@ USERDATA = web.AppKey("comfygate.userdata", Userdata)
 
 
 async def userdata_context(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: the ``--multi-user`` detector, and (``upstream.check_multi_user_at_startup``)
-    a startup probe of every instance for the log line, in the background: startup does not wait
-    for ComfyUI."""
+    """``cleanup_ctx``: the ``--multi-user`` detector and, with
+    ``upstream.check_multi_user_at_startup``, a startup probe of every instance for the log line
+    (in the background: startup does not wait for ComfyUI)."""
     modes = UserModes(app[POOL])
     app[USERDATA] = Userdata(modes=modes, settings_locks=KeyedLocks())
     if app[SETTINGS].upstream.check_multi_user_at_startup:

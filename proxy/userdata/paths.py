@@ -10,8 +10,9 @@ on exactly the same relative path before deciding on it:
   conditional unquote (so up to three decodings).
 
 The result is joined under the ComfyUI user's directory. The proxy accepts only a *canonical*
-relative path (no ``.``/``..``/empty segments, no leading ``/``, no backslash, no control
-characters, no undecodable bytes), prefixes the caller's own folder, and serialises the result
+relative path (no empty segments or ones ending in ``.`` or a space, so no ``.``/``..`` on any
+platform; no leading ``/`` or drive letter, no backslash, no control characters, no undecodable
+bytes), prefixes the caller's own folder, and serialises the result
 so that ComfyUI's layers decode it back to exactly that path.
 """
 
@@ -27,6 +28,7 @@ PREFIX_ROOT = "comfygate-users"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_REENCODE = re.compile(r"[%{}]")
 _PATH_SAFE_ESCAPE = re.compile(r"%(?!25|2[Ff])")
 
 
@@ -67,15 +69,20 @@ def canonical(relative: str, *, directory: bool = False) -> Segments:
         # A backslash is a separator on Windows; U+FFFD is what unquote made of invalid UTF-8.
         raise UserdataPathError("backslash, control or undecodable character in the path")
     segments = tuple(relative.split("/"))
-    if any(s in ("", ".", "..") for s in segments):
-        raise UserdataPathError("empty, '.' or '..' segment in the path")
+    if any(s == "" or s.endswith((".", " ")) for s in segments):
+        # Windows drops a name's trailing dots and spaces: ".. " would be ".." there.
+        raise UserdataPathError("empty segment, or one ending in '.' or ' ', in the path")
     return segments
 
 
 def _comfy_form(segments: Segments) -> str:
-    """A value that ComfyUI's conditional unquote turns back into ``segments`` joined."""
+    """A value that ComfyUI's conditional unquote turns back into ``segments`` joined.
+
+    Encoded once more when it holds a ``%`` (which that unquote would otherwise decode) or a
+    brace (aiohttp's ``{file}`` pattern excludes ``{}`` after decoding, so a bare one is a 404).
+    """
     joined = "/".join(segments)
-    return quote(joined, safe="/") if "%" in joined else joined
+    return quote(joined, safe="/") if _REENCODE.search(joined) else joined
 
 
 def path_param(segments: Segments) -> str:

@@ -142,6 +142,8 @@ OUTSIDE = [
     ("GET", "/api/userdata/workflows%2F%2Fx.json", 403),
     ("GET", "/api/userdata/x%00.json", 403),
     ("GET", "/api/userdata/%FF.json", 403),
+    ("GET", f"/api/userdata/..%20%2F{ALICE}%2Fworkflows%2Fsecret.json", 403),  # ".." on Windows
+    ("GET", f"/api/userdata/...%2F{ALICE}%2Fuser.css", 403),
     ("HEAD", f"/api/userdata/..%2F{ALICE}%2Fuser.css", 403),
     ("POST", f"/api/userdata/..%2F{ALICE}%2Fworkflows%2Fsecret.json?overwrite=true", 403),
     ("DELETE", f"/api/userdata/..%2F{ALICE}%2Fworkflows%2Fsecret.json", 403),
