@@ -92,17 +92,20 @@ def _refused(message: str, *, v2: bool = False) -> ProxyError:
     return Forbidden(message, error_type="bad_userdata_path")
 
 
-def _true(query: MultiDictProxy[str], name: str, default: str = "") -> bool:
-    return query.get(name, default).lower() == "true"
-
-
-def _write_flags(query: MultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
+def _flags(query: MultiDictProxy[str], names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The boolean parameters ComfyUI reads, each as ``true``/``false`` as ComfyUI reads it
+    (first value; ``overwrite`` is true unless exactly ``false``, the others only when
+    ``true`` in any case), in the order the client gave them; absent ones stay absent."""
     flags: list[tuple[str, str]] = []
-    if query.get("overwrite", "true") == "false":  # ComfyUI: `!= "false"`, case-sensitive
-        flags.append(("overwrite", "false"))
-    if _true(query, "full_info", "false"):
-        flags.append(("full_info", "true"))
+    for name in dict.fromkeys(n for n in query if n in names):
+        value = query[name]
+        on = value != "false" if name == "overwrite" else value.lower() == "true"
+        flags.append((name, "true" if on else "false"))
     return tuple(flags)
+
+
+_LIST_FLAGS = ("recurse", "full_info", "split")
+_WRITE_FLAGS = ("overwrite", "full_info")
 
 
 def parse_call(method: str, path: str, query: MultiDictProxy[str]) -> UserdataCall:
@@ -123,8 +126,7 @@ def parse_call(method: str, path: str, query: MultiDictProxy[str]) -> UserdataCa
             listed = canonical(comfy_unquote_again(directory), directory=True)
             if not listed:
                 raise UserdataPathError("the root cannot be listed with dir=")
-            flags = tuple((n, "true") for n in ("recurse", "full_info", "split") if _true(query, n))
-            return UserdataCall("list", method, file=listed, flags=flags)
+            return UserdataCall("list", method, file=listed, flags=_flags(query, _LIST_FLAGS))
         if segments == ["v2", "userdata"]:
             _allow(method, _READS)
             try:
@@ -137,7 +139,7 @@ def parse_call(method: str, path: str, query: MultiDictProxy[str]) -> UserdataCa
         if len(segments) == 2 and segments[0] == "userdata" and segments[1]:
             _allow(method, _READS | {"POST", "DELETE"})
             file = canonical(comfy_unquote_again(route_value(segments[1])))
-            flags = _write_flags(query) if method == "POST" else ()
+            flags = _flags(query, _WRITE_FLAGS) if method == "POST" else ()
             return UserdataCall("file", method, file=file, flags=flags)
         if (
             len(segments) == 4
@@ -149,7 +151,9 @@ def parse_call(method: str, path: str, query: MultiDictProxy[str]) -> UserdataCa
             _allow(method, frozenset({"POST"}))
             source = canonical(comfy_unquote_again(route_value(segments[1])))
             dest = canonical(comfy_unquote_again(route_value(segments[3])))
-            return UserdataCall("move", method, file=source, dest=dest, flags=_write_flags(query))
+            return UserdataCall(
+                "move", method, file=source, dest=dest, flags=_flags(query, _WRITE_FLAGS)
+            )
         if segments == ["settings"]:
             _allow(method, _READS | {"POST"})
             return UserdataCall("settings", method)

@@ -203,14 +203,14 @@ async def test_b_lists_only_own(world: World, raw: str) -> None:
 
 
 async def test_only_the_parameters_comfyui_reads_are_sent(world: World) -> None:
-    raw = "/api/userdata?dir=workflows&dir=..&recurse=TRUE&split=no&x=%2E%2E&dir=%2F"
+    raw = "/api/userdata?dir=workflows&dir=..&recurse=TRUE&split=no&x=%2E%2E&dir=%2F&recurse=0"
     status, _, _ = await call(world.client, "GET", raw, B)
     assert status == 404  # B has no workflows yet
     own = "workflows" if world.multi_user else f"{PREFIX_ROOT}/{BOB}/workflows"
     rec = relayed(world.fake)[-1]
     assert (rec.path, list(rec.query.items())) == (
         "/api/userdata",
-        [("dir", own), ("recurse", "true")],
+        [("dir", own), ("recurse", "true"), ("split", "false")],
     )
 
 
