@@ -92,6 +92,7 @@ from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.registry import registry_context
 from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
+from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -104,6 +105,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return await users_endpoint(request)
     if rule.name in CATALOG_RULES:  # what the UI offers: filtered to the caller's policy
         return await serve_catalog(request)
+    if rule.name in USERDATA_RULES:  # each user's own, with or without --multi-user (home)
+        return await serve_userdata(request)
     if multi:
         return await dispatch_multi(request)
     return await forward_http(request)
@@ -209,6 +212,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             multi_instance_context,  # several instances: fan-in, file locations, lost prompts
             idempotency_context,  # needs Redis
             registry_context,  # needs Redis and the catalog: discovery, health, capabilities
+            userdata_context,  # needs the pool: which instances run with --multi-user
         ]
     )
     app.on_shutdown.append(_close_websockets)

@@ -142,6 +142,9 @@ class UpstreamSettings(_Section):
     placement: PlacementSettings = PlacementSettings()
     home: str = ""
     """Name of the instance that keeps settings and user data (default: the first one)."""
+    check_multi_user_at_startup: bool = True
+    """Ask each ComfyUI at startup whether it runs with ``--multi-user`` and log a warning if
+    not (it is asked again before user data requests either way: ``proxy.userdata``)."""
 
     @field_validator("urls")
     @classmethod

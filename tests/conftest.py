@@ -164,7 +164,9 @@ def make_settings(upstream_url: str, **sections: dict[str, Any]) -> Settings:
     deep, e.g. ``auth={"jwt": {"default_role": "user"}}``.
     """
     overrides: dict[str, dict[str, Any]] = {
-        "upstream": {"urls": (upstream_url,)},
+        # The startup --multi-user check is a request tests counting what reaches the fake
+        # would see; tests of it turn it on.
+        "upstream": {"urls": (upstream_url,), "check_multi_user_at_startup": False},
         "auth": {"jwt": {"secret": JWT_SECRET}, "session": {"secret": SESSION_SECRET}},
     }
     for name, values in sections.items():

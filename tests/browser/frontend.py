@@ -22,6 +22,7 @@ from tests.browser.conftest import (
     ProxyServer,
     SocketRecorder,
 )
+from tests.fakes.comfyui.middleware import Received
 
 # A small graph the fake can run, in the frontend's own (LiteGraph) format: what the UI keeps
 # in localStorage as the user's current workflow and restores on the next visit.
@@ -166,6 +167,17 @@ def is_catalog_fetch(method: str, path: str) -> bool:
     return method == "GET" and any(path == p or path.startswith(p + "/") for p in CATALOG_PATHS)
 
 
+def is_user_mode_check(rec: Received) -> bool:
+    """The proxy's ``GET /users`` asking ComfyUI whether it runs with ``--multi-user``."""
+    return (
+        rec.method == "GET"
+        and rec.raw_path == "/users"
+        and not any(
+            h in rec.headers for h in ("Comfy-User", "Authorization", "Cookie", "X-Request-ID")
+        )
+    )
+
+
 def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) -> None:
     """Everything the fake received came as ``subject``: ``Comfy-User`` derived from it by the
     proxy, and none of the proxy's own cookies (session, login CSRF).
@@ -180,8 +192,11 @@ def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) 
     """
     assert upstream.fake.received, "nothing reached the fake"
     expected = comfy_user_id(subject)
-    relayed = [r for r in upstream.fake.received if not is_catalog_fetch(r.method, r.path)]
-    catalog = [r for r in upstream.fake.received if is_catalog_fetch(r.method, r.path)]
+    # The proxy's own check of whether ComfyUI runs with --multi-user (proxy.userdata.mode) is
+    # the other request of no one's: GET /users without identity, credentials or request id.
+    received = [r for r in upstream.fake.received if not is_user_mode_check(r)]
+    relayed = [r for r in received if not is_catalog_fetch(r.method, r.path)]
+    catalog = [r for r in received if is_catalog_fetch(r.method, r.path)]
     strangers = [
         (r.method, r.raw_path, r.headers.get("Comfy-User"))
         for r in relayed

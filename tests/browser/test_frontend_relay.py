@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from playwright.async_api import BrowserContext
+from yarl import URL
 
+from proxy.auth.principal import comfy_user_id
+from proxy.routes import classify, normalise_path
+from proxy.userdata.handler import parse_call, upstream_target
+from proxy.userdata.paths import PREFIX_ROOT
 from tests.browser.conftest import (
     USERNAME,
     Answered,
@@ -60,6 +65,34 @@ ROOT_ABSOLUTE_PATHS = ("/assets/images/favicon_progress_16x16/",)
 # picker and ComfyUI's list of users never reaches a browser. (method, path under the base path).
 ANSWERED_BY_PROXY = frozenset({("GET", "/api/users"), ("GET", "/users")})
 
+# The fake runs without --multi-user, so the signed-in (non-admin) user's saved workflows,
+# settings and user.css live in their own folder (proxy.userdata): a user data request reaches
+# the fake with its path moved there, and /settings is answered from that folder's
+# comfy.settings.json (read and written through /userdata).
+OWN_FOLDER = (PREFIX_ROOT, comfy_user_id(USERNAME))
+
+
+def as_forwarded(method: str, target: str) -> str | None:
+    """The target the proxy sends the fake for the browser's ``method target`` (under the base
+    path); None for ``/settings``, which the proxy answers from user data requests of its own."""
+    path, _, query = target.partition("?")
+    normalised, prefixed = normalise_path(path)
+    rule = classify(method, normalised, prefixed=prefixed).name
+    if rule == "settings":
+        return None
+    if rule != "userdata":
+        return target
+    call = parse_call(method, normalised, URL.build(query_string=query, encoded=True).query)
+    return upstream_target(call, OWN_FOLDER, "/api" if prefixed else "")
+
+
+def is_relayed(answer: Answered) -> bool:
+    """A client's request the proxy relayed (its own checks, such as whether ComfyUI runs
+    with --multi-user, carry no request id), other than the settings reads and writes."""
+    own_settings = "/".join(OWN_FOLDER) + "/comfy.settings.json"
+    return "X-Request-ID" in answer.headers and own_settings not in unquote(answer.raw_path)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -86,7 +119,7 @@ async def assert_relayed_faithfully(
     forwarded = [
         a
         for a in upstream.log.answered
-        if (a.method, urlsplit(a.raw_path).path) in ANSWERED_BY_PROXY
+        if (a.method, urlsplit(a.raw_path).path) in ANSWERED_BY_PROXY and is_relayed(a)
     ]
     assert not forwarded, f"answered by ComfyUI, not by the proxy: {forwarded}"
     local = [r for r in local if r not in identity]
@@ -104,7 +137,10 @@ async def assert_relayed_faithfully(
     missing: list[Exchange] = []
     changed: list[tuple[Exchange, set[int]]] = []
     for exchange in local:
-        target = exchange.target[len(prefix) :]
+        target = as_forwarded(exchange.method, exchange.target[len(prefix) :])
+        if target is None:  # /settings: answered by the proxy from the user's folder
+            assert exchange.status == 200, exchange
+            continue
         seen = answered.get((exchange.method, target)) or answered.get(
             (exchange.method, without_paging(target))
         )
@@ -115,7 +151,7 @@ async def assert_relayed_faithfully(
     assert not missing, f"answered to the browser but never reached the fake: {missing}"
     assert not changed, f"status differs between fake and browser (browser, fake): {changed}"
     for answer in upstream.log.answered:
-        if answer.status != 101:
+        if answer.status != 101 and is_relayed(answer):
             await recorder.wait_for_response(
                 partial(_same_exchange, answer, prefix),
                 within=5.0,
@@ -144,11 +180,12 @@ def without_paging(target: str) -> str:
 
 
 def _same_exchange(answer: Answered, prefix: str, exchange: Exchange) -> bool:
-    return (
-        exchange.method == answer.method
-        and without_paging(exchange.target) == without_paging(prefix + answer.raw_path)
-        and exchange.status == answer.status
-    )
+    if exchange.method != answer.method or exchange.status != answer.status:
+        return False
+    if not exchange.target.startswith(prefix + "/"):
+        return False
+    target = as_forwarded(exchange.method, exchange.target[len(prefix) :])
+    return target is not None and without_paging(target) == without_paging(answer.raw_path)
 
 
 def assert_ws_handshake_consistent(upstream: FakeUpstream, ws_path: str = "/ws") -> None:

@@ -2,11 +2,20 @@
 """``/users``, ``/settings``, ``/userdata`` and ``/v2/userdata`` (ComfyUI 0.3.64
 ``app/user_manager.py`` and ``app/app_settings.py``; captures/http-basic.json).
 
-Single-user by default: every request is user ``default`` (``user/default/`` under root) and
-``GET /users`` answers ``{"storage": "server", "migrated": true}``. With ``multi_user=True`` the
-``Comfy-User`` header selects the user, unknown users get 401 (settings), 403 (/v2/userdata) or
-500 (other userdata routes) like ComfyUI. ``{file}`` is one path segment, unquoted once more when
-it still contains ``%`` (so ``workflows%2Fx.json`` works), confined with a commonpath check.
+Single-user by default (ComfyUI without ``--multi-user``): the ``Comfy-User`` header is ignored,
+every request is user ``default`` (``user/default/`` under root), so all clients share one set
+of saved workflows, settings and ``user.css``; ``GET /users`` answers
+``{"storage": "server", "migrated": <user/default exists>}``. With ``multi_user=True``
+(``--multi-user``) the users are ``user/users.json`` as it was at start (``{}`` without it: not
+even ``default`` exists), new ones come from ``POST /users`` (written back to users.json), the
+``Comfy-User`` header selects the user (no header: ``default``), ``GET /users`` lists everyone,
+and an unknown user gets 401 (settings), 403 (/v2/userdata) or 500 (other userdata routes).
+
+Paths as ComfyUI resolves them: ``{file}`` is aiohttp's match value (one segment, ``%2F``
+decoded), unquoted once more when it still contains ``%``; ``dir=`` likewise; ``/v2/userdata``'s
+``path=`` is unquoted once, then once more when a ``%`` remains. The result is joined under the
+user's directory and confined with a commonpath check (403; 400 on /v2/userdata).
+``/v2/userdata`` lists the whole tree below ``path`` (``os.walk``), directories first.
 """
 
 from __future__ import annotations
@@ -43,6 +52,15 @@ class UserData:
         self.fake = fake
         self.root = fake.paths.user
         self.users: dict[str, str] = {"default": "default"}
+        if fake.multi_user:
+            self.users = {}
+            if os.path.isfile(self.users_file):
+                with open(self.users_file, encoding="utf-8") as fh:
+                    self.users = json.load(fh)
+
+    @property
+    def users_file(self) -> str:
+        return os.path.join(self.root, "users.json")
 
     def user_id(self, request: web.Request) -> str:
         user = "default"
@@ -111,6 +129,8 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
         user_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in username)
         user_id = f"{user_id}_{uuid.uuid4()}"
         data.users[user_id] = username
+        with open(data.users_file, "w", encoding="utf-8") as fh:
+            json.dump(data.users, fh)
         return web.json_response(user_id)
 
     @routes.get("/settings")
@@ -170,28 +190,34 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
         rel = parse.unquote(request.rel_url.query.get("path", ""))
         try:
             base = data.filepath(request, None, create_dir=False)
-            target = data.filepath(request, rel, create_dir=False)
+            target = data.filepath(request, rel, create_dir=False) if rel else base
         except KeyError:
             return web.Response(status=403, text="Invalid user specified in request")
         if not target or not base:
-            return web.Response(status=400, text="Invalid path specified in request")
+            return web.Response(status=400, text="Invalid path requested")
         if not os.path.exists(target):
-            return web.json_response({"error": f"Path '{rel}' not found."}, status=404)
+            if target == base:
+                return web.json_response([])
+            return web.Response(status=404, text="Requested path not found")
         if not os.path.isdir(target):
-            return web.json_response({"error": f"Path '{rel}' is not a directory."}, status=400)
+            return web.Response(status=400, text="Requested path is not a directory")
         results: list[dict[str, Any]] = []
-        entries = sorted(os.scandir(target), key=lambda e: (not e.is_dir(), e.name))
-        for entry in entries:
-            item: dict[str, Any] = {
-                "name": entry.name,
-                "path": os.path.relpath(entry.path, base).replace(os.sep, "/"),
-                "type": "directory" if entry.is_dir() else "file",
-            }
-            if not entry.is_dir():
-                stat = entry.stat()
+        for top, dirs, names in os.walk(target, topdown=True):
+            for name in dirs:
+                rel_dir = os.path.relpath(os.path.join(top, name), base).replace(os.sep, "/")
+                results.append({"name": name, "path": rel_dir, "type": "directory"})
+            for name in names:
+                full = os.path.join(top, name)
+                item: dict[str, Any] = {
+                    "name": name,
+                    "path": os.path.relpath(full, base).replace(os.sep, "/"),
+                    "type": "file",
+                }
+                stat = os.stat(full)
                 item["size"] = stat.st_size
                 item["modified"] = stat.st_mtime
-            results.append(item)
+                results.append(item)
+        results.sort(key=lambda x: (x["type"] != "directory", x["name"].lower()))
         return web.json_response(results)
 
     def user_path(request: web.Request, check_exists: bool = False, param: str = "file") -> Any:

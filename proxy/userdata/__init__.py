@@ -1,0 +1,1 @@
+"""Per-user saved workflows, settings and ``user.css`` whatever ComfyUI's ``--multi-user`` flag."""
