@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.state import AUTH
@@ -42,7 +43,8 @@ async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: s
 
 
 def session_of(client: Client, subject: str) -> str:
-    value, _ = client.app[AUTH].sessions.issue(subject, ["user"])
+    app: web.Application = client.app
+    value, _ = app[AUTH].sessions.issue(subject, ["user"])
     return value
 
 
