@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import string
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,9 +33,11 @@ from yarl import URL
 
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.multi_support import Fakes, fakes, multi_proxy, place, relayed
 from tests.security.raw_http import exchange, host_of
 
 Client = TestClient[Any, Any]
+__all__ = ["fakes", "multi_proxy"]  # fixtures of the multi-instance tests, used here
 A, B = bearer("alice"), bearer("bob")
 VIEWER = bearer("vic", ("viewer",))
 ADMIN = bearer("admin", ("admin",))
@@ -531,3 +534,26 @@ async def test_proxy_rule_is_the_rule_comfyui_routes(
     expected = oracle_rule(got.route)
     if expected is not None:
         assert decision["rule"] == expected, (target, got.raw_path, got.route)
+
+
+# -- several instances: merged views get the same canonical target -------------------------------
+
+
+async def test_merged_views_decide_on_the_canonical_target(
+    multi_proxy: Callable[..., Any], fakes: Fakes
+) -> None:
+    client: Client = await multi_proxy()
+    a_prompt = await place(client, fakes[1], "alice")
+    for fake in fakes:
+        fake.reset()
+    answer = await exchange(client, "GET", "http://x/api/history", auth(B))
+    assert (answer.status, answer.error_type) == (400, "bad_request_target")
+    answer = await exchange(client, "GET", own(client, "/internal/logs"), auth(B))
+    assert (answer.status, answer.error_type) == (403, "forbidden_role")
+    assert all(relayed(fake) == [] for fake in fakes)
+    for path in ("/api/history", "//api/%68istory", "/api/jobs", "/api/queue"):
+        answer = await exchange(client, "GET", own(client, path), auth(B))
+        assert answer.status == 200, (path, answer.body)
+        assert a_prompt not in answer.body.decode(), path
+    sent = {r.raw_path.partition("?")[0] for fake in fakes for r in relayed(fake)}
+    assert sent <= {"/api/history", "/api/jobs", "/api/queue"}, sent
