@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from yarl import URL
 
+from proxy.routes import _UNREADABLE
+from proxy.target import Target, canonical_target
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import Fakes, fakes, multi_proxy, place, relayed
@@ -557,3 +559,37 @@ async def test_merged_views_decide_on_the_canonical_target(
         assert a_prompt not in answer.body.decode(), path
     sent = {r.raw_path.partition("?")[0] for fake in fakes for r in relayed(fake)}
     assert sent <= {"/api/history", "/api/jobs", "/api/queue"}, sent
+
+
+# -- the canonical form reads back as itself ----------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    path=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=4),
+    query=st.lists(st.tuples(st.text(max_size=5), st.text(max_size=5)), max_size=3),
+    prefixed=st.booleans(),
+)
+def test_forwarded_target_reads_back_as_what_was_decided(
+    path: list[str], query: list[tuple[str, str]], prefixed: bool
+) -> None:
+    """Whatever the decoded segments and parameters, the target ComfyUI receives decodes (as
+    aiohttp's router and ``rel_url.query`` decode it) to exactly the decision's path and query:
+    ``%2F`` and ``%25`` inside a segment, ``?``, ``#``, ``+``, ``&``, ``=`` and non-ASCII
+    included."""
+    segments = [s.replace("%", "%25").replace("/", "%2F") for s in path]  # path_safe form
+    decided = Target(path="/" + "/".join(segments), prefixed=prefixed, query=tuple(query))
+    try:
+        sent = decided.upstream
+    except UnicodeEncodeError:  # lone surrogates: never in a decided target (refused)
+        return
+    if _UNREADABLE.search(decided.path) or {".", ".."} & set(decided.path.split("/")):
+        return  # such paths are refused before anything is decided
+    if decided.path.startswith("/api/") or decided.path == "/api":
+        return  # not canonical: every /api is removed before deciding
+    assert canonical_target("GET", sent, host="h") == decided
+    received = URL.build(
+        path=sent.partition("?")[0], query_string=sent.partition("?")[2], encoded=True
+    )
+    assert received.path_safe == ("/api" if prefixed else "") + decided.path
+    assert list(received.query.items()) == list(query)
