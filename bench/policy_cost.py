@@ -29,6 +29,7 @@ from bench.fixtures import ui_workflow
 from bench.loadgen import LoadGenerator
 from bench.procs import ProcessGroup, free_port, wait_http
 from bench.targets import BENCH_JWT_SECRET, REPO, bench_token
+from proxy.limits.settings import ROUTE_CLASSES
 
 ROLE = "bench_policy"
 """A plain (non-admin) role: the built-in policy's base applies to it."""
@@ -92,7 +93,7 @@ def roles_env() -> str:
     """``COMFYGATE_ROLES``: the bench role without rate limits or queue quota (admin too, for
     the queue clearing between runs)."""
     unlimited = {"rate": "unlimited"}
-    classes = ("submit", "read", "view", "upload", "ws_connect", "login")
+    classes = ROUTE_CLASSES  # every class, the frontend's files included
     limits = dict.fromkeys(classes, unlimited)
     return json.dumps(
         {

@@ -23,6 +23,7 @@ import jwt
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
+from proxy.limits.settings import ROUTE_CLASSES
 from tests.redis_server import start_redis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ the same for both."""
 def rate_limited_roles() -> str:
     """``COMFYGATE_ROLES`` (JSON) of the ``comfygate+rl`` variant."""
     high = {"rate": "1000000/second", "burst": 1_000_000}
-    classes = ("submit", "read", "view", "upload", "ws_connect", "login")
+    classes = ROUTE_CLASSES  # every class, the frontend's files included
     role = {"admin": True, "queue_quota": 0, "rate_limits": dict.fromkeys(classes, high)}
     return json.dumps({RATE_LIMITED_ROLE: role})
 

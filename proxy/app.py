@@ -123,7 +123,7 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     guards = {r.name: chain for r in (*RULES, OTHER)}
     if settings.rate_limits.enabled:
         # After the role guard (a refused request spends nothing), before isolation (whose
-        # reads of Redis and bodies a flood must not reach). Not on static files.
+        # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
         limit = RateLimitGuard()
         guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
     if settings.policy.enabled:

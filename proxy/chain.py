@@ -6,7 +6,8 @@ Order (outermost first), as ``create_app`` lists them:
    request metrics in ``finally``, so it sees the final status of everything below.
 2. :func:`render_errors` - every :class:`ProxyError` (and anything unexpected) becomes one JSON
    shape; the only place that catches bare ``Exception``.
-3. :func:`resolve_route` - base path, normalised path and route rule, used by all that follows.
+3. :func:`resolve_route` - the canonical request target (``proxy.target``) and route rule, used
+   by all that follows and sent upstream.
 4. :func:`make_run_guards` - the matched rule's guards, in order; a guard raises to stop.
 """
 
@@ -27,14 +28,14 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.errors import (
     BadRequest,
-    NotFound,
     PayloadTooLarge,
     ProxyError,
     ServiceUnavailable,
     Unauthenticated,
 )
-from proxy.routes import RouteRule, classify, normalise_path, rule
+from proxy.routes import RouteRule, classify, rule
 from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
+from proxy.target import canonical_target, origin_form
 from proxy.upstream.headers import client_address
 
 log = structlog.get_logger("comfygate")
@@ -91,30 +92,34 @@ _OWN_RULES: dict[str, RouteRule] = {}
 
 @web.middleware
 async def resolve_route(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Which ComfyUI rule the request falls under (or which of the proxy's own routes it is)."""
+    """Which ComfyUI rule the request falls under (or which of the proxy's own routes it is).
+
+    The request target is read once (``proxy.target``): a forwarded request is decided on its
+    canonical form and ComfyUI is sent that form. The proxy's own routes take the same target
+    forms (aiohttp routed them on the path of an absolute-form target too).
+    """
     ctx = request[CONTEXT]
+    server = request.app[SETTINGS].server
+    host = request.headers.get(hdrs.HOST)
     route = request.match_info.route.name
     if route == FORWARD_ROUTE:
-        _resolve_rule(request, ctx, request.app[SETTINGS].server.base_path)
-    elif route is not None:
+        target = canonical_target(
+            request.method,
+            request.raw_path,
+            host=host,
+            public_url=server.public_url,
+            base_path=server.base_path,
+        )
+        ctx.path, ctx.upstream_path = target.path, target.upstream
+        ctx.rule = classify(request.method, target.path, prefixed=target.prefixed)
+        return await handler(request)
+    origin_form(request.method, request.raw_path, host=host, public_url=server.public_url)
+    if route is not None:
         own = _OWN_RULES.get(route)
         if own is None:
             own = _OWN_RULES[route] = rule(route)
         ctx.rule = own
     return await handler(request)
-
-
-def _resolve_rule(request: web.Request, ctx: RequestContext, base_path: str) -> None:
-    raw = request.raw_path
-    if base_path:
-        # Only the base path and what is below it belongs to ComfyUI; "/comfy" itself is
-        # redirected by its own route, so here a prefix match must end at a '/'.
-        if not raw.startswith(base_path + "/"):
-            raise NotFound(f"not under the base path {base_path}/", error_type="not_found")
-        raw = raw[len(base_path) :]
-    ctx.upstream_path = raw
-    ctx.path, prefixed = normalise_path(raw)
-    ctx.rule = classify(request.method, ctx.path, prefixed=prefixed)
 
 
 def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
@@ -261,8 +266,8 @@ def _render(
     request.app[METRICS].rejections.labels(exc.error_type).inc()
     if isinstance(exc, Unauthenticated) and wants_login_page(request):
         base = request.app[SETTINGS].server.base_path
-        target = request.raw_path[len(base) :] if base else request.raw_path
-        location = f"{base}/login?{urlencode({'next': base + target})}"
+        # The canonical target (a refused one never gets here: its 400 is not Unauthenticated).
+        location = f"{base}/login?{urlencode({'next': base + ctx.upstream_path})}"
         return web.Response(status=302, headers={hdrs.LOCATION: location, **exc.headers})
     if exc.empty_body:  # e.g. isolation's HiddenNotFound: ComfyUI's empty 404
         return web.Response(status=status or exc.status, headers=exc.headers)

@@ -2,8 +2,8 @@
 
 ComfyUI registers every API route twice (``/x`` and ``/api/x``) and aiohttp routes on the
 percent-decoded path, so ``/history``, ``/api/history`` and ``/api/%68istory`` are one
-resource. Every decision the proxy makes (guards, logs, metrics) uses :func:`normalise_path`;
-the request itself is forwarded byte-exact.
+resource. Every decision the proxy makes (guards, logs, metrics) is made on the path of
+:func:`proxy.target.canonical_target`, and that canonical form is what ComfyUI is sent.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, NotFound
 
 API_PREFIX = "/api"
 
@@ -140,24 +140,42 @@ def classify(method: str, path: str, *, prefixed: bool = True) -> RouteRule:
     return OTHER
 
 
-def normalise_path(raw_path: str) -> tuple[str, bool]:
-    """The path every decision is made on.
+_UNREADABLE = re.compile(r"%(?!2F|25)|[\x00-\x1f\x7f]|[\ud800-\udfff]")
+"""In a ``path_safe`` string: an escape aiohttp could not decode (malformed, or not UTF-8),
+a control character, or a byte that was not UTF-8 on the wire."""
+
+
+def normalise_path(raw_path: str, *, base_path: str = "") -> tuple[str, bool]:
+    """The path every decision is made on (the path part of :func:`proxy.target.canonical_target`).
 
     Decoded like aiohttp's router (everything but ``%2F`` and ``%25``), repeated slashes merged,
-    and every leading ``/api`` removed, so ``/api/api/jobs`` (where ComfyUI mirrors its
-    ``/api/jobs`` routes) and ``/jobs`` get the same decision. Returns the path and whether
-    an ``/api`` prefix was removed.
+    ``base_path`` and then every leading ``/api`` removed, so ``/api/api/jobs`` (where ComfyUI
+    mirrors its ``/api/jobs`` routes) and ``/jobs`` get the same decision. Returns the path and
+    whether an ``/api`` prefix was removed.
 
     Raises:
-        BadRequest: the path has ``.``/``..`` segments (browsers never send them; a crafted one
-            could make a decision and the upstream's routing disagree).
+        BadRequest: ``bad_path``: ``.``/``..`` segments (browsers never send them; a crafted one
+            could make a decision and the upstream's routing disagree), or an escape, control
+            character or byte that the proxy cannot decode exactly as ComfyUI would.
+        NotFound: the path is not below ``base_path``.
     """
     path = URL.build(path=raw_path.partition("?")[0], encoded=True).path_safe
+    if _UNREADABLE.search(path):
+        raise BadRequest(
+            "path has a malformed or non-UTF-8 escape or a control character",
+            error_type="bad_path",
+        )
     if "//" in path:
         path = re.sub("/{2,}", "/", path)
     segments = path.split("/")
     if "." in segments or ".." in segments:
         raise BadRequest("path must not contain '.' or '..' segments", error_type="bad_path")
+    if base_path:
+        # Only the base path and what is below it belongs to ComfyUI; "/comfy" itself is
+        # redirected by its own route, so here a prefix match must end at a '/'.
+        if not path.startswith(base_path + "/"):
+            raise NotFound(f"not under the base path {base_path}/", error_type="not_found")
+        path = path[len(base_path) :]
     prefixed = False
     while path == API_PREFIX or path.startswith(API_PREFIX + "/"):
         path = path[len(API_PREFIX) :] or "/"

@@ -42,7 +42,8 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     rule: RouteRule = OTHER
     upstream_path: str = "/"
-    """Raw path and query to send upstream: byte-exact, base path removed."""
+    """Origin-form path and query to send upstream: the proxy's own encoding of the canonical
+    target (``proxy.target``) that routing decided on, base path removed."""
     path: str = "/"
     """Normalised path (decoded, ``/api`` removed): what decisions are made on."""
     client_ip: str = ""

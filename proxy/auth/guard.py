@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from http.cookies import SimpleCookie
+from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import hdrs, web
@@ -29,7 +32,30 @@ ADMIN_RULES = frozenset({"internal", "manager", "assets_admin", "free"})
 
 
 def is_websocket(request: web.Request) -> bool:
+    """The request asks for a WebSocket upgrade (loose: for checks that only get stricter)."""
     return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+def is_websocket_handshake(request: web.Request) -> bool:
+    """A complete WebSocket opening handshake, as aiohttp's ``WebSocketResponse`` (ComfyUI's
+    ``/ws``) would accept it: GET, ``Upgrade: websocket``, ``Connection`` listing ``upgrade``,
+    a supported ``Sec-WebSocket-Version`` and a ``Sec-WebSocket-Key`` of 16 bytes."""
+    headers = request.headers
+    if request.method != hdrs.METH_GET:
+        return False
+    if headers.get(hdrs.UPGRADE, "").lower().strip() != "websocket":
+        return False
+    connection = {
+        t.strip().lower() for v in headers.getall(hdrs.CONNECTION, ()) for t in v.split(",")
+    }
+    if "upgrade" not in connection:
+        return False
+    if headers.get(hdrs.SEC_WEBSOCKET_VERSION, "") not in ("13", "8", "7"):
+        return False
+    try:
+        return len(base64.b64decode(headers.get(hdrs.SEC_WEBSOCKET_KEY, ""), validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 class AuthGuard:
@@ -39,7 +65,9 @@ class AuthGuard:
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         auth = request.app[AUTH]
-        websocket = is_websocket(request)
+        # A query token is a credential only where a browser cannot send headers: the
+        # handshake of ComfyUI's socket. Anywhere else it is not even looked at.
+        websocket = ctx.rule.websocket and is_websocket_handshake(request)
         # The route class's Redis fail mode also governs the denylist lookup (see
         # revocation.FailModeRevocations): read-only classes stay up while Redis is down.
         token = FAIL_OPEN.set(_fails_open(request, ctx, websocket=websocket))
@@ -48,9 +76,10 @@ class AuthGuard:
         finally:
             FAIL_OPEN.reset(token)
         ctx.principal = principal
-        if principal.source == "query":
-            # SECURITY: the token is the caller's credential; it must not reach ComfyUI's logs.
-            ctx.upstream_path = without_query_param(ctx.upstream_path, "token")
+        # SECURITY: a token in the query is a credential (the caller's, or one next to the
+        # credential that decided, or a stale one): none reaches ComfyUI or its logs, in any
+        # encoding or number of copies.
+        ctx.upstream_path = without_query_param(ctx.upstream_path, "token")
         settings = request.app[SETTINGS].auth
         ctx.upstream_headers.update(identity_headers(principal, settings.forward_user_headers))
         if settings.comfy_multi_user:
@@ -71,11 +100,12 @@ def _fails_open(request: web.Request, ctx: RequestContext, *, websocket: bool) -
 
 
 def without_query_param(raw_path: str, name: str) -> str:
-    """``raw_path`` without every ``name=`` parameter; everything else kept byte-exact."""
+    """``raw_path`` without every parameter whose decoded name is ``name`` (decoded as yarl
+    decodes it, so ``%74oken`` is ``token``); everything else kept byte-exact."""
     path, sep, query = raw_path.partition("?")
     if not sep:
         return raw_path
-    kept = [p for p in query.split("&") if p.split("=", 1)[0] != name]
+    kept = [p for p in query.split("&") if p and unquote_plus(p.split("=", 1)[0]) != name]
     return f"{path}?{'&'.join(kept)}" if kept else path
 
 

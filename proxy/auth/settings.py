@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
-from proxy.limits.settings import UNLIMITED_LIMIT, Limit, RouteClass
+from proxy.limits.settings import ROUTE_CLASSES, UNLIMITED_LIMIT, Limit, RouteClass
 
 ALGORITHMS = frozenset(
     {
@@ -153,9 +153,7 @@ class RoleSettings(_Section):
     ``[rate_limits] queue_quota``."""
 
 
-_ALL_UNLIMITED: dict[RouteClass, Limit] = {
-    c: UNLIMITED_LIMIT for c in ("submit", "read", "view", "upload", "ws_connect", "login")
-}
+_ALL_UNLIMITED: dict[RouteClass, Limit] = {c: UNLIMITED_LIMIT for c in ROUTE_CLASSES}
 
 DEFAULT_ROLES: dict[str, RoleSettings] = {
     "viewer": RoleSettings(submit=False),

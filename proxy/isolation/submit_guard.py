@@ -23,7 +23,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import quote, urlencode
 
 import orjson
 import redis.asyncio as redis
@@ -308,10 +307,9 @@ async def _check_view(
         store, target.ref, scope.owner
     ):
         raise HiddenNotFound()
-    # SECURITY: ComfyUI gets the query as the proxy parsed it, re-encoded: no second parser
-    # may read a different filename or subfolder out of the same bytes.
-    path = ctx.upstream_path.partition("?")[0]
-    ctx.upstream_path = f"{path}?{urlencode(list(query.items()), quote_via=quote, safe='')}"
+    # ComfyUI gets the query as the proxy parsed it (``ctx.upstream_path`` is the proxy's own
+    # encoding of ``request.query``, see proxy.target), without the credentials the auth
+    # guard removed: no second parser may read a different filename or subfolder.
 
 
 # -- POST /upload/image, /upload/mask ----------------------------------------------------------

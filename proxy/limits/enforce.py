@@ -50,6 +50,7 @@ _REFUSALS: Final[dict[RouteClass, str]] = {
     "upload": "Too many uploads in a short time",
     "ws_connect": "Too many WebSocket connections opened in a short time",
     "login": "Too many sign-in attempts",
+    "static": "Too many requests for the interface's files",
 }
 
 

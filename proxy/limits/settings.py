@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-RouteClass = Literal["submit", "read", "view", "upload", "ws_connect", "login"]
+RouteClass = Literal["submit", "read", "view", "upload", "ws_connect", "login", "static"]
 ROUTE_CLASSES: tuple[RouteClass, ...] = get_args(RouteClass)
 
 UNLIMITED = "unlimited"
@@ -81,6 +81,9 @@ def _default_limits() -> dict[RouteClass, Limit]:
         "upload": Limit(rate="60/minute", burst=20),
         "ws_connect": Limit(rate="30/minute", burst=10),
         "login": Limit(rate="10/minute", burst=5),
+        # The stock UI loads some 500 files at start: generous, but a flood of them (each a
+        # file read or a directory glob in ComfyUI) is still bounded.
+        "static": Limit(rate="100/second", burst=1000),
     }
 
 

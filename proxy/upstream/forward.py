@@ -69,11 +69,15 @@ def build_upstream_headers(
         request_id=ctx.request_id,
         dropped=policy.dropped,
     )
-    cookie = headers.pop(hdrs.COOKIE, None)
-    if cookie is not None:
-        kept = strip_cookies(cookie, policy.dropped_cookies)
-        if kept:
-            headers[hdrs.COOKIE] = kept
+    # Every Cookie header, not only the first aiohttp reads: a second one would otherwise
+    # carry the session to ComfyUI. What is left goes as one header (RFC 6265 5.4).
+    kept = [
+        k
+        for cookie in headers.popall(hdrs.COOKIE, ())
+        if (k := strip_cookies(cookie, policy.dropped_cookies))
+    ]
+    if kept:
+        headers[hdrs.COOKIE] = "; ".join(kept)
     headers.update(ctx.upstream_headers)
     if ctx.rewrite_response is not None:
         # SECURITY: an answer the proxy filters is read, so it is asked for unencoded (a

@@ -180,11 +180,13 @@ def forwarded_values(
 def strip_cookies(header: str, names: Iterable[str]) -> str | None:
     """The ``Cookie`` header without the proxy's own cookies; None when nothing is left.
 
-    Other cookies pass byte for byte (split on ``;`` rather than parsed and re-encoded).
+    Other cookies pass byte for byte (split on ``;`` rather than parsed and re-encoded). Any
+    part that merely mentions one of ``names`` goes too: cookie parsers disagree on quoting and
+    separators, and no reading of what is left can then find the proxy's cookie in it.
     """
     drop = frozenset(names)
     if not any(name in header for name in drop):
         return header
     kept = [part.strip() for part in header.split(";")]
-    kept = [p for p in kept if p and p.split("=", 1)[0].strip() not in drop]
+    kept = [p for p in kept if p and not any(name in p for name in drop)]
     return "; ".join(kept) or None

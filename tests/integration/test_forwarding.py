@@ -43,22 +43,29 @@ def raw_url(client: TestClient[Any, Any], raw: str) -> URL:
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "forwarded"),
     [
-        "/api/%68istory?max_items=1",
-        "/api/userdata/workflows%2Fmy%20flow.json",
+        ("/api/%68istory?max_items=1", "/api/history?max_items=1"),
+        ("/api/userdata/workflows%2Fmy%20flow.json", "/api/userdata/workflows%2Fmy%20flow.json"),
         # User data paths go in the proxy's canonical encoding (tests/security/test_userdata.py),
         # which this one already is.
-        "/userdata/workflows%2Fa%2Bb.json",
-        "/api/view?filename=a%2Fb.png&subfolder=x%2F..&type=output",
-        "/api/history?max_items=1&offset=-1&x=%ZZ",
+        ("/userdata/workflows%2Fa%2Bb.json", "/userdata/workflows%2Fa%2Bb.json"),
+        (
+            "/api/view?filename=a%2Fb.png&subfolder=x%2F..&type=output",
+            "/api/view?filename=a/b.png&subfolder=x/..&type=output",
+        ),
+        ("/api/history?max_items=1&offset=-1&x=%ZZ", "/api/history?max_items=1&offset=-1&x=%25ZZ"),
+        ("//api//api/history?a+b=c%2Bd", "/api/history?a%20b=c%2Bd"),
     ],
 )
-async def test_paths_and_queries_are_forwarded_byte_exact(
-    raw: str, proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
+async def test_paths_and_queries_are_forwarded_in_the_proxys_encoding(
+    raw: str, forwarded: str, proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
 ) -> None:
+    """ComfyUI gets the proxy's serialisation of what it decided on, which reads the same."""
     await proxy.session.get(raw_url(proxy, raw))
-    assert fake_comfy.received[-1].raw_path == raw
+    got = fake_comfy.received[-1]
+    assert got.raw_path == forwarded
+    assert list(got.query.items()) == list(URL(raw, encoded=True).query.items())
 
 
 async def test_browser_post_passes_comfyui_origin_check(

@@ -48,13 +48,15 @@ def cls_of(method: str, raw_path: str, *, websocket: bool = False) -> str | None
         ("GET", "/ws?clientId=x", True, "ws_connect"),
         ("GET", "/api/ws", True, "ws_connect"),
         ("GET", "/ws", False, "read"),  # not an upgrade: an ordinary request
-        # The frontend's files: never limited.
-        ("GET", "/", False, None),
-        ("GET", "/assets/index-abc.js", False, None),
-        ("GET", "/extensions/core/x.js", False, None),
-        ("GET", "/templates/default.json", False, None),
-        ("GET", "/favicon.ico", False, None),
-        ("GET", "/some/unknown/file.css", False, None),
+        # The frontend's files: a class of their own.
+        ("GET", "/", False, "static"),
+        ("GET", "/assets/index-abc.js", False, "static"),
+        ("GET", "/extensions/core/x.js", False, "static"),
+        ("GET", "/templates/default.json", False, "static"),
+        # Paths no rule names (rule "other"): custom nodes' APIs, /api/i18n, files.
+        ("GET", "/favicon.ico", False, "read"),
+        ("GET", "/some/unknown/file.css", False, "read"),
+        ("GET", "/api/i18n", False, "read"),
     ],
 )
 def test_comfyui_routes(method: str, path: str, websocket: bool, expected: str | None) -> None:
@@ -77,7 +79,7 @@ def test_proxy_own_routes(rule: str, method: str, expected: str | None) -> None:
     assert route_class(rule, method) == expected
 
 
-def test_the_guard_is_wired_on_every_comfyui_rule_but_static_files() -> None:
+def test_the_guard_is_wired_on_every_comfyui_rule() -> None:
     wired = {r.name for r in RULES if limited_rule(r.name)}
-    assert wired == {r.name for r in RULES} - {"static"}
-    assert not limited_rule("other")
+    assert wired == {r.name for r in RULES}
+    assert limited_rule("other")

@@ -43,6 +43,10 @@ class Received:
     body: bytes = b""  # b"" when body_length > 1 MiB
     body_length: int = 0
     remote: str | None = None
+    route: str | None = None
+    """The route aiohttp's router resolved the target to (its resource's canonical path, e.g.
+    ``/api/history/{prompt_id}``; ``""`` for the web root's static files); None when no route
+    accepts it (404/405): what ComfyUI would run for the request."""
     body_read: bool = field(default=False, repr=False)
 
 
@@ -61,6 +65,7 @@ def make_record(fake: FakeComfyUI) -> Middleware:
             query=MultiDict(request.query),
             headers=CIMultiDict(request.headers),
             remote=request.remote,
+            route=_resolved_route(request),
         )
         fake.received.append(rec)
         request[RECORD_KEY] = rec
@@ -76,6 +81,11 @@ def make_record(fake: FakeComfyUI) -> Middleware:
                     _store(rec, await request.read())
 
     return cast(Middleware, record)
+
+
+def _resolved_route(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource  # None: 404/405 (aiohttp's SystemRoute)
+    return None if resource is None else resource.canonical
 
 
 def _store(rec: Received, body: bytes) -> None:
