@@ -46,6 +46,13 @@ from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
+from proxy.limits.bodies import (
+    BODY_BUDGET,
+    INSPECTED_RULES,
+    BodyBudget,
+    BodyGuard,
+    release_inspected_bodies,
+)
 from proxy.limits.classes import limited_rule
 from proxy.limits.enforce import rate_limits_context
 from proxy.limits.guard import RateLimitGuard
@@ -123,6 +130,11 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         # reads of Redis and bodies a flood must not reach). Not on static files.
         limit = RateLimitGuard()
         guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
+    # Every inspected body read, bounded and checked once, after the rate limit (a flood is
+    # refused before its bodies are read), before every guard that decides on it.
+    body = BodyGuard()
+    for name in INSPECTED_RULES:
+        guards[name] = (*guards[name], body)
     if settings.policy.enabled:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
@@ -180,6 +192,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             render_errors,  # every error below becomes a JSON response observe can count
             resolve_route,  # rule decided before guards; a malformed path is a rendered 400
             idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
+            release_inspected_bodies,  # gives back the request's share of the body bound
             make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
@@ -187,6 +200,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry)
+    app[BODY_BUDGET] = BodyBudget.from_settings(settings.server, app[METRICS])
     enable_user_counter(settings.metrics, app[METRICS])  # opt-in per-user counts
     app[POOL] = UpstreamPool(settings.upstream)
     app[LIFECYCLE] = Lifecycle()

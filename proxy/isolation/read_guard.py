@@ -46,13 +46,13 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import read_json_body
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
 from proxy.isolation import views
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import OwnershipStore
+from proxy.limits.bodies import read_json_body
 from proxy.state import OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import map_client_error
 from proxy.upstream.merge import fetch_merged_queue, parsed_answer

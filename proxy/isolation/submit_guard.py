@@ -29,7 +29,6 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
-from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
 from proxy.isolation.files import (
     FileScope,
@@ -59,6 +58,7 @@ from proxy.isolation.prompt import (
     requested_prompt_id,
     rewrite_submission,
 )
+from proxy.limits.bodies import read_body
 from proxy.observability.metrics import role_label
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 

@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import read_body
 from proxy.isolation.prompt import NOT_JSON, Violation, parse_request_body
+from proxy.limits.bodies import read_body
 from proxy.policy.checker import BODY_TOO_LARGE, check_workflow, is_ui_format, ui_node_types
 from proxy.policy.refusal import PolicyRejected
 from proxy.state import METRICS, POLICY, SETTINGS, RequestContext
