@@ -19,6 +19,10 @@ before everything that rewrites or records the prompt.
 ``POST /prompt`` also runs idempotency (a repeated ``Idempotency-Key``) and placement (which
 instance; several instances) just before isolation; uploads run replication after it. The
 ``idempotency_finish`` middleware around the guards stores or frees a claimed key.
+
+Inspected bodies (``POST`` prompt/queue/history/interrupt/jobs cancel) are read by one rule
+(``proxy.limits.bodies``): the body guard after the rate limit (after the policy on
+``/prompt``), bounded in bytes in flight; ``release_inspected_bodies`` gives them back.
 """
 
 from __future__ import annotations
@@ -131,14 +135,16 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         limit = RateLimitGuard()
         guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
     # Every inspected body read, bounded and checked once, after the rate limit (a flood is
-    # refused before its bodies are read), before every guard that decides on it.
+    # refused before its bodies are read), before every guard that rewrites or records it; on
+    # POST /prompt after the policy, which refuses a body over the role's size unread.
     body = BodyGuard()
     for name in INSPECTED_RULES:
-        guards[name] = (*guards[name], body)
+        guards[name] = (*guards[name], body) if name != "prompt" else guards[name]
     if settings.policy.enabled:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
         guards["prompt"] = (*guards["prompt"], PolicyGuard())
+    guards["prompt"] = (*guards["prompt"], body)
     guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
     upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
     for name in ADMIN_UPSTREAM_ROUTES:

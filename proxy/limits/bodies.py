@@ -379,9 +379,11 @@ def _text_codec(charset: str) -> bool:
     """Whether ``bytes.decode(charset)`` works, as ComfyUI's aiohttp calls it (``base64``
     and friends are codecs but not text encodings: ``decode`` refuses them)."""
     try:
-        b"".decode(charset)
+        b" ".decode(charset)  # not b"": decoding nothing never looks the codec up
     except LookupError:
         return False
+    except ValueError:
+        return True  # a text codec that wants more than one byte (utf-16, utf-32)
     return True
 
 
