@@ -243,27 +243,47 @@ async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
     :func:`read_json_body` for the parse every inspected route goes through).
 
     Raises:
+        BadRequest: the body has a ``Content-Encoding`` (refused before reading).
         PayloadTooLarge: over ``server.max_inspected_body_mb``.
         RateLimited: over the principal's bound of bytes in flight.
         ServiceUnavailable: over the process's bound of bytes in flight.
     """
     if ctx.body is not None:
         return ctx.body
+    encodings = [
+        token.strip().lower()
+        for value in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+        for token in value.split(",")
+    ]
+    if any(e not in ("", "identity") for e in encodings):
+        # SECURITY: aiohttp would inflate it as it arrives, so neither the Content-Length nor
+        # the bound would describe what is held (a 30 KB gzip body inflates to 32 MB).
+        raise _unreadable(
+            request,
+            ctx,
+            inspected_rule(request.method, ctx) or OBJECT_BODY,
+            "content_encoding",
+            message="compressed request bodies are not accepted here; send the JSON uncompressed",
+            details=f"Content-Encoding: {', '.join(encodings)}",
+        )
     limit = int(request.app[SETTINGS].server.max_inspected_body_mb * MB)
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(request, ctx, limit)
     lease = _lease(request, ctx)
+    accounted = 0
     if length is not None:
         _hold(request, ctx, lease, length)  # before a byte of it is read
+        accounted = length
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
             raise _too_large(request, ctx, limit)
-        if length is None:
-            _hold(request, ctx, lease, len(chunk))  # chunked: as it arrives
+        if size > accounted:  # chunked: as it arrives
+            _hold(request, ctx, lease, size - accounted)
+            accounted = size
         chunks.append(chunk)
     ctx.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     ctx.bytes_in = size
@@ -286,26 +306,13 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
 
     Raises:
         BadRequest: the body cannot be read as ComfyUI would, or is not a JSON object.
-        PayloadTooLarge, RateLimited, ServiceUnavailable: see :func:`read_body`.
+        PayloadTooLarge, RateLimited, ServiceUnavailable: see :func:`read_body` (which also
+            refuses a ``Content-Encoding``).
     """
     if request.get(_CANONICAL):
         parsed = parse_request_body(ctx, None)  # the proxy's own UTF-8 JSON since
         return None if parsed is NOT_JSON else parsed.value
     rule = inspected_rule(request.method, ctx) or OBJECT_BODY
-    encodings = [
-        token.strip().lower()
-        for value in request.headers.getall(hdrs.CONTENT_ENCODING, ())
-        for token in value.split(",")
-    ]
-    if any(e not in ("", "identity") for e in encodings):
-        raise _unreadable(
-            request,
-            ctx,
-            rule,
-            "content_encoding",
-            message="compressed request bodies are not accepted here; send the JSON uncompressed",
-            details=f"Content-Encoding: {', '.join(encodings)}",
-        )
     charset = request.charset
     if charset is not None and not _text_codec(charset):
         raise _unreadable(

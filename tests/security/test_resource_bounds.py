@@ -26,9 +26,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
+from proxy.errors import SettingsError
 from proxy.limits.bodies import BODY_BUDGET, BodyBudget
-from tests.conftest import ProxyFactory, bearer
+from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.multi_support import Fakes, fakes, multi_proxy
 from tests.integration.support import graph, sample
 
 Client = TestClient[Any, Any]
@@ -258,6 +260,40 @@ async def test_refused_and_failed_requests_give_their_bytes_back(
     assert budget(client).held_by(f"u:{comfy_user_id('root')}") == 0
 
 
+async def test_a_compressed_body_is_refused_before_it_is_inflated(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """A 2 KB gzip body would inflate to 900 KB behind a Content-Length of 2 KB: the policy,
+    which reads /prompt bodies first, must not read it either."""
+    client = await proxy_with(make_proxy, fake_comfy)
+    bomb = gzip.compress(padded({"prompt": graph()}, 900 * KB))
+    assert len(bomb) < 8 * KB
+    headers = {**BOB, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    status, body, _ = await answer(client, "/api/prompt", headers, bomb)
+    assert (status, body["error"]["type"]) == (400, "invalid_prompt")
+    assert body["node_errors"] == {}
+    assert budget(client).peak == 0  # not a byte of it was held
+    assert posts(fake_comfy) == []
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        ({"max_inspected_body_mb": 100}, "max_inspected_bytes_per_principal_mb must be at least"),
+        (
+            {"max_inspected_bytes_per_principal_mb": 512},
+            "max_inspected_bytes_in_flight_mb must be at least",
+        ),
+    ],
+)
+def test_bounds_below_one_body_are_a_configuration_error(
+    server: dict[str, Any], problem: str
+) -> None:
+    """A bound below one allowed body would answer "retry later" to that body forever."""
+    with pytest.raises(SettingsError, match=problem):
+        make_settings("http://127.0.0.1:8188", server=server)
+
+
 # -- unreadable bodies ---------------------------------------------------------------------
 
 
@@ -314,6 +350,22 @@ async def test_unreadable_bodies_are_refused_in_comfyuis_shape(
     assert sample(client, GAUGE) == 0
 
 
+@pytest.mark.parametrize(("route", "error_type"), INSPECTED)
+async def test_several_instances_refuse_them_too(
+    multi_proxy: Callable[..., Any], fakes: Fakes, route: str, error_type: str
+) -> None:
+    """The merged and split paths (sticky interrupt, split deletes...) read the same way."""
+    client: Client = await multi_proxy(server=BOUNDS, rate_limits={"enabled": False})
+    for who in (BOB, ADMIN):
+        for data in (b'{"delete": [', b"[]"):
+            got, body, _ = await answer(
+                client, route, {**who, "Content-Type": "application/json"}, data
+            )
+            assert (got, body["error"]["type"]) == (400, error_type)
+    for fake in fakes:
+        assert posts(fake) == []
+
+
 async def test_an_empty_interrupt_still_stops_what_runs(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
 ) -> None:
@@ -360,3 +412,6 @@ async def test_bob_cannot_delete_alices_entries_with_a_body_only_comfyui_reads(
         charset = received.headers.get("Content-Type", "").partition("charset=")[2] or "utf-8"
         assert alices not in str(json.loads(received.body.decode(charset)).get("delete"))
     assert alices in fake_comfy.queue.history  # her entry is still there
+
+
+__all__ = ["fakes", "multi_proxy"]  # fixtures used by name
