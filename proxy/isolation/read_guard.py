@@ -126,7 +126,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # ComfyUI fails on it (500) without touching history
+                return  # not reached: the body guard refused it (proxy.limits.bodies)
             # SECURITY: ComfyUI deletes/wipes anyone's entries; only the caller's ids go on.
             # A non-admin's clear is normally refused by RoleGuard already; if a role is let
             # through (allow_routes), it still only clears its own entries here.
@@ -174,7 +174,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # ComfyUI fails on it (500) without touching the queue
+                return  # not reached: the body guard refused it (proxy.limits.bodies)
             owned = await ownership.prompts_of(owner)
             own_pending: list[str] = []
             if body.get("clear"):

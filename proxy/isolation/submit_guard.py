@@ -131,7 +131,7 @@ async def _submit_prompt(
     await read_body(request, ctx)  # reads and keeps ctx.body (size-limited), not parsed
     parsed = parse_request_body(ctx, request.charset)  # already parsed by the policy guard
     if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-        return  # ComfyUI cannot read it either (400/500); nothing can run
+        return  # not reached: the body guard refused it (proxy.limits.bodies)
     body = parsed.value
     graph, violations = check_graph(body.get("prompt"), scope)
     violations = [v for v in violations if not await _owned(store, v.ref, scope.owner)]

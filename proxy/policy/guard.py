@@ -55,7 +55,7 @@ class PolicyGuard:
         await read_body(request, ctx)  # keeps ctx.body for forwarding (size-limited)
         parsed = parse_request_body(ctx, request.charset)  # reused by the isolation guard
         if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-            return  # ComfyUI cannot read it either and refuses it; nothing can run
+            return  # the body guard, next, refuses it (proxy.limits.bodies)
         body = parsed.value
         workflow = body.get("prompt")
         if "prompt" not in body and is_ui_format(body):

@@ -351,7 +351,7 @@ async def split_delete(
     ctx = request[CONTEXT]
     body = await read_json_body(request, ctx)
     if not isinstance(body, dict):
-        return await forward_http(request)  # ComfyUI's own error, from home
+        return await forward_http(request)  # not reached: refused by the body guard
     raw_ids = body.get("delete")
     ids = [i for i in raw_ids if isinstance(i, str)] if isinstance(raw_ids, list) else []
     clear = bool(body.get("clear"))
