@@ -35,7 +35,7 @@ ComfyUI receives; ``ctx.parsed_body`` caches the parse for those guards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import orjson
@@ -153,7 +153,7 @@ class _Lease:
     budget: BodyBudget
     who: str
     held: int = 0
-    released: bool = field(default=False)
+    released: bool = False
 
     def take(self, size: int) -> str | None:
         refused = self.budget.take(self.who, size)
@@ -205,7 +205,15 @@ def _hold(request: web.Request, ctx: RequestContext, lease: _Lease, size: int) -
     if refused is None:
         return
     budget = lease.budget
-    _refused(request, ctx, refused, held=lease.held, in_flight=budget.in_flight, size=size)
+    _refused(
+        request,
+        ctx,
+        refused,
+        size=size,
+        request_held=lease.held,
+        principal_held=budget.held_by(lease.who),
+        in_flight=budget.in_flight,
+    )
     if refused == PRINCIPAL_BOUND:
         raise RateLimited(
             "you have too many large requests in flight; retry when they have finished",
