@@ -19,6 +19,10 @@ before everything that rewrites or records the prompt.
 ``POST /prompt`` also runs idempotency (a repeated ``Idempotency-Key``) and placement (which
 instance; several instances) just before isolation; uploads run replication after it. The
 ``idempotency_finish`` middleware around the guards stores or frees a claimed key.
+
+Inspected bodies (``POST`` prompt/queue/history/interrupt/jobs cancel) are read by one rule
+(``proxy.limits.bodies``): the body guard after the rate limit (after the policy on
+``/prompt``), bounded in bytes in flight; ``release_inspected_bodies`` gives them back.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
+from proxy.limits.bodies import (
+    BODY_BUDGET,
+    INSPECTED_RULES,
+    BodyBudget,
+    BodyGuard,
+    release_inspected_bodies,
+)
 from proxy.limits.classes import limited_rule
 from proxy.limits.enforce import rate_limits_context
 from proxy.limits.guard import RateLimitGuard
@@ -126,10 +137,17 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
         limit = RateLimitGuard()
         guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
+    # Every inspected body read, bounded and checked once, after the rate limit (a flood is
+    # refused before its bodies are read), before every guard that rewrites or records it; on
+    # POST /prompt after the policy, which refuses a body over the role's size unread.
+    body = BodyGuard()
+    for name in INSPECTED_RULES:
+        guards[name] = (*guards[name], body) if name != "prompt" else guards[name]
     if settings.policy.enabled:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
         guards["prompt"] = (*guards["prompt"], PolicyGuard())
+    guards["prompt"] = (*guards["prompt"], body)
     guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
     upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
     for name in ADMIN_UPSTREAM_ROUTES:
@@ -183,6 +201,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             render_errors,  # every error below becomes a JSON response observe can count
             resolve_route,  # rule decided before guards; a malformed path is a rendered 400
             idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
+            release_inspected_bodies,  # gives back the request's share of the body bound
             make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
@@ -190,6 +209,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry)
+    app[BODY_BUDGET] = BodyBudget.from_settings(settings.server, app[METRICS])
     enable_user_counter(settings.metrics, app[METRICS])  # opt-in per-user counts
     app[POOL] = UpstreamPool(settings.upstream)
     app[LIFECYCLE] = Lifecycle()

@@ -78,9 +78,29 @@ class ServerSettings(_Section):
     """On SIGTERM: how long ``/readyz`` answers 503, still serving, before the listener closes."""
     max_inspected_body_mb: float = Field(default=32.0, gt=0)
     """Largest body the proxy reads itself (JSON it inspects); uploads stream past it."""
+    max_inspected_bytes_in_flight_mb: float = Field(default=256.0, gt=0)
+    """All inspected bodies this process (each worker) holds at once; a request that would go
+    past it is refused with 503 + Retry-After before more of its body is read."""
+    max_inspected_bytes_per_principal_mb: float = Field(default=64.0, gt=0)
+    """Inspected bodies one user (one client address if anonymous) has in flight in this
+    process; beyond it: 429 + Retry-After. At least ``max_inspected_body_mb``."""
     workers: int = Field(default=1, ge=1, le=256)
     """Processes serving the port (SO_REUSEPORT) under one supervisor; state they share
     (limits, ownership, revocations) needs ``[redis]`` when more than one."""
+
+    @model_validator(mode="after")
+    def _body_bounds(self) -> ServerSettings:
+        # A bound below one allowed body would refuse that body forever (with a Retry-After).
+        if self.max_inspected_bytes_per_principal_mb < self.max_inspected_body_mb:
+            raise ValueError(
+                "max_inspected_bytes_per_principal_mb must be at least max_inspected_body_mb"
+            )
+        if self.max_inspected_bytes_in_flight_mb < self.max_inspected_bytes_per_principal_mb:
+            raise ValueError(
+                "max_inspected_bytes_in_flight_mb must be at least "
+                "max_inspected_bytes_per_principal_mb"
+            )
+        return self
 
     @field_validator("base_path")
     @classmethod

@@ -18,7 +18,8 @@ from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
 from proxy.auth.revocation import FAIL_OPEN
-from proxy.errors import Forbidden, PayloadTooLarge
+from proxy.errors import Forbidden
+from proxy.limits.bodies import read_json_body
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
@@ -196,41 +197,6 @@ class RoleGuard:
                 )
         if rule == "system_stats" and request.method in ("GET", "HEAD"):
             ctx.rewrite_response = redact_argv  # HEAD too: it would tell the argv's length
-
-
-async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
-    """The request's JSON body (kept in ``ctx.body`` for forwarding); None if not JSON.
-
-    Raises:
-        PayloadTooLarge: over ``server.max_inspected_body_mb``.
-    """
-    await read_body(request, ctx)
-    try:
-        return orjson.loads(ctx.body) if ctx.body else None
-    except orjson.JSONDecodeError:
-        return None
-
-
-async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
-    """The request body, read once and kept in ``ctx.body`` for forwarding; not parsed (a
-    guard that inspects the JSON parses it once through the ``ctx.parsed_body`` cache).
-
-    Raises:
-        PayloadTooLarge: over ``server.max_inspected_body_mb``.
-    """
-    if ctx.body is None:
-        limit = int(request.app[SETTINGS].server.max_inspected_body_mb * 1024 * 1024)
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"request body over {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body over {limit} bytes")
-            chunks.append(chunk)
-        ctx.body = b"".join(chunks)
-        ctx.bytes_in = size
-    return ctx.body
 
 
 async def redact_argv(status: int, body: bytes) -> bytes:

@@ -47,7 +47,6 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import read_json_body
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
 from proxy.isolation import views
@@ -55,6 +54,7 @@ from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import FileRef, OwnershipStore
+from proxy.limits.bodies import read_json_body
 from proxy.state import METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import map_client_error
@@ -129,7 +129,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # ComfyUI fails on it (500) without touching history
+                return  # not reached: the body guard refused it (proxy.limits.bodies)
             # SECURITY: ComfyUI deletes/wipes anyone's entries; only the caller's ids go on.
             # A non-admin's clear is normally refused by RoleGuard already; if a role is let
             # through (allow_routes), it still only clears its own entries here.
@@ -188,7 +188,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # ComfyUI fails on it (500) without touching the queue
+                return  # not reached: the body guard refused it (proxy.limits.bodies)
             owned = await ownership.prompts_of(owner)
             own_pending: list[str] = []
             if body.get("clear"):

@@ -29,7 +29,6 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
-from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
 from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.files import (
@@ -60,6 +59,7 @@ from proxy.isolation.prompt import (
     requested_prompt_id,
     rewrite_submission,
 )
+from proxy.limits.bodies import read_body
 from proxy.observability.metrics import role_label
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 
@@ -134,7 +134,7 @@ async def _submit_prompt(
     await read_body(request, ctx)  # reads and keeps ctx.body (size-limited), not parsed
     parsed = parse_request_body(ctx, request.charset)  # already parsed by the policy guard
     if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-        return  # ComfyUI cannot read it either (400/500); nothing can run
+        return  # not reached: the body guard refused it (proxy.limits.bodies)
     body = parsed.value
     graph, violations = check_graph(body.get("prompt"), scope)
     violations = [v for v in violations if not await _owned(store, v.ref, scope.owner)]

@@ -15,8 +15,9 @@ import uuid
 
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import is_websocket, read_json_body
+from proxy.auth.guard import is_websocket
 from proxy.isolation.prompt import NOT_JSON, dump_body, parse_request_body
+from proxy.limits.bodies import read_json_body
 from proxy.limits.quota_reconciler import QuotaEventObserver
 from proxy.state import POOL, QUEUE_QUOTA, SETTINGS, RequestContext
 

@@ -378,6 +378,21 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # -- inspected request bodies ---------------------------------------------------------
+        self.inspected_bytes = Gauge(
+            "comfygate_inspected_body_bytes_in_flight",
+            "Bytes of request bodies the proxy holds to inspect them (JSON it reads), summed "
+            "over live workers; bounded by server.max_inspected_bytes_in_flight_mb per worker.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inspected_refusals = Counter(
+            "comfygate_inspected_body_refusals",
+            "Inspected request bodies refused, by reason: process_bound (503), principal_bound "
+            "(429), too_large (413), not_json, wrong_type, charset, content_encoding (400).",
+            ("reason",),
+            registry=r,
+        )
         # -- workflow policy ----------------------------------------------------------------
         self.policy_refusals = Counter(
             "comfygate_policy_refusals",

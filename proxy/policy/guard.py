@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import read_body
 from proxy.isolation.prompt import NOT_JSON, Violation, parse_request_body
+from proxy.limits.bodies import read_body
 from proxy.policy.checker import BODY_TOO_LARGE, check_workflow, is_ui_format, ui_node_types
 from proxy.policy.refusal import PolicyRejected
 from proxy.state import METRICS, POLICY, SETTINGS, RequestContext
@@ -55,7 +55,7 @@ class PolicyGuard:
         await read_body(request, ctx)  # keeps ctx.body for forwarding (size-limited)
         parsed = parse_request_body(ctx, request.charset)  # reused by the isolation guard
         if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-            return  # ComfyUI cannot read it either and refuses it; nothing can run
+            return  # the body guard, next, refuses it (proxy.limits.bodies)
         body = parsed.value
         workflow = body.get("prompt")
         if "prompt" not in body and is_ui_format(body):

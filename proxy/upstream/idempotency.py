@@ -35,8 +35,8 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from proxy.auth.guard import read_json_body
 from proxy.errors import BadRequest, ProxyError
+from proxy.limits.bodies import read_json_body
 from proxy.state import METRICS, REDIS, SETTINGS, RequestContext
 
 if TYPE_CHECKING:

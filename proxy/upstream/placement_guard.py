@@ -30,10 +30,10 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import read_json_body
 from proxy.errors import Rejection
 from proxy.isolation.ownership import FileRef
 from proxy.isolation.prompt import NOT_JSON, parse_request_body
+from proxy.limits.bodies import read_json_body
 from proxy.limits.quota_move import move_reservation
 from proxy.state import (
     CONTEXT,

@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.auth.guard import read_json_body
 from proxy.isolation import views
 from proxy.isolation.files import PathRefused, clean_relative, view_target
 from proxy.isolation.ownership import FileRef, PromptRecord
+from proxy.limits.bodies import read_json_body
 from proxy.state import CONTEXT, OWNERSHIP, POOL, RequestContext
 from proxy.upstream.forward import forward_http
 from proxy.upstream.merge import Answer, Gathered, ask_all, json_response
@@ -351,7 +351,7 @@ async def split_delete(
     ctx = request[CONTEXT]
     body = await read_json_body(request, ctx)
     if not isinstance(body, dict):
-        return await forward_http(request)  # ComfyUI's own error, from home
+        return await forward_http(request)  # not reached: refused by the body guard
     raw_ids = body.get("delete")
     ids = [i for i in raw_ids if isinstance(i, str)] if isinstance(raw_ids, list) else []
     clear = bool(body.get("clear"))

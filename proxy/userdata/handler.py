@@ -40,8 +40,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, MultiDictProxy
 from yarl import URL
 
-from proxy.auth.guard import read_body
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
+from proxy.limits.bodies import read_body
 from proxy.routes import normalise_path
 from proxy.state import CONTEXT, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error

@@ -228,15 +228,17 @@ async def test_priority_kept_for_a_priority_role(
     assert sent["prompt"]["9"]["inputs"]["filename_prefix"].startswith("users/")
 
 
-async def test_malformed_prompt_body_is_left_to_comfyui(
+async def test_malformed_prompt_body_is_refused_unforwarded(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     async with client.post(
         "/prompt", data=b"[1, 2]", headers={**A, "Content-Type": "application/json"}
     ) as resp:
-        assert resp.status == 500  # ComfyUI's own failure on a non-object
-    [received] = fake_comfy.received
-    assert received.body == b"[1, 2]"
+        assert resp.status == 400  # ComfyUI would fail on a non-object (500): never sent
+        body = await resp.json()
+    assert body["error"]["type"] == "invalid_prompt"
+    assert body["node_errors"] == {}
+    assert fake_comfy.received == []
 
 
 async def test_get_prompt_passes(client: Client, fake_comfy: FakeComfyUI) -> None:

@@ -137,7 +137,7 @@ async def test_allowed_prompt_arrives_as_sent_apart_from_isolation(
     }
 
 
-async def test_without_isolation_the_bytes_arrive_unchanged(
+async def test_without_isolation_the_proxy_forwards_what_it_read(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, policy_file: Path
 ) -> None:
     client = await make_proxy(
@@ -151,7 +151,8 @@ async def test_without_isolation_the_bytes_arrive_unchanged(
     headers = {**ALICE, "Content-Type": "application/json"}
     resp = await client.post("/prompt", data=raw, headers=headers)
     assert resp.status == 200, await resp.text()
-    assert prompt_posts(fake_comfy) == [raw]
+    # The proxy's own serialisation of what it parsed and decided on, never the raw bytes.
+    assert prompt_posts(fake_comfy) == [orjson.dumps(json.loads(raw))]
 
 
 async def test_admins_and_a_disabled_policy_are_not_checked(
@@ -192,10 +193,11 @@ async def test_ui_format_workflow_says_to_export_api_format(
     assert prompt_posts(fake_comfy) == []
 
 
-async def test_not_json_is_left_to_comfyui(client: Client, fake_comfy: FakeComfyUI) -> None:
+async def test_not_json_is_refused_unforwarded(client: Client, fake_comfy: FakeComfyUI) -> None:
     resp = await client.post("/prompt", data=b"{nope", headers=ALICE)
-    assert resp.status == 500  # ComfyUI's own answer to a body it cannot parse
-    assert prompt_posts(fake_comfy) == [b"{nope"]
+    assert resp.status == 400  # ComfyUI would fail on it (500): never sent
+    assert (await resp.json())["error"]["type"] == "invalid_prompt"
+    assert prompt_posts(fake_comfy) == []
 
 
 # -- reload ---------------------------------------------------------------------------------
