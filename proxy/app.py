@@ -92,6 +92,7 @@ from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.registry import registry_context
 from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
+from proxy.workflow.request import PromptGuard
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -127,6 +128,9 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
         guards["prompt"] = (*guards["prompt"], PolicyGuard())
+    # Every POST /prompt is read once into the canonical model and forwarded as the proxy
+    # serialises it (after the policy, which reads it first to report its problems too).
+    guards["prompt"] = (*guards["prompt"], PromptGuard())
     guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
     upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
     for name in ADMIN_UPSTREAM_ROUTES:
