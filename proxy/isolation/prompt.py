@@ -137,11 +137,13 @@ def _check_file_input(
     prompt: Prompt, node: Node, name: str, value: object, scope: FileScope
 ) -> list[Violation]:
     resolved = prompt.resolve(value) if isinstance(value, Link) else value
+    spec = prompt.spec(node, name)
     if isinstance(resolved, Link):
+        if spec is None and (node.class_type, name) not in UPLOAD_READERS:
+            return []  # known by its name only: a link there carries a tensor, not a name
         # SECURITY: a loader fed by a node's output reads a name the proxy cannot see.
         message = f"{name} must be a file name, not a link"
         return [_violation(node, name, value, INPUT_NOT_LITERAL, message)]
-    spec = prompt.spec(node, name)
     structured = spec is not None and spec.type in STRUCTURED_TYPES and isinstance(resolved, dict)
     if structured:
         assert isinstance(resolved, dict)
