@@ -107,10 +107,16 @@ class Node:
     class_type: str
     inputs: dict[str, Value]
     extra: dict[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = ("inputs", "class_type")
+    """The keys in the order received (ComfyUI embeds the prompt in saved files as sent)."""
 
     def to_json(self) -> dict[str, Any]:
         inputs = {name: _input_json(value) for name, value in self.inputs.items()}
-        return {"inputs": inputs, "class_type": self.class_type, **self.extra}
+        own = {"inputs": inputs, "class_type": self.class_type}
+        out = {key: own[key] if key in own else self.extra[key] for key in self.order}
+        for key, value in (*own.items(), *self.extra.items()):
+            out.setdefault(key, value)
+        return out
 
 
 def _input_json(value: Value) -> object:
@@ -281,7 +287,7 @@ class _Reader:
             if read is not _REFUSED:
                 inputs[name] = read  # type: ignore[assignment]
         extra = {k: v for k, v in raw.items() if k not in ("class_type", "inputs")}
-        self.nodes[node_id] = Node(node_id, class_type, inputs, extra)
+        self.nodes[node_id] = Node(node_id, class_type, inputs, extra, tuple(raw))
 
     def input(
         self, node_id: str, class_type: str, name: str, value: object, spec: InputSpec | None
