@@ -217,7 +217,8 @@ async def test_a_non_finite_float_in_text_is_refused(
 UNREADABLE_BODIES = [
     ("NaN", b'{"prompt": {"1": {"class_type": "KSampler", "inputs": {"denoise": NaN}}}}'),
     ("Infinity", b'{"prompt": {"1": {"class_type": "KSampler", "inputs": {"steps": Infinity}}}}'),
-    ("overflowing float", b'{"prompt": {"1": {"class_type": "KSampler", "inputs": {"steps": 1e400}}}}'),
+    ("overflowing float", b'{"prompt": {"1": {"class_type": "KSampler", "inputs": '
+     b'{"steps": 1e400}}}}'),
     ("big int", b'{"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"batch_size": '
      + str(2**64).encode() + b"}}}}"),
     ("duplicate input", b'{"prompt": {"1": {"class_type": "EmptyImage", "inputs": '
