@@ -92,7 +92,8 @@ WRAPPINGS = [
     ("primitive", lambda f: (["100", 0], chain("String", 1, f))),
     ("primitive chain", lambda f: (["100", 0], chain("String", 4, f))),
     ("wrapped at the chain's end", lambda f: (["100", 0], chain("String", 3, {"__value__": f}))),
-    ("multiline primitive", lambda f: (["100", 0], {"100": node("PrimitiveStringMultiline", value=f)})),
+    ("multiline primitive",
+     lambda f: (["100", 0], {"100": node("PrimitiveStringMultiline", value=f)})),
 ]  # fmt: skip
 
 
