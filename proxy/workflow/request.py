@@ -117,7 +117,7 @@ async def node_schemas(
     upstream = routable[0] if routable else pool.home()
     cache = app[CATALOG].cache(upstream)
     if schemas is not None:
-        if required:
+        if required and cache.snapshot is not None:
             await cache.current(store.version)  # a stale copy starts a refresh, not waited for
         return schemas
     if not required:
