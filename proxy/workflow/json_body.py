@@ -26,8 +26,6 @@ import orjson
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 """The integers a body may carry: signed or unsigned 64-bit (seeds go up to ``2**64 - 1``)."""
-_INT_DIGITS = 21
-"""More characters than any integer in range has: rejected before ``int()`` reads them."""
 
 
 class JsonRefused(ValueError):
@@ -49,15 +47,6 @@ def _constant(name: str) -> Any:
     raise JsonRefused(f"{name} is not a JSON number")
 
 
-def _integer(text: str) -> int:
-    if len(text) > _INT_DIGITS:
-        raise JsonRefused("an integer is too large")
-    value = int(text)
-    if not INT_MIN <= value <= INT_MAX:
-        raise JsonRefused(f"the integer {value} is out of range (64 bits)")
-    return value
-
-
 def _float(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
@@ -65,12 +54,9 @@ def _float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_pairs,
-    parse_constant=_constant,
-    parse_int=_integer,
-    parse_float=_float,
-)
+# Integers are left to the C scanner (a hook per number would double the cost of a large
+# body): the serialiser's check below refuses those beyond 64 bits.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
 
 
 def parse_json(raw: bytes, charset: str | None = None) -> Any:
@@ -98,9 +84,10 @@ def parse_json(raw: bytes, charset: str | None = None) -> Any:
     except ValueError as exc:
         raise JsonRefused(f"the body is not JSON ({exc})") from None
     try:
-        orjson.dumps(value)  # lone surrogates: text no UTF-8 serialiser can write back
-    except orjson.JSONEncodeError:
-        raise JsonRefused("the body contains text that is not valid Unicode") from None
+        # Lone surrogates (text no UTF-8 writer can write back) and integers beyond 64 bits.
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise JsonRefused(f"the body holds a value JSON cannot carry back ({exc})") from None
     return value
 
 
