@@ -12,8 +12,9 @@ proxy forwards :meth:`Prompt.to_json`, never the client's bytes. It follows Comf
   frontend wraps list values so they are not read as links). ``v`` may be a scalar or a list
   of scalars/lists; a wrapper holding an object, a wrapper with other keys, and any other
   object literal are refused (``unsupported_literal``): ComfyUI would hand such an object to
-  the node unread. The one exception is an input whose declared type takes an object
-  (``LOAD_3D``: see :mod:`proxy.workflow.schemas`).
+  the node unread. The exceptions: an input whose declared type takes an object (``LOAD_3D``:
+  see :mod:`proxy.workflow.schemas`), and a prompt nobody judges (an admin's), whose objects
+  are kept verbatim for ComfyUI (node packs with object-valued widgets).
 - **Types.** With the instance's schemas (``/object_info``), a literal of a declared
   ``INT``/``FLOAT``/``STRING``/``BOOLEAN`` input becomes ``int(v)``/``float(v)``/``str(v)``/
   ``bool(v)``, as validation converts it before the node runs (``"60"`` is 60, ``"false"`` is
@@ -216,18 +217,25 @@ def _convert(value: Literal, kind: str) -> Literal:
 
 
 def read_graph(
-    prompt: object, schemas: NodeSchemas | None = None, *, ui_types: Mapping[str, str] = {}
+    prompt: object,
+    schemas: NodeSchemas | None = None,
+    *,
+    ui_types: Mapping[str, str] = {},
+    judged: bool = True,
 ) -> Prompt:
     """The canonical :class:`Prompt` of a parsed ``prompt`` object (module doc).
 
     ``schemas``: the instance's node types, to type literals and find file inputs; None reads
     the graph without (structure and wrappers only). ``ui_types``: node id -> type from the
     UI workflow the frontend attaches, used to name a node sent without ``class_type``.
+    ``judged``: the prompt is judged (policy, isolation), so what cannot be judged is refused
+    (object literals, hidden inputs); False (an admin's) keeps those verbatim for ComfyUI to
+    read, as node packs with object-valued widgets need.
     """
     if not isinstance(prompt, dict):
         message = "the prompt must be an object of nodes (the API format)"
         return Prompt({}, [Violation("", "", "", INVALID_PROMPT, message)], schemas)
-    reader = _Reader(prompt, schemas, ui_types)
+    reader = _Reader(prompt, schemas, ui_types, judged=judged)
     for node_id, node in prompt.items():
         reader.node(node_id, node)
     reader.check_cycles()
@@ -236,9 +244,15 @@ def read_graph(
 
 class _Reader:
     def __init__(
-        self, graph: dict[str, Any], schemas: NodeSchemas | None, ui_types: Mapping[str, str]
+        self,
+        graph: dict[str, Any],
+        schemas: NodeSchemas | None,
+        ui_types: Mapping[str, str],
+        *,
+        judged: bool,
     ) -> None:
         self.graph = graph
+        self.judged = judged
         self.schemas = schemas
         self.ui_types = ui_types
         self.nodes: dict[str, Node] = {}
@@ -295,6 +309,11 @@ class _Reader:
         where = (node_id, class_type, name)
         if isinstance(value, list):
             return self.link(where, value)
+        if not self.judged and (
+            (spec is not None and spec.category == "hidden")
+            or (isinstance(value, dict) and not (len(value) == 1 and _plain(value.get(WRAPPER), 0)))
+        ):
+            return value  # not judged: ComfyUI reads it (unwraps once), as it would unproxied
         if spec is not None and spec.category == "hidden":
             message = f"{name} is filled in by ComfyUI; a prompt may not set it"
             self.problem(where, HIDDEN_INPUT, message, value)

@@ -11,8 +11,10 @@ The instance's node schemas (``/object_info``, through the catalog's cache) type
 and say which inputs read files. They are required for a principal the workflow policy
 restricts or isolation confines: if no copy of ``/object_info`` can be had, such a prompt is
 refused with 503 ``catalog_unavailable`` (default deny: without it, a file input cannot be
-told from a text input), and a node type the schemas do not list is refused as ComfyUI would
-refuse it (``missing_node_type``). Others' prompts are read with whatever schemas are known.
+told from a text input), a node type the schemas do not list is refused as ComfyUI would
+refuse it (``missing_node_type``), and so are literals nothing can judge (object literals,
+hidden inputs). Others' prompts (admins') are read with whatever schemas are known, their
+object literals kept for ComfyUI to read.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ async def read_prompt(
         required = schemas_required(request, ctx)
         schemas = await node_schemas(request, ctx, required=required)
         try:
-            submission = read_submission(raw, request.charset, schemas)
+            submission = read_submission(raw, request.charset, schemas, judged=required)
         except JsonRefused as exc:
             _refused(request, ctx, INVALID_JSON)
             message = f"the request body cannot be read: {exc}"

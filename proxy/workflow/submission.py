@@ -43,11 +43,15 @@ class Submission:
 
 
 def read_submission(
-    raw: bytes, charset: str | None = None, schemas: NodeSchemas | None = None
+    raw: bytes,
+    charset: str | None = None,
+    schemas: NodeSchemas | None = None,
+    *,
+    judged: bool = True,
 ) -> Submission:
     """Parse a ``POST /prompt`` body once (:func:`proxy.workflow.json_body.parse_json`) and read
-    its graph (:func:`proxy.workflow.graph.read_graph`). Problems in the graph are collected in
-    ``prompt.problems``, not raised.
+    its graph (:func:`proxy.workflow.graph.read_graph`, ``judged`` as there). Problems in the
+    graph are collected in ``prompt.problems``, not raised.
 
     Raises:
         JsonRefused: the body is not JSON the proxy reads unambiguously, or not an object.
@@ -59,7 +63,7 @@ def read_submission(
         return Submission(body, None)
     graph = body["prompt"]
     ui_types = ui_node_types(body) if _has_untyped(graph) else {}
-    return Submission(body, read_graph(graph, schemas, ui_types=ui_types))
+    return Submission(body, read_graph(graph, schemas, ui_types=ui_types, judged=judged))
 
 
 def _has_untyped(graph: object) -> bool:

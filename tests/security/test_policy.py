@@ -108,6 +108,22 @@ async def test_an_object_literal_is_refused(
     await refused(client, fake_comfy, saved(image(batch=literal)), "unsupported_literal", {"1"})
 
 
+async def test_an_admins_object_literal_reaches_comfyui_as_sent(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
+    """Nobody judges an admin's prompt: object-valued widgets (node packs use them) are kept
+    for ComfyUI, which unwraps ``__value__`` once itself."""
+    loras = {"on": True, "lora": "x.safetensors", "strength": 1}
+    for literal, runs_with in ((loras, loras), ({"__value__": {"__value__": 1}}, {"__value__": 1})):
+        fake_comfy.reset()
+        status, answer = await submit(client, ADMIN, {"prompt": shown(literal)})
+        assert status == 200, answer
+        [sent] = prompt_posts(fake_comfy)
+        assert sent["prompt"]["9"]["inputs"]["source"] == literal
+        await fake_comfy.wait_idle()
+        assert ran(fake_comfy, answer["prompt_id"])["9"]["source"] == runs_with
+
+
 async def test_a_literal_for_a_hidden_input_is_refused(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
