@@ -55,8 +55,9 @@ def saved(source: dict[str, Any], **more: dict[str, Any]) -> dict[str, Any]:
     return {"1": source, **more, "9": node("SaveImage", images=["1", 0], filename_prefix="p")}
 
 
-def shown(value_link: list[Any], **more: dict[str, Any]) -> dict[str, Any]:
-    """A graph whose output node "9" (PreviewAny) shows the value ``value_link`` carries."""
+def shown(value_link: object, **more: dict[str, Any]) -> dict[str, Any]:
+    """A graph whose output node "9" (PreviewAny) shows the value ``value_link`` carries (a
+    link, or a literal)."""
     return {**more, "9": node("PreviewAny", source=value_link)}
 
 
