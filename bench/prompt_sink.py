@@ -5,7 +5,8 @@ The fake ComfyUI validates and queues a 200-node workflow in Python (tens of mil
 same core as the proxy), which would hide what the proxy adds; ComfyUI's own cost is the same
 with or without the proxy's checks, so it is left out. Also answers what the proxy asks on its
 own: ``GET /prompt`` (readiness), ``GET /queue`` (quota reconciliation), ``GET /object_info``
-(catalog) and ``GET /history/...`` (the bench's readiness probe).
+(the fake ComfyUI's node definitions: the proxy types and checks prompts on them) and
+``GET /history/...`` (the bench's readiness probe).
 
 ``python -m bench.prompt_sink --port 8199``
 """
@@ -15,10 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 from aiohttp import web
 
 _numbers = itertools.count()
+_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+_OBJECT_INFO = json.dumps(
+    {
+        name: node
+        for file in ("comfyui_object_info.json", "comfyui_object_info_more.json")
+        for name, node in json.loads((_DATA / file).read_text(encoding="utf-8")).items()
+    }
+)
 
 
 async def post_prompt(request: web.Request) -> web.Response:
@@ -39,13 +49,17 @@ async def empty(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def object_info(request: web.Request) -> web.Response:
+    return web.Response(text=_OBJECT_INFO, content_type="application/json")
+
+
 def make_app() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     for prefix in ("", "/api"):
         app.router.add_post(f"{prefix}/prompt", post_prompt)
         app.router.add_get(f"{prefix}/prompt", get_prompt)
         app.router.add_get(f"{prefix}/queue", get_queue)
-        app.router.add_get(f"{prefix}/object_info", empty)
+        app.router.add_get(f"{prefix}/object_info", object_info)
         app.router.add_get(f"{prefix}/history/{{id}}", empty)
         app.router.add_post(f"{prefix}/queue", empty)
         app.router.add_post(f"{prefix}/history", empty)

@@ -104,6 +104,7 @@ from proxy.upstream.registry import registry_context
 from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
+from proxy.workflow.request import PromptGuard
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -142,12 +143,15 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     # POST /prompt after the policy, which refuses a body over the role's size unread.
     body = BodyGuard()
     for name in INSPECTED_RULES:
-        guards[name] = (*guards[name], body) if name != "prompt" else guards[name]
+        guards[name] = (*guards[name], body) if name != "prompt" else guards[name]  # see below
     if settings.policy.enabled:
         # After the rate limit (a flood is refused before its bodies are parsed), before
         # isolation (which rewrites what the policy allowed).
         guards["prompt"] = (*guards["prompt"], PolicyGuard())
-    guards["prompt"] = (*guards["prompt"], body)
+    # Every POST /prompt is read once (through the same bounded body reader) into the canonical
+    # prompt model and forwarded as the proxy serialises it (after the policy, which reads it
+    # first to report its problems too).
+    guards["prompt"] = (*guards["prompt"], PromptGuard())
     guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
     upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
     for name in ADMIN_UPSTREAM_ROUTES:

@@ -59,8 +59,9 @@ class RequestContext:
     body: bytes | None = None
     """The request body when a guard had to read it; forwarded instead of the stream."""
     parsed_body: tuple[bytes, object] | None = None
-    """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (see
-    ``proxy.isolation.prompt.parse_request_body``); stale as soon as ``body`` is replaced."""
+    """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (on
+    ``POST /prompt`` a ``proxy.workflow.submission.Submission``, see
+    ``proxy.workflow.request.read_prompt``); stale as soon as ``body`` is replaced."""
     body_stream: AsyncIterator[bytes] | None = None
     """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
     chunked framing (its Content-Type goes in ``upstream_headers``)."""

@@ -24,7 +24,7 @@ proxy attributes files by what it knows itself:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 from proxy.isolation.ownership import FileRef
 from proxy.isolation.views import node_files
@@ -33,15 +33,12 @@ PREVIEW_KIND = "temp"
 _PATH_CHARS = frozenset("/\\\0")
 
 
-def preview_node_ids(graph: object, preview_classes: Collection[str]) -> tuple[str, ...]:
-    """Ids of the nodes of a (forwarded) graph whose class writes previews named by ComfyUI."""
-    if not isinstance(graph, dict) or not preview_classes:
-        return ()
-    return tuple(
-        str(node_id)
-        for node_id, node in graph.items()
-        if isinstance(node, dict) and node.get("class_type") in preview_classes
-    )
+def preview_node_ids(
+    nodes: Iterable[tuple[str, str]], preview_classes: Collection[str]
+) -> tuple[str, ...]:
+    """Ids of the nodes (``(id, class_type)`` of the forwarded graph) whose class writes
+    previews named by ComfyUI."""
+    return tuple(node_id for node_id, class_type in nodes if class_type in preview_classes)
 
 
 def preview_files(node_id: object, node_output: object, previews: Collection[str]) -> list[FileRef]:

@@ -4,7 +4,8 @@ Runs after the role guard on the rules ``prompt``, ``upload`` and ``view``. Admi
 untouched (their prompts are still recorded as theirs); with ``isolation.enabled = false``
 every request passes.
 
-- ``POST /prompt``: :mod:`proxy.isolation.prompt` checks and rewrites the body; the prompt is
+- ``POST /prompt``: :mod:`proxy.isolation.prompt` checks and rewrites the canonical prompt
+  (:mod:`proxy.workflow`: the proxy's one reading, forwarded as it serialises it); the prompt is
   recorded as the caller's *before* it is forwarded (ComfyUI may send its events before its
   answer) and forgotten again if ComfyUI refuses it. It is counted against the caller's queue
   quota first (:mod:`proxy.limits.quota_service`; over it: 429 ``queue_full``).
@@ -49,19 +50,15 @@ from proxy.isolation.files import (
 from proxy.isolation.namespaces import FOLDERS, upstream_client_id
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
-    NOT_JSON,
-    ParsedBody,
     PromptRejected,
     check_graph,
     client_id_of,
-    dump_body,
-    parse_request_body,
     requested_prompt_id,
     rewrite_submission,
 )
-from proxy.limits.bodies import read_body
 from proxy.observability.metrics import role_label
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
+from proxy.workflow.request import forward_submission, read_prompt
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 
@@ -131,12 +128,11 @@ async def _owned(store: OwnershipStore, ref: tuple[str, str, str] | None, owner:
 async def _submit_prompt(
     request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
 ) -> None:
-    await read_body(request, ctx)  # reads and keeps ctx.body (size-limited), not parsed
-    parsed = parse_request_body(ctx, request.charset)  # already parsed by the policy guard
-    if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-        return  # not reached: the body guard refused it (proxy.limits.bodies)
-    body = parsed.value
-    graph, violations = check_graph(body.get("prompt"), scope)
+    submission = await read_prompt(request, ctx)  # the proxy's one reading, typed and checked
+    if submission.prompt is None:
+        return  # ComfyUI answers no_prompt; nothing can run
+    body = submission.body
+    violations = check_graph(submission.prompt, scope)  # filename_prefix moved in place
     violations = [v for v in violations if not await _owned(store, v.ref, scope.owner)]
     if violations:
         raise PromptRejected(violations)
@@ -151,9 +147,8 @@ async def _submit_prompt(
     may_prioritise = principal is not None and any(
         roles[r].priority for r in principal.roles if r in roles
     )
-    rewritten = rewrite_submission(
+    submission.body = rewrite_submission(
         body,
-        prompt=graph,
         prompt_id=prompt_id,
         client_id=client_id,
         may_prioritise=may_prioritise,
@@ -167,15 +162,16 @@ async def _submit_prompt(
         role=role_label(principal.roles) if principal is not None else "",
         # The nodes whose temp/ previews may become the caller's: read from the graph that is
         # forwarded, never from what ComfyUI later reports (proxy.isolation.attribution).
-        previews=preview_node_ids(graph, settings.isolation.preview_nodes),
+        previews=preview_node_ids(
+            ((n.id, n.class_type) for n in submission.prompt.nodes.values()),
+            settings.isolation.preview_nodes,
+        ),
     )
     # Counted against the caller's queue quota (over it: 429 queue_full) and recorded as the
     # caller's before forwarding (ComfyUI may emit the prompt's events before it answers).
     if not await _count_and_record(request, ctx, store, record):
         raise _taken()  # another request recorded the same id
-    ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
-    ctx.parsed_body = (ctx.body, ParsedBody(rewritten, parsed.exact_json))  # for later readers
-    ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
+    forward_submission(ctx, submission)
     ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
 
 
@@ -184,19 +180,14 @@ async def _record_admin_prompt(
 ) -> None:
     """An admin's prompt: only its client id namespaced (the WebSocket relay namespaces every
     socket's, admins' too) and an id minted when it has none; then recorded as the admin's."""
-    await read_body(request, ctx)
-    parsed = parse_request_body(ctx, request.charset)
-    if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-        return
-    body = parsed.value
+    submission = await read_prompt(request, ctx)
+    body = submission.body
     prompt_id = body.get("prompt_id")
     if not isinstance(prompt_id, str) or not prompt_id:
         prompt_id = str(uuid.uuid4())
     client_id = upstream_client_id(owner, client_id_of(body))
-    rewritten = {**body, "prompt_id": prompt_id, "client_id": client_id}
-    ctx.body = dump_body(rewritten, exact_json=parsed.exact_json)
-    ctx.parsed_body = (ctx.body, ParsedBody(rewritten, parsed.exact_json))  # for later readers
-    ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
+    submission.body = {**body, "prompt_id": prompt_id, "client_id": client_id}
+    forward_submission(ctx, submission)
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=owner,

@@ -18,9 +18,12 @@ bound is a proxy for memory, tight enough that ten clients cannot make the proce
 gigabytes. Each worker process has its own bound.
 
 Reading: one rule, :func:`read_json_body`, whichever guard reads the body first (the
-:class:`BodyGuard` makes sure one does on every inspected route, whatever else is enabled).
+:class:`BodyGuard` makes sure one does on every inspected route, whatever else is enabled);
+``POST /prompt`` is read by :func:`proxy.workflow.request.read_prompt` instead (the same
+:func:`read_json_body`, then the prompt model on the parsed body).
 ComfyUI reads these bodies with ``await request.json()``; the proxy reads them the same way
-(:func:`proxy.isolation.prompt.parse_body`) and refuses, with 400 in ComfyUI's error shape
+(:func:`proxy.workflow.json_body.parse_json`, strictly: what two readers could read apart is
+refused too) and refuses, with 400 in ComfyUI's error shape
 (``node_errors`` and type ``invalid_prompt`` on ``/prompt``, type ``invalid_body`` elsewhere)
 and before anything reaches ComfyUI, what it cannot read or what ComfyUI would fail on: a
 ``Content-Encoding`` (the proxy decides on no compressed body), a charset Python cannot decode
@@ -36,18 +39,17 @@ ComfyUI receives; ``ctx.parsed_body`` caches the parse for those guards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, Rejection, ServiceUnavailable
-from proxy.isolation.prompt import NOT_JSON, ParsedBody, dump_body, parse_request_body
 from proxy.observability.metrics import Metrics
 from proxy.settings import ServerSettings
 from proxy.state import METRICS, SETTINGS, RequestContext
+from proxy.workflow.json_body import JsonRefused, dump_json, parse_json
 
 log = structlog.get_logger("comfygate.bodies")
 
@@ -168,8 +170,6 @@ class _Lease:
 
 
 _LEASE = web.RequestKey("comfygate.body_lease", _Lease)
-_CANONICAL = web.RequestKey("comfygate.body_canonical", bool)
-"""Set once the body was read by the rule: ``ctx.body`` is the proxy's own UTF-8 JSON since."""
 
 
 @web.middleware
@@ -306,20 +306,21 @@ def _too_large(request: web.Request, ctx: RequestContext, limit: int) -> Payload
     )
 
 
-async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
-    """The body of an inspected route as ComfyUI reads it: always a JSON object (a ``dict``).
+async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str, Any]:
+    """The body of an inspected route as ComfyUI reads it: always a JSON object.
 
-    The first call reads, checks and parses it and replaces ``ctx.body`` by the proxy's own
-    serialisation (module doc); later calls parse the current ``ctx.body`` (cached).
+    The first call reads, checks and parses it (:func:`proxy.workflow.json_body.parse_json`,
+    the same strict reading as ``POST /prompt``'s) and replaces ``ctx.body`` by the proxy's own
+    serialisation (module doc); later calls return the cached parse.
 
     Raises:
         BadRequest: the body cannot be read as ComfyUI would, or is not a JSON object.
         PayloadTooLarge, RateLimited, ServiceUnavailable: see :func:`read_body` (which also
             refuses a ``Content-Encoding``).
     """
-    if request.get(_CANONICAL):
-        parsed = parse_request_body(ctx, None)  # the proxy's own UTF-8 JSON since
-        return None if parsed is NOT_JSON else parsed.value
+    cached = ctx.parsed_body
+    if cached is not None and cached[0] is ctx.body and isinstance(cached[1], dict):
+        return cached[1]
     rule = inspected_rule(request.method, ctx) or OBJECT_BODY
     charset = request.charset
     if charset is not None and not _text_codec(charset):
@@ -332,62 +333,38 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> object:
             details=f"charset={charset}",
         )
     raw = await read_body(request, ctx)
+    value: object
     if not raw and rule.empty_is_object:
-        parsed = ParsedBody({})
+        value = {}
     else:
-        found = parse_request_body(ctx, charset)
-        if found is NOT_JSON:
+        try:
+            value = parse_json(raw, charset)
+        except JsonRefused as exc:
             raise _unreadable(
                 request,
                 ctx,
                 rule,
                 "not_json",
-                message="the request body is not valid JSON",
+                message=f"the request body cannot be read: {exc}",
                 details="the body must be a JSON object, as ComfyUI reads it (json.loads)",
-            )
-        parsed = found
-    if not isinstance(parsed.value, dict):
+            ) from None
+    if not isinstance(value, dict):
         raise _unreadable(
             request,
             ctx,
             rule,
             "wrong_type",
             message="the request body must be a JSON object",
-            details=f"got a JSON {_json_type(parsed.value)}",
+            details=f"got a JSON {_json_type(value)}",
         )
-    canonical = _serialise(parsed)
-    if canonical is None:
-        raise _unreadable(
-            request,
-            ctx,
-            rule,
-            "not_json",
-            message="the request body is nested too deeply",
-            details="the body must be a JSON object, as ComfyUI reads it (json.loads)",
-        )
-    body, exact = canonical
+    body = dump_json(value)  # parse_json only accepts what JSON writes back
     lease = _lease(request, ctx)
     if len(body) > lease.held:  # escaped characters: the canonical form can be the larger
         _hold(request, ctx, lease, len(body) - lease.held)
     ctx.body = body
-    ctx.parsed_body = (body, ParsedBody(parsed.value, exact_json=exact))
+    ctx.parsed_body = (body, value)
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
-    request[_CANONICAL] = True
-    return parsed.value
-
-
-def _serialise(parsed: ParsedBody) -> tuple[bytes, bool] | None:
-    """The proxy's serialisation and whether it needed ``json.dumps`` (NaN, huge integers,
-    lone surrogates, or nesting deeper than orjson writes); None: not writable at all."""
-    if not parsed.exact_json:
-        try:
-            return orjson.dumps(parsed.value), False
-        except orjson.JSONEncodeError:
-            pass  # nested deeper than orjson writes (json.loads reads up to ~1000 levels)
-    try:
-        return dump_body(parsed.value, exact_json=True), True
-    except (RecursionError, ValueError):
-        return None
+    return value
 
 
 def _text_codec(charset: str) -> bool:

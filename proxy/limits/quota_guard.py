@@ -16,10 +16,9 @@ import uuid
 from aiohttp import hdrs, web
 
 from proxy.auth.guard import is_websocket
-from proxy.isolation.prompt import NOT_JSON, dump_body, parse_request_body
-from proxy.limits.bodies import read_json_body
 from proxy.limits.quota_reconciler import QuotaEventObserver
 from proxy.state import POOL, QUEUE_QUOTA, SETTINGS, RequestContext
+from proxy.workflow.request import forward_submission, read_prompt
 
 
 class QueueQuotaGuard:
@@ -48,18 +47,16 @@ class QueueQuotaGuard:
 
 async def _prompt_id(request: web.Request, ctx: RequestContext) -> str | None:
     """The id ComfyUI will give the submission (one added to the body if it has none); None
-    when ComfyUI cannot read the body either (it refuses it: nothing to count)."""
-    await read_json_body(request, ctx)
-    parsed = parse_request_body(ctx, request.charset)  # parsed once for every guard
-    if parsed is NOT_JSON or not isinstance(parsed.value, dict):
+    when the body has no prompt (ComfyUI refuses it: nothing to count)."""
+    submission = await read_prompt(request, ctx)  # the proxy's one reading of the body
+    if submission.prompt is None:
         return None
-    body = parsed.value
-    prompt_id = body.get("prompt_id")
+    prompt_id = submission.body.get("prompt_id")
     if isinstance(prompt_id, str) and prompt_id:
-        return prompt_id  # the body goes upstream untouched
+        return prompt_id  # ComfyUI uses the client's (str()) id as it is
     prompt_id = str(uuid.uuid4())
-    ctx.body = dump_body({**body, "prompt_id": prompt_id}, exact_json=parsed.exact_json)
-    ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
+    submission.body["prompt_id"] = prompt_id
+    forward_submission(ctx, submission)
     return prompt_id
 
 

@@ -69,7 +69,7 @@ def submitted_prompt_id(ctx: RequestContext) -> str | None:
         return None
     parsed = ctx.parsed_body
     if parsed is not None and parsed[0] is body:
-        data = getattr(parsed[1], "value", None)  # isolation.prompt.ParsedBody
+        data = getattr(parsed[1], "body", None)  # proxy.workflow.submission.Submission
     else:
         try:
             data = orjson.loads(body)
@@ -397,6 +397,13 @@ class Metrics:
         self.policy_refusals = Counter(
             "comfygate_policy_refusals",
             "Workflow violations refused by the policy, by violation type.",
+            ("reason",),
+            registry=r,
+        )
+        self.prompt_refusals = Counter(
+            "comfygate_prompt_refusals",
+            "POST /prompt bodies refused as unreadable or malformed (proxy.workflow), by the "
+            "first problem's type.",
             ("reason",),
             registry=r,
         )

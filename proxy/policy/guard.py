@@ -12,17 +12,17 @@ A refused prompt never reaches ComfyUI: 400 in ComfyUI's own shape with ``node_e
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.isolation.prompt import NOT_JSON, Violation, parse_request_body
-from proxy.limits.bodies import read_body
-from proxy.policy.checker import BODY_TOO_LARGE, check_workflow, is_ui_format, ui_node_types
+from proxy.policy.checker import BODY_TOO_LARGE, NODE_NOT_ALLOWED, check_workflow
 from proxy.policy.refusal import PolicyRejected
 from proxy.state import METRICS, POLICY, SETTINGS, RequestContext
+from proxy.workflow.graph import UNKNOWN_NODE, is_ui_format
+from proxy.workflow.request import read_prompt
+from proxy.workflow.violations import Violation
 
 log = structlog.get_logger("comfygate.policy")
 
@@ -52,24 +52,22 @@ class PolicyGuard:
                 f"{policy.max_body_bytes} bytes"
             )
             self._refuse(request, ctx, [Violation("", "", "", BODY_TOO_LARGE, message)])
-        await read_body(request, ctx)  # keeps ctx.body for forwarding (size-limited)
-        parsed = parse_request_body(ctx, request.charset)  # reused by the isolation guard
-        if parsed is NOT_JSON or not isinstance(parsed.value, dict):
-            return  # the body guard, next, refuses it (proxy.limits.bodies)
-        body = parsed.value
+        # The one reading of the body (proxy.workflow), typed with the instance's schemas; its
+        # malformed parts are reported below with the policy's findings.
+        submission = await read_prompt(request, ctx, refuse_problems=False)
+        body = submission.body
         workflow = body.get("prompt")
         if "prompt" not in body and is_ui_format(body):
             workflow = body  # a UI workflow posted as the whole body: say what to do instead
         violations = check_workflow(
             workflow,
             policy,
-            body_size=len(ctx.body or b""),
-            output_counts=store.output_counts,
+            prompt=submission.prompt if workflow is body.get("prompt") else None,
+            body_size=ctx.bytes_in or len(ctx.body or b""),  # as received, not as re-serialised
             isolation_checks_files=request.app[SETTINGS].isolation.enabled,
-            ui_types=_UiTypes(body),
         )
         if violations:
-            self._refuse(request, ctx, violations)
+            self._refuse(request, ctx, _without_doubles(violations))
 
     def _refuse(
         self, request: web.Request, ctx: RequestContext, violations: list[Violation]
@@ -90,27 +88,10 @@ class PolicyGuard:
         raise PolicyRejected(violations)
 
 
-class _UiTypes(Mapping[str, str]):
-    """The UI workflow's node types, read from the body only if the checker asks (a node
-    without ``class_type``: rare), so the common path never walks the attached UI workflow."""
-
-    def __init__(self, body: Mapping[str, Any]) -> None:
-        self._body = body
-        self._types: dict[str, str] | None = None
-
-    def _load(self) -> dict[str, str]:
-        if self._types is None:
-            self._types = ui_node_types(self._body)
-        return self._types
-
-    def __getitem__(self, key: str) -> str:
-        return self._load()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
+def _without_doubles(violations: list[Violation]) -> list[Violation]:
+    """A node both missing on the instance and not allowed: said once (not allowed)."""
+    refused = {v.node_id for v in violations if v.error_type == NODE_NOT_ALLOWED}
+    return [v for v in violations if v.error_type != UNKNOWN_NODE or v.node_id not in refused]
 
 
 __all__ = ["PolicyGuard"]

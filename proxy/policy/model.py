@@ -19,34 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.policy.bounds import Bound
-
-MODEL_EXTENSIONS = (
-    ".safetensors", ".ckpt", ".pt", ".pth", ".pt2", ".bin", ".gguf", ".sft", ".onnx",
-)  # fmt: skip
-"""File extensions of model weights (what ComfyUI's ``supported_pt_extensions`` lists, plus
-``.gguf`` and ``.onnx`` used by popular node packs)."""
-
-MODEL_INPUT_FOLDERS: Mapping[str, tuple[str, ...]] = {
-    "ckpt_name": ("checkpoints",),
-    "lora_name": ("loras",),
-    "unet_name": ("diffusion_models", "unet"),
-    "vae_name": ("vae",),
-    "clip_name": ("text_encoders", "clip"),
-    "clip_name1": ("text_encoders", "clip"),
-    "clip_name2": ("text_encoders", "clip"),
-    "clip_name3": ("text_encoders", "clip"),
-    "clip_name4": ("text_encoders", "clip"),
-    "control_net_name": ("controlnet",),
-    "style_model_name": ("style_models",),
-    "gligen_name": ("gligen",),
-    "hypernetwork_name": ("hypernetworks",),
-    "upscale_model_name": ("upscale_models",),
-    "clip_vision_name": ("clip_vision",),
-    "photomaker_model_name": ("photomaker",),
-    "audio_encoder_name": ("audio_encoders",),
-    "config_name": ("configs",),
-}
-"""Input names of ComfyUI's loaders and the model folders (``/models/{folder}``) they read."""
+from proxy.workflow.names import (
+    MODEL_EXTENSIONS,
+    MODEL_INPUT_FOLDERS,
+    MODEL_INPUT_NAMES,
+    is_model_input,
+)
 
 NODE_MODEL_FOLDERS: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("CLIPVisionLoader", "clip_name"): ("clip_vision",),
@@ -54,25 +32,6 @@ NODE_MODEL_FOLDERS: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("ModelPatchLoader", "name"): ("model_patches",),
 }
 """Where a node's input reads from when the input name alone is ambiguous or unusual."""
-
-MODEL_INPUT_NAMES: frozenset[str] = frozenset(MODEL_INPUT_FOLDERS)
-"""Inputs that always name a model file (``ckpt_name``, ``lora_name``, ``unet_name``, ...)."""
-
-
-def is_model_input(input_name: str, value: object) -> bool:
-    """True when an input names a model file: its name is in :data:`MODEL_INPUT_NAMES`, or it
-    ends in ``_name`` (or is ``model``/``name``) and the value has a model-file extension.
-
-    The second form catches custom loaders (``model_name``, ``ipadapter_file``...) without
-    mistaking ``model_name = "gpt-4o"`` of an API node for a file.
-    """
-    if input_name in MODEL_INPUT_NAMES:
-        return True
-    if not isinstance(value, str):
-        return False
-    if not (input_name.endswith(("_name", "_file", "_path")) or input_name in ("model", "name")):
-        return False
-    return _model_stem(value).lower().endswith(MODEL_EXTENSIONS)
 
 
 def model_folders(class_type: str, input_name: str) -> tuple[str, ...]:
@@ -85,11 +44,6 @@ def model_folders(class_type: str, input_name: str) -> tuple[str, ...]:
 def normalise_model_name(value: str) -> str:
     """Model names as ComfyUI lists them use the server's separator; patterns use ``/``."""
     return value.replace("\\", "/")
-
-
-def _model_stem(value: str) -> str:
-    # Newer ComfyUI annotates some combo values ("name.safetensors [output]"); ignore that.
-    return value.rsplit(" [", 1)[0] if value.endswith("]") else value
 
 
 # -- patterns ----------------------------------------------------------------------------------

@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.auth.principal import Principal
 from proxy.auth.settings import RoleSettings
 from proxy.policy.loader import PolicySet, load_policy
 from proxy.policy.model import RolePolicy
 from proxy.policy.settings import PolicySettings
+from proxy.workflow.schemas import NodeSchemas, schemas_from_object_info
 
 _COMBINATION_LIMIT = 1024
 """Role combinations remembered; roles come from config, so this is never reached in practice."""
@@ -43,6 +45,7 @@ class PolicyStore:
         self.roles = dict(roles)
         self._current = _Generation(1, load_policy(settings, self.roles))
         self._output_counts: Mapping[str, int] | None = None
+        self._schemas: NodeSchemas | None = None
         self._reloading = threading.Lock()  # reloads run in worker threads, one at a time
 
     @property
@@ -112,14 +115,21 @@ class PolicyStore:
         exist. None: only ``index >= 0`` is checked."""
         return self._output_counts
 
-    def set_object_info(self, object_info: Mapping[str, object]) -> None:
-        """Learn each node type's output count from an ``/object_info`` answer."""
+    @property
+    def schemas(self) -> NodeSchemas | None:
+        """Every node type's inputs and outputs, from the instances' latest ``/object_info``
+        (what ``proxy.workflow`` types prompts with); None until one was read."""
+        return self._schemas
+
+    def set_object_info(self, object_info: Mapping[str, Any]) -> None:
+        """Learn each node type's inputs and output count from an ``/object_info`` answer."""
         counts: dict[str, int] = {}
         for class_type, info in object_info.items():
             outputs = info.get("output") if isinstance(info, dict) else None
             if isinstance(outputs, list):
                 counts[class_type] = len(outputs)
         self._output_counts = counts
+        self._schemas = schemas_from_object_info(object_info)
 
 
 __all__ = ["PolicyStore"]

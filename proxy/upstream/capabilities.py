@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from proxy.periodic import Periodic
-from proxy.policy.model import is_model_input
+from proxy.workflow.names import is_model_input
 
 log = structlog.get_logger("comfygate.upstream.capabilities")
 

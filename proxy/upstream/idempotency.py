@@ -36,8 +36,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, ProxyError
-from proxy.limits.bodies import read_json_body
 from proxy.state import METRICS, REDIS, SETTINGS, RequestContext
+from proxy.workflow.request import read_prompt
 
 if TYPE_CHECKING:
     from proxy.redis_store import RedisClient
@@ -199,7 +199,7 @@ class IdempotencyGuard:
             )
         principal = ctx.principal
         subject = principal.subject if principal is not None else ""
-        await read_json_body(request, ctx)
+        await read_prompt(request, ctx)  # the canonical body: its bytes are fingerprinted
         # SECURITY: the key is scoped to the principal; nobody replays someone else's answer.
         key = hashlib.sha256(f"{subject}\0{raw_key}".encode()).hexdigest()
         fingerprint = hashlib.sha256(ctx.body or b"").hexdigest()

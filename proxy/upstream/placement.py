@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from proxy.policy.model import is_model_input
 from proxy.upstream.capabilities import Capabilities
+from proxy.workflow.graph import Prompt, read_graph
+from proxy.workflow.names import is_model_input
 
 CHECKPOINT_INPUTS = frozenset({"ckpt_name", "unet_name"})
 """Inputs naming the base model a workflow loads: what model affinity compares."""
@@ -47,27 +48,22 @@ class Requirements:
     checkpoints: frozenset[str] = frozenset()
 
 
-def requirements(graph: object) -> Requirements:
-    """The node types and model files a prompt graph needs (malformed nodes are skipped:
-    ComfyUI refuses them itself)."""
-    if not isinstance(graph, Mapping):
-        return Requirements()
+def requirements(graph: Prompt | object) -> Requirements:
+    """The node types and model files a prompt graph needs: the canonical :class:`Prompt` (a
+    model named through primitive nodes counts), or a parsed graph read here without schemas
+    (malformed nodes are skipped: ComfyUI refuses them itself)."""
+    if not isinstance(graph, Prompt):
+        if not isinstance(graph, dict):
+            return Requirements()
+        graph = read_graph(graph)
     nodes: list[tuple[str, str]] = []
     models: list[ModelRef] = []
     checkpoints: set[str] = set()
-    for node_id, node in graph.items():
-        if not isinstance(node, Mapping):
-            continue
-        class_type = node.get("class_type")
-        if not isinstance(class_type, str):
-            continue
-        nodes.append((str(node_id), class_type))
-        inputs = node.get("inputs")
-        if not isinstance(inputs, Mapping):
-            continue
-        for name, value in inputs.items():
+    for node in graph.nodes.values():
+        nodes.append((node.id, node.class_type))
+        for name, value in graph.resolved_inputs(node).items():
             if isinstance(value, str) and is_model_input(name, value):
-                models.append(ModelRef(str(node_id), class_type, name, value))
+                models.append(ModelRef(node.id, node.class_type, name, value))
                 if name in CHECKPOINT_INPUTS:
                     checkpoints.add(value)
     return Requirements(tuple(nodes), tuple(models), frozenset(checkpoints))

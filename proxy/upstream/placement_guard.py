@@ -32,8 +32,6 @@ from aiohttp import hdrs, web
 
 from proxy.errors import Rejection
 from proxy.isolation.ownership import FileRef
-from proxy.isolation.prompt import NOT_JSON, parse_request_body
-from proxy.limits.bodies import read_json_body
 from proxy.limits.quota_move import move_reservation
 from proxy.state import (
     CONTEXT,
@@ -63,6 +61,7 @@ from proxy.upstream.placement import (
 )
 from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
 from proxy.upstream.replication import FileCopier, referenced_files
+from proxy.workflow.request import read_prompt
 
 log = structlog.get_logger("comfygate.upstream.placement")
 
@@ -129,12 +128,9 @@ class PlacementGuard:
         pool = request.app[POOL]
         if request.method != hdrs.METH_POST or ctx.path != "/prompt" or not pool.managed:
             return  # one instance: it gets everything, as before
-        await read_json_body(request, ctx)
-        parsed = parse_request_body(ctx, request.charset)
-        body = parsed.value if parsed is not NOT_JSON else None
-        graph = body.get("prompt") if isinstance(body, dict) else None
-        if not isinstance(graph, dict):
-            # ComfyUI refuses it (400/500) whichever instance gets it: no decision to make.
+        graph = (await read_prompt(request, ctx)).prompt  # the proxy's one reading of it
+        if graph is None:
+            # ComfyUI refuses it (no_prompt) whichever instance gets it: no decision to make.
             routable = pool.routable()
             ctx.target = routable[0] if routable else pool.home()
             return

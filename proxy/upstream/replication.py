@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import IO, Any
 from urllib.parse import quote, urlencode
 
@@ -44,11 +44,11 @@ from proxy.isolation.files import (
     referenced_file,
 )
 from proxy.isolation.ownership import FileRef
-from proxy.isolation.prompt import reads_file
 from proxy.observability.metrics import Metrics
 from proxy.state import METRICS, POOL, SETTINGS, RequestContext
 from proxy.upstream.http1 import UpstreamHttpError
 from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.workflow.graph import Prompt, read_graph, strings_in
 
 log = structlog.get_logger("comfygate.upstream.replication")
 
@@ -64,27 +64,26 @@ ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 # -- which files a prompt reads ------------------------------------------------------------------
 
 
-def referenced_files(graph: object) -> list[FileRef]:
-    """``(type, subfolder, name)`` of every file the prompt's nodes read (by name)."""
-    if not isinstance(graph, Mapping):
-        return []
+def referenced_files(graph: Prompt | object) -> list[FileRef]:
+    """``(type, subfolder, name)`` of every file the prompt's nodes read (by name): inputs that
+    read files as the schemas declare them (the canonical :class:`Prompt`; a parsed graph is
+    read here without schemas), their strings wrapped or reached through primitive nodes."""
+    if not isinstance(graph, Prompt):
+        if not isinstance(graph, dict):
+            return []
+        graph = read_graph(graph)
     refs: dict[FileRef, None] = {}
-    for node in graph.values():
-        if not isinstance(node, Mapping):
-            continue
-        class_type = node.get("class_type")
-        inputs = node.get("inputs")
-        if not isinstance(class_type, str) or not isinstance(inputs, Mapping):
-            continue
-        for name, value in inputs.items():
-            if not isinstance(value, str) or not reads_file(class_type, name, value):
+    for node in graph.nodes.values():
+        for name, value in node.inputs.items():
+            if not graph.reads_files(node, name):
                 continue
-            try:
-                target = referenced_file(value)
-            except PathRefused:
-                continue  # ComfyUI refuses it itself
-            if target.kind in FILE_TYPES:
-                refs[target.ref] = None
+            for text in strings_in(graph.resolve(value)):
+                try:
+                    target = referenced_file(text)
+                except PathRefused:
+                    continue  # ComfyUI refuses it itself
+                if target.kind in FILE_TYPES:
+                    refs[target.ref] = None
     return list(refs)
 
 

@@ -80,7 +80,7 @@ async def test_upstream_5xx_passes_through_unchanged(
     app.router.add_post("/prompt", boom)
     server = await aiohttp_server(app)
     client = await make_proxy(str(server.make_url("")).rstrip("/"))
-    resp = await client.post("/prompt", json={"prompt": {}})  # readable: it is forwarded
+    resp = await client.post("/prompt", json={"prompt": {}})
     assert resp.status == 500
     assert await resp.text() == "500 Internal Server Error\n\nServer got itself in trouble"
 

@@ -153,10 +153,13 @@ async def test_upstream_errors_pass_through(proxy: TestClient[Any, Any]) -> None
     assert resp.status == 400
     resp = await proxy.get("/api/view?filename=x.png&subfolder=../..&type=output")
     assert resp.status == 403
-    resp = await proxy.post("/api/prompt", json={"prompt": {"1": {"inputs": {}}}})
+    # A well-formed prompt ComfyUI refuses (an admin's unknown node type): its answer.
+    unknown = {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
+    resp = await proxy.post("/api/prompt", json=unknown)
     assert resp.status == 400
     body = await resp.json()
     assert body["error"]["type"] == "invalid_prompt"
+    assert "NoSuchNode does not exist" in body["error"]["message"]
 
 
 async def test_request_id_minted_accepted_and_forwarded(

@@ -84,7 +84,10 @@ async def submit(
     namespaced = upstream_client_id(owner, client_id or "")
     upstream = client.app[POOL].pick().name
     prompt = graph(previews=previews)
-    nodes = preview_node_ids(prompt, client.app[SETTINGS].isolation.preview_nodes)
+    nodes = preview_node_ids(
+        ((node_id, node["class_type"]) for node_id, node in prompt.items()),
+        client.app[SETTINGS].isolation.preview_nodes,
+    )
     record = PromptRecord(prompt_id, owner, upstream, namespaced, time.time(), previews=nodes)
     assert await client.app[OWNERSHIP].record_prompt(record)
     body: dict[str, Any] = {

@@ -486,15 +486,19 @@ async def test_idempotency_key_in_flight_and_after_a_refusal(
     # Another request holds the key (claimed, no answer yet): 409, retry shortly.
     import hashlib  # noqa: PLC0415
 
+    from proxy.workflow.submission import read_submission  # noqa: PLC0415
+
     key = hashlib.sha256(b"alice\0k1").hexdigest()
-    claim = await store.claim(key, hashlib.sha256(body).hexdigest(), 60)
+    # The fingerprint is of the body as the proxy forwards it (its own serialisation).
+    forwarded = read_submission(body).dump()
+    claim = await store.claim(key, hashlib.sha256(forwarded).hexdigest(), 60)
     headers = {**ALICE, "Idempotency-Key": "k1", "Content-Type": "application/json"}
     resp = await client.post("/prompt", data=body, headers=headers)
     assert resp.status == 409
     assert resp.headers["Retry-After"] == "1"
     assert (await resp.json())["error"]["type"] == "idempotency_key_in_use"
     assert isinstance(claim, Claimed)
-    await store.release(key, hashlib.sha256(body).hexdigest(), claim.token)
+    await store.release(key, hashlib.sha256(forwarded).hexdigest(), claim.token)
     # A refusal (no instance can run it) leaves the key free for a corrected retry... of the
     # same body, judged afresh.
     headers["Idempotency-Key"] = "k2"

@@ -137,7 +137,7 @@ async def test_allowed_prompt_arrives_as_sent_apart_from_isolation(
     }
 
 
-async def test_without_isolation_the_proxy_forwards_what_it_read(
+async def test_without_isolation_the_proxys_own_serialisation_arrives(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, policy_file: Path
 ) -> None:
     client = await make_proxy(
@@ -151,8 +151,11 @@ async def test_without_isolation_the_proxy_forwards_what_it_read(
     headers = {**ALICE, "Content-Type": "application/json"}
     resp = await client.post("/prompt", data=raw, headers=headers)
     assert resp.status == 200, await resp.text()
-    # The proxy's own serialisation of what it parsed and decided on, never the raw bytes.
-    assert prompt_posts(fake_comfy) == [orjson.dumps(json.loads(raw))]
+    # Never the client's bytes: what the proxy read, serialised by the proxy (same values).
+    [arrived] = prompt_posts(fake_comfy)
+    assert arrived != raw
+    assert json.loads(arrived) == json.loads(raw)
+    assert arrived == orjson.dumps(json.loads(arrived))
 
 
 async def test_admins_and_a_disabled_policy_are_not_checked(
@@ -165,8 +168,10 @@ async def test_admins_and_a_disabled_policy_are_not_checked(
         fake_comfy.url, token=None, policy={"enabled": False, "files": [str(policy_file)]}
     )
     resp = await off.post("/prompt", json=unknown, headers=ALICE)
-    assert (resp.status, (await resp.json())["error"]["type"]) == (400, "invalid_prompt")
-    assert len(prompt_posts(fake_comfy)) == 2  # both reached ComfyUI, which refused them
+    # Isolation still judges alice's prompt on the instance's node catalog, which lacks the
+    # type: refused as ComfyUI would refuse it, without reaching it.
+    assert (resp.status, (await resp.json())["error"]["type"]) == (400, "missing_node_type")
+    assert len(prompt_posts(fake_comfy)) == 1  # the admin's reached ComfyUI, which refused it
 
 
 async def test_body_over_the_role_limit_is_refused_before_it_is_read(
@@ -193,10 +198,13 @@ async def test_ui_format_workflow_says_to_export_api_format(
     assert prompt_posts(fake_comfy) == []
 
 
-async def test_not_json_is_refused_unforwarded(client: Client, fake_comfy: FakeComfyUI) -> None:
+async def test_not_json_is_refused_in_comfyuis_shape(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
     resp = await client.post("/prompt", data=b"{nope", headers=ALICE)
-    assert resp.status == 400  # ComfyUI would fail on it (500): never sent
-    assert (await resp.json())["error"]["type"] == "invalid_prompt"
+    answer = await resp.json()
+    assert (resp.status, answer["error"]["type"]) == (400, "invalid_prompt")  # ComfyUI: a 500
+    assert answer["node_errors"] == {}
     assert prompt_posts(fake_comfy) == []
 
 

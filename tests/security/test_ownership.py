@@ -82,6 +82,10 @@ def echo_graph(node: str, item: dict[str, Any], *, wrapped: bool) -> dict[str, A
     return {"7": {"class_type": node, "inputs": {"model_file": "", "camera_info": camera_info}}}
 
 
+def prompt_posts(fake: FakeComfyUI) -> list[Any]:
+    return [r for r in fake.received if r.method == "POST" and r.path.endswith("/prompt")]
+
+
 def png() -> bytes:
     buf = io.BytesIO()
     solid(8, 8, next(_colors) % 0xFFFFFF).save(buf, format="PNG")
@@ -261,6 +265,17 @@ async def test_a_file_echoed_by_a_node_is_not_the_echoers(
 ) -> None:
     ref = await TARGETS[target](client, fake_comfy)
     item = {"filename": ref[2], "subfolder": ref[1], "type": ref[0]}
+    if wrapped:
+        # An object inside {"__value__": ...} is refused when the prompt is read
+        # (proxy.workflow: ComfyUI would hand it to the node unread): the echo never runs.
+        before = len(prompt_posts(fake_comfy))
+        status, answer = await submit(
+            client, B, {"prompt": echo_graph(node, item, wrapped=True), "client_id": "b-tab"}
+        )
+        assert (status, answer["error"]["type"]) == (400, "unsupported_literal")
+        assert len(prompt_posts(fake_comfy)) == before
+        await b_refused_everywhere(client, fake_comfy, ref)
+        return
     prompt_id, events = await run(
         client, fake_comfy, B, echo_graph(node, item, wrapped=wrapped), "b-tab"
     )

@@ -406,7 +406,12 @@ async def test_bob_cannot_delete_alices_entries_with_a_body_only_comfyui_reads(
     data, extra = encode({"delete": [alices], "clear": False})
     headers = {**BOB, "Content-Type": "application/json", **extra}
     async with client.post(route, headers=headers, data=data) as resp:
-        assert resp.status == 200  # ComfyUI's answer for nothing of his to delete
+        if b"NaN" in data or str(10**30).encode() in data:
+            # Ambiguous between readers (proxy.workflow.json_body): refused, never forwarded.
+            assert (resp.status, (await resp.json())["error"]["type"]) == (400, "invalid_body")
+            assert fake_comfy.received == []
+        else:
+            assert resp.status == 200  # ComfyUI's answer for nothing of his to delete
     for received in fake_comfy.received:
         # As ComfyUI reads it: decoded with the charset it was sent with, by json.loads.
         charset = received.headers.get("Content-Type", "").partition("charset=")[2] or "utf-8"

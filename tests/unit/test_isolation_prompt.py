@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import pytest
@@ -14,19 +12,17 @@ from proxy.isolation.prompt import (
     INPUT_FILE_FORBIDDEN,
     INPUT_NOT_LITERAL,
     INPUT_PATH_INVALID,
-    NOT_JSON,
-    ParsedBody,
     PromptRejected,
     Violation,
     check_graph,
     client_id_of,
-    dump_body,
     is_canonical_uuid,
-    parse_body,
     requested_prompt_id,
     rewrite_submission,
     scoped_prefix,
 )
+from proxy.workflow.graph import BAD_LINK, INVALID_NODE, UNSUPPORTED_LITERAL, read_graph
+from proxy.workflow.json_body import parse_json
 
 SCOPE = FileScope("alice-1", "users/alice-1", ("shared",))
 OWN = "users/alice-1"
@@ -77,8 +73,14 @@ SAVE = node("SaveImage", images=["1", 0], filename_prefix="ComfyUI")
 
 
 def violations_of(graph: dict[str, Any]) -> list[tuple[str, str, str]]:
-    _, found = check_graph(graph, SCOPE)
+    """The graph reader's problems, then isolation's findings (read without schemas: file
+    inputs are known by name, whatever the value's extension)."""
+    prompt = read_graph({"1": node("EmptyImage"), **graph})  # what SaveImage nodes link to
+    found = [*prompt.problems, *check_graph(prompt, SCOPE)]
     return [(v.node_id, v.input_name, v.error_type) for v in found]
+
+
+LINKED = node("StringConcatenate", string_a="a", string_b="b")
 
 
 @pytest.mark.parametrize(
@@ -89,10 +91,14 @@ def violations_of(graph: dict[str, Any]) -> list[tuple[str, str, str]]:
          [("9", "filename_prefix", FILENAME_PREFIX_INVALID)]),
         ({"9": node("SaveImage", images=["1", 0], filename_prefix="/abs/x")},
          [("9", "filename_prefix", FILENAME_PREFIX_INVALID)]),
-        ({"9": node("SaveImage", images=["1", 0], filename_prefix=["5", 0])},
+        ({"5": LINKED, "9": node("SaveImage", images=["5", 0], filename_prefix=["5", 0])},
          [("9", "filename_prefix", INPUT_NOT_LITERAL)]),
-        ({"9": node("SaveImage", images=["1", 0], filename_prefix={"/../users/bob/x": 1})},
+        ({"9": node("SaveImage", filename_prefix={"/../users/bob/x": 1})},
+         [("9", "filename_prefix", UNSUPPORTED_LITERAL)]),
+        ({"9": node("SaveImage", filename_prefix={"__value__": ["/../users/bob/x"]})},
          [("9", "filename_prefix", INPUT_NOT_LITERAL)]),
+        ({"9": node("SaveImage", filename_prefix={"__value__": "../x"})},
+         [("9", "filename_prefix", FILENAME_PREFIX_INVALID)]),
         ({"3": node("Custom", filename_prefix="C:\\x")},
          [("3", "filename_prefix", FILENAME_PREFIX_INVALID)]),
         ({"2": node("LoadImage", image=f"{OWN}/x.png")}, []),
@@ -108,24 +114,38 @@ def violations_of(graph: dict[str, Any]) -> list[tuple[str, str, str]]:
          [("2", "image", INPUT_PATH_INVALID)]),
         ({"2": node("LoadImage", image="/etc/passwd")}, [("2", "image", INPUT_PATH_INVALID)]),
         ({"2": node("LoadImage", image="x\0.png")}, [("2", "image", INPUT_PATH_INVALID)]),
-        ({"2": node("LoadImage", image=["7", 0])}, [("2", "image", INPUT_NOT_LITERAL)]),
+        ({"7": LINKED, "2": node("LoadImage", image=["7", 0])},
+         [("2", "image", INPUT_NOT_LITERAL)]),
+        ({"2": node("LoadImage", image={"__value__": "users/bob-2/x.png"})},
+         [("2", "image", INPUT_FILE_FORBIDDEN)]),
+        ({"2": node("LoadImage", image={"__value__": [f"{OWN}/x.png", "users/bob-2/x.png"]})},
+         [("2", "image", INPUT_FILE_FORBIDDEN)]),
+        ({"2": node("LoadImage", image=f"{OWN}/x.png[output]")},
+         [("2", "image", INPUT_PATH_INVALID)]),
         ({"2": node("LoadImageMask", image="users/bob-2/m.png", channel="alpha")},
          [("2", "image", INPUT_FILE_FORBIDDEN)]),
         ({"2": node("LoadImageOutput", image="users/bob-2/o.png [output]")},
          [("2", "image", INPUT_FILE_FORBIDDEN)]),
-        # Generic media inputs of other nodes: checked when they hold a media file name ...
+        # Without schemas, inputs named like files are checked whatever the extension ...
         ({"4": node("VHS_LoadVideo", video="users/bob-2/v.mp4")},
          [("4", "video", INPUT_FILE_FORBIDDEN)]),
         ({"4": node("LoadAudio", audio="a.WAV [input]")}, [("4", "audio", INPUT_FILE_FORBIDDEN)]),
+        ({"4": node("LoadAudio", audio="users/bob-2/x.aiff")},
+         [("4", "audio", INPUT_FILE_FORBIDDEN)]),
+        ({"4": node("LoadVideo", file="users/bob-2/clip.3gp")},
+         [("4", "file", INPUT_FILE_FORBIDDEN)]),
         ({"4": node("Loader3D", file="../m.glb")}, [("4", "file", INPUT_PATH_INVALID)]),
         ({"4": node("LoadAudio", audio=f"{OWN}/a.flac")}, []),
-        # ... and left alone when linked (tensors) or not file names.
-        ({"5": node("ImageScale", image=["2", 0], upscale_method="nearest-exact")}, []),
-        ({"5": node("Custom", image="a red fox")}, []),
+        ({"5": node("Custom", image="a red fox")}, [("5", "image", INPUT_FILE_FORBIDDEN)]),
+        # ... and left alone when linked (tensors) or not names.
+        ({"2": LINKED, "5": node("ImageScale", image=["2", 0], upscale_method="nearest-exact")},
+         []),
         ({"5": node("Custom", video=3)}, []),
         ({"5": node("Custom", picture="users/bob-2/x.png")}, []),
-        # Malformed nodes are ComfyUI's to refuse.
-        ({"6": "not a node", "7": {"class_type": "X"}, "8": {"inputs": []}}, []),
+        # Malformed nodes are the graph reader's (ComfyUI's 400 shape, never forwarded).
+        ({"6": "not a node", "7": {"class_type": "X"}, "8": {"inputs": []}},
+         [("6", "", INVALID_NODE), ("8", "", INVALID_NODE)]),
+        ({"5": node("ImageScale", image=["2", 0])}, [("5", "image", BAD_LINK)]),
         # Several violations, in graph order.
         ({"2": node("LoadImage", image="users/bob-2/x.png"),
           "9": node("SaveImage", images=["2", 0], filename_prefix="../x")},
@@ -144,9 +164,9 @@ def test_check_graph_rewrites_prefixes_only() -> None:
         "9": node("SaveImage", images=["1", 0], filename_prefix="run/x"),
         "10": node("SaveAnimatedWEBP", images=["1", 0], filename_prefix="anim", fps=6.0),
     }
-    rewritten, found = check_graph(graph, SCOPE)
-    assert found == []
-    assert isinstance(rewritten, dict)
+    prompt = read_graph(graph)
+    assert check_graph(prompt, SCOPE) == []
+    rewritten = prompt.to_json()
     assert rewritten["9"]["inputs"]["filename_prefix"] == f"{OWN}/run/x"
     assert rewritten["10"]["inputs"]["filename_prefix"] == f"{OWN}/anim"
     assert rewritten["9"]["inputs"]["images"] == ["1", 0]
@@ -156,15 +176,17 @@ def test_check_graph_rewrites_prefixes_only() -> None:
 
 
 def test_forbidden_file_carries_its_ref() -> None:
-    _, found = check_graph({"2": node("LoadImage", image="x.png [temp]")}, SCOPE)
+    found = check_graph(read_graph({"2": node("LoadImage", image="x.png [temp]")}), SCOPE)
     assert found[0].ref == ("temp", "", "x.png")
-    _, found = check_graph({"2": node("LoadImage", image="../x.png")}, SCOPE)
+    found = check_graph(read_graph({"2": node("LoadImage", image="../x.png")}), SCOPE)
     assert found[0].ref is None  # traversal: no store record can allow it
 
 
-def test_non_dict_prompt_is_left_to_comfyui() -> None:
-    assert check_graph(["x"], SCOPE) == (["x"], [])
-    assert check_graph(None, SCOPE) == (None, [])
+def test_non_dict_prompt_is_an_invalid_prompt() -> None:
+    for graph in (["x"], None):
+        prompt = read_graph(graph)
+        assert [v.error_type for v in prompt.problems] == ["invalid_prompt"]
+        assert check_graph(prompt, SCOPE) == []
 
 
 def test_prompt_rejected_shape() -> None:
@@ -249,12 +271,9 @@ def test_rewrite_submission(may_prioritise: bool) -> None:
         "extra_data": {"extra_pnginfo": {"workflow": {}}, "api_key_comfy_org": "secret"},
         "partial_execution_targets": ["9"],
     }
-    out = rewrite_submission(
-        body, prompt={"new": 1}, prompt_id=UUID, client_id="ns", may_prioritise=may_prioritise
-    )
+    out = rewrite_submission(body, prompt_id=UUID, client_id="ns", may_prioritise=may_prioritise)
     expected = {
         **body,
-        "prompt": {"new": 1},
         "prompt_id": UUID,
         "client_id": "ns",
     }
@@ -265,55 +284,20 @@ def test_rewrite_submission(may_prioritise: bool) -> None:
 
 
 def test_rewrite_submission_always_sets_client_id() -> None:
-    out = rewrite_submission({"prompt": {}}, prompt={}, prompt_id=UUID, client_id="ns",
-                             may_prioritise=False)  # fmt: skip
+    out = rewrite_submission({"prompt": {}}, prompt_id=UUID, client_id="ns", may_prioritise=False)
     assert out["client_id"] == "ns"
 
 
 # -- body bytes --------------------------------------------------------------------------------
 
 
-def test_parse_body_utf8() -> None:
-    parsed = parse_body(b'{"a": [1, 2.5, "\xc3\xa9"]}', None)
-    assert parsed == ParsedBody({"a": [1, 2.5, "é"]})
-    assert parse_body(b'{"a": 1}', "UTF-8") == ParsedBody({"a": 1})
-
-
-@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"\xff\xfe{}"])
-def test_parse_body_not_json(raw: bytes) -> None:
-    assert parse_body(raw, None) is NOT_JSON
-
-
-def test_parse_body_unknown_charset() -> None:
-    assert parse_body(b"{}", "no-such-charset") is NOT_JSON
-
-
-def test_parse_body_reads_what_comfyui_reads_under_another_charset() -> None:
+def test_the_body_is_read_as_comfyui_reads_it_under_another_charset() -> None:
     # UTF-7: harmless-looking bytes that ComfyUI decodes to "../../x".
     raw = (
         b'{"prompt": {"9": {"class_type": "SaveImage",'
         b' "inputs": {"filename_prefix": "+AC4ALg-/+AC4ALg-/x"}}}}'
     )
-    parsed = parse_body(raw, "utf-7")
-    assert not isinstance(parsed, type(NOT_JSON))
-    assert isinstance(parsed.value, dict)
-    assert parsed.value["prompt"]["9"]["inputs"]["filename_prefix"] == "../../x"
-    _, found = check_graph(parsed.value["prompt"], SCOPE)
+    body = parse_json(raw, "utf-7")
+    assert body["prompt"]["9"]["inputs"]["filename_prefix"] == "../../x"
+    found = check_graph(read_graph(body["prompt"]), SCOPE)
     assert [v.error_type for v in found] == [FILENAME_PREFIX_INVALID]
-
-
-def test_nan_and_big_integers_round_trip_exactly() -> None:
-    raw = b'{"prompt": {}, "extra_data": {"x": NaN, "y": 123456789012345678901234567890}}'
-    parsed = parse_body(raw, None)
-    assert isinstance(parsed, ParsedBody)
-    assert parsed.exact_json
-    assert isinstance(parsed.value, dict)
-    out = dump_body(parsed.value, exact_json=True)
-    again = json.loads(out)
-    assert math.isnan(again["extra_data"]["x"])
-    assert again["extra_data"]["y"] == 123456789012345678901234567890
-
-
-def test_dump_body_keeps_values() -> None:
-    body = {"prompt": {"1": {"inputs": {"f": 0.1, "s": "é\u2028", "n": None}}}, "b": True}
-    assert json.loads(dump_body(body)) == body

@@ -14,6 +14,7 @@ execution-error.json (LoadImage of a non-image raises ``PIL.UnidentifiedImageErr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import string
@@ -272,9 +273,55 @@ def loader_stub(
     return run
 
 
+async def primitive(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    """``comfy_extras/nodes_primitive.py``: the (validated, converted) ``value``, as output 0."""
+    return (i["value"],), None
+
+
+def _read_input_file(ctx: NodeContext, name: str) -> str:
+    """Open the file ``get_annotated_filepath`` names, as the loaders do (a missing one
+    raises ``FileNotFoundError``, like ComfyUI's); an opaque handle naming it."""
+    path = ctx.paths.annotated_input_path(name)
+    with open(path, "rb") as fh:
+        fh.read(1)
+    return os.path.relpath(path, ctx.paths.root).replace(os.sep, "/")
+
+
+async def load_audio(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    return (f"AUDIO({await asyncio.to_thread(_read_input_file, ctx, i['audio'])})",), None
+
+
+async def load_video(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    return (f"VIDEO({await asyncio.to_thread(_read_input_file, ctx, i['file'])})",), None
+
+
+async def preview_any(ctx: NodeContext, i: dict[str, Any]) -> NodeResult:
+    """``comfy_extras/nodes_preview_any.py``: the value as text in the UI output."""
+    source = i.get("source")
+    value = "None"
+    if isinstance(source, str):
+        value = source
+    elif isinstance(source, int | float | bool):
+        value = str(source)
+    elif source is not None:
+        try:
+            value = json.dumps(source)
+        except (TypeError, ValueError):
+            value = str(source)
+    return (), {"text": [value]}
+
+
 NodeFunction = Callable[[NodeContext, dict[str, Any]], Awaitable[NodeResult]]
 
 NODE_FUNCTIONS: dict[str, NodeFunction] = {
+    "PrimitiveInt": primitive,
+    "PrimitiveFloat": primitive,
+    "PrimitiveString": primitive,
+    "PrimitiveStringMultiline": primitive,
+    "PrimitiveBoolean": primitive,
+    "LoadAudio": load_audio,
+    "LoadVideo": load_video,
+    "PreviewAny": preview_any,
     "EmptyImage": empty_image,
     "ImageAddNoise": image_add_noise,
     "ImageBlur": image_blur,

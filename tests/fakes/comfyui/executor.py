@@ -257,6 +257,9 @@ class Executor:
         self.history_result: dict[str, Any] = {}
         self.success = True
         self.gate: Callable[[str], Any] | None = None
+        self.ran: dict[str, dict[str, dict[str, Any]]] = {}
+        """Fake only: prompt id -> node id -> the inputs the node function was called with
+        (validated, converted, links resolved): what ComfyUI would have run."""
 
     async def add_message(self, event: str, data: dict[str, Any], *, broadcast: bool) -> None:
         data = {**data, "timestamp": now_ms()}
@@ -366,6 +369,7 @@ class Executor:
                 )
             self._check_interrupt()
             ctx = _Context(self, progress, prompt, prompt_id, extra_data, nid)
+            self.ran.setdefault(prompt_id, {})[nid] = dict(inputs)
             outputs, ui = await NODE_FUNCTIONS[node["class_type"]](ctx, inputs)
         except InterruptProcessingException as exc:
             raise _NodeFailure(nid, {"node_id": nid}, exc) from exc
@@ -419,7 +423,12 @@ class Executor:
         self, prompt: dict[str, Any], nid: str, results: dict[str, tuple[Any, ...]]
     ) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        # get_input_data: only declared inputs reach the node (others are ignored).
+        node_class = self.registry.get(prompt[nid]["class_type"])
+        declared = {n for s in node_class.inputs().values() for n in s} if node_class else set()
         for name, value in prompt[nid]["inputs"].items():
+            if name not in declared:
+                continue
             if is_link(value):
                 source = results.get(value[0])
                 if source is None:  # a cached ancestor that was not re-run

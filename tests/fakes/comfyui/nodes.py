@@ -23,6 +23,13 @@ from typing import Any
 from .paths import Paths
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "comfyui_object_info.json"
+#: More classes, written from ComfyUI 0.3.64's source as its ``/object_info`` renders them:
+#: the core primitives (V3 schema: ``comfy_extras/nodes_primitive.py``), LoadAudio (legacy
+#: list combo with ``audio_upload``), LoadVideo (V3 ``["COMBO", {"options", "video_upload"}]``)
+#: and PreviewAny (an output node showing whatever value it is given).
+MORE_FILE = DATA_FILE.with_name("comfyui_object_info_more.json")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".aiff", ".aif")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".3gp")
 #: combo inputs listing a model folder (the loaders the 1.27 frontend's model library expects).
 MODEL_COMBOS: dict[str, dict[str, str]] = {
     "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
@@ -69,8 +76,10 @@ class NodeClass:
 
 
 def _load() -> dict[str, dict[str, Any]]:
-    with open(DATA_FILE, encoding="utf-8") as fh:
-        data: dict[str, dict[str, Any]] = json.load(fh)
+    data: dict[str, dict[str, Any]] = {}
+    for path in (DATA_FILE, MORE_FILE):
+        with open(path, encoding="utf-8") as fh:
+            data.update(json.load(fh))
     return data
 
 
@@ -105,6 +114,7 @@ _DEFINITIONS = {
 }
 _SPECIAL: dict[str, dict[str, Any]] = {
     "LoadImage": {"validate_inputs": ("image",), "is_changed": "file"},
+    "LoadAudio": {"validate_inputs": ("audio",), "is_changed": "file"},
     "SaveImageWebsocket": {"is_changed": "always"},
 }
 
@@ -130,6 +140,10 @@ class NodeRegistry:
         required = node["input"]["required"]
         if name == "LoadImage":
             required["image"][0] = self.input_images()
+        elif name == "LoadAudio":  # folder_paths.filter_files_content_types(..., audio, video)
+            required["audio"][0] = self.input_files(AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
+        elif name == "LoadVideo":
+            required["file"][1]["options"] = self.input_files(VIDEO_EXTENSIONS)
         for input_name, folder in MODEL_COMBOS.get(name, {}).items():
             required[input_name][0] = self.paths.model_files(folder)
         return node
@@ -139,11 +153,15 @@ class NodeRegistry:
 
     def input_images(self) -> list[str]:
         """LoadImage's list: image files at the top of ``input/``, sorted."""
+        return self.input_files(IMAGE_EXTENSIONS)
+
+    def input_files(self, extensions: tuple[str, ...]) -> list[str]:
+        """Files at the top of ``input/`` with one of ``extensions``, sorted."""
         try:
             names = [
                 entry.name
                 for entry in os.scandir(self.paths.input)
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                if entry.is_file() and entry.name.lower().endswith(extensions)
             ]
         except FileNotFoundError:
             return []

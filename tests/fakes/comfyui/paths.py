@@ -93,14 +93,17 @@ class Paths:
         return sorted(found)
 
     def annotated(self, name: str) -> tuple[str, str | None]:
-        """``folder_paths.annotated_filepath``: ``"x.png [output]"`` -> ("x.png", output dir)."""
+        """``folder_paths.annotated_filepath``: ``"x.png [output]"`` -> ("x.png", output dir).
+
+        As in ComfyUI, the tag is matched without its space but cut with it (``name[:-9]``
+        for ``[output]``): ``"x.png[output]"`` names ``x.pn`` in output/."""
         for suffix, directory in (
-            (" [output]", self.output),
-            (" [input]", self.input),
-            (" [temp]", self.temp),
+            ("[output]", self.output),
+            ("[input]", self.input),
+            ("[temp]", self.temp),
         ):
             if name.endswith(suffix):
-                return name[: -len(suffix)], directory
+                return name[: -(len(suffix) + 1)], directory
         return name, None
 
     def annotated_input_path(self, name: str) -> str:

@@ -265,11 +265,13 @@ class Validator:
         return result
 
     def custom_validation(self, node: NodeClass, value: Any) -> bool | str:
-        """LoadImage.VALIDATE_INPUTS: ``exists_annotated_filepath`` or "Invalid image file"."""
-        if node.name == "LoadImage":
+        """LoadImage/LoadAudio.VALIDATE_INPUTS: ``exists_annotated_filepath`` or "Invalid image
+        file" / "Invalid audio file"."""
+        kind = {"LoadImage": "image", "LoadAudio": "audio"}.get(node.name)
+        if kind is not None:
             path = self.registry.paths.annotated_input_path(str(value))
             if not os.path.exists(path):
-                return f"Invalid image file: {value}"
+                return f"Invalid {kind} file: {value}"
         return True
 
 
