@@ -371,6 +371,13 @@ class Metrics:
             ("op", "kind"),
             registry=r,
         )
+        self.task_failures = Counter(
+            "comfygate_task_failures",
+            "Failures inside long-lived tasks (relays, fan-in links, watchers, reconcilers, "
+            "pollers, sweepers), by task: each was logged and the task went on or restarted.",
+            ("task",),
+            registry=r,
+        )
         self.redis_breaker_state = Gauge(
             "comfygate_redis_breaker_state",
             "Circuit breaker in front of Redis: 0 closed, 1 half-open, 2 open (the worst "

@@ -33,6 +33,7 @@ from yarl import URL
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import UpstreamSettings
+from proxy.tasks import task_failed
 from proxy.upstream.health_checks import Breaker, BreakerState, probe
 from proxy.upstream.http1 import Http1Pool
 from proxy.upstream.registry_settings import instance_name
@@ -495,7 +496,12 @@ class UpstreamPool:
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
-            await coro
+            try:
+                await coro
+            except Exception:  # noqa: BLE001 - a background step: logged and counted, not lost
+                task_failed(
+                    "pool", self.metrics.task_failures if self.metrics is not None else None
+                )
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
