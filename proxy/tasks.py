@@ -39,7 +39,11 @@ STABLE_SECONDS = 60.0
 
 
 def task_failed(
-    task: str, failures: Counter | None, *, logger: Any = None, event: str = "task_failed",
+    task: str,
+    failures: Counter | None,
+    *,
+    logger: Any = None,
+    event: str = "task_failed",
     **fields: Any,
 ) -> None:
     """Report the exception being handled in ``task``: logged with its traceback and counted

@@ -232,6 +232,13 @@ class Metrics:
             ("upstream",),
             registry=r,
         )
+        self.home_failovers = Counter(
+            "comfygate_home_failovers",
+            "Reads of the home instance (system_stats, model lists, object_info, frontend "
+            "files) answered by another instance because it was down, by route rule.",
+            ("rule",),
+            registry=r,
+        )
         self.ws_upstream_reconnects = Counter(
             "comfygate_websocket_upstream_reconnects",
             "Fan-in sockets reconnected to an instance after it went away, by upstream.",
