@@ -491,8 +491,15 @@ class UpstreamPool:
                 result = callback(event, upstream)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:  # one listener's bug must not stop the others
-                log.exception("pool_listener_failed", pool_event=event, upstream=upstream.name)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+                task_failed(
+                    "pool_listener",
+                    self.metrics.task_failures if self.metrics is not None else None,
+                    logger=log,
+                    event="pool_listener_failed",
+                    pool_event=event,
+                    upstream=upstream.name,
+                )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:

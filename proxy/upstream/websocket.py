@@ -146,6 +146,10 @@ class ClientSendQueue:
         except (ConnectionError, RuntimeError):
             self._frames.clear()  # the client is gone; the relay notices on its next receive
             self._bytes = 0
+        except Exception:  # noqa: BLE001 - anything else: logged, counted, the queue starts over
+            task_failed("ws_send", self._metrics.task_failures, logger=log)
+            self._frames.clear()
+            self._bytes = 0
         finally:
             self._writer = None
 
