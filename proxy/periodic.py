@@ -2,8 +2,9 @@
 
 The proxy's background loops (health checks, DNS discovery, capability refresh, the upstream
 probe, the queue-quota reconciler) share the same shape: a named task, a period, and a round
-whose failure is logged and never ends the loop (the next round tries again). Stopping cancels
-the task and waits for it, so nothing runs after ``stop()`` returns.
+whose failure is logged, counted (``comfygate_task_failures_total{task}``, through
+:func:`proxy.tasks.task_failed`) and never ends the loop (the next round tries again). Stopping
+cancels the task and waits for it, so nothing runs after ``stop()`` returns.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from proxy.tasks import task_failed
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 
 class Periodic:
@@ -37,8 +43,10 @@ class Periodic:
         jitter: float = 0.0,
         immediately: bool = False,
         fixed_rate: bool = False,
+        failures: Counter | None = None,
     ) -> None:
-        """``log.exception(event)`` records a failed round (``log``: a structlog logger)."""
+        """``log.exception(event)`` records a failed round (``log``: a structlog logger), and
+        ``failures`` (``Metrics.task_failures``) counts it, labelled with ``name``."""
         self._work = work
         self.interval = interval
         self._name = name
@@ -47,6 +55,8 @@ class Periodic:
         self._jitter = jitter
         self._immediately = immediately
         self._fixed_rate = fixed_rate
+        self._failures = failures
+        self.task_label = name.removeprefix("comfygate-")
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -80,7 +90,7 @@ class Periodic:
             try:
                 await self._work()
             except Exception:  # noqa: BLE001 - logged; a bug in one round must not end the loop
-                self._log.exception(self._event)
+                task_failed(self.task_label, self._failures, logger=self._log, event=self._event)
             if self._fixed_rate:
                 next_at += self._period()
             else:

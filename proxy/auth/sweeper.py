@@ -11,8 +11,7 @@ Logout on this replica closes at once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +19,8 @@ import structlog
 from aiohttp import web
 
 from proxy.errors import ServiceUnavailable
-from proxy.state import AUTH, LIFECYCLE, POLICY_VIOLATION, SETTINGS
+from proxy.periodic import Periodic
+from proxy.state import AUTH, LIFECYCLE, METRICS, POLICY_VIOLATION, SETTINGS
 
 log = structlog.get_logger("comfygate.auth")
 
@@ -57,17 +57,18 @@ async def sweep_once(app: web.Application, *, now: float | None = None) -> int:
 
 
 async def relay_sweeper(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: run :func:`sweep_once` periodically while the app serves."""
+    """``cleanup_ctx``: run :func:`sweep_once` periodically while the app serves (a failed
+    pass is logged, counted and followed by the next one)."""
     interval = app[SETTINGS].auth.relay_recheck_seconds
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)  # a period, not a synchronisation
-            await sweep_once(app)
-
-    task = asyncio.create_task(loop()) if interval > 0 else None
+    loop = Periodic(
+        functools.partial(sweep_once, app),
+        interval,
+        name="relay-sweeper",
+        log=log,
+        event="relay_sweep_failed",
+        failures=app[METRICS].task_failures,
+    )
+    if interval > 0:
+        loop.start()
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await loop.stop()

@@ -21,6 +21,18 @@ Rules, for a non-admin caller:
 
 For admins only the ``sid`` is mapped back: everything else passes untouched.
 
+When the ownership store fails (Redis down or slow), the relay goes on (issue 14): a frame
+whose owner could not be looked up is dropped, as one that is not the caller's (SECURITY:
+default deny, never deliver what could not be attributed; the answer is not cached, so the
+prompt's next frame asks again). Holding such frames until Redis answers was rejected: it would
+stall every later frame of the socket behind them, or reorder them. What the caller missed is
+in ``/history`` and ``/queue``, which the frontend reads again. Preview files of the caller's
+own prompt that could not be recorded are kept (bounded) and recorded with the next
+``executed`` or end event of the caller's; the frame itself, the caller's, is delivered. Each
+failure is counted in ``comfygate_redis_errors_total{op="ws_owner"|"ws_files"}`` (anything
+other than a Redis error in ``comfygate_task_failures_total{task="ws_filter"}``) and logged
+once per outage per socket, and again with the number of failures when the store answers.
+
 Cost: text frames are parsed once with orjson and passed on as the *same* string unless the sid
 is rewritten; binary previews are never copied, a type 4 frame only has its small metadata
 header parsed.
@@ -30,12 +42,19 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis.asyncio as redis
+import structlog
 
 from proxy.isolation.attribution import preview_files
 from proxy.isolation.ownership import FileRef, OwnershipStore, PromptRecord
+
+if TYPE_CHECKING:
+    from proxy.observability.metrics import Metrics
+
+log = structlog.get_logger("comfygate.isolation")
 
 PREVIEW_IMAGE = 1
 TEXT = 3
@@ -46,6 +65,8 @@ END_EVENTS = frozenset({"execution_success", "execution_error", "execution_inter
 ADMIN_ONLY_EVENTS = frozenset({"logs"})
 """Server log lines (prompts, paths, errors of everyone): admins only, whatever is configured."""
 OWNER_CACHE_SIZE = 4096
+UNRECORDED_FILES_MAX = 1024
+"""Preview files of the caller's kept for a later attempt while the store fails."""
 _UNKNOWN_RUNNING = "\0connect-time"
 """Running prompt of this socket announced by the connect-time ``executing`` (id unknown)."""
 
@@ -64,6 +85,7 @@ class SocketEventFilter:
         ownership: OwnershipStore,
         passed_types: Collection[str],
         admin: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.owner = owner
         self.client_id = client_id
@@ -75,6 +97,11 @@ class SocketEventFilter:
         """Prompt id -> its record if it is the caller's, else None."""
         self.running: str | None = None
         """The caller's prompt executing as seen on this socket (gates binary types 1 and 3)."""
+        self._metrics = metrics
+        self._failures = 0
+        """Store failures since its last answer (0: it answers)."""
+        self._unrecorded: list[FileRef] = []
+        """The caller's preview files the store failed to record, for a later attempt."""
 
     async def __call__(self, frame: str | bytes) -> str | bytes | None:
         if isinstance(frame, str):
@@ -92,7 +119,12 @@ class SocketEventFilter:
         """The record of ``prompt_id`` if it is the caller's (cached like :meth:`owns`)."""
         if prompt_id in self._owned:
             return self._owned[prompt_id]
-        record = await self._ownership.prompt(prompt_id)
+        try:
+            record = await self._ownership.prompt(prompt_id)
+        except Exception as exc:  # noqa: BLE001 - any failure: not attributed, never cached
+            self._store_failed("ws_owner", exc)
+            return None  # SECURITY: default deny, the frame is dropped
+        self._store_answered()
         mine = record if record is not None and record.owner == self.owner else None
         if len(self._owned) >= OWNER_CACHE_SIZE:
             self._owned.clear()
@@ -140,9 +172,56 @@ class SocketEventFilter:
             # SECURITY: never every file dict of the output (Preview3D echoes its inputs):
             # only what the prompt's own preview nodes wrote (proxy.isolation.attribution).
             files = preview_files(data.get("node"), data.get("output"), record.previews)
-            if files:
-                await self._ownership.record_files(self.owner, files)
+            if files or self._unrecorded:
+                await self._record(files)
+        elif self._unrecorded and (
+            kind in END_EVENTS or (kind == "executing" and data.get("node") is None)
+        ):
+            await self._record([])
         return frame
+
+    async def _record(self, files: list[FileRef]) -> None:
+        """Record ``files`` (and those a failure left over) as the caller's; on failure keep
+        them for the caller's next ``executed`` or end event (the frame is delivered anyway:
+        it is the caller's, and its files stay refused to everyone until recorded)."""
+        pending = [*self._unrecorded, *files]
+        try:
+            await self._ownership.record_files(self.owner, pending)
+        except Exception as exc:  # noqa: BLE001 - any failure: kept for a later attempt
+            self._store_failed("ws_files", exc)
+            if len(pending) > UNRECORDED_FILES_MAX:
+                log.warning(
+                    "ws_files_unrecorded",
+                    owner=self.owner,
+                    dropped=len(pending) - UNRECORDED_FILES_MAX,
+                )
+                pending = pending[-UNRECORDED_FILES_MAX:]
+            self._unrecorded = pending
+            return
+        self._store_answered()
+        if self._unrecorded:
+            log.info("ws_files_recorded_late", owner=self.owner, files=len(self._unrecorded))
+        self._unrecorded = []
+
+    def _store_answered(self) -> None:
+        if self._failures:
+            log.info("ws_owner_store_recovered", owner=self.owner, failures=self._failures)
+            self._failures = 0
+
+    def _store_failed(self, op: str, exc: Exception) -> None:
+        """Count (and, once per outage, log) a failure of the ownership store."""
+        first = self._failures == 0
+        self._failures += 1
+        redis_failure = isinstance(exc, redis.RedisError | OSError | TimeoutError)
+        if self._metrics is not None:
+            if redis_failure:
+                self._metrics.redis_errors.labels(op, _failure_kind(exc)).inc()
+            else:
+                self._metrics.task_failures.labels("ws_filter").inc()
+        if not redis_failure:
+            log.error("ws_filter_failed", op=op, owner=self.owner, exc_info=exc)
+        elif first:
+            log.warning("ws_owner_store_failed", op=op, owner=self.owner, error=repr(exc))
 
     def _track(self, kind: str, data: dict[str, Any], prompt_id: str) -> None:
         """Follow the caller's execution window on this socket (for binary types 1 and 3)."""
@@ -166,6 +245,15 @@ class SocketEventFilter:
             prompt_id = preview_prompt_id(frame)
             return frame if prompt_id is not None and await self.owns(prompt_id) else None
         return None  # unknown binary types cannot be attributed
+
+
+def _failure_kind(exc: Exception) -> str:
+    """``comfygate_redis_errors_total``'s ``kind`` of a store failure."""
+    if isinstance(exc, redis.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, redis.ConnectionError | OSError):
+        return "connection"
+    return "error"
 
 
 def preview_prompt_id(frame: bytes) -> str | None:

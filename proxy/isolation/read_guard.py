@@ -315,6 +315,7 @@ class ReadGuard:
             ownership=request.app[OWNERSHIP],
             passed_types=settings.isolation.passed_event_types,
             admin=admin,
+            metrics=request.app[METRICS],
         )
 
     # -- helpers --------------------------------------------------------------------------

@@ -105,6 +105,7 @@ class QuotaReconciler:
             name="quota-poll",
             log=log,
             event="queue_quota_poll_failed",
+            failures=quota.metrics.task_failures,
         )
         self._lock = asyncio.Lock()
         self._polled = asyncio.Condition()

@@ -25,5 +25,6 @@ async def metrics_context(app: web.Application) -> AsyncIterator[None]:
         await stack.enter_async_context(asynccontextmanager(generation_tracker)(app))
         counter, directory = app[METRICS].user_counter, multiprocess_dir()
         if counter is not None and directory is not None:
-            await stack.enter_async_context(asynccontextmanager(counter.flusher)(directory))
+            flusher = asynccontextmanager(counter.flusher)
+            await stack.enter_async_context(flusher(directory, app[METRICS].task_failures))
         yield

@@ -432,6 +432,7 @@ class GenerationTracker:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("generation_metrics_failed", error=type(exc).__name__, exc_info=exc)
+            self._metrics.task_failures.labels("generation_metrics").inc()
 
     async def drain(self) -> None:
         """Wait for the scheduled work (tests; shutdown)."""
@@ -512,6 +513,7 @@ async def generation_tracker(app: web.Application) -> AsyncIterator[None]:
         name="generation-watch",
         log=log,
         event="generation_watch_failed",
+        failures=app[METRICS].task_failures,
         jitter=0.1,
     )
     if interval > 0:

@@ -232,6 +232,13 @@ class Metrics:
             ("upstream",),
             registry=r,
         )
+        self.home_failovers = Counter(
+            "comfygate_home_failovers",
+            "Reads of the home instance (system_stats, model lists, object_info, frontend "
+            "files) answered by another instance because it was down, by route rule.",
+            ("rule",),
+            registry=r,
+        )
         self.ws_upstream_reconnects = Counter(
             "comfygate_websocket_upstream_reconnects",
             "Fan-in sockets reconnected to an instance after it went away, by upstream.",
@@ -369,6 +376,13 @@ class Metrics:
             "Redis operations that failed, by operation and kind (timeout, connection, error, "
             "breaker_open).",
             ("op", "kind"),
+            registry=r,
+        )
+        self.task_failures = Counter(
+            "comfygate_task_failures",
+            "Failures inside long-lived tasks (relays, fan-in links, watchers, reconcilers, "
+            "pollers, sweepers), by task: each was logged and the task went on or restarted.",
+            ("task",),
             registry=r,
         )
         self.redis_breaker_state = Gauge(

@@ -55,6 +55,7 @@ class UpstreamProbe:
             name="comfygate-upstream-probe",
             log=log,
             event="upstream_probe_failed",
+            failures=metrics.task_failures,
             jitter=JITTER,
             immediately=True,
         )

@@ -14,15 +14,20 @@ value; Prometheus treats the gap as staleness, so ``rate()`` stays meaningful.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import orjson
+import structlog
+from prometheus_client import Counter
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from proxy.periodic import Periodic
+
+log = structlog.get_logger("comfygate.metrics")
 
 MAX_TRACKED_USERS = 10_000
 """Users counted per process; later newcomers are not counted (bounded memory)."""
@@ -66,21 +71,32 @@ class UserCounter:
         scratch.write_bytes(data)
         scratch.replace(target)
 
-    async def flusher(self, directory: Path) -> AsyncIterator[None]:
+    async def flusher(
+        self, directory: Path, failures: Counter | None = None
+    ) -> AsyncIterator[None]:
         """Publish :meth:`snapshot` every :data:`FLUSH_SECONDS` while the app runs, and once at the
-        end (an async generator for ``cleanup_ctx``)."""
+        end (an async generator for ``cleanup_ctx``). A failed write is logged and counted in
+        ``failures`` (``Metrics.task_failures``), and tried again the next round."""
 
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(FLUSH_SECONDS)  # a period, not a synchronisation
-                if (data := self.snapshot()) is not None:
+        async def flush() -> None:
+            if (data := self.snapshot()) is not None:
+                try:
                     await asyncio.to_thread(self.write, directory, data)
+                except BaseException:
+                    self._dirty = True  # not published: the next round writes it again
+                    raise
 
-        task = asyncio.create_task(loop())
+        loop = Periodic(
+            flush,
+            FLUSH_SECONDS,
+            name="user-counts-flush",
+            log=log,
+            event="user_counts_flush_failed",
+            failures=failures,
+        )
+        loop.start()
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await loop.stop()
         if (data := self.snapshot()) is not None:
             self.write(directory, data)
 

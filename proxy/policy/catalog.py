@@ -76,6 +76,7 @@ from proxy.policy.model import RolePolicy
 from proxy.state import CATALOG, CONTEXT, METRICS, POLICY, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
+from proxy.upstream.home import home_for
 from proxy.upstream.merge import (
     DEGRADED_HEADER,
     MERGED,
@@ -390,7 +391,7 @@ async def _forward_filtered(
     ``shape`` replaced by ``keep(body)``; other answers (404 for an unknown folder, errors)
     pass as they are."""
     pool = request.app[POOL]
-    upstream = ctx.target or pool.home()
+    upstream = ctx.target or home_for(request)  # another instance while home is down
     ctx.upstream = upstream.name
     headers = build_upstream_headers(request, ctx, upstream)
     for name in _NOT_FORWARDED:

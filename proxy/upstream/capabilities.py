@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from proxy.periodic import Periodic
 from proxy.workflow.names import is_model_input
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = structlog.get_logger("comfygate.upstream.capabilities")
 
@@ -98,9 +101,10 @@ class CapabilityRefresher:
         source: ObjectInfoSource,
         *,
         interval: float,
+        failures: Counter | None = None,
     ) -> None:
         """``instances``: the registry's ``pool.instances`` (objects with ``upstream`` and a
-        settable ``capabilities``)."""
+        settable ``capabilities``); ``failures``: ``Metrics.task_failures``."""
         self._instances = instances
         self._source = source
         self._loop = Periodic(
@@ -109,6 +113,7 @@ class CapabilityRefresher:
             name="comfygate-capabilities",
             log=log,
             event="capabilities_refresh_failed",
+            failures=failures,
         )
 
     async def refresh(self, name: str) -> None:

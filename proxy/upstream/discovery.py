@@ -75,6 +75,7 @@ class DnsDiscovery:
             name="comfygate-discovery",
             log=log,
             event="discovery_round_failed",
+            failures=pool.metrics.task_failures if pool.metrics is not None else None,
         )
 
     async def resolve_once(self) -> None:

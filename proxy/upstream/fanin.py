@@ -21,6 +21,11 @@ slow-client rules):
 * An instance socket that ends is reconnected with exponential backoff (up to
   ``upstream.ws_reconnect_max_seconds``) while the instance is in the pool; the client stays
   connected. Instances joining later (``pool.subscribe``) get a socket too.
+* Each instance's link is a supervised task (:func:`proxy.tasks.supervise`): whatever it
+  fails on is logged and counted (``comfygate_task_failures_total{task="fanin_link"}``), its
+  socket is closed (before another opens under the same ``clientId``: ComfyUI would drop the
+  id when the older one closed) and the link starts again with a fresh filter, after the same
+  backoff. A frame the filter cannot attribute (Redis down) is dropped, never the link.
 * Takeover (protocol doc 4.1) works as in the direct relay, per instance: a newer socket with
   the same ``clientId`` closes the older relay's upstream sockets before connecting its own,
   and the older client stays open and silent.
@@ -48,6 +53,7 @@ from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
+from proxy.tasks import Wake, supervise
 from proxy.upstream.merge import MERGED, queue_remaining
 from proxy.upstream.pool import Upstream
 from proxy.upstream.websocket import (
@@ -130,12 +136,44 @@ class _Link:
         self.upstream = upstream
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.filter = _link_filter(relay.ctx.ws_filter)
-        self.kick = asyncio.Event()
+        self.kick = Wake()
+        """Cuts a reconnection's backoff short (the pool says the instance is back)."""
         self.task: asyncio.Task[None] | None = None
 
     def start(self, ws: aiohttp.ClientWebSocketResponse | None) -> None:
         self.ws = ws  # at once: the client's first frame may come before the task runs
-        self.task = asyncio.create_task(self._run(ws))
+        first = [ws]
+
+        async def run() -> None:
+            # The socket opened by relay_fanin is the first run's; a restart connects anew.
+            restarted = not first
+            try:
+                await self._run(first.pop() if first else None, reconnecting=restarted)
+            except Exception:
+                await self._failed()
+                raise
+
+        relay = self.relay
+        self.task = asyncio.create_task(
+            supervise(
+                run,
+                name="fanin_link",
+                failures=relay.metrics.task_failures,
+                logger=log,
+                first_delay=FIRST_BACKOFF_SECONDS,
+                max_delay=relay.max_backoff,
+                stable_seconds=STABLE_SECONDS,
+                wake=self.kick,
+            )
+        )
+
+    async def _failed(self) -> None:
+        """The link's run failed: its socket is closed before the restart opens another (two
+        sockets under one ``clientId``, and ComfyUI drops the id when the older closes)."""
+        stale, self.ws = self.ws, None
+        if stale is not None:
+            await quietly(stale.close())
+        self.relay.link_lost(self)
 
     async def stop(self, message: bytes) -> None:
         if self.task is not None:
@@ -146,10 +184,11 @@ class _Link:
             await quietly(self.ws.close(code=WSCloseCode.OK, message=message))
             self.ws = None
 
-    async def _run(self, ws: aiohttp.ClientWebSocketResponse | None) -> None:
+    async def _run(
+        self, ws: aiohttp.ClientWebSocketResponse | None, *, reconnecting: bool = False
+    ) -> None:
         relay = self.relay
         backoff = FIRST_BACKOFF_SECONDS
-        reconnecting = False
         while True:
             if ws is None:
                 try:
@@ -196,9 +235,7 @@ class _Link:
 
     async def _pause(self, seconds: float) -> None:
         """Wait ``seconds``, or less when the pool says the instance is back."""
-        self.kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.kick.wait(), seconds)
+        await self.kick.pause(seconds)
 
     async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> Ended | None:
         """Frames from this instance to the client until its socket ends (None), or until the
@@ -510,7 +547,9 @@ async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.Stre
         if relay.superseded.is_set() and not client.done() and not relay.done.done():
             await asyncio.wait((client,))  # taken over: open and silent until the client leaves
     finally:
-        ended = relay_outcome((client, relay.done), ctx.request_id, event="fanin_failed")
+        ended = relay_outcome(
+            (client, relay.done), ctx.request_id, event="fanin_failed", metrics=metrics
+        )
         await asyncio.shield(_finish(relay, ended, client))
     return ws
 

@@ -24,6 +24,7 @@ from proxy.upstream.headers import (
     strip_cookies,
     upstream_request_headers,
 )
+from proxy.upstream.home import home_for, read_failover
 from proxy.upstream.http1 import (
     UpstreamConnectError,
     UpstreamHttpError,
@@ -115,7 +116,7 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
     """Send the request to ComfyUI and relay its answer."""
     ctx = request[CONTEXT]
     pool = request.app[POOL]
-    upstream = ctx.target or pool.home()
+    upstream = ctx.target or home_for(request)  # home, or a stand-in while it is down
     ctx.upstream = upstream.name
     headers = build_upstream_headers(request, ctx, upstream)
     # We send the body at once and skip 1xx answers: no "100 Continue" handshake upstream.
@@ -148,9 +149,12 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
         # length): ComfyUI's own HEAD would announce the unfiltered body's length.
         method = hdrs.METH_GET
     started = time.perf_counter()
+    # Placement: a refused submission moves to another instance; a read of the home
+    # instance's that any instance answers alike moves too (proxy.upstream.home).
+    failover = ctx.failover or read_failover(request, body)
     try:
-        if ctx.failover is not None:  # placement: a refused submission moves to another instance
-            resp, upstream = await ctx.failover.send(request, upstream, body)
+        if failover is not None:
+            resp, upstream = await failover.send(request, upstream, body)
         else:
             resp = await pool.http1(upstream).request(
                 method,

@@ -209,6 +209,7 @@ class HealthChecker:
             log=log,
             event="upstream_checks_failed",
             fixed_rate=True,
+            failures=pool.metrics.task_failures if pool.metrics is not None else None,
         )
 
     def subscribe(self, listener: ProbeListener) -> None:

@@ -41,6 +41,7 @@ from aiohttp import hdrs
 from proxy.errors import UpstreamError
 from proxy.isolation.ownership import OwnershipStore
 from proxy.observability.metrics import Metrics
+from proxy.tasks import supervise
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -264,7 +265,10 @@ class LostPrompts:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         if self._watch_seconds > 0:
-            self._task = asyncio.create_task(self._watch_loop())
+            # Supervised: a failure the loop does not expect restarts it (logged, counted).
+            self._task = asyncio.create_task(
+                supervise(self._watch_loop, name="lost_watch", failures=self.metrics.task_failures)
+            )
 
     async def close(self) -> None:
         if self._task is not None:

@@ -15,6 +15,9 @@ settings, user data, ``user.css``, uploads, models,    the home instance (``pool
 everything else                                        the instance a guard chose
                                                        (``ctx.target``, e.g. placement)
 =====================================================  ========================================
+
+While the home instance is down, its read-only routes go to another instance and settings and
+user data answer 503 (:mod:`proxy.upstream.home`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from yarl import URL
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import UpstreamSettings
+from proxy.tasks import task_failed
 from proxy.upstream.health_checks import Breaker, BreakerState, probe
 from proxy.upstream.http1 import Http1Pool
 from proxy.upstream.registry_settings import instance_name
@@ -490,12 +491,24 @@ class UpstreamPool:
                 result = callback(event, upstream)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:  # one listener's bug must not stop the others
-                log.exception("pool_listener_failed", pool_event=event, upstream=upstream.name)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+                task_failed(
+                    "pool_listener",
+                    self.metrics.task_failures if self.metrics is not None else None,
+                    logger=log,
+                    event="pool_listener_failed",
+                    pool_event=event,
+                    upstream=upstream.name,
+                )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
-            await coro
+            try:
+                await coro
+            except Exception:  # noqa: BLE001 - a background step: logged and counted, not lost
+                task_failed(
+                    "pool", self.metrics.task_failures if self.metrics is not None else None
+                )
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)

@@ -107,6 +107,7 @@ async def registry_context(app: web.Application) -> AsyncIterator[None]:
         pool.instances,
         catalog_source(app),
         interval=settings.placement.capabilities_refresh_seconds,
+        failures=pool.metrics.task_failures,
     )
     discovery = None
     if settings.discovery.hostname:

@@ -11,6 +11,12 @@ one after another, so a relay that waited on a slow client would slow ComfyUI's 
 everyone. The queue is bounded in bytes; when full, stale binary previews are dropped (a newer
 one supersedes them), JSON events never are, and a client that cannot keep up with events is
 closed with 1013.
+
+A frame the proxy fails to handle (the generation tracker or the frame filter raised: a bug,
+or a store the filter's own fail mode did not cover) is dropped, logged and counted in
+``comfygate_task_failures_total{task="ws_relay"}``; the relay goes on (issue 14: a relay that
+dies on one frame leaves its socket deaf). Dropping is the default-deny answer: a frame the
+filter did not pass is never sent.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from yarl import URL
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
+from proxy.tasks import task_failed
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 from proxy.upstream.pool import Upstream
@@ -139,6 +146,10 @@ class ClientSendQueue:
         except (ConnectionError, RuntimeError):
             self._frames.clear()  # the client is gone; the relay notices on its next receive
             self._bytes = 0
+        except Exception:  # noqa: BLE001 - anything else: logged, counted, the queue starts over
+            task_failed("ws_send", self._metrics.task_failures, logger=log)
+            self._frames.clear()
+            self._bytes = 0
         finally:
             self._writer = None
 
@@ -193,7 +204,17 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
                 text_frames.inc()
                 text_bytes.inc(size)
                 if tracker is not None:
-                    tracker.observe_frame(data, roles, upstream)
+                    try:
+                        tracker.observe_frame(data, roles, upstream)
+                    except Exception:  # noqa: BLE001 - metrics must never cost the relay
+                        task_failed(
+                            "ws_relay",
+                            metrics.task_failures,
+                            logger=log,
+                            event="relay_frame_failed",
+                            request_id=ctx.request_id,
+                            upstream=upstream,
+                        )
             elif is_preview(data):
                 preview_frames.inc()
                 preview_bytes.inc(size)
@@ -202,7 +223,18 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
                 binary_bytes.inc(size)
             ctx.bytes_out += size
             if frame_filter is not None:
-                filtered = await frame_filter(data)
+                try:
+                    filtered = await frame_filter(data)
+                except Exception:  # noqa: BLE001 - the frame is dropped, the relay goes on
+                    task_failed(
+                        "ws_relay",
+                        metrics.task_failures,
+                        logger=log,
+                        event="relay_frame_failed",
+                        request_id=ctx.request_id,
+                        upstream=upstream,
+                    )
+                    continue  # SECURITY: not passed by the filter, so never sent
                 if filtered is None:
                     continue  # not this user's to see
                 data = filtered
@@ -355,15 +387,22 @@ def forget_client(app: web.Application, ws: web.WebSocketResponse) -> None:
 
 
 def relay_outcome(
-    pumps: Iterable[asyncio.Future[Ended]], request_id: str, *, event: str = "relay_failed"
+    pumps: Iterable[asyncio.Future[Ended]],
+    request_id: str,
+    *,
+    event: str = "relay_failed",
+    metrics: Metrics | None = None,
 ) -> Ended:
     """How a relay ended: the first of ``pumps`` (in order of precedence) that finished, a
-    failed one as 1011 (logged as ``event``), else the client went away (handler cancelled)."""
+    failed one as 1011 (logged as ``event``, counted in ``task_failures{task="ws_relay"}``),
+    else the client went away (handler cancelled)."""
     for pump in pumps:
         if not pump.done() or pump.cancelled():
             continue
         if (error := pump.exception()) is not None:
             log.error(event, request_id=request_id, error=type(error).__name__, exc_info=error)
+            if metrics is not None:
+                metrics.task_failures.labels("ws_relay").inc()
             return Ended("proxy", WSCloseCode.INTERNAL_ERROR, "relay failed")
         return pump.result()
     return Ended("client", WSCloseCode.GOING_AWAY, "client went away")
@@ -431,7 +470,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
         # must still be closed (shielded), or ComfyUI would keep routing this clientId's events
         # to a dead relay.
         # The client pump first: it is the last to end in a takeover.
-        ended = relay_outcome((up, down), ctx.request_id)
+        ended = relay_outcome((up, down), ctx.request_id, metrics=metrics)
         await asyncio.shield(_finish(request, ws, upstream_ws, queue, ended, (down, up)))
     return ws
 

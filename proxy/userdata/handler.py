@@ -46,6 +46,7 @@ from proxy.routes import normalise_path
 from proxy.state import CONTEXT, POOL, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
+from proxy.upstream.home import home_for
 from proxy.upstream.http1 import UpstreamHttpError
 from proxy.upstream.pool import Upstream
 from proxy.userdata.mode import UserModes
@@ -254,7 +255,7 @@ async def serve_userdata(request: web.Request) -> web.StreamResponse:
     raw_path, _, raw_query = ctx.upstream_path.partition("?")
     query = URL.build(query_string=raw_query, encoded=True).query
     call = parse_call(request.method, ctx.path, query)
-    upstream = ctx.target or request.app[POOL].home()
+    upstream = ctx.target or home_for(request)  # 503 while the home instance is down
     own = await own_folder(request, ctx, upstream)
     api = "/api" if normalise_path(raw_path)[1] else ""
     if call.kind in ("settings", "setting"):
