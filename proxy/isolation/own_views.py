@@ -24,7 +24,9 @@ runs it. The answer keeps ComfyUI's shape, order and paging:
 Work per request is bounded: at most ``isolation.view_lookups`` ids looked up. A request that
 would need more (a window deeper than that, a user with more prompts than that for
 ``/api/jobs``) is answered as before, from one full read filtered to the owner's prompts, and
-counted (``comfygate_upstream_errors_total{kind="view_full_read"}``) and logged. A user with
+counted (``comfygate_upstream_errors_total{kind="view_full_read"}``) and logged; so is one
+whose lookups failed (an instance unreadable, slow or broken): the full read then gives the
+answer and the error the client would have had before (502s, ``Comfygate-Degraded``). A user with
 no prompt at all costs one ``/api/jobs?limit=1`` (ComfyUI's own parameter check and answer for
 an unknown route) or nothing (``/history``: ``{}``).
 
@@ -48,7 +50,6 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamUnavailable
 from proxy.isolation import views
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS
@@ -84,8 +85,9 @@ class Found:
     """id -> history entry or job list item, in the order the ids were looked up."""
     gone: list[str] = field(default_factory=list)
     """Ids ComfyUI answered it does not know (job lookups only)."""
-    missing: dict[str, Upstream] = field(default_factory=dict)
-    """Instances that failed to answer, by name."""
+    failed: bool = False
+    """A lookup failed (an instance unreadable, too slow, broken): the view is answered from
+    the full read instead, whose errors and degraded answers are ComfyUI's and the merge's."""
     no_jobs_api: bool = False
     """An instance answered a job lookup with a 404 of its router: no ``/api/jobs`` there."""
     seconds: float = 0.0
@@ -118,7 +120,10 @@ class Lookups:
             )
 
     async def fetch(self, ids: Sequence[str], *, jobs: bool, into: Found) -> None:
-        """Look up ``ids``; what is found goes into ``into`` (in ``ids``' order)."""
+        """Look up ``ids``; what is found goes into ``into`` (in ``ids``' order).
+
+        A prompt whose instance is unreachable is left out (or answered as failed when it was
+        reported lost), as the merged views leave that instance out."""
         started = time.perf_counter()
         self.lookups += len(ids)
         records = await self._store.records(ids)
@@ -129,7 +134,9 @@ class Lookups:
             if record is None or record.owner != self._owner:
                 continue  # SECURITY: expired, or never the caller's (the record decides)
             targets.append((prompt_id, record, home or reachable.get(record.upstream)))
-        path = "/api/jobs/{}" if jobs else "/history/{}"
+        # The form the client used (ComfyUI serves both); /api/jobs has no bare form.
+        api = "/api" if jobs or self._request[CONTEXT].upstream_path.startswith("/api/") else ""
+        path = api + ("/jobs/{}" if jobs else "/history/{}")
         answers = await asyncio.gather(
             *(
                 self._ask(upstream, path.format(quote(pid, safe="")))
@@ -142,14 +149,12 @@ class Lookups:
         for prompt_id, record, upstream in targets:
             reply = next(replies) if upstream is not None else None
             gone = lost.lost(prompt_id) if lost is not None else None
-            if upstream is None or reply is None or reply.status not in (200, 404):
-                # Unreachable or failed: a lost prompt answers as failed, as in merged views.
+            if upstream is None:  # unreachable: a lost prompt answers as failed
                 if gone is not None:
                     into.items[prompt_id] = gone.job() if jobs else gone.history_entry()
-                else:
-                    missing = upstream or self._pool.get(record.upstream)
-                    if missing is not None:
-                        into.missing[missing.name] = missing
+                continue
+            if reply is None or reply.status not in (200, 404):
+                into.failed = True
                 continue
             found = reply.json()
             if jobs:
@@ -273,7 +278,7 @@ class OwnViews:
             return self._respond(request, Found(), {})
         needed = count if plan.needed is None else plan.needed
         if min(needed, count) > budget:
-            return await self._full_read(request, "history", count, fallback)
+            return await self._full_read(request, "history", count, fallback, None)
         lookups = Lookups(request, owner, self._suspects)
         found = Found()
         skip, exhausted = 0, False
@@ -288,8 +293,8 @@ class OwnViews:
             if len(ids) < want:
                 exhausted = True
                 break
-        if len(found.items) < needed and not exhausted:
-            return await self._full_read(request, "history", count, fallback)
+        if found.failed or (len(found.items) < needed and not exhausted):
+            return await self._full_read(request, "history", count, fallback, found)
         items = found.items
         if plan.newest_first:  # looked up newest first: back to submission order
             items = dict(reversed(items.items()))
@@ -313,20 +318,22 @@ class OwnViews:
         if count == 0:
             return await probe()
         if count > budget:
-            return await self._full_read(request, "jobs", count, fallback)
+            return await self._full_read(request, "jobs", count, fallback, None)
         lookups = Lookups(request, owner, self._suspects)
         found = Found()
         ids = await store.indexed(owner, newest_first=False, count=budget)
         await lookups.fetch(ids, jobs=True, into=found)
         if found.no_jobs_api:
             return await fallback()  # ComfyUI's own answer for a route it does not have
+        if found.failed:
+            return await self._full_read(request, "jobs", count, fallback, found)
         await lookups.prune(found.gone)
         answer = views.jobs_answer(jobs_listing_order(found.items), query)
         return self._respond(request, found, answer)
 
     @staticmethod
     async def _full_read(
-        request: web.Request, view: str, count: int, fallback: Fallback
+        request: web.Request, view: str, count: int, fallback: Fallback, found: Found | None
     ) -> web.StreamResponse:
         request.app[METRICS].upstream_errors.labels("*", "view_full_read").inc()
         log.info(
@@ -334,19 +341,16 @@ class OwnViews:
             request_id=request[CONTEXT].request_id,
             view=view,
             own_prompts=count,
+            reason="lookup_failed" if found is not None else "over_limit",
             limit=request.app[SETTINGS].isolation.view_lookups,
         )
         return await fallback()
 
     @staticmethod
     def _respond(request: web.Request, found: Found, payload: object) -> web.StreamResponse:
-        """The view as ComfyUI's JSON answer; 502 when ComfyUI (one instance) did not answer,
-        the ``Comfygate-Degraded`` header when some of several instances did not."""
+        """The view as ComfyUI's JSON answer, accounted like a merged one."""
         pool = request.app[POOL]
-        missing = list(found.missing.values())
-        if missing and not is_multi(pool):
-            raise UpstreamUnavailable("ComfyUI did not answer the history lookups")
-        gathered = Gathered([], missing, found.seconds)
+        gathered = Gathered([], [], found.seconds)
         response = json_response(request, gathered, 200, orjson.dumps(payload))
         if not is_multi(pool):
             request[CONTEXT].upstream = pool.home().name

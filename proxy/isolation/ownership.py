@@ -248,7 +248,8 @@ redis.call('EXPIRE', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: the owner's index, their view index. ARGV: now, retention (s), the view index's cap.
+# KEYS: the owner's index, their view index. ARGV: now, retention (s), the view index's cap,
+# ttl (whole s).
 # Fills the view index of an owner whose prompts were recorded before view indexes existed,
 # once (the ``""`` member at score 0 marks it done; real entries score their submission time).
 BACKFILL_VIEW_LUA = """
@@ -259,7 +260,7 @@ for i = 1, #owned, 2 do
 end
 redis.call('ZADD', KEYS[2], 0, '')
 redis.call('ZREMRANGEBYRANK', KEYS[2], 1, -(tonumber(ARGV[3]) + 1))
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -390,7 +391,7 @@ class RedisOwnershipStore:
         now, ttl = time.time(), max(1, int(self._retention))
         if isinstance(self._redis, redis.Redis):
             await self._redis.eval(
-                BACKFILL_VIEW_LUA, 2, index, view, now, self._retention, VIEW_INDEX_MAX
+                BACKFILL_VIEW_LUA, 2, index, view, now, self._retention, VIEW_INDEX_MAX, ttl
             )
         elif await self._redis.zscore(view, "") is None:  # a cluster: two slots, two steps
             owned = await self._redis.zrangebyscore(index, now, "+inf", withscores=True)

@@ -138,7 +138,7 @@ class ReadGuard:
             # through (allow_routes), it still only clears its own entries here.
             rewritten = views.history_delete_body(body, await ownership.prompts_of(owner))
             if rewritten is not None:
-                await self._unindex_deleted(request, ownership, owner, rewritten["delete"])
+                await self._unindex_deleted(request, ownership, owner, body, rewritten["delete"])
             self._replace_body(ctx, rewritten)
             return
         if request.method not in ("GET", "HEAD"):
@@ -185,14 +185,23 @@ class ReadGuard:
 
     @staticmethod
     async def _unindex_deleted(
-        request: web.Request, ownership: OwnershipStore, owner: str, ids: list[str]
+        request: web.Request,
+        ownership: OwnershipStore,
+        owner: str,
+        body: dict[str, Any],
+        ids: list[str],
     ) -> None:
-        """Deleted history entries leave their owner's view index. A prompt still queued or
-        running is not in history yet (ComfyUI's delete is a no-op for it): it stays."""
-        queue = await fetch_queue(request)
-        in_flight = {*views.queue_ids(queue, "queue_running")}
-        in_flight.update(views.queue_ids(queue, "queue_pending"))
-        await ownership.unindex(owner, [i for i in ids if i not in in_flight])
+        """Deleted history entries leave their owner's view index (the ids a ``delete`` names
+        are entries the client saw in history). A clear deletes every own id, also those still
+        queued or running, which are not in history yet (ComfyUI's delete is a no-op for them):
+        those stay, as ComfyUI's queue lists them now."""
+        if body.get("clear"):
+            queue = await fetch_queue(request)
+            in_flight = {*views.queue_ids(queue, "queue_running")}
+            in_flight.update(views.queue_ids(queue, "queue_pending"))
+            named = {i for i in body.get("delete") or () if isinstance(i, str)}
+            ids = [i for i in ids if i in named or i not in in_flight]
+        await ownership.unindex(owner, ids)
 
     async def _record_history_files(
         self, ownership: OwnershipStore, owner: str, history: dict[str, Any]

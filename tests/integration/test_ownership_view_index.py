@@ -28,7 +28,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[OwnershipStore]
         return
     url: str = request.getfixturevalue("redis_url")
     client = redis.Redis.from_url(url)
-    store = RedisOwnershipStore(client, 3600)
+    store = RedisOwnershipStore(client, 3600.5)  # not whole seconds, as 7 * 24 * 3600.0 is not
     yield store
     await store.aclose()
     await client.aclose()
@@ -111,10 +111,10 @@ async def test_owners_recorded_before_view_indexes_are_backfilled(
     connection = connect(RedisSettings(**redis_backend.settings))
     assert connection is not None
     client = connection.client
-    store = RedisOwnershipStore(client, 3600)
+    store = RedisOwnershipStore(client, 604800.0)
     try:
         now = time.time()
-        legacy = {"old1": now - 100 + 3600, "old2": now - 50 + 3600, "gone": now - 10}
+        legacy = {"old1": now - 100 + 604800, "old2": now - 50 + 604800, "gone": now - 10}
         await client.zadd("comfygate:own:owner:alice", legacy)
         await store.record_prompt(record("new1", "alice"))
         assert await store.indexed("alice", newest_first=False, count=9) == [
@@ -123,7 +123,7 @@ async def test_owners_recorded_before_view_indexes_are_backfilled(
             "new1",
         ]
         await store.unindex("alice", ["old1"])
-        fresh = RedisOwnershipStore(client, 3600)  # another replica: the mark is shared
+        fresh = RedisOwnershipStore(client, 604800.0)  # another replica: the mark is shared
         assert await fresh.indexed("alice", newest_first=True, count=9) == ["new1", "old2"]
         assert await fresh.indexed_count("alice") == 2
     finally:
