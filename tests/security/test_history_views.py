@@ -74,27 +74,8 @@ async def submit(client: Client, direct: aiohttp.ClientSession, owner: str) -> s
 
 
 def others_entries(fake: FakeComfyUI, count: int) -> set[str]:
-    """``count`` finished prompts of nobody the proxy knows, straight into ComfyUI's history
-    (their shape as ComfyUI stores them; running them would take minutes)."""
-    ids: set[str] = set()
-    now = int(time.time() * 1000)
-    for n in range(count):
-        prompt_id = str(uuid.uuid4())
-        ids.add(prompt_id)
-        fake.queue.history[prompt_id] = {
-            "prompt": [n, prompt_id, {}, {"create_time": now}, ["2"]],
-            "outputs": {},
-            "status": {
-                "status_str": "success",
-                "completed": True,
-                "messages": [
-                    ["execution_start", {"prompt_id": prompt_id, "timestamp": now}],
-                    ["execution_success", {"prompt_id": prompt_id, "timestamp": now}],
-                ],
-            },
-            "meta": {},
-        }
-    return ids
+    """``count`` finished prompts of nobody the proxy knows, in ComfyUI's history."""
+    return set(fake.queue.preload_history(count))
 
 
 def query(**params: str | None) -> str:
