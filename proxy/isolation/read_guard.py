@@ -7,15 +7,17 @@ sockets' client ids are still namespaced, as every submitted prompt's are).
 Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
 
 ==========================================  ================================================
-``GET /history``                            only the caller's entries; ``max_items``/``offset``
-                                            dropped upstream and applied to the caller's list
+``GET /history``                            only the caller's entries, read one by one from
+                                            their view index, ComfyUI's ``max_items``/``offset``
+                                            applied to their list (``own_views``)
 ``GET /history/{id}``                       ``{}`` for others' ids (as for an unknown id)
 ``POST /history``                           ``delete`` of own ids only; ``clear`` -> ``delete``
                                             of own ids; nothing left -> 200 without upstream
 ``GET /queue``                              own items in full, others' as placeholders
 ``POST /queue``                             ``delete`` of own ids only; ``clear`` -> ``delete``
                                             of own pending ids (read from upstream ``/queue``)
-``GET /api/jobs``                           own jobs, fetched unpaginated, paginated here
+``GET /api/jobs``                           own jobs, read one by one, filtered, sorted and
+                                            paginated here as ComfyUI does (``own_views``)
 ``GET /api/jobs/{id}[/...]``                others: 404 ``{"error": "Job not found"}``
 ``POST /api/jobs/{id}/cancel``              others: 200 ``{"cancelled": false}``, no upstream
 ``POST /api/jobs/cancel``                   others' ids dropped from ``job_ids``
