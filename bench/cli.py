@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench import multi_history, multi_placement, policy_cost, report
+from bench import multi_history, multi_placement, own_history, policy_cost, report
 from bench.fixtures import Fixtures, place_files
 from bench.loadgen import pick_load_generator
 from bench.procs import (
@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-logs", action="store_true", help="copy process logs to .bench/")
     p.add_argument("--list", action="store_true", help="list scenarios and targets, then exit")
     p.add_argument("--no-multi", action="store_true", help="skip the multi-instance run")
+    p.add_argument(
+        "--view-others",
+        type=int,
+        default=own_history.OTHERS,
+        help="entries of other users in ComfyUI for the tenant-view run (10000)",
+    )
     return p.parse_args(argv)
 
 
@@ -135,6 +141,7 @@ class Bench:
         self.foreign = ForeignCpu()
         self.multi: dict[str, Any] = {}
         self.policy: dict[str, Any] = {}
+        self.views: dict[str, Any] = {}
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -242,6 +249,24 @@ class Bench:
             except Exception as exc:
                 self.problems.append(f"multi-instance history: {type(exc).__name__}: {exc}")
                 self.log(f"!! multi-instance history: {exc}")
+            self.log("")
+
+        if not only or "views" in only:
+            # A user's history and jobs with everyone else's history in ComfyUI (own processes).
+            try:
+                self.views = await own_history.run(
+                    self.group,
+                    tmp,
+                    cg_cmd,
+                    reps=self.opts.reps,
+                    others=self.args.view_others,
+                    duration=self.opts.duration,
+                    log=self.log,
+                    loadgen=loadgen,
+                )
+            except Exception as exc:
+                self.problems.append(f"tenant views: {type(exc).__name__}: {exc}")
+                self.log(f"!! tenant views: {exc}")
             self.log("")
 
         if not only or "policy" in only:
@@ -374,6 +399,7 @@ class Bench:
             "problems": self.problems,
             "multi_instance": self.multi,
             "workflow_policy": self.policy,
+            "tenant_views": self.views,
             "load_average": {"start": self.load_start, "end": os.getloadavg()},
             "seconds": elapsed,
         }
@@ -390,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'multi':14} POST /prompt through 1 vs 4 instances: placement overhead")
         print(f"{'multi':14} GET /history merged over 4 instances vs 1 (same history)")
         print(f"{'policy':14} POST /prompt, 200-node workflow: workflow policy on vs off")
+        print(f"{'views':14} a user's GET /history, /api/jobs with 10,000 others' entries")
         for t in default_targets():
             print(f"target {t.name:12} {t.kind:10} {t.description}")
         return 0

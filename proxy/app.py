@@ -109,7 +109,10 @@ from proxy.workflow.request import PromptGuard
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """The terminal handler for ComfyUI's surface: WebSocket relay or HTTP forward."""
-    rule = request[CONTEXT].rule
+    ctx = request[CONTEXT]
+    if ctx.answer is not None:  # a guard builds this answer itself (tenant history/jobs views)
+        return await ctx.answer(request)
+    rule = ctx.rule
     multi = is_multi(request.app[POOL])  # several instances: merged views, sticky, fan-in
     if rule.websocket and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
         return await (relay_websocket_multi if multi else relay_websocket)(request)

@@ -249,6 +249,10 @@ class IsolationSettings(_Section):
     """Node classes whose ``temp/`` files (named by ComfyUI, not by an input) become the
     submitter's when their UI output names them. Only list nodes that never echo a file name
     taken from an input."""
+    view_lookups: int = Field(default=256, ge=1)
+    """Most prompts one tenant ``/history`` or ``/api/jobs`` request looks up one by one
+    (``GET /history/{id}``, ``/api/jobs/{id}``); a request that needs more is answered from one
+    full read of ComfyUI's history, filtered (``proxy.isolation.own_views``)."""
 
     @field_validator("shared_input_folders")
     @classmethod

@@ -79,6 +79,9 @@ class RequestContext:
     """The WebSocket handshake was answered (101): the request's status from then on."""
     target: Upstream | None = None
     """The instance this request must go to (sticky routing, placement); None: the home one."""
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
+    """Set by a guard that builds the answer itself from several upstream reads (a tenant's
+    history and jobs views): the terminal handler calls it instead of forwarding."""
     failover: Failover | None = None
     """Set by placement on ``POST /prompt``: sends the submission, moving it to the next
     candidate instance when one refuses it (``proxy.upstream.placement_guard``)."""

@@ -7,15 +7,17 @@ sockets' client ids are still namespaced, as every submitted prompt's are).
 Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
 
 ==========================================  ================================================
-``GET /history``                            only the caller's entries; ``max_items``/``offset``
-                                            dropped upstream and applied to the caller's list
+``GET /history``                            only the caller's entries, read one by one from
+                                            their view index, ComfyUI's ``max_items``/``offset``
+                                            applied to their list (``own_views``)
 ``GET /history/{id}``                       ``{}`` for others' ids (as for an unknown id)
 ``POST /history``                           ``delete`` of own ids only; ``clear`` -> ``delete``
                                             of own ids; nothing left -> 200 without upstream
 ``GET /queue``                              own items in full, others' as placeholders
 ``POST /queue``                             ``delete`` of own ids only; ``clear`` -> ``delete``
                                             of own pending ids (read from upstream ``/queue``)
-``GET /api/jobs``                           own jobs, fetched unpaginated, paginated here
+``GET /api/jobs``                           own jobs, read one by one, filtered, sorted and
+                                            paginated here as ComfyUI does (``own_views``)
 ``GET /api/jobs/{id}[/...]``                others: 404 ``{"error": "Job not found"}``
 ``POST /api/jobs/{id}/cancel``              others: 200 ``{"cancelled": false}``, no upstream
 ``POST /api/jobs/cancel``                   others' ids dropped from ``job_ids``
@@ -53,13 +55,14 @@ from proxy.isolation import views
 from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
+from proxy.isolation.own_views import OwnViews
 from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.limits.bodies import read_json_body
 from proxy.state import METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
-from proxy.upstream.forward import map_client_error
+from proxy.upstream.forward import forward_http, map_client_error
 from proxy.upstream.merge import fetch_merged_queue, parsed_answer
-from proxy.upstream.multi import MULTI
+from proxy.upstream.multi import MULTI, dispatch_multi, is_multi
 
 HISTORY_PAGING = ("max_items", "offset")
 JOBS_PAGING = ("limit", "offset")
@@ -97,6 +100,8 @@ class ReadGuard:
         self._key = placeholder_key or secrets.token_bytes(32)
         """Keys the queue placeholders (stable for the process, not reversible)."""
         self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._views = OwnViews()
+        """Tenants' history and jobs views from their own prompts (proxy.isolation.own_views)."""
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         settings = request.app[SETTINGS]
@@ -134,17 +139,18 @@ class ReadGuard:
             # A non-admin's clear is normally refused by RoleGuard already; if a role is let
             # through (allow_routes), it still only clears its own entries here.
             rewritten = views.history_delete_body(body, await ownership.prompts_of(owner))
+            if rewritten is not None:
+                await self._unindex_deleted(request, ownership, owner, body, rewritten["delete"])
             self._replace_body(ctx, rewritten)
             return
         if request.method not in ("GET", "HEAD"):
             return
         max_items = offset = None
+        paged = False
         if ctx.path == "/history":
             max_items = views.parse_int(views.query_value(ctx.upstream_path, "max_items"))
             offset = views.parse_int(views.query_value(ctx.upstream_path, "offset"))
-            if _valid_ints(ctx.upstream_path, HISTORY_PAGING):
-                # Paging applies to the caller's own list: fetch everything, page it here.
-                ctx.upstream_path = views.without_query_params(ctx.upstream_path, HISTORY_PAGING)
+            paged = _valid_ints(ctx.upstream_path, HISTORY_PAGING)
 
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
@@ -154,7 +160,50 @@ class ReadGuard:
             await self._record_history_files(ownership, owner, mine)
             return orjson.dumps(views.history_window(mine, max_items, offset))
 
-        ctx.rewrite_response = rewrite
+        if not paged:  # /history/{id}, or a non-integer ComfyUI fails on (its own 500)
+            ctx.rewrite_response = rewrite
+            return
+
+        async def full_read() -> web.StreamResponse:
+            # Paging applies to the caller's own list: fetch everything, page it here.
+            ctx.upstream_path = views.without_query_params(ctx.upstream_path, HISTORY_PAGING)
+            ctx.rewrite_response = rewrite
+            return await _forward(request)
+
+        async def record_files(history: dict[str, Any]) -> None:
+            await self._record_history_files(ownership, owner, history)
+
+        async def own_history(request: web.Request) -> web.StreamResponse:
+            return await self._views.history(
+                request,
+                owner,
+                max_items=max_items,
+                offset=offset,
+                fallback=full_read,
+                record_files=record_files,
+            )
+
+        ctx.answer = own_history
+
+    @staticmethod
+    async def _unindex_deleted(
+        request: web.Request,
+        ownership: OwnershipStore,
+        owner: str,
+        body: dict[str, Any],
+        ids: list[str],
+    ) -> None:
+        """Deleted history entries leave their owner's view index (the ids a ``delete`` names
+        are entries the client saw in history). A clear deletes every own id, also those still
+        queued or running, which are not in history yet (ComfyUI's delete is a no-op for them):
+        those stay, as ComfyUI's queue lists them now."""
+        if body.get("clear"):
+            queue = await fetch_queue(request)
+            in_flight = {*views.queue_ids(queue, "queue_running")}
+            in_flight.update(views.queue_ids(queue, "queue_pending"))
+            named = {i for i in body.get("delete") or () if isinstance(i, str)}
+            ids = [i for i in ids if i in named or i not in in_flight]
+        await ownership.unindex(owner, ids)
 
     async def _record_history_files(
         self, ownership: OwnershipStore, owner: str, history: dict[str, Any]
@@ -217,7 +266,7 @@ class ReadGuard:
         method = request.method
         if not segments:  # the list
             if method in ("GET", "HEAD"):
-                self._jobs_list(ctx, ownership, owner)
+                self._jobs_list(request, ctx, ownership, owner)
             return
         if segments == ["cancel"] and method == "POST":
             await self._jobs_cancel_many(request, ctx, ownership, owner)
@@ -247,20 +296,49 @@ class ReadGuard:
 
             ctx.rewrite_response = rewrite
 
-    def _jobs_list(self, ctx: RequestContext, ownership: OwnershipStore, owner: str) -> None:
+    def _jobs_list(
+        self, request: web.Request, ctx: RequestContext, ownership: OwnershipStore, owner: str
+    ) -> None:
+        query = views.jobs_query(ctx.upstream_path)
         page = views.jobs_page_params(ctx.upstream_path)
         offset, limit = page if page is not None else (0, None)
-        if page is not None:
+
+        def filtered(own: Callable[[], Awaitable[Collection[str]]]) -> Rewrite:
+            async def rewrite(status: int, body: bytes) -> bytes:
+                if status != 200:
+                    return body  # e.g. ComfyUI's own 400 for bad parameters
+                return orjson.dumps(views.filter_jobs(_loads(body), await own(), offset, limit))
+
+            return rewrite
+
+        async def owned() -> Collection[str]:
+            return await ownership.prompts_of(owner)
+
+        async def nothing() -> Collection[str]:
+            return ()
+
+        if query is None:  # ComfyUI refuses the parameters: its own 400, from ComfyUI
+            ctx.rewrite_response = filtered(owned)
+            return
+
+        async def full_read() -> web.StreamResponse:
             # Totals must count the caller's jobs only: fetch the whole list, page it here.
             ctx.upstream_path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
+            ctx.rewrite_response = filtered(owned)
+            return await _forward(request)
 
-        async def rewrite(status: int, body: bytes) -> bytes:
-            if status != 200:
-                return body  # e.g. ComfyUI's own 400 for bad parameters
-            owned = await ownership.prompts_of(owner)
-            return orjson.dumps(views.filter_jobs(_loads(body), owned, offset, limit))
+        async def probe() -> web.StreamResponse:
+            # No prompt of the caller: ComfyUI's answer for one job of anyone's, emptied (its
+            # own answer where it has no /api/jobs).
+            path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
+            ctx.upstream_path = views.with_query_param(path, "limit", "1")
+            ctx.rewrite_response = filtered(nothing)
+            return await _forward(request)
 
-        ctx.rewrite_response = rewrite
+        async def own_jobs(request: web.Request) -> web.StreamResponse:
+            return await self._views.jobs(request, owner, query, full_read, probe)
+
+        ctx.answer = own_jobs
 
     async def _jobs_cancel_many(
         self, request: web.Request, ctx: RequestContext, ownership: OwnershipStore, owner: str
@@ -358,6 +436,13 @@ async def fetch_queue(request: web.Request) -> object:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         raise UpstreamUnavailable("ComfyUI's queue answer is not JSON") from None
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
+    """The terminal handler's path for the request as the guard left it (a full read)."""
+    if is_multi(request.app[POOL]):
+        return await dispatch_multi(request)
+    return await forward_http(request)
 
 
 def _answer(ctx: RequestContext, status: int, payload: object | None = None) -> LocalAnswer:

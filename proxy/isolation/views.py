@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
@@ -280,6 +281,101 @@ def filter_jobs(
     return out
 
 
+JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+JOB_DETAIL_KEYS = ("outputs", "execution_status", "workflow")
+"""What ``GET /api/jobs/{id}`` adds to the list item of the same job (protocol doc 2.4)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobsQuery:
+    """The parameters of a ``GET /api/jobs`` as ComfyUI reads them."""
+
+    statuses: tuple[str, ...]
+    workflow_id: str | None
+    sort_by: str
+    descending: bool
+    offset: int
+    limit: int | None
+
+
+def jobs_query(raw_path: str) -> JobsQuery | None:
+    """The query of a ``GET /api/jobs``, validated as ComfyUI validates it; None when ComfyUI
+    would answer 400 (the request then goes to ComfyUI for its own error)."""
+    raw_status = query_value(raw_path, "status")
+    statuses: tuple[str, ...] = JOB_STATUSES
+    if raw_status:
+        statuses = tuple(s.strip() for s in raw_status.split(",") if s.strip())
+        if any(s not in JOB_STATUSES for s in statuses):
+            return None
+    sort_by = query_value(raw_path, "sort_by")
+    sort_order = query_value(raw_path, "sort_order")
+    page = jobs_page_params(raw_path)
+    if (
+        page is None
+        or (sort_by is not None and sort_by not in ("created_at", "execution_duration"))
+        or (sort_order is not None and sort_order not in ("asc", "desc"))
+    ):
+        return None
+    return JobsQuery(
+        statuses=statuses,
+        workflow_id=query_value(raw_path, "workflow_id") or None,
+        sort_by=sort_by or "created_at",
+        descending=sort_order != "asc",
+        offset=page[0],
+        limit=page[1],
+    )
+
+
+def job_list_item(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's list item from its ``GET /api/jobs/{id}`` detail."""
+    return {k: v for k, v in detail.items() if k not in JOB_DETAIL_KEYS}
+
+
+def _job_sort_key(sort_by: str) -> Callable[[Mapping[str, Any]], Any]:
+    """ComfyUI's sort key (``comfy_execution/jobs.py``): ``create_time``, or the execution's
+    duration (0 when it has not both ends)."""
+
+    def key(job: Mapping[str, Any]) -> Any:
+        if sort_by == "execution_duration":
+            start, end = job.get("execution_start_time", 0), job.get("execution_end_time", 0)
+            return end - start if _number(start) and _number(end) and start and end else 0
+        created = job.get("create_time", 0)
+        return created if _number(created) else 0
+
+    return key
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def jobs_answer(jobs: Iterable[Mapping[str, Any]], query: JobsQuery) -> dict[str, Any]:
+    """``GET /api/jobs``'s answer over ``jobs`` (list items in ComfyUI's listing order:
+    running, pending, then history), filtered, sorted and paginated as ComfyUI does."""
+    wanted = set(query.statuses)
+    found = [
+        j
+        for j in jobs
+        if j.get("status") in wanted
+        and (not query.workflow_id or j.get("workflow_id") == query.workflow_id)
+    ]
+    # sorted() is stable, also reversed: ties keep ComfyUI's listing order, as there.
+    found = sorted(found, key=_job_sort_key(query.sort_by), reverse=query.descending)
+    total = len(found)
+    page = found[query.offset :] if query.offset > 0 else found
+    if query.limit is not None:
+        page = page[: query.limit]
+    return {
+        "jobs": page,
+        "pagination": {
+            "offset": query.offset,
+            "limit": query.limit,
+            "total": total,
+            "has_more": query.offset + len(page) < total,
+        },
+    }
+
+
 def is_canonical_uuid(value: object) -> bool:
     """ComfyUI's job id rule: a canonical lowercase hyphenated UUID."""
     if not isinstance(value, str):
@@ -302,13 +398,18 @@ def jobs_cancel_ids(ids: list[Any], owned: Collection[str]) -> list[Any]:
 
 __all__ = [
     "EMPTY_QUEUE",
+    "JOB_STATUSES",
+    "JobsQuery",
     "filter_history",
     "filter_jobs",
     "history_delete_body",
     "history_window",
     "is_canonical_uuid",
+    "job_list_item",
+    "jobs_answer",
     "jobs_cancel_ids",
     "jobs_page_params",
+    "jobs_query",
     "node_files",
     "output_files",
     "parse_int",

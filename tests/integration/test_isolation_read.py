@@ -125,11 +125,11 @@ async def test_history_shows_only_own_prompts(
     assert list(await get_json(client, "/api/history/" + a1, A)) == [a1]
     assert list(await get_json(client, "/api/history", ADMIN)) == [a1, b1, a2]
 
-    # Paging applies to A's own list (ComfyUI's semantics), fetched whole from upstream with
-    # every other parameter byte-exact.
+    # Paging applies to A's own list (ComfyUI's semantics), read prompt by prompt: only what
+    # the window needs, never ComfyUI's whole history (proxy.isolation.own_views).
     fake_comfy.reset()
     assert list(await get_json(client, "/api/history?max_items=1&x=%26", A)) == [a2]
-    assert requests_to(fake_comfy, "GET", "/api/history")[0].raw_path == "/api/history?x=%26"
+    assert [r.raw_path for r in fake_comfy.received] == [f"/api/history/{a2}"]
     assert list(await get_json(client, "/api/history?max_items=1&offset=0", A)) == [a1]
     assert list(await get_json(client, "/api/history?offset=1", A)) == [a2]
     assert list(await get_json(client, "/api/history?max_items=5", A)) == [a1, a2]
@@ -329,7 +329,10 @@ async def test_jobs_filtered_paginated_and_cancel_only_own(
     page = await get_json(client, "/api/jobs?limit=1&offset=0&sort_order=asc", B)
     assert [j["id"] for j in page["jobs"]] == [b1]
     assert page["pagination"] == {"offset": 0, "limit": 1, "total": 2, "has_more": True}
-    assert requests_to(fake_comfy, "GET", "/api/jobs")[0].raw_path == "/api/jobs?sort_order=asc"
+    # B's own jobs, each read on its own: ComfyUI's whole list is never fetched.
+    assert sorted(r.raw_path for r in fake_comfy.received) == sorted(
+        f"/api/jobs/{p}" for p in (b1, b_pending)
+    )
     page = await get_json(client, "/api/jobs?status=completed&limit=1&offset=1", A)
     assert page["pagination"] == {"offset": 1, "limit": 1, "total": 2, "has_more": False}
     assert [j["id"] for j in page["jobs"]] in ([a1], [a2])

@@ -188,13 +188,18 @@ async def test_a_slow_instance_degrades_the_answer_without_blocking_it(
     a1 = await run_on(client, fakes[0], ALICE)
     a2 = await run_on(client, fakes[1], ALICE)
     started = time.perf_counter()
-    async with client.get("/history", headers=A) as resp:
+    async with client.get("/history", headers=ADMIN) as resp:  # merged: every instance
         assert resp.status == 200
         assert list(await resp.json()) == [a1, a2]
         assert resp.headers["Comfygate-Degraded"] == black_hole.removeprefix("http://")
     assert time.perf_counter() - started < 3  # the hung instance cost its timeout, no more
     assert await get_json(client, "/prompt", A) == {"exec_info": {"queue_remaining": 0}}
     assert (await get_json(client, "/queue", A))["queue_running"] == []
+    assert [j["id"] for j in (await get_json(client, "/api/jobs", ADMIN))["jobs"]] == [a2, a1]
+    # A tenant's views ask only the instances of their own prompts: complete, not degraded.
+    async with client.get("/history", headers=A) as resp:
+        assert list(await resp.json()) == [a1, a2]
+        assert "Comfygate-Degraded" not in resp.headers
     assert [j["id"] for j in (await get_json(client, "/api/jobs", A))["jobs"]] == [a2, a1]
     registry = client.app[METRICS].registry
     labels = {"upstream": black_hole.removeprefix("http://"), "kind": "merge_timeout"}

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-upload-size", type=float, default=100, help="MB, like ComfyUI")
     parser.add_argument("--record", action="store_true", help="keep the request log (memory!)")
     parser.add_argument("--enable-compress-response-body", action="store_true")
+    parser.add_argument(
+        "--history-entries", type=int, default=0, help="finished prompts of nobody's at start"
+    )
     return parser.parse_args(argv)
 
 
@@ -40,6 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
         record=args.record,
         compress_responses=args.enable_compress_response_body,
     )
+    fake.queue.preload_history(args.history_entries, padding=1400)  # ~2 KB entries
     port = await fake.start(args.host, args.port)
     print(f"fake ComfyUI on http://{args.host}:{port} (root {root})", flush=True)
     try:
