@@ -23,6 +23,7 @@ from yarl import URL
 
 from proxy.auth.principal import comfy_user_id
 from proxy.routes import classify, normalise_path
+from proxy.target import canonical_target
 from proxy.userdata.handler import parse_call, upstream_target
 from proxy.userdata.paths import PREFIX_ROOT
 from tests.browser.conftest import (
@@ -74,14 +75,16 @@ OWN_FOLDER = (PREFIX_ROOT, comfy_user_id(USERNAME))
 
 def as_forwarded(method: str, target: str) -> str | None:
     """The target the proxy sends the fake for the browser's ``method target`` (under the base
-    path); None for ``/settings``, which the proxy answers from user data requests of its own."""
+    path), in the proxy's own encoding (proxy.target); None for what the proxy builds from
+    requests of its own: ``/settings`` (from user data requests) and the signed-in user's
+    ``GET /history`` (from ``/history/{id}`` of their own prompts, proxy.isolation.own_views)."""
     path, _, query = target.partition("?")
     normalised, prefixed = normalise_path(path)
     rule = classify(method, normalised, prefixed=prefixed).name
-    if rule == "settings":
+    if rule == "settings" or (rule == "history" and method == "GET" and normalised == "/history"):
         return None
     if rule != "userdata":
-        return target
+        return canonical_target(method, target, host=None).upstream
     call = parse_call(method, normalised, URL.build(query_string=query, encoded=True).query)
     return upstream_target(call, OWN_FOLDER, "/api" if prefixed else "")
 
@@ -90,7 +93,15 @@ def is_relayed(answer: Answered) -> bool:
     """A client's request the proxy relayed (its own checks, such as whether ComfyUI runs
     with --multi-user, carry no request id), other than the settings reads and writes."""
     own_settings = "/".join(OWN_FOLDER) + "/comfy.settings.json"
-    return "X-Request-ID" in answer.headers and own_settings not in unquote(answer.raw_path)
+    path = urlsplit(answer.raw_path).path
+    # The proxy's own reads of the user's prompts, one by one, for their GET /history
+    # (the stock frontend itself never asks /history/{id}).
+    own_view = answer.method == "GET" and "/history/" in path
+    return (
+        "X-Request-ID" in answer.headers
+        and own_settings not in unquote(answer.raw_path)
+        and not own_view
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +149,7 @@ async def assert_relayed_faithfully(
     changed: list[tuple[Exchange, set[int]]] = []
     for exchange in local:
         target = as_forwarded(exchange.method, exchange.target[len(prefix) :])
-        if target is None:  # /settings: answered by the proxy from the user's folder
+        if target is None:  # built by the proxy from requests of its own (as_forwarded)
             assert exchange.status == 200, exchange
             continue
         seen = answered.get((exchange.method, target)) or answered.get(
