@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from proxy import __version__
+from proxy import __version__, init_cli
 from proxy.auth import cli as auth_cli
 from proxy.auth.settings import DEFAULT_ROLES
 from proxy.errors import SettingsError
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(check)
     auth_cli.register(sub)  # user add|remove|list|passwd, token create|revoke
+    init_cli.register(sub)  # init: a first configuration, secrets and an admin
     isolation_cli.register(sub)  # folders SUBJECT...
     return parser
 
@@ -132,6 +133,8 @@ def _run(settings: Settings, config_path: str | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "init":  # writes a configuration: reads none
+        return init_cli.run(args)
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except SettingsError as exc:
