@@ -102,12 +102,12 @@ def _describe_roles(settings: Settings) -> str:
 
 def _check_config(settings: Settings) -> int:
     """``check-config``: everything ``serve`` would refuse (exit 2, nothing on stdout), else the
-    settings on stdout; warnings and the effective roles on stderr either way."""
+    settings on stdout, and the warnings and the effective roles on stderr."""
     report = preflight(settings)
-    sys.stderr.write(format_warnings(report.warnings))
-    if not report.ok:
+    if not report.ok:  # the refusals alone, exactly what serve prints
         print(report.message(), file=sys.stderr)
         return 2
+    sys.stderr.write(format_warnings(report.warnings))
     sys.stderr.write(_describe_roles(settings))
     print(json.dumps(redacted(settings), indent=2))
     return 0
