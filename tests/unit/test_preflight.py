@@ -154,7 +154,9 @@ def test_redis_tls_files_must_load(tmp_path: Path, capsys: pytest.CaptureFixture
     assert problem.startswith("redis.tls_ca_certs: not a PEM CA bundle")
 
 
-def test_redis_url_that_redis_py_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_redis_url_that_redis_py_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path / "c.toml", '[redis]\nurl = "redis://:hunter2@host:port/0"\n')
     [problem] = assert_refused_alike(path, capsys)
     assert problem.startswith("redis.url: ")

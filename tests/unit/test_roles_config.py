@@ -58,12 +58,12 @@ submit = { rate = "10/minute", burst = 2 }
 
 
 def test_replacing_the_builtin_roles_is_explicit(tmp_path: Path) -> None:
-    text = '[auth]\nbuiltin_roles = false\n[roles.operator]\nadmin = true\n'
+    text = "[auth]\nbuiltin_roles = false\n[roles.operator]\nadmin = true\n"
     settings = from_toml(tmp_path, text)
     assert list(settings.roles) == ["operator"]
     # The environment can say it too (values arrive as strings).
     env = {"COMFYGATE_AUTH__BUILTIN_ROLES": "false"}
-    settings = from_toml(tmp_path, '[roles.operator]\nadmin = true\n', environ=env)
+    settings = from_toml(tmp_path, "[roles.operator]\nadmin = true\n", environ=env)
     assert list(settings.roles) == ["operator"]
 
 
