@@ -150,12 +150,12 @@ def run(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
-    prompt: Callable[[str], str] = getpass.getpass,
+    prompt: Callable[[str], str] | None = None,
 ) -> int:
     """``comfygate init``; the exit status (0 written, 2 refused: nothing was changed)."""
     inp, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     try:
-        layout, password, generated = _prepare(args, inp, prompt)
+        layout, password, generated = _prepare(args, inp, prompt or getpass.getpass)
         replaced = _write(layout, args, password)
         config = load_settings(layout.config, environ={})
         check_startup(config)  # what serve will check: the files just written load
