@@ -76,8 +76,10 @@ def test_init_writes_a_configuration_that_starts(
         values.add(secret_file.read_text().strip())
     assert mode(directory / "secrets") == 0o700
     assert mode(config) == 0o600
-    assert {len(v) for v in values} == {64} and len(values) == 3
-    assert settings.auth.jwt.secret in values and settings.auth.session.secret in values
+    assert {len(v) for v in values} == {64}
+    assert len(values) == 3
+    assert settings.auth.jwt.secret in values
+    assert settings.auth.session.secret in values
     assert settings.isolation.folder_secret in values
     assert not any(v in config.read_text() for v in values)  # referenced, never inline
     # The admin, with the password printed once (stdin is not a terminal: generated).
@@ -85,7 +87,8 @@ def test_init_writes_a_configuration_that_starts(
     users = UsersFile(settings.auth.login.users_file)
     users.load()
     record = users.verify("admin", password)
-    assert record is not None and record.roles == ("admin",)
+    assert record is not None
+    assert record.roles == ("admin",)
     assert mode(directory / "users.toml") == 0o600
     # The next commands, in order, with this configuration.
     steps = [
@@ -107,10 +110,13 @@ def test_init_never_overwrites_without_force(
     before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
     status, out, err = init(monkeypatch, capsys, "--dir", str(directory), "--admin", "root")
     assert (status, out) == (2, "")
-    assert "already exist" in err and "--force" in err
+    assert "already exist" in err
+    assert "--force" in err
     assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
     # --force: new secrets, a users file with the new admin alone, and a word on folders.
-    status, out, _ = init(monkeypatch, capsys, "--dir", str(directory), "--admin", "root", "--force")
+    status, out, _ = init(
+        monkeypatch, capsys, "--dir", str(directory), "--admin", "root", "--force"
+    )
     assert status == 0
     assert "Replaced the folder secret" in out
     folder = directory / "secrets" / "folder_secret"
@@ -135,7 +141,8 @@ def test_init_password_from_prompt_or_stdin(
 
     args = ("--dir", str(tmp_path / "b"), "--password-stdin")
     status, out, _ = init(monkeypatch, capsys, *args, stdin=io.StringIO(PASSWORD + "\n"))
-    assert status == 0 and PASSWORD not in out
+    assert status == 0
+    assert PASSWORD not in out
     users = UsersFile(tmp_path / "b" / "users.toml")
     users.load()
     assert users.verify("admin", PASSWORD) is not None
@@ -143,7 +150,8 @@ def test_init_password_from_prompt_or_stdin(
     mismatch = iter([PASSWORD, "something else"])
     monkeypatch.setattr("getpass.getpass", lambda _prompt: next(mismatch))
     status, _, err = init(monkeypatch, capsys, "--dir", str(tmp_path / "c"), stdin=FakeTty())
-    assert status == 2 and "do not match" in err
+    assert status == 2
+    assert "do not match" in err
     assert not (tmp_path / "c").exists()  # checked before anything is written
 
 
@@ -162,7 +170,8 @@ def test_init_refuses_bad_input(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     status, _, err = init(monkeypatch, capsys, "--dir", str(tmp_path / "cg"), *args)
-    assert status == 2 and message in err.lower()
+    assert status == 2
+    assert message in err.lower()
     assert not (tmp_path / "cg").exists()
 
 
