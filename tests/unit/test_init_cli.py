@@ -139,8 +139,10 @@ def test_init_password_from_prompt_or_stdin(
     users.load()
     assert users.verify("boss", PASSWORD) is not None
 
-    args = ("--dir", str(tmp_path / "b"), "--password-stdin")
-    status, out, _ = init(monkeypatch, capsys, *args, stdin=io.StringIO(PASSWORD + "\n"))
+    stdin = io.StringIO(PASSWORD + "\n")
+    status, out, _ = init(
+        monkeypatch, capsys, "--dir", str(tmp_path / "b"), "--password-stdin", stdin=stdin
+    )
     assert status == 0
     assert PASSWORD not in out
     users = UsersFile(tmp_path / "b" / "users.toml")
