@@ -16,11 +16,20 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from proxy import app, server
+from proxy.errors import SettingsError
+from proxy.settings import Settings
+from proxy.upstream.pool import UpstreamPool
+from tests.conftest import make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_server import free_port
 
@@ -196,3 +205,33 @@ async def test_workers_print_one_banner_and_share_the_token(fake_comfy: FakeComf
                     break
         assert set(statuses) == {200}, proxy.err
         await proxy.wait(answered_by_both)
+
+
+async def test_a_failed_start_closes_what_it_opened(
+    tmp_path: Path, fake_comfy: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while the app starts (here a users file gone between check and start) is the
+    error alone: what the contexts that did start opened is closed (the upstream pool's client
+    session used to be left open: "Unclosed client session")."""
+    settings = make_settings(
+        fake_comfy.url, auth={"login": {"users_file": str(tmp_path / "gone.toml")}}
+    )
+    apps: list[web.Application] = []
+
+    def create_app(settings: Settings) -> web.Application:
+        apps.append(app.create_app(settings, registry=CollectorRegistry()))
+        return apps[-1]
+
+    monkeypatch.setattr(server, "create_app", create_app)
+    opened: list[aiohttp.ClientSession] = []
+    original_start = UpstreamPool.start
+
+    async def start(pool: UpstreamPool) -> None:
+        await original_start(pool)
+        opened.append(pool.session)
+
+    monkeypatch.setattr(UpstreamPool, "start", start)
+    with pytest.raises(SettingsError, match=r"auth.login.users_file: users file .*not found"):
+        await server.serve(settings)
+    [session] = opened  # the pool started before the authenticator failed
+    assert session.closed
