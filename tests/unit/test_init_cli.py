@@ -30,6 +30,9 @@ def _no_environment_config(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("COMFYGATE_"):
             monkeypatch.delenv(name)
+    # `user`/`token` point the log at the command's stderr, here capsys' (closed after the
+    # test): keep the suite's structlog configuration instead.
+    monkeypatch.setattr("proxy.auth.cli.configure_logging", lambda *_a, **_k: None)
 
 
 class FakeTty(io.StringIO):
