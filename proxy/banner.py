@@ -11,8 +11,10 @@ worker listens. Not a log line: it is for the person at the console; the ``proxy
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TextIO
 
 import aiohttp
@@ -37,6 +39,19 @@ def comfyui_command(url: str) -> str:
     host = parsed.host or "127.0.0.1"
     port = parsed.explicit_port or 8188
     return f"python main.py --listen {host} --port {port} --multi-user"
+
+
+def command_name() -> str:
+    """How to run comfygate again as it was run now: ``comfygate`` when that is on the PATH,
+    else the path it was started by (``.venv/bin/comfygate`` in a checkout), so that the
+    printed commands work when copied."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name != "comfygate":
+        return "comfygate"  # python -m proxy, or a test runner: the documented name
+    on_path = shutil.which("comfygate")
+    if on_path is not None and Path(on_path).resolve() == Path(argv0).resolve():
+        return "comfygate"
+    return argv0
 
 
 def public_url(settings: Settings) -> str:
@@ -99,9 +114,10 @@ def banner(
     else:
         lines.append(f"Sign in at {public_url(settings)}login")
         users = f" --users-file {login}" if login and not config_path else ""
-        lines.append(f"Add a user:      comfygate user add NAME --role user{flag}{users}")
+        cmd = command_name()
+        lines.append(f"Add a user:      {cmd} user add NAME --role user{flag}{users}")
         if settings.auth.jwt.secret:
-            lines.append(f"API token:       comfygate token create --sub NAME{flag}")
+            lines.append(f"API token:       {cmd} token create --sub NAME{flag}")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +154,7 @@ __all__ = [
     "COMFYUI_COMMAND",
     "banner",
     "comfyui_command",
+    "command_name",
     "config_flag",
     "print_banner",
     "probe_urls",

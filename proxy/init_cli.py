@@ -32,7 +32,7 @@ from typing import TextIO
 from yarl import URL
 
 from proxy.auth.users import UsersFile, UsersFileError, validate_password, validate_username
-from proxy.banner import comfyui_command, public_url
+from proxy.banner import comfyui_command, command_name, public_url
 from proxy.errors import SettingsError
 from proxy.preflight import check_startup
 from proxy.settings import load_settings
@@ -169,7 +169,7 @@ def run(
     if generated:
         out.write(
             f"\nPassword of {args.admin!r} (shown once, change it with "
-            f"`comfygate user passwd {args.admin} --config {layout.config}`):\n\n"
+            f"`{command_name()} user passwd {args.admin} --config {layout.config}`):\n\n"
             f"    {password}\n"
         )
     out.flush()
@@ -247,6 +247,7 @@ def _write_private(path: Path, text: str) -> None:
 def _summary(layout: Layout, args: argparse.Namespace, *, config_url: str, replaced: bool) -> str:
     config = layout.config
     relative = os.path.relpath(config)
+    cmd = command_name()
     lines = [
         f"Wrote {config}",
         f"      {layout.users}  (user {args.admin!r}, role admin)",
@@ -263,13 +264,13 @@ def _summary(layout: Layout, args: argparse.Namespace, *, config_url: str, repla
         "  1. Start ComfyUI in its directory, reachable from this machine only:",
         f"       {comfyui_command(str(URL(args.upstream)))}",
         "  2. Start comfygate with this configuration:",
-        f"       comfygate serve --config {config}",
+        f"       {cmd} serve --config {config}",
         f"     (in a comfygate checkout: make run CONFIG={relative})",
         f"  3. Open {config_url} and sign in as {args.admin!r}.",
         "  4. Add users and API tokens (the proxy sees new users at once):",
-        f"       comfygate user add alice --role user --config {config}",
-        f"       comfygate token create --sub alice --role user --ttl 30d --config {config}",
-        f"  Check the configuration after editing it: comfygate check-config --config {config}",
+        f"       {cmd} user add alice --role user --config {config}",
+        f"       {cmd} token create --sub alice --role user --ttl 30d --config {config}",
+        f"  Check the configuration after editing it: {cmd} check-config --config {config}",
     ]
     return "\n".join(lines) + "\n"
 
