@@ -17,6 +17,7 @@ import pytest
 from proxy.auth.revocation import MemoryRevocationList
 from proxy.auth.tokens import build_verifier
 from proxy.auth.users import UsersFile
+from proxy.banner import command_name
 from proxy.cli import main
 from proxy.init_cli import SECRET_FILES
 from proxy.preflight import preflight
@@ -238,3 +239,19 @@ def test_user_add_to_another_file_says_where_the_proxy_reads(
     assert main([*args, "--config", str(config)]) == 0
     err = capsys.readouterr().err
     assert f"reads {tmp_path / 'users.toml'}, not {target}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv0", "on_path", "expected"),
+    [
+        (".venv/bin/comfygate", None, ".venv/bin/comfygate"),  # a checkout: the path works
+        ("/usr/local/bin/comfygate", "/usr/local/bin/comfygate", "comfygate"),
+        ("/x/proxy/__main__.py", None, "comfygate"),  # python -m proxy: the documented name
+    ],
+)
+def test_printed_commands_run_as_typed(
+    argv0: str, on_path: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.argv", [argv0])
+    monkeypatch.setattr("shutil.which", lambda _name: on_path)
+    assert command_name() == expected
