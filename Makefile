@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-CONFIG ?= config/comfygate.example.toml
+# `comfygate init` writes comfygate/comfygate.toml: `make run` uses it once it exists.
+CONFIG ?= $(firstword $(wildcard comfygate/comfygate.toml) config/comfygate.example.toml)
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/dev.txt
 # One resolution for every lock file: all platforms, the oldest supported Python.
@@ -47,7 +48,8 @@ test-oldest:
 	.venv-oldest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	COMFYGATE_TEST_LOCK=oldest.txt .venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
 
-## run: serve the proxy on the embedded defaults (ComfyUI on 127.0.0.1:8188, no Redis)
+## run: serve the proxy (ComfyUI on 127.0.0.1:8188, no Redis) with comfygate/comfygate.toml
+## from `comfygate init`, else the example configuration (a one-time admin token is printed)
 run: $(STAMP)
 	$(BIN)/comfygate serve --config $(CONFIG)
 

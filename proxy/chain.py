@@ -37,6 +37,7 @@ from proxy.routes import RouteRule, classify, rule
 from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
 from proxy.target import canonical_target, origin_form
 from proxy.upstream.headers import client_address
+from proxy.web.unreachable import is_unreachable, unreachable_page
 
 log = structlog.get_logger("comfygate")
 
@@ -269,6 +270,9 @@ def _render(
         # The canonical target (a refused one never gets here: its 400 is not Unauthenticated).
         location = f"{base}/login?{urlencode({'next': base + ctx.upstream_path})}"
         return web.Response(status=302, headers={hdrs.LOCATION: location, **exc.headers})
+    if wants_login_page(request) and is_unreachable(exc):
+        # A person opening ComfyUI while it is down: a retrying page, not raw JSON.
+        return unreachable_page(request, exc, status or exc.status)
     if exc.empty_body:  # e.g. isolation's HiddenNotFound: ComfyUI's empty 404
         return web.Response(status=status or exc.status, headers=exc.headers)
     return json_error(

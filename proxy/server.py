@@ -25,10 +25,12 @@ import structlog
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.auth.authenticator import BOOTSTRAP_TOKEN
+from proxy.banner import banner, print_banner, warn_unreachable
 from proxy.errors import SettingsError
 from proxy.observability.exposition import exposition_registry, start_metrics_listener
 from proxy.settings import Settings
-from proxy.state import LIFECYCLE, METRICS, RELOAD_HOOKS
+from proxy.state import LIFECYCLE, METRICS, POOL, RELOAD_HOOKS
 
 log = structlog.get_logger("comfygate")
 
@@ -56,9 +58,16 @@ def run(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(
-    settings: Settings, *, sock: socket.socket | None = None, worker: Supervised | None = None
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    worker: Supervised | None = None,
+    config_path: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or the supervisor's end), then shut down gracefully.
+
+    Once listening, a process of its own prints the console banner (:mod:`proxy.banner`),
+    with the one-time admin token of a first run; a worker leaves it to its supervisor.
 
     Raises:
         SettingsError: a listener cannot be opened (address in use, not permitted).
@@ -74,7 +83,14 @@ async def serve(
     # Registered before startup, so that a component installing its own SIGHUP handler while
     # the app starts replaces this default rather than being replaced by it.
     loop.add_signal_handler(signal.SIGHUP, _reload, app)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # Close what the contexts that did start opened (client sessions, Redis), so a failed
+        # start ends with its message alone.
+        await runner.cleanup()
+        loop.remove_signal_handler(signal.SIGHUP)
+        raise
     metrics_runner: web.AppRunner | None = None
     try:
         site = await _listen(runner, settings, sock, reuse_port=worker is not None)
@@ -97,6 +113,16 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is None:
+        upstreams = await _probe_upstreams(app)
+        warn_unreachable(upstreams)
+        text = banner(
+            settings,
+            upstreams=upstreams,
+            config_path=config_path,
+            bootstrap_token=app.get(BOOTSTRAP_TOKEN) or None,
+        )
+        print_banner(text)
     if worker is not None:
         worker.on_orphaned(stop.set)
         worker.ready()
@@ -133,6 +159,14 @@ async def _listen(
         where = f"{settings.server.host}:{settings.server.port}"
         raise SettingsError([f"server: cannot listen on {where}: {exc.strerror or exc}"]) from None
     return site
+
+
+async def _probe_upstreams(app: web.Application) -> dict[str, bool]:
+    """Whether each ComfyUI answers now (the pool's cached probe, as ``/readyz`` uses)."""
+    pool = app[POOL]
+    upstreams = pool.upstreams
+    results = await asyncio.gather(*(pool.probe(u) for u in upstreams))
+    return {u.base: ok for u, ok in zip(upstreams, results, strict=True)}
 
 
 def _metrics_where(settings: Settings, worker: Supervised | None) -> str:

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -34,7 +35,13 @@ from pydantic_settings import (
 )
 from yarl import URL
 
-from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, RoleSettings, check_role_references
+from proxy.auth.settings import (
+    DEFAULT_ROLES,
+    AuthSettings,
+    RoleSettings,
+    check_role_references,
+    effective_roles,
+)
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
 from proxy.limits.settings import RateLimitSettings
@@ -53,6 +60,7 @@ CONFIG_ENV = "COMFYGATE_CONFIG"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_UPSTREAM_URLS = ("http://127.0.0.1:8188",)
+_BOOL = TypeAdapter(bool)
 
 
 class _Section(BaseModel):
@@ -424,6 +432,23 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_roles(cls, data: Any) -> Any:
+        """``[roles.x]`` adds to or overrides the built-in roles unless ``auth.builtin_roles``
+        is false (a configuration naming one role used to lose admin without a word)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("roles"), Mapping):
+            return data
+        auth = data.get("auth")
+        raw = auth.get("builtin_roles", True) if isinstance(auth, Mapping) else True
+        if isinstance(auth, AuthSettings):
+            raw = auth.builtin_roles
+        try:
+            builtin = _BOOL.validate_python(raw)  # env values arrive as strings ("false")
+        except ValidationError:
+            builtin = True  # the [auth] section's own validation reports the bad value
+        return {**data, "roles": effective_roles(data["roles"], builtin=builtin)}
 
     @model_validator(mode="before")
     @classmethod

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -44,6 +45,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
+from proxy.auth.authenticator import bootstrap_token, jwt_settings_for_run, session_secret
+from proxy.banner import banner, print_banner, probe_urls, warn_unreachable
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
 from proxy.observability.exposition import (
@@ -131,8 +134,17 @@ class _Worker:
 class Supervisor:
     """Starts, watches, restarts and stops the workers (see the module doc)."""
 
-    def __init__(self, settings: Settings, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        workers: int | None = None,
+        config_path: str | None = None,
+        bootstrap_token: str | None = None,
+    ) -> None:
         self.settings = settings
+        self.config_path = config_path
+        self.bootstrap_token = bootstrap_token
         self.count = workers or settings.server.workers
         self._spawn_ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, _Worker] = {}
@@ -178,6 +190,7 @@ class Supervisor:
                     else ("main port" if metrics.enabled else "off")
                 ),
             )
+            await self._print_banner()
             await self._stop.wait()
             return 0
         finally:
@@ -191,6 +204,19 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             log.info("supervisor_stopped", restarts=self.restarts)
+
+    async def _print_banner(self) -> None:
+        """Once every worker listens: the console banner (the workers print none)."""
+        upstreams = await probe_urls(self.settings)
+        warn_unreachable(upstreams)
+        text = banner(
+            self.settings,
+            upstreams=upstreams,
+            config_path=self.config_path,
+            bootstrap_token=self.bootstrap_token,
+            workers=self.count,
+        )
+        print_banner(text)
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -342,6 +368,23 @@ async def _join(process: BaseProcess) -> None:
     await asyncio.to_thread(process.join)
 
 
+def _shared_auth_secrets(settings: Settings) -> tuple[Settings, str | None]:
+    """Without configured JWT and session secrets each worker would sign with a key of its own
+    (a token or cookie from one worker refused by the next): the supervisor generates them for
+    all (for this run only, with the same warnings a single process logs), and the one-time
+    admin token of a first run, printed once every worker listens."""
+    auth = settings.auth
+    jwt_settings, bootstrap = jwt_settings_for_run(auth)
+    session = auth.session
+    if auth.enabled and not session.secret:
+        session_secret(auth)  # logs what a random session secret means
+        session = session.model_copy(update={"secret": secrets.token_urlsafe(48)})
+    shared = auth.model_copy(update={"jwt": jwt_settings, "session": session})
+    settings = settings.model_copy(update={"auth": shared})
+    token = bootstrap_token(jwt_settings, settings.roles) if bootstrap else None
+    return settings, token
+
+
 def _shared_folder_secret(settings: Settings) -> Settings:
     """Without a configured ``isolation.folder_secret`` each worker would name users' folders
     with a key of its own: the supervisor generates one for all of them (for this run only;
@@ -355,7 +398,7 @@ def _shared_folder_secret(settings: Settings) -> Settings:
     return settings.model_copy(update={"isolation": shared})
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: Settings, *, config_path: str | None = None) -> int:
     """Run the supervisor and its workers until SIGTERM/SIGINT; the exit status."""
     if settings.redis.mode == "none":
         log.warning(
@@ -365,6 +408,7 @@ def supervise(settings: Settings) -> int:
             "throttling are kept per worker process; configure [redis] to share them",
         )
     settings = _shared_folder_secret(settings)
+    settings, token = _shared_auth_secrets(settings)
     directory: Path | None = None
     if settings.metrics.enabled:
         # Before any worker starts: each one's prometheus-client picks its value class at
@@ -377,7 +421,8 @@ def supervise(settings: Settings) -> int:
 
     async def main() -> None:
         nonlocal status
-        status = await Supervisor(settings).run(directory)
+        supervisor = Supervisor(settings, config_path=config_path, bootstrap_token=token)
+        status = await supervisor.run(directory)
 
     try:
         try:

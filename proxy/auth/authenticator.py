@@ -8,7 +8,6 @@ present decides: a bad bearer token is refused even if a good cookie is also sen
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,26 +170,34 @@ def jwt_settings_for_run(settings: AuthSettings) -> tuple[JwtSettings, bool]:
     return jwt_settings.model_copy(update={"secret": random_secret}), bootstrap
 
 
-def print_bootstrap_token(jwt_settings: JwtSettings, roles: Mapping[str, RoleSettings]) -> None:
-    """A first run with nothing to log in with: print a one-time admin token on the console.
-
-    Deliberately on stderr and not through the log pipeline (like Jupyter's startup token): it
-    is meant for the person who started the process, not for log collection.
-    """
+def bootstrap_token(jwt_settings: JwtSettings, roles: Mapping[str, RoleSettings]) -> str | None:
+    """A one-time admin token for a first run with nothing to log in with (None: no role is
+    an admin). Shown by :func:`bootstrap_notice` once the proxy serves."""
     admin = next((name for name, role in roles.items() if role.admin), None)
     if admin is None:
-        return
+        return None
     token, _ = issue_token(
         jwt_settings, subject="bootstrap-admin", roles=[admin], ttl_seconds=BOOTSTRAP_TTL_SECONDS
     )
-    print(
-        "\ncomfygate: no users file and no JWT secret are configured. To sign in, paste this\n"
-        f"one-time admin token on the login page (valid 24 h, for this process only):\n\n"
+    return token
+
+
+def bootstrap_notice(token: str) -> str:
+    """The console text around a bootstrap token.
+
+    Deliberately printed on stderr and not through the log pipeline (like Jupyter's startup
+    token): it is meant for the person who started the process, not for log collection.
+    """
+    return (
+        "No users file and no JWT secret are configured. To sign in, paste this one-time\n"
+        "admin token on the login page (valid 24 h, for this process only):\n\n"
         f"    {token}\n\n"
-        "Configure auth.jwt.secret and auth.login.users_file (see README) for real use.\n",
-        file=sys.stderr,
-        flush=True,
+        "For real use, run `comfygate init` (a configuration with secrets and an admin user).\n"
     )
+
+
+BOOTSTRAP_TOKEN = web.AppKey("comfygate.bootstrap_token", str)
+"""Set by :func:`authenticator_context` on a bootstrap run; printed once the proxy listens."""
 
 
 def build_revocations(app: web.Application) -> RevocationList:
@@ -221,16 +228,17 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
         session=None,
         revocations=revocations,
     )
-    if bootstrap:
-        print_bootstrap_token(jwt_settings, settings.roles)
-    await verifier.start()
     users = None
-    if settings.auth.login.users_file:
+    if settings.auth.login.users_file:  # before anything opens (check-config reports it too)
         users = UsersFile(Path(settings.auth.login.users_file))
         try:
             users.load()
         except UsersFileError as exc:
             raise SettingsError([f"auth.login.users_file: {exc}"]) from None
+    if bootstrap:
+        # Printed by serve() once the listener is open (a failed start prints no token).
+        app[BOOTSTRAP_TOKEN] = bootstrap_token(jwt_settings, settings.roles) or ""
+    await verifier.start()
     auth = app[AUTH] = Authenticator(
         settings=settings.auth,
         roles=settings.roles,

@@ -21,9 +21,11 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from proxy.auth.revocation import RedisRevocationList, RevocationUnavailable
+from proxy.auth.settings import SYMMETRIC
 from proxy.auth.tokens import issue_token
 from proxy.auth.users import UsersFile, UsersFileError, validate_password, validate_username
 from proxy.observability.logging import configure_logging
@@ -37,6 +39,15 @@ the revocation is kept (the token's real expiry is unknown to the CLI)."""
 
 _TTL_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+NO_SIGNING_KEY_HELP = (
+    "auth.jwt.secret is empty: cannot sign a token. Give it the secret the running proxy "
+    "uses (a token signed with another secret is refused): --config FILE with "
+    "auth.jwt.secret_file (or auth.jwt.secret) set, or COMFYGATE_AUTH__JWT__SECRET in the "
+    "environment of both. `comfygate init` writes a configuration with one; a proxy started "
+    "without a secret signs with a random one of its own that no command can use."
+)
 
 
 class CliError(Exception):
@@ -192,6 +203,9 @@ def _user(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
             roles = _roles(args.roles, settings)
             record = users.add(args.name, _password(args, io), roles)
             print(f"added {record.name} ({', '.join(record.roles)}) to {path}", file=io.err)
+            hint = _users_file_hint(path, settings)
+            if hint:
+                print(hint, file=io.err)
             return 0
         if args.subcommand == "remove":
             users.remove(args.name)
@@ -209,6 +223,23 @@ def _user(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
     except UsersFileError as exc:
         raise CliError(str(exc)) from None
     raise CliError(f"unknown user command {args.subcommand!r}", 2)
+
+
+def _users_file_hint(path: str, settings: Settings) -> str:
+    """What to tell the proxy when the file written is not the one it reads (empty if it is)."""
+    configured = settings.auth.login.users_file
+    if configured and Path(configured).resolve() == Path(path).resolve():
+        return ""
+    if configured:
+        return (
+            f"note: the proxy with this configuration reads {configured}, not {path}: point "
+            f'auth.login.users_file at it (users_file = "{path}") to sign in with this user'
+        )
+    return (
+        "note: the proxy reads no users file yet: set auth.login.users_file = "
+        f'"{path}" in its configuration (or COMFYGATE_AUTH__LOGIN__USERS_FILE={path}), '
+        "restart it, and pass the same --config to `comfygate user ...` next time"
+    )
 
 
 _SESSIONS_END = (
@@ -249,6 +280,9 @@ def _password(args: argparse.Namespace, io: _Io) -> str:
 def _token(args: argparse.Namespace, settings: Settings, io: _Io) -> int:
     if args.subcommand == "create":
         roles = _roles(args.roles, settings)
+        jwt = settings.auth.jwt
+        if jwt.algorithms[0] in SYMMETRIC and not jwt.secret:
+            raise CliError(NO_SIGNING_KEY_HELP, 2)
         try:
             token, jti = issue_token(
                 settings.auth.jwt, subject=args.sub, roles=roles, ttl_seconds=args.ttl

@@ -30,7 +30,7 @@ from typing import Literal
 
 import jwt
 
-from proxy.auth.settings import SessionSettings
+from proxy.auth.settings import SESSION_SECRET_MIN_BYTES, SessionSettings
 
 SESSION_TYPE = "comfygate-session"
 ALGORITHM = "HS256"
@@ -75,8 +75,8 @@ class SessionCodec:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if len(secret) < 32:
-            raise ValueError("session secret must be at least 32 bytes")
+        if len(secret) < SESSION_SECRET_MIN_BYTES:
+            raise ValueError(f"session secret must be at least {SESSION_SECRET_MIN_BYTES} bytes")
         self.settings = settings
         self._secret = secret
         self._clock = clock

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
@@ -20,6 +21,7 @@ ALGORITHMS = frozenset(
     }
 )  # fmt: skip
 SYMMETRIC = frozenset({"HS256", "HS384", "HS512"})
+SESSION_SECRET_MIN_BYTES = 32
 
 
 class _Section(BaseModel):
@@ -95,6 +97,17 @@ class SessionSettings(_Section):
     secure: Literal["auto", "always", "never"] = "auto"
     """``auto``: Secure when the request came over https (directly or via a trusted proxy)."""
 
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        # The session codec refuses a shorter HMAC key: found here, check-config reports it.
+        if value and len(value.encode()) < SESSION_SECRET_MIN_BYTES:
+            raise ValueError(
+                f"must be at least {SESSION_SECRET_MIN_BYTES} bytes "
+                "(e.g. `openssl rand -base64 48`, or run `comfygate init`)"
+            )
+        return value
+
 
 class LoginSettings(_Section):
     """The login page."""
@@ -115,6 +128,10 @@ class AuthSettings(_Section):
 
     enabled: bool = True
     """False only for a trusted network: every request is then the ``anonymous_role``."""
+    builtin_roles: bool = True
+    """Start from the built-in roles (viewer, user, power, admin): a ``[roles.<name>]`` table adds
+    a role or overrides the keys it sets of a built-in one. False: only the configured roles
+    exist (replacing them all is then explicit)."""
     anonymous_role: str = "admin"
     jwt: JwtSettings = JwtSettings()
     session: SessionSettings = SessionSettings()
@@ -170,6 +187,32 @@ DEFAULT_ROLES: dict[str, RoleSettings] = {
 }
 
 
+def effective_roles(configured: Mapping[str, Any], *, builtin: bool) -> dict[str, Any]:
+    """The ``roles`` table to validate: the built-in roles with the configured tables on top
+    (``builtin``), else the configured tables alone.
+
+    A table naming a built-in role overrides the keys it sets and keeps the others (``[roles.admin]
+    queue_quota = 5`` leaves admin an admin); its ``rate_limits`` override per route class.
+    """
+    if not builtin:
+        return dict(configured)
+    merged: dict[str, Any] = {name: role.model_dump() for name, role in DEFAULT_ROLES.items()}
+    for name, role in configured.items():
+        raw = role.model_dump(exclude_unset=True) if isinstance(role, RoleSettings) else role
+        base = merged.get(name)
+        if not isinstance(raw, Mapping) or base is None:
+            merged[name] = role  # a new role, or a malformed one validation will report
+            continue
+        combined = dict(base)
+        for key, value in raw.items():
+            if key == "rate_limits" and isinstance(value, Mapping):
+                combined[key] = {**combined[key], **value}
+            else:
+                combined[key] = value
+        merged[name] = combined
+    return merged
+
+
 def check_role_references(auth: AuthSettings, roles: dict[str, RoleSettings]) -> list[str]:
     """Cross-section rule: every role named in [auth] must be defined in [roles]."""
     problems = []
@@ -187,10 +230,12 @@ def check_role_references(auth: AuthSettings, roles: dict[str, RoleSettings]) ->
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_ROLES",
+    "SESSION_SECRET_MIN_BYTES",
     "AuthSettings",
     "JwtSettings",
     "LoginSettings",
     "RoleSettings",
     "SessionSettings",
     "check_role_references",
+    "effective_roles",
 ]

@@ -443,6 +443,27 @@ def issue_token(
     return jwt.encode(claims, key, algorithm=algorithm), jti
 
 
+def _public_keys(settings: JwtSettings) -> tuple[list[PublicKey], list[str]]:
+    problems: list[str] = []
+    public_keys: list[PublicKey] = []
+    for index, value in enumerate(settings.public_keys):
+        try:
+            public_keys.append(load_public_key(value))
+        except (OSError, ValueError) as exc:
+            problems.append(f"auth.jwt.public_keys[{index}]: {type(exc).__name__}: {exc}")
+    if not settings.public_keys and not settings.jwks_url:
+        problems.append(f"auth.jwt: {settings.algorithms[0]} needs public_keys or jwks_url")
+    return public_keys, problems
+
+
+def key_problems(settings: JwtSettings) -> list[str]:
+    """What :func:`build_verifier` would refuse for asymmetric algorithms (none for HS*): the
+    same lines, for ``check-config``."""
+    if settings.algorithms[0] in SYMMETRIC:
+        return []
+    return _public_keys(settings)[1]
+
+
 def build_verifier(
     settings: JwtSettings,
     roles: Mapping[str, RoleSettings],
@@ -477,15 +498,7 @@ def build_verifier(
             settings, roles, keys=StaticKeys(secret=secret), revocations=revocations
         )
 
-    problems: list[str] = []
-    public_keys: list[PublicKey] = []
-    for index, value in enumerate(settings.public_keys):
-        try:
-            public_keys.append(load_public_key(value))
-        except (OSError, ValueError) as exc:
-            problems.append(f"auth.jwt.public_keys[{index}]: {type(exc).__name__}: {exc}")
-    if not settings.public_keys and not settings.jwks_url:
-        problems.append(f"auth.jwt: {settings.algorithms[0]} needs public_keys or jwks_url")
+    public_keys, problems = _public_keys(settings)
     if problems:
         raise SettingsError(problems)
     sources: list[KeySource] = []
@@ -505,6 +518,7 @@ def build_verifier(
 
 
 __all__ = [
+    "MIN_SECRET_BYTES",
     "REASONS",
     "InvalidToken",
     "NoKnownRole",
@@ -513,4 +527,5 @@ __all__ = [
     "build_verifier",
     "check_signature",
     "issue_token",
+    "key_problems",
 ]
