@@ -115,7 +115,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     """Which guards run for which route rule, in order (the proxy's own routes have none)."""
     chain: tuple[Guard, ...] = (
-        OriginGuard(settings.server),  # first: a foreign site learns nothing, not even 401 vs 403
+        # First: a foreign site using a browser's ambient credentials learns nothing, not even
+        # 401 vs 403 (bearer and query tokens are not ambient: see proxy.origin).
+        OriginGuard(settings.server, settings.auth),
         AuthGuard(),  # who is calling; everything after relies on ctx.principal
         CsrfGuard(),  # needs the principal's source (cookie vs bearer)
         RoleGuard(),  # admin-only families and actions
