@@ -54,6 +54,7 @@ from proxy.limits.quota_service import queue_quota_context
 from proxy.observability.context import metrics_context
 from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import Metrics
+from proxy.cors import make_cors
 from proxy.origin import OriginGuard
 from proxy.policy.catalog import CATALOG_RULES, catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
@@ -93,6 +94,13 @@ from proxy.upstream.registry import registry_context
 from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
+from proxy.web.frontend import (
+    WHOAMI_ROUTE,
+    AdminStubGuard,
+    ExtensionListGuard,
+    add_frontend_routes,
+    local_answers,
+)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -123,6 +131,12 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         RoleGuard(),  # admin-only families and actions
     )
     guards = {r.name: chain for r in (*RULES, OTHER)}
+    # The stock frontend's own calls to /internal/*: an empty answer for those the role guard
+    # would refuse (proxy.web.frontend); after auth and CSRF, before the role guard.
+    guards["internal"] = (*chain[:3], AdminStubGuard(), *chain[3:])
+    if settings.auth.enabled:  # the account extension (who is signed in, sign out)
+        guards["static"] = (*guards["static"], ExtensionListGuard())
+    guards[WHOAMI_ROUTE] = chain[:3]
     if settings.rate_limits.enabled:
         # After the role guard (a refused request spends nothing), before isolation (whose
         # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
@@ -184,7 +198,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             observe,  # outermost: request id + context, and the one log line for every outcome
             render_errors,  # every error below becomes a JSON response observe can count
             resolve_route,  # rule decided before guards; a malformed path is a rendered 400
+            # CORS for API consumers on other origins: preflights answered, never forwarded.
+            make_cors(settings.server.cors_origins, {FORWARD_ROUTE, WHOAMI_ROUTE}),
             idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
+            local_answers,  # a guard's own answer (the frontend's admin-only calls)
             make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
@@ -236,6 +253,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
     # Public: the login page and its assets (handlers get their collaborators at startup).
     add_login_routes(app, base_path=base, settings=settings.auth)
+    add_frontend_routes(app, base_path=base)  # the account extension and whoami
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)

@@ -17,12 +17,13 @@ import orjson
 from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
-from proxy.auth.principal import AMBIENT_SOURCES
+from proxy.auth.principal import AMBIENT_SOURCES, Principal
 from proxy.auth.revocation import FAIL_OPEN
-from proxy.errors import Forbidden, PayloadTooLarge
+from proxy.errors import Forbidden, PayloadTooLarge, Unauthenticated
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
+from proxy.web.assets import is_public_asset
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -30,6 +31,11 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # server logs and absolute paths, ComfyUI-Manager (installs code), server-side model downloads,
 # and memory management affecting everyone.
 ADMIN_RULES = frozenset({"internal", "manager", "assets_admin", "free"})
+
+
+PUBLIC = Principal("anonymous", frozenset(), "anonymous")
+"""Whoever fetches one of the frontend's public files without a valid credential: no role
+(nothing beyond the file is allowed), rate-limited by client address."""
 
 
 def is_websocket(request: web.Request) -> bool:
@@ -78,6 +84,13 @@ class AuthGuard:
             principal, session = await auth.authenticate(
                 request, websocket=websocket, api_route=api_route
             )
+        except Unauthenticated:
+            if not is_public_asset(request, ctx):
+                raise
+            # The stock frontend's own files (proxy.web.assets), e.g. the manifest a browser
+            # fetches without cookies: served to anyone, with no identity sent to ComfyUI.
+            ctx.principal = PUBLIC
+            return
         finally:
             FAIL_OPEN.reset(token)
         ctx.principal = principal
