@@ -170,7 +170,7 @@ DEFAULT_ROLES: dict[str, RoleSettings] = {
     "user": RoleSettings(),
     "power": RoleSettings(
         rate_limits={
-            "submit": Limit(rate="120/minute", burst=30),
+            "submit": Limit(rate="10/second", burst=50),
             "read": Limit(rate="50/second", burst=200),
             "upload": Limit(rate="300/minute", burst=60),
         },
