@@ -42,6 +42,7 @@ from proxy.chain import (
     render_errors,
     resolve_route,
 )
+from proxy.cors import make_cors
 from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
@@ -54,7 +55,6 @@ from proxy.limits.quota_service import queue_quota_context
 from proxy.observability.context import metrics_context
 from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import Metrics
-from proxy.cors import make_cors
 from proxy.origin import OriginGuard
 from proxy.policy.catalog import CATALOG_RULES, catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard

@@ -8,8 +8,8 @@ nothing in them is anyone's data, so they may load without authentication.
 
 What counts, decided on the canonical target (``proxy.target``) only:
 
-- ``GET``/``HEAD`` of rule ``static`` (or ``other``), with no query, no ``/api`` prefix and nothing the
-  canonical encoding had to change (the target is exactly the path decided on);
+- ``GET``/``HEAD`` of rule ``static`` (or ``other``), with no query, no ``/api`` prefix and
+  nothing the canonical encoding had to change (the target is exactly the path decided on);
 - under ``/assets/`` - Vite's output directory: the hashed chunks (``index-BKeTeXLp.js``,
   ``manifest-CebUEmtR.json``), the import-map libraries (``assets/lib/``), images, icon fonts,
   the favicon - or one of the few unhashed files ``index.html`` links: ``/fonts/*.woff2``,

@@ -54,7 +54,7 @@ TERMINAL_SIZE = {"cols": 80, "rows": 24}
 """What ``/internal/logs/raw`` reports as the server's terminal size when it shows nothing."""
 
 
-class LocalAnswer(Exception):  # noqa: N818 - not an error: the proxy's own answer
+class LocalAnswer(Exception):
     """Raised by a guard that answers the request itself: :func:`local_answers` returns
     ``response`` and nothing is forwarded."""
 

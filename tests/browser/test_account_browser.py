@@ -80,8 +80,10 @@ async def test_ui_shows_the_user_and_signs_out(
     fetched = await cdp.send("Page.getAppManifest")
     assert not fetched.get("errors"), fetched
     manifest = await recorder.wait_for_response(
-        lambda r: re.fullmatch(rf"{base_path}/assets/manifest-[\w-]+\.json", urlsplit(r.url).path)
-        is not None,
+        lambda r: (
+            re.fullmatch(rf"{base_path}/assets/manifest-[\w-]+\.json", urlsplit(r.url).path)
+            is not None
+        ),
         what="the web app manifest",
     )
     assert manifest.status == 200, manifest

@@ -68,9 +68,7 @@ def test_most_generous_prefers_unlimited_then_rate_then_burst() -> None:
 
 def test_limit_per_principal_roles() -> None:
     limits = make()
-    assert limits.limit_for(frozenset({"user"}), "submit").limit == Limit(
-        rate="5/second", burst=20
-    )
+    assert limits.limit_for(frozenset({"user"}), "submit").limit == Limit(rate="5/second", burst=20)
     power = limits.limit_for(frozenset({"user", "power"}), "submit")
     assert power.limit == Limit(rate="10/second", burst=50)
     # power sets no view limit of its own: the default applies.
