@@ -10,8 +10,9 @@
 Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role -> ratelimit (not on
 static files; ``POST /login`` checks its own limit), then the isolation guard of the route
 family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws), then the queue
-quota (prompt, ws). The proxy's own routes (health, login, its static files) run no guard: they
-are the only public ones, except ``POST /admin/reload`` (the chain, then admins only).
+quota (prompt, ws). The proxy's own routes (health, login, its static files, the frontend
+extension's script) run no guard: they are the only public ones, except ``POST /admin/reload``
+(the chain, then admins only) and ``GET /comfygate/whoami`` (origin, auth, csrf).
 
 ``POST /prompt`` runs the workflow policy (``proxy.policy.guard``) after the rate limit and
 before everything that rewrites or records the prompt.
