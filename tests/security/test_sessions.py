@@ -391,9 +391,7 @@ async def test_a_role_change_in_the_users_file_ends_the_session(
     assert len(fake_comfy.received) == seen
 
     viewer = await session_of(client, username="alice", password=PASSWORD)
-    refused = await client.get(
-        "/internal/files/output", headers={"Cookie": f"{COOKIE}={viewer}"}
-    )
+    refused = await client.get("/internal/files/output", headers={"Cookie": f"{COOKIE}={viewer}"})
     assert refused.status == 403
     assert (await refused.json())["error"]["type"] == "forbidden_role"
     assert len(fake_comfy.received) == seen
