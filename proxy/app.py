@@ -10,8 +10,9 @@
 Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role -> ratelimit (not on
 static files; ``POST /login`` checks its own limit), then the isolation guard of the route
 family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws), then the queue
-quota (prompt, ws). The proxy's own routes (health, login, its static files) run no guard: they
-are the only public ones, except ``POST /admin/reload`` (the chain, then admins only).
+quota (prompt, ws). The proxy's own routes (health, login, its static files, the frontend
+extension's script) run no guard: they are the only public ones, except ``POST /admin/reload``
+(the chain, then admins only) and ``GET /comfygate/whoami`` (origin, auth, csrf).
 
 ``POST /prompt`` runs the workflow policy (``proxy.policy.guard``) after the rate limit and
 before everything that rewrites or records the prompt.
@@ -46,6 +47,7 @@ from proxy.chain import (
     render_errors,
     resolve_route,
 )
+from proxy.cors import make_cors
 from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
@@ -104,6 +106,13 @@ from proxy.upstream.registry import registry_context
 from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
+from proxy.web.frontend import (
+    WHOAMI_ROUTE,
+    AdminStubGuard,
+    ExtensionListGuard,
+    add_frontend_routes,
+    local_answers,
+)
 from proxy.workflow.request import PromptGuard
 
 
@@ -130,12 +139,20 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     """Which guards run for which route rule, in order (the proxy's own routes have none)."""
     chain: tuple[Guard, ...] = (
-        OriginGuard(settings.server),  # first: a foreign site learns nothing, not even 401 vs 403
+        # First: a foreign site using a browser's ambient credentials learns nothing, not even
+        # 401 vs 403 (bearer and query tokens are not ambient: see proxy.origin).
+        OriginGuard(settings.server, settings.auth),
         AuthGuard(),  # who is calling; everything after relies on ctx.principal
         CsrfGuard(),  # needs the principal's source (cookie vs bearer)
         RoleGuard(),  # admin-only families and actions
     )
     guards = {r.name: chain for r in (*RULES, OTHER)}
+    # The stock frontend's own calls to /internal/*: an empty answer for those the role guard
+    # would refuse (proxy.web.frontend); after auth and CSRF, before the role guard.
+    guards["internal"] = (*chain[:3], AdminStubGuard(), *chain[3:])
+    if settings.auth.enabled:  # the account extension (who is signed in, sign out)
+        guards["static"] = (*guards["static"], ExtensionListGuard())
+    guards[WHOAMI_ROUTE] = chain[:3]
     if settings.rate_limits.enabled:
         # After the role guard (a refused request spends nothing), before isolation (whose
         # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
@@ -207,8 +224,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             observe,  # outermost: request id + context, and the one log line for every outcome
             render_errors,  # every error below becomes a JSON response observe can count
             resolve_route,  # rule decided before guards; a malformed path is a rendered 400
+            # CORS for API consumers on other origins: preflights answered, never forwarded.
+            make_cors(settings.server.cors_origins, {FORWARD_ROUTE, WHOAMI_ROUTE}),
             idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
             release_inspected_bodies,  # gives back the request's share of the body bound
+            local_answers,  # a guard's own answer (the frontend's admin-only calls)
             make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
@@ -261,6 +281,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
     # Public: the login page and its assets (handlers get their collaborators at startup).
     add_login_routes(app, base_path=base, settings=settings.auth)
+    add_frontend_routes(app, base_path=base)  # the account extension and whoami
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)

@@ -78,6 +78,10 @@ class ServerSettings(_Section):
     """How browsers reach the proxy (scheme://host[:port]); derived from requests when empty."""
     allowed_origins: tuple[str, ...] = ()
     """Other web origins (scheme://host[:port]) allowed to call ComfyUI through the proxy."""
+    cors_origins: tuple[str, ...] = ()
+    """Web origins whose pages may read the proxy's answers (CORS) when they authenticate with a
+    bearer token: preflights are answered, no ``Access-Control-Allow-Credentials`` is ever sent
+    (cookies and Basic from these origins stay refused unless also in ``allowed_origins``)."""
     trusted_proxies: tuple[IPNetwork, ...] = ()
     """Peers whose ``X-Forwarded-For/-Proto/-Host`` are believed (CIDRs)."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
@@ -120,7 +124,7 @@ class ServerSettings(_Section):
             raise ValueError("must be a plain path without '?', '#', '%' or '//'")
         return value
 
-    @field_validator("allowed_origins")
+    @field_validator("allowed_origins", "cors_origins")
     @classmethod
     def _allowed_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for i, origin in enumerate(value):

@@ -1,16 +1,25 @@
 """``Authenticator``: credentials on a request -> a :class:`Principal`, or a refusal.
 
-Sources, in order: ``Authorization: Bearer <jwt>``; the session cookie; a ``token`` query
-parameter on the WebSocket handshake only (browsers cannot set headers there). The first source
-present decides: a bad bearer token is refused even if a good cookie is also sent.
+Sources, in order (:func:`presented_credential`): the ``Authorization`` header - ``Bearer
+<jwt>``, or ``Basic`` with the API token as the password (``auth.basic_auth``; for clients that
+only know HTTP Basic or ``http://user:token@host`` URLs); the session cookie; a ``token`` query
+parameter on the WebSocket handshake (browsers cannot set headers there) and, opt-in
+(``auth.query_token_on_http``), on ComfyUI's HTTP API routes. The first source present decides:
+a bad bearer token is refused even if a good cookie is also sent.
+
+Nothing here answers ``WWW-Authenticate: Basic``: a browser would show its password prompt and
+then re-send what was typed on every request by itself (the refusal's challenge is ``Bearer``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from aiohttp import hdrs, web
@@ -48,6 +57,62 @@ def challenge(error_type: str, description: str) -> dict[str, str]:
     return {hdrs.WWW_AUTHENTICATE: f'{REALM}, error="invalid_token", error_description="{safe}"'}
 
 
+CredentialKind = Literal["bearer", "basic", "cookie", "query", "malformed", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """The credential a request presents, before it is verified."""
+
+    kind: CredentialKind
+    value: str = ""
+    """The token (bearer, basic, query) or the session cookie's value."""
+
+
+def presented_credential(
+    request: web.Request, settings: AuthSettings, *, query_token: bool
+) -> Credential:
+    """The credential that decides who is calling, in the authenticator's order (the module
+    docstring); ``query_token``: whether a ``token`` query parameter counts on this request.
+
+    ``malformed``: an ``Authorization`` header that is not one accepted credential (another
+    scheme, an empty token, Basic when ``auth.basic_auth`` is off or undecodable, or several
+    ``Authorization`` headers: which one a reader takes is not something to leave open).
+    """
+    authorizations = request.headers.getall(hdrs.AUTHORIZATION, ())
+    if authorizations:
+        if len(authorizations) > 1:
+            return Credential("malformed")
+        scheme, _, rest = authorizations[0].strip().partition(" ")
+        rest = rest.strip()
+        if scheme.lower() == "bearer" and rest:
+            return Credential("bearer", rest)
+        if scheme.lower() == "basic" and settings.basic_auth:
+            password = basic_password(rest)
+            if password:
+                return Credential("basic", password)
+        return Credential("malformed")
+    cookie = request.cookies.get(settings.session.cookie_name)
+    if cookie:
+        return Credential("cookie", cookie)
+    if query_token:
+        token = request.query.get("token")
+        if token:
+            return Credential("query", token)
+    return Credential("none")
+
+
+def basic_password(encoded: str) -> str:
+    """The password of HTTP Basic credentials (RFC 7617: base64 of ``user:password``, UTF-8);
+    the user name is ignored. Empty when undecodable or without a ``:``."""
+    try:
+        decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return ""
+    _user, colon, password = decoded.partition(":")
+    return password if colon else ""
+
+
 @dataclass(slots=True)
 class Authenticator:
     """Everything authentication needs, built once at startup."""
@@ -67,9 +132,12 @@ class Authenticator:
         return SessionLiveness(self.revocations, self.users, self.sessions)
 
     async def authenticate(
-        self, request: web.Request, *, websocket: bool
+        self, request: web.Request, *, websocket: bool, api_route: bool = False
     ) -> tuple[Principal, Session | None]:
         """The caller's principal, and its session when it came from the cookie.
+
+        ``websocket``: the request is a real handshake of ComfyUI's socket; ``api_route``: it is
+        one of ComfyUI's HTTP API routes (where ``auth.query_token_on_http`` applies).
 
         Raises:
             Unauthenticated: no credentials, or invalid ones (``error_type`` says why).
@@ -78,23 +146,25 @@ class Authenticator:
         if not self.settings.enabled:
             role = self.settings.anonymous_role
             return Principal("anonymous", frozenset({role}), "anonymous"), None
-        authorization = request.headers.get(hdrs.AUTHORIZATION)
-        if authorization is not None:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated(
-                    "Authorization must be 'Bearer <token>'",
-                    error_type="token_malformed",
-                    headers=challenge("token_malformed", "expected a Bearer token"),
-                )
-            return await self._verify(token.strip(), "bearer"), None
-        cookie = request.cookies.get(self.settings.session.cookie_name)
-        if cookie:
-            return await self._session(cookie)
-        if websocket and self.settings.query_token_on_websocket:
-            query_token = request.query.get("token")
-            if query_token:
-                return await self._verify(query_token, "query"), None
+        query_token = (websocket and self.settings.query_token_on_websocket) or (
+            api_route and self.settings.query_token_on_http
+        )
+        credential = presented_credential(request, self.settings, query_token=query_token)
+        if credential.kind == "malformed":
+            expected = (
+                "'Bearer <token>' or 'Basic' with the token as the password"
+                if self.settings.basic_auth
+                else "'Bearer <token>'"
+            )
+            raise Unauthenticated(
+                f"Authorization must be {expected}",
+                error_type="token_malformed",
+                headers=challenge("token_malformed", "expected a Bearer token"),
+            )
+        if credential.kind == "cookie":
+            return await self._session(credential.value)
+        if credential.kind != "none":
+            return await self._verify(credential.value, credential.kind), None
         raise Unauthenticated(
             "authentication required",
             error_type="unauthenticated",

@@ -17,12 +17,14 @@ import orjson
 from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
+from proxy.auth.principal import AMBIENT_SOURCES, Principal
 from proxy.auth.revocation import FAIL_OPEN
-from proxy.errors import Forbidden
+from proxy.errors import Forbidden, Unauthenticated
 from proxy.limits.bodies import read_json_body
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
+from proxy.web.assets import is_public_asset
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -30,6 +32,11 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # server logs and absolute paths, ComfyUI-Manager (installs code), server-side model downloads,
 # and memory management affecting everyone.
 ADMIN_RULES = frozenset({"internal", "manager", "assets_admin", "free"})
+
+
+PUBLIC = Principal("anonymous", frozenset(), "anonymous")
+"""Whoever fetches one of the frontend's public files without a valid credential: no role
+(nothing beyond the file is allowed), rate-limited by client address."""
 
 
 def is_websocket(request: web.Request) -> bool:
@@ -67,13 +74,24 @@ class AuthGuard:
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         auth = request.app[AUTH]
         # A query token is a credential only where a browser cannot send headers: the
-        # handshake of ComfyUI's socket. Anywhere else it is not even looked at.
+        # handshake of ComfyUI's socket; on the HTTP API routes only when opted in
+        # (auth.query_token_on_http). Anywhere else it is not even looked at.
         websocket = ctx.rule.websocket and is_websocket_handshake(request)
+        api_route = not ctx.rule.websocket and ctx.rule.name != "static"
         # The route class's Redis fail mode also governs the denylist lookup (see
         # revocation.FailModeRevocations): read-only classes stay up while Redis is down.
         token = FAIL_OPEN.set(_fails_open(request, ctx, websocket=websocket))
         try:
-            principal, session = await auth.authenticate(request, websocket=websocket)
+            principal, session = await auth.authenticate(
+                request, websocket=websocket, api_route=api_route
+            )
+        except Unauthenticated:
+            if not is_public_asset(request, ctx):
+                raise
+            # The stock frontend's own files (proxy.web.assets), e.g. the manifest a browser
+            # fetches without cookies: served to anyone, with no identity sent to ComfyUI.
+            ctx.principal = PUBLIC
+            return
         finally:
             FAIL_OPEN.reset(token)
         ctx.principal = principal
@@ -137,24 +155,33 @@ def cookie_secure(request: web.Request) -> bool:
 
 
 class CsrfGuard:
-    """Cookie-authenticated state changes (and WebSocket handshakes) must carry our origin.
+    """State changes (and WebSocket handshakes) authenticated by an *ambient* credential - the
+    session cookie or HTTP Basic, which a browser attaches by itself - must carry our origin.
 
     The origin guard already refused any *foreign* ``Origin``; here a missing one is refused too,
-    unless ``Referer`` names our origin. Bearer-authenticated requests are exempt: a browser
-    never attaches a bearer token on its own.
+    unless ``Referer`` names our origin. Bearer and query tokens are exempt: a browser never
+    attaches them on its own.
+
+    HTTP Basic without any ``Origin`` is let through: browsers send ``Origin`` on every
+    unsafe-method request and WebSocket handshake (the Fetch standard), which is the only way
+    cached Basic credentials can be made to ride along, so a request without one comes from an
+    API client (``requests``, ``curl``, Node's ``fetch``) - the clients Basic is accepted for. An
+    opaque ``Origin: null`` is a browser's and needs our ``Referer`` like a cookie request.
     """
 
     name = "csrf"
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         principal = ctx.principal
-        if principal is None or principal.source != "cookie":
+        if principal is None or principal.source not in AMBIENT_SOURCES:
             return
         if request.method not in UNSAFE_METHODS and not is_websocket(request):
             return
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None and origin != "null":
             return  # already checked against our own and the allowed origins
+        if origin is None and principal.source == "basic":
+            return  # not a browser (see the class docstring)
         referer = request.headers.get(hdrs.REFERER)
         if referer and is_own_origin(referer, request, request.app[SETTINGS].server):
             return

@@ -5,6 +5,8 @@ Routes, under the base path (the only public routes besides the health checks):
 - ``GET  /login``   the page (``login``); shows "signed in as" and a sign-out button to a
   browser that already has a live session.
 - ``POST /login``   sign in (``login``): 303 to the validated ``next`` with the session cookie.
+- ``GET  /logout``   a confirmation page (``logout_page``) with the sign-out button; never signs
+  out by itself.
 - ``POST /logout``  sign out (``logout``): revoke the session id, clear the cookie, 303 to /login.
 - ``GET  /comfygate/static/...`` the page's stylesheet (``login_static``).
 
@@ -183,6 +185,36 @@ class LoginPage:
         self._set_session_cookie(request, response, value, session)
         _no_store(response)
         return response
+
+    async def get_logout(self, request: web.Request) -> web.Response:
+        """The sign-out confirmation: a GET can be triggered by any page, so it only asks."""
+        session = await self._live_session(request)
+        csrf, new = self._csrf_token(request)
+        context = {
+            "static_url": self._url(STATIC_PREFIX),
+            "login_url": self._url("/login"),
+            "logout_url": self._url("/logout"),
+            "csrf": csrf,
+            "home": f"{self.base_path}/",
+            "signed_in": session.subject if session else "",
+        }
+        response = aiohttp_jinja2.render_template(
+            "logout.html", request, context, app_key=TEMPLATES_KEY
+        )
+        if new:
+            self._set_csrf_cookie(request, response, csrf)
+        _no_store(response)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+    def sign_out_form(self, request: web.Request, response: web.StreamResponse) -> dict[str, str]:
+        """What a page of the UI needs to post the sign-out form itself (the frontend extension,
+        ``proxy.web.frontend``): the form's URL and its CSRF value, whose cookie is set on
+        ``response`` when the browser has none yet."""
+        csrf, new = self._csrf_token(request)
+        if new:
+            self._set_csrf_cookie(request, response, csrf)
+        return {"url": self._url("/logout"), "csrf": csrf}
 
     async def post_logout(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -433,17 +465,22 @@ class LoginPage:
         if headers:
             response.headers.update(headers)
         if new:
-            response.set_cookie(
-                CSRF_COOKIE,
-                csrf,
-                path=self._cookie_path(),
-                httponly=True,
-                samesite="Strict",
-                secure=self.cookie_secure(request),
-            )
+            self._set_csrf_cookie(request, response, csrf)
         _no_store(response)
         response.headers.update(PAGE_HEADERS)
         return response
+
+    def _set_csrf_cookie(
+        self, request: web.Request, response: web.StreamResponse, csrf: str
+    ) -> None:
+        response.set_cookie(
+            CSRF_COOKIE,
+            csrf,
+            path=self._cookie_path(),
+            httponly=True,
+            samesite="Strict",
+            secure=self.cookie_secure(request),
+        )
 
     def _url(self, path: str) -> str:
         return f"{self.base_path}{path}"
@@ -486,7 +523,9 @@ def add_login_routes(app: web.Application, *, base_path: str, settings: AuthSett
     login = app.router.add_resource(f"{base}/login", name="login")
     login.add_route("GET", _handler(LoginPage.get_login))
     login.add_route("POST", _handler(LoginPage.post_login))
-    app.router.add_route("POST", f"{base}/logout", _handler(LoginPage.post_logout), name="logout")
+    logout = app.router.add_resource(f"{base}/logout", name="logout")
+    logout.add_route("GET", _handler(LoginPage.get_logout))
+    logout.add_route("POST", _handler(LoginPage.post_logout))
     app.router.add_static(f"{base}{STATIC_PREFIX}", STATIC_DIR, name="login_static")
 
 

@@ -13,7 +13,10 @@ from proxy.auth.settings import RoleSettings
 if TYPE_CHECKING:
     from proxy.auth.sessions import Session
 
-Source = Literal["bearer", "cookie", "query", "anonymous"]
+Source = Literal["bearer", "basic", "cookie", "query", "anonymous"]
+"""Where the credential came from. ``cookie`` and ``basic`` are *ambient*: a browser attaches them
+by itself, so requests authenticated by them get the origin and CSRF checks."""
+AMBIENT_SOURCES: frozenset[Source] = frozenset({"cookie", "basic"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

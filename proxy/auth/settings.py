@@ -138,6 +138,16 @@ class AuthSettings(_Section):
     login: LoginSettings = LoginSettings()
     query_token_on_websocket: bool = True
     """Accept ``?token=`` on the WebSocket handshake (browsers cannot set headers there)."""
+    query_token_on_http: bool = False
+    """Also accept ``?token=`` on ComfyUI's HTTP API routes, for clients that can only add a
+    query parameter. Off: a token in a URL ends up in browser history, shell history and the
+    logs of anything in between (the proxy never logs it and strips it before ComfyUI)."""
+    basic_auth: bool = True
+    """Accept the API token as the HTTP Basic password (any user name), also on the WebSocket
+    handshake, for clients that only know Basic auth or ``http://user:token@host`` URLs. It is
+    the same token as a bearer one; because browsers re-send Basic credentials by themselves,
+    such requests get the origin and CSRF checks of cookies. Never offered to browsers: no
+    ``WWW-Authenticate: Basic`` is ever sent."""
     comfy_multi_user: bool = False
     """ComfyUI runs with ``--multi-user``: create each principal's ComfyUI user on first use."""
     forward_user_headers: bool = False
@@ -177,7 +187,7 @@ DEFAULT_ROLES: dict[str, RoleSettings] = {
     "user": RoleSettings(),
     "power": RoleSettings(
         rate_limits={
-            "submit": Limit(rate="120/minute", burst=30),
+            "submit": Limit(rate="10/second", burst=50),
             "read": Limit(rate="50/second", burst=200),
             "upload": Limit(rate="300/minute", burst=60),
         },

@@ -173,11 +173,31 @@ class RateLimits:
             return
         self.count(cls, "limited")
         wait = max(1, whole_seconds(decision.retry_after))
+        # Said in words too: many clients show the message and never read Retry-After.
         raise RateLimited(
             f"{_REFUSALS[cls]}: limit {limit.limit.rate} (burst {limit.limit.burst}). "
-            f"Try again in {wait} second{'s' if wait != 1 else ''}.",
+            f"Try again in {in_words(wait)}.",
             retry_after=wait,
         )
+
+
+def in_words(seconds: int) -> str:
+    """A wait as a person would say it: ``1 second``, ``90 seconds``, ``2 minutes 30 seconds``,
+    ``1 hour 5 minutes`` (under two minutes in seconds: a client retrying soon wants them)."""
+
+    def unit(count: int, name: str) -> str:
+        return f"{count} {name}{'s' if count != 1 else ''}"
+
+    if seconds < 120:
+        return unit(seconds, "second")
+    if seconds < 3600:
+        minutes, rest = divmod(seconds, 60)
+        return unit(minutes, "minute") + (f" {unit(rest, 'second')}" if rest else "")
+    hours, rest = divmod(seconds, 3600)
+    minutes = math.ceil(rest / 60)
+    if minutes == 60:
+        hours, minutes = hours + 1, 0
+    return unit(hours, "hour") + (f" {unit(minutes, 'minute')}" if minutes else "")
 
 
 def build_rate_limits(app: web.Application) -> RateLimits:

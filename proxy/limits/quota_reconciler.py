@@ -9,6 +9,11 @@
   ``GET /queue`` every ``rate_limits.quota_poll_seconds`` and releases the prompts counted on
   it that it no longer lists. That covers API clients without a socket, ``POST /queue``
   deletes and clears, interrupts, and ComfyUI restarts.
+- On demand, :meth:`QuotaReconciler.refresh`: a submission refused over its user's quota has
+  the queues read once more before the refusal stands, so an API client without a socket that
+  runs one prompt at a time on a fast model (each ends long before the next poll) is not
+  refused for prompts that have ended. One such read at a time: refusals arriving while it
+  runs share it (and refusals are bounded by the ``submit`` rate limit).
 
 The reconciler's race: a prompt is counted before it is forwarded, and ComfyUI lists it only
 once it has accepted it. So only entries known to be accepted when the poll *starts* are
@@ -41,6 +46,8 @@ from proxy.upstream.queue_read import queued_ids
 
 log = structlog.get_logger("comfygate.quota")
 
+REFRESH_TIMEOUT_SECONDS: Final = 2.0
+"""Bound on an on-demand poll: past it the refusal stands (the periodic poll goes on)."""
 SEEN_ENDS: Final = 64
 """Prompt ends remembered per socket (a success is reported twice: no second release)."""
 _END_MARKERS: Final = tuple(f'"{t}"' for t in sorted(END_EVENTS))
@@ -111,12 +118,17 @@ class QuotaReconciler:
         self._polled = asyncio.Condition()
         self.polls = 0
         """Completed polls (tests wait on it with :meth:`wait_polls`)."""
+        self._refreshing: asyncio.Task[int] | None = None
+        """The on-demand poll of refused submissions, while it runs."""
 
     def start(self) -> None:
         self._loop.start()
 
     async def stop(self) -> None:
         await self._loop.stop()
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
 
     async def wait_polls(self, count: int) -> None:
         """Until at least ``count`` polls have completed (for tests and diagnostics)."""
@@ -126,10 +138,28 @@ class QuotaReconciler:
     async def poll_once(self) -> int:
         """Reconcile every upstream once; how many prompts were released."""
         async with self._lock:  # the loop and a caller (tests) never interleave
-            released = await self._reconcile(list(self._pool.upstreams))
-            self.polls += 1
+            released = await self._poll_locked()
         async with self._polled:
             self._polled.notify_all()
+        return released
+
+    async def refresh(self) -> int:
+        """Reconcile now for a refused submission (see the module doc); how many prompts were
+        released (0 when it took longer than :data:`REFRESH_TIMEOUT_SECONDS`). Refusals that
+        arrive while such a poll runs share it: one on-demand poll at a time."""
+        running = self._refreshing
+        if running is None or running.done():
+            running = self._refreshing = asyncio.create_task(self.poll_once())
+        try:
+            # Shielded: one refused request going away must not cancel the others' poll.
+            return await asyncio.wait_for(asyncio.shield(running), REFRESH_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.info("queue_quota_refresh_timeout")
+            return 0
+
+    async def _poll_locked(self) -> int:
+        released = await self._reconcile(list(self._pool.upstreams))
+        self.polls += 1
         return released
 
     async def _reconcile(self, upstreams: list[Upstream]) -> int:

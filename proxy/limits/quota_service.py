@@ -151,6 +151,19 @@ class QueueQuota:
                 ),
                 "reserve",
             )
+            # The user's prompts may have ended since the last poll (an API client without a
+            # socket, one prompt at a time): the queues are read once more before refusing.
+            if (
+                reservation.outcome == "user_quota"
+                and self.reconciler is not None
+                and await self.reconciler.refresh()
+            ):
+                reservation = await self.bounded(
+                    self.store.reserve(
+                        prompt_id, owner, upstream, limit=limit, upstream_cap=self.upstream_cap
+                    ),
+                    "reserve",
+                )
         except StoreFailed as exc:
             return self._failed(exc.kind)
         if reservation.outcome == "reserved":

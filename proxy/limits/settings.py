@@ -75,7 +75,10 @@ FailMode = Literal["open", "closed"]
 
 def _default_limits() -> dict[RouteClass, Limit]:
     return {
-        "submit": Limit(rate="30/minute", burst=10),
+        # A client running one prompt at a time on a fast model submits several a second and
+        # never has more than one queued; the queue quota is what bounds the queue. This only
+        # bounds the cost of the submissions themselves (parsing, policy, validation).
+        "submit": Limit(rate="5/second", burst=20),
         "read": Limit(rate="20/second", burst=100),
         "view": Limit(rate="50/second", burst=200),
         "upload": Limit(rate="60/minute", burst=20),

@@ -14,6 +14,7 @@ import pytest
 from playwright.async_api import Page, Response, expect
 
 from proxy.auth.principal import comfy_user_id
+from proxy.web.assets import PUBLIC_ASSET
 from tests.browser.conftest import (
     DEFAULT_TIMEOUT_MS,
     Exchange,
@@ -178,6 +179,15 @@ def is_user_mode_check(rec: Received) -> bool:
     )
 
 
+def is_public_fetch(rec: Received) -> bool:
+    """A fetch of one of the frontend's public files (``proxy.web.assets``) without identity."""
+    return (
+        rec.method in ("GET", "HEAD")
+        and PUBLIC_ASSET.fullmatch(rec.raw_path) is not None
+        and "Comfy-User" not in rec.headers
+    )
+
+
 def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) -> None:
     """Everything the fake received came as ``subject``: ``Comfy-User`` derived from it by the
     proxy, and none of the proxy's own cookies (session, login CSRF).
@@ -195,6 +205,9 @@ def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) 
     # The proxy's own check of whether ComfyUI runs with --multi-user (proxy.userdata.mode) is
     # the other request of no one's: GET /users without identity, credentials or request id.
     received = [r for r in upstream.fake.received if not is_user_mode_check(r)]
+    # The frontend's bundled files fetched without cookies (the web app manifest) are public
+    # (proxy.web.assets) and reach ComfyUI with no identity at all - never another user's.
+    received = [r for r in received if not is_public_fetch(r)]
     relayed = [r for r in received if not is_catalog_fetch(r.method, r.path)]
     catalog = [r for r in received if is_catalog_fetch(r.method, r.path)]
     strangers = [

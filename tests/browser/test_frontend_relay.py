@@ -64,7 +64,15 @@ ROOT_ABSOLUTE_PATHS = ("/assets/images/favicon_progress_16x16/",)
 # What the proxy answers itself on ComfyUI's surface, by design (README "Identity toward
 # ComfyUI"): ``GET /users`` gets the single-user shape, so the stock UI never shows its user
 # picker and ComfyUI's list of users never reaches a browser. (method, path under the base path).
-ANSWERED_BY_PROXY = frozenset({("GET", "/api/users"), ("GET", "/users")})
+ANSWERED_BY_PROXY = frozenset(
+    {
+        ("GET", "/api/users"),
+        ("GET", "/users"),
+        # The proxy's account extension (proxy.web.frontend): its script and who is signed in.
+        ("GET", "/extensions/comfygate/account.js"),
+        ("GET", "/comfygate/whoami"),
+    }
+)
 
 # The fake runs without --multi-user, so the signed-in (non-admin) user's saved workflows,
 # settings and user.css live in their own folder (proxy.userdata): a user data request reaches

@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 from yarl import URL
 
-from proxy.state import METRICS
+from proxy.state import AUTH, METRICS
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -92,16 +92,21 @@ async def test_browser_post_passes_comfyui_origin_check(
     "origin", ["http://evil.example", "http://localhost:1", "https://127.0.0.1", "garbage"]
 )
 async def test_foreign_origin_refused_before_upstream(
-    origin: str, proxy: TestClient[Any, Any], fake_comfy: FakeComfyUI
+    origin: str, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
 ) -> None:
-    resp = await proxy.post("/api/prompt", json={"prompt": EMPTY_SAVE}, headers={"Origin": origin})
+    """With the credential a browser attaches by itself (the session cookie); bearer tokens are
+    not refused for their Origin (tests/security/test_clients.py)."""
+    proxy = await make_proxy(fake_comfy.url, token=None)
+    value, _ = proxy.app[AUTH].sessions.issue("admin", ["admin"], source="token")
+    headers = {"Origin": origin, "Cookie": f"comfygate_session={value}"}
+    resp = await proxy.post("/api/prompt", json={"prompt": EMPTY_SAVE}, headers=headers)
     assert resp.status == 403
     body = await resp.json()
     assert body["error"]["type"] == "origin_not_allowed"
     assert body["node_errors"] == {}
     assert fake_comfy.received == []
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await proxy.ws_connect("/ws?clientId=x", headers={"Origin": origin})
+        await proxy.ws_connect("/ws?clientId=x", headers=headers)
     assert info.value.status == 403
     assert fake_comfy.received == []
 

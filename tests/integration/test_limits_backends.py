@@ -113,5 +113,6 @@ async def test_queue_quota_across_replicas(
     await held.wait_idle()
     reconciler = two.app[QUEUE_QUOTA].reconciler
     assert 1 <= await reconciler.poll_once() <= QUOTA
+    held.hold()  # still running when the over-quota one has the queue read again: refused
     assert [(await submit(one))[0] for _ in range(QUOTA + 1)] == [200] * QUOTA + [429]
     await ws.close()

@@ -68,11 +68,9 @@ def test_most_generous_prefers_unlimited_then_rate_then_burst() -> None:
 
 def test_limit_per_principal_roles() -> None:
     limits = make()
-    assert limits.limit_for(frozenset({"user"}), "submit").limit == Limit(
-        rate="30/minute", burst=10
-    )
+    assert limits.limit_for(frozenset({"user"}), "submit").limit == Limit(rate="5/second", burst=20)
     power = limits.limit_for(frozenset({"user", "power"}), "submit")
-    assert power.limit == Limit(rate="120/minute", burst=30)
+    assert power.limit == Limit(rate="10/second", burst=50)
     # power sets no view limit of its own: the default applies.
     assert limits.limit_for(frozenset({"power"}), "view").limit == Limit(
         rate="50/second", burst=200
