@@ -106,6 +106,12 @@ RULES: tuple[RouteRule, ...] = (
         "/snapshot/*",
         "/externalmodel/*",
         "/comfyui_manager/*",
+        # ComfyUI-Manager v4 (frontend 1.27 calls these): the same powers under /v2.
+        "/v2/manager/*",
+        "/v2/customnode/*",
+        "/v2/snapshot/*",
+        "/v2/externalmodel/*",
+        "/v2/comfyui_manager/*",
     ),
     rule("static", "/", "/extensions/*", "/templates/*", "/scripts/*", "/assets/*", "/docs/*"),
 )
