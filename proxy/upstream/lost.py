@@ -447,7 +447,9 @@ class LostPrompts:
         """Verdicts made while Redis failed: shared at the next sync."""
         self._told: OrderedDict[str, None] = OrderedDict()
         """Prompts whose error this replica sent to its sockets (each once)."""
-        self._synced = False
+        self._started_at = time.time()
+        """Verdicts older than this process were told by the replicas of their time."""
+        self._flushing = asyncio.Lock()
         self._deciding: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -464,9 +466,7 @@ class LostPrompts:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        if self.shared is not None and self._to_mark:
-            with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
-                await self.shared.mark_finished(self._to_mark)  # what ended before shutdown
+        await self.flush()  # what ended before shutdown
 
     async def _supervised(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run ``step`` forever: a failure of anything it calls is logged and counted, and the
@@ -558,16 +558,23 @@ class LostPrompts:
     async def _flush_once(self) -> None:
         await self._flush.wait()
         self._flush.clear()
-        batch, self._to_mark = self._to_mark, set()
-        if not batch or self.shared is None:
-            return
-        try:
-            await self.shared.mark_finished(batch)
-        except (redis.RedisError, OSError, TimeoutError) as exc:
-            self._redis_failed("mark_finished", exc)
-            self._to_mark |= batch  # bounded by _ended; written when Redis answers again
-            await asyncio.sleep(FLUSH_RETRY_SECONDS)
+        if not await self.flush():
+            await asyncio.sleep(FLUSH_RETRY_SECONDS)  # Redis failed: written when it answers
             self._flush.set()
+
+    async def flush(self) -> bool:
+        """Write the finished marks not yet shared; False when Redis failed (kept for later)."""
+        async with self._flushing:
+            batch, self._to_mark = self._to_mark, set()
+            if not batch or self.shared is None:
+                return True
+            try:
+                await self.shared.mark_finished(batch)
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._redis_failed("mark_finished", exc)
+                self._to_mark |= batch  # bounded by _ended
+                return False
+            return True
 
     # -- an instance went away -------------------------------------------------------------
     async def instance_lost(self, upstream: Upstream) -> list[LostPrompt]:
@@ -721,9 +728,8 @@ class LostPrompts:
 
     async def sync(self) -> None:
         """This replica's copy follows the shared verdicts: new ones are kept (and told to the
-        owner's sockets here, except at the first sync, which only learns what was decided
-        before this process started), deleted ones dropped; verdicts made while Redis failed
-        are shared."""
+        owner's sockets here, unless decided before this process started), deleted ones
+        dropped; verdicts made while Redis failed are shared."""
         if self.shared is None:
             return
         before = self.store.ids()  # verdicts added while this reads are kept
@@ -747,11 +753,8 @@ class LostPrompts:
             self.store.discard(prompt_id)
         for lost in fetched:
             self.store.put(lost)
-            if self._synced:
+            if lost.lost_at >= self._started_at:
                 await self._tell(lost, decided=False)
-            else:
-                self._told[lost.prompt_id] = None
-        self._synced = True
 
     def _redis_failed(self, what: str, exc: BaseException) -> None:
         kind = "timeout" if isinstance(exc, TimeoutError | redis.TimeoutError) else "error"
