@@ -169,11 +169,11 @@ class Cluster:
         argv = [*default_comfygate_cmd(), "serve", "--host", "127.0.0.1", "--port"]
         argv.append(str(replica.port))
         replica.generation += 1
+        replica.started_at = time.monotonic()
         name = f"replica-{replica.index + 1}"
         log = self.log_dir / f"{name}.log"
         replica.proc = self.group.spawn(name, argv, log, env=self.replica_env())
         await wait_http(f"{replica.url}/healthz", replica.proc, ok=lambda s: s == 200)
-        replica.started_at = time.monotonic()
 
     def signal_replica(self, replica: Replica, sig: signal.Signals) -> None:
         assert replica.proc is not None
@@ -250,6 +250,8 @@ class Record:
         default_factory=lambda: defaultdict(list)
     )
     images: Counter[int] = field(default_factory=Counter)
+    polled: dict[str, str] = field(default_factory=dict)
+    """Each prompt's ``status_str`` as last seen in its owner's ``/history`` polls."""
     sigterm_exit: int | None = None
     """Exit status of the replica stopped with SIGTERM (0: a clean, graceful stop)."""
 
@@ -408,8 +410,11 @@ class Load:
                 replica, "GET", "/history?max_items=20", "GET /history", headers=headers
             )
             history = orjson.loads(data) if status == 200 else {}
-            for prompt_id in history:
+            for prompt_id, entry in history.items():
                 self.record.seen_ids.append((user, prompt_id, "history"))
+                status_str = entry.get("status", {}).get("status_str")
+                if isinstance(status_str, str):
+                    self.record.polled[prompt_id] = status_str
             status, data = await self.call(replica, "GET", "/queue", "GET /queue", headers=headers)
             if status == 200:
                 queue = orjson.loads(data)
@@ -524,7 +529,7 @@ class Load:
                 if proc is not None and proc.alive():
                     with contextlib.suppress(Exception):
                         self.record.rss[(replica.index, replica.generation)].append(
-                            (time.monotonic() - replica.started_at, proc.rss())
+                            (time.monotonic(), proc.rss())
                         )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), RSS_EVERY_SECONDS)
@@ -558,9 +563,7 @@ class Load:
 
     async def _redis_outage(self) -> None:
         assert self.cluster.redis is not None
-        self.cluster.redis.stop()
-        assert self.cluster.redis.process is not None
-        self.cluster.redis.process.wait()
+        self.cluster.redis.stop()  # SIGTERM, waited for
         await asyncio.sleep(self.args.redis_outage)  # the outage itself
         self.cluster.redis.start()
 
@@ -651,15 +654,20 @@ class Load:
             load = [asyncio.create_task(self.submitter(n)) for n in range(len(self.users))]
             load += [asyncio.create_task(self.poller(n)) for n in range(len(self.users))]
             load += [asyncio.create_task(self.bad_requests()), asyncio.create_task(self.faults())]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.load_stop.wait(), self.args.duration)
-            print(f"[{self.now():6.1f}s] load stops; draining", flush=True)
-            self.load_stop.set()  # a fault under way finishes its repair and recovery
-            await asyncio.gather(*load)
-            await self.drain()
-            self.final_at = self.now()
-            self.stopping.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.load_stop.wait(), self.args.duration)
+                print(f"[{self.now():6.1f}s] load stops; draining", flush=True)
+                self.load_stop.set()  # a fault under way finishes its repair and recovery
+                await asyncio.gather(*load)
+                await self.drain()
+            finally:
+                self.final_at = self.now()
+                self.load_stop.set()
+                self.stopping.set()
+                for task in load:
+                    task.cancel()
+                await asyncio.gather(*tasks, *load, return_exceptions=True)
 
     async def drain(self) -> None:
         """Until every accepted prompt has an outcome its owner can see (or the bound)."""
@@ -690,12 +698,18 @@ class Load:
         if isinstance(entry, dict):
             state = entry.get("status", {}).get("status_str")
             return "completed" if state == "success" else "failed"
+        # No entry now (its instance restarted empty since): what the owner saw before.
         heard = Counter[str]()
         for conn in self.record.connections:
             if conn.user == prompt.user:
                 heard.update(conn.events.get(prompt.prompt_id, Counter()))
         if heard["execution_error"]:
             return "failed"
+        if heard["execution_success"]:
+            return "completed"
+        polled = self.record.polled.get(prompt.prompt_id)
+        if polled is not None:
+            return "completed" if polled == "success" else "failed"
         return ""
 
 
@@ -724,7 +738,7 @@ async def duplicates_on_instances(cluster: Cluster) -> int:
         for instance in cluster.instances:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with session.get(f"{instance.url}/history") as resp:
-                    seen.update(orjson.loads(await resp.read()))
+                    seen.update(list(orjson.loads(await resp.read())))
     return sum(1 for n in seen.values() if n > 1)
 
 
@@ -785,12 +799,9 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
     warm = WARMUP_FRACTION * args.duration
     slopes: list[tuple[str, float, float, bool]] = []
     for (index, generation), samples in sorted(record.rss.items()):
-        replica = load.cluster.replicas[index]
-        offset = replica.started_at - load.t0 if generation == replica.generation else 0.0
+        born = samples[0][0]  # sampled from its start on (every RSS_EVERY_SECONDS)
         kept = [
-            (t, r)
-            for t, r in samples
-            if t >= PROCESS_WARMUP_SECONDS and (t + offset >= warm or generation > 1)
+            (t, r) for t, r in samples if t - born >= PROCESS_WARMUP_SECONDS and t - load.t0 >= warm
         ]
         span = kept[-1][0] - kept[0][0] if len(kept) > 1 else 0.0
         judged = span >= MIN_SLOPE_SECONDS
@@ -809,14 +820,12 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
     row("  lost silently", outcomes["lost"], outcomes["lost"] == 0)
     row("  duplicated (run twice)", dup_runs + instance_dups, dup_runs + instance_dups == 0)
     row("  contradicted (completed and failed)", contradicted, contradicted == 0)
-    row(
-        "submissions refused (non-200)",
-        sum(
-            n
-            for k, n in record.statuses.items()
-            if k.startswith("POST /prompt ") and not k.endswith(" 200")
-        ),
-    )
+    refused = {
+        k.removeprefix("POST /prompt "): n
+        for k, n in sorted(record.statuses.items())
+        if k.startswith("POST /prompt ") and not k.endswith(" 200")
+    }
+    row("submissions refused (status: count)", refused or 0)
     row("cross-user leaks", len(leaks), not leaks)
     row("deaf sockets (owner's open socket missed the end)", deaf, deaf == 0)
     row("5xx outside fault windows", len(five_xx), not five_xx)
