@@ -574,9 +574,22 @@ class Load:
 
     async def _comfy_outage(self) -> None:
         instance = self.cluster.instances[1]
+        await self._busy(instance)
         self.cluster.kill_instance(instance)
         await asyncio.sleep(self.args.comfy_outage)  # the outage itself
         await self.cluster.start_instance(instance)
+
+    async def _busy(self, instance: Instance, limit: float = 10.0) -> None:
+        """Until ``instance`` runs a prompt (read from it directly, as the harness), at most
+        ``limit`` seconds: the kill then loses prompts, whose owners must be told."""
+        assert self.session is not None
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                async with self.session.get(f"{instance.url}/queue") as resp:
+                    if (await resp.json()).get("queue_running"):
+                        return
+            await asyncio.sleep(0.02)  # sampling another process's queue
 
     async def _replica_terminated(self) -> None:
         replica = self.cluster.replicas[1]
