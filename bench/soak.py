@@ -253,6 +253,8 @@ class Record:
     polled: dict[str, str] = field(default_factory=dict)
     """Each prompt's ``status_str`` as last seen in its owner's ``/history`` polls."""
     sigterm_exit: int | None = None
+    killed_with: list[str] = field(default_factory=list)
+    """The prompts the killed instance held when it was killed."""
     """Exit status of the replica stopped with SIGTERM (0: a clean, graceful stop)."""
 
 
@@ -587,7 +589,10 @@ class Load:
         while time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
                 async with self.session.get(f"{instance.url}/queue") as resp:
-                    if (await resp.json()).get("queue_running"):
+                    queue = await resp.json()
+                    held = [i[1] for s in ("queue_running", "queue_pending") for i in queue[s]]
+                    if queue.get("queue_running"):
+                        self.record.killed_with = held
                         return
             await asyncio.sleep(0.02)  # sampling another process's queue
 
@@ -862,6 +867,12 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
         if k.startswith("POST /prompt ") and not k.endswith(" 200")
     }
     row("submissions refused (status: count)", refused or 0)
+    killed = [record.prompts[p] for p in record.killed_with if p in record.prompts]
+    row(
+        "prompts on the killed instance (outcomes)",
+        dict(Counter(p.outcome for p in killed)) or 0,
+        all(p.outcome == "failed" for p in killed),
+    )
     row("cross-user leaks", len(leaks), not leaks)
     row("deaf sockets (owner's open socket missed the end)", deaf, deaf == 0)
     row("5xx outside fault windows", len(five_xx), not five_xx)
