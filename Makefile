@@ -70,6 +70,12 @@ check: lint typecheck test
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+## soak: two replicas, two fake ComfyUIs and Redis under mixed load with injected faults
+## (3 minutes by default; SOAK_ARGS="--duration 600 --users 8"); exit 1 when a promise fails
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
 ## dashboard: regenerate deploy/grafana/dashboards/comfygate.json from deploy/grafana/dashboard.py
 .PHONY: dashboard dashboard-preview
 dashboard: $(STAMP)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, REDIS, SETTINGS
 from proxy.upstream import merge, sticky
 from proxy.upstream.fanin import FanInRegistry, relay_fanin
 from proxy.upstream.forward import forward_http
@@ -76,9 +76,10 @@ async def multi_instance_context(app: web.Application) -> AsyncIterator[None]:
         watch_seconds=settings.upstream.lost_watch_seconds,
         timeout_seconds=settings.upstream.merge_timeout_seconds,
         notify=fanin.notify,
+        redis_client=app[REDIS],  # verdicts and finished marks shared by replicas
     )
     state = MultiInstance(sticky.FileLocations(), lost, fanin)
-    fanin.on_finished = state.lost.watch.note_finished
+    fanin.on_finished = state.lost.note_finished
     fanin.locations = state.locations
     app[MULTI] = state
     app[POOL].subscribe(state.on_pool_event)

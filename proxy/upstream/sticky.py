@@ -189,7 +189,7 @@ async def history_entry(
 ) -> web.StreamResponse:
     ctx = request[CONTEXT]
     record = await prompt_record(request, prompt_id)
-    lost = state.lost.lost(prompt_id)
+    lost = await state.lost.verdict(prompt_id)  # the verdict every replica answers
     lost_body = orjson.dumps({prompt_id: lost.history_entry()}) if lost is not None else b"{}"
     if record is not None:
         target = reachable_target(request, record.upstream)
@@ -229,7 +229,7 @@ async def job(
     record = await prompt_record(request, job_id)
     detail = not rest and request.method in ("GET", "HEAD")  # HEAD: the GET's answer
     cancel = rest == ["cancel"] and request.method == "POST"
-    lost = state.lost.lost(job_id)
+    lost = await state.lost.verdict(job_id)  # the verdict every replica answers
     if record is not None:
         target = reachable_target(request, record.upstream)
         if target is None:
@@ -239,17 +239,23 @@ async def job(
             if cancel:
                 return await answer(request, degraded, 200, b'{"cancelled": false}')
             return await answer(request, degraded, 404, JOB_NOT_FOUND)
+        if detail and lost is not None:
+            # The instance came back: its own answer if it has the job, else the failed job
+            # (200, as ComfyUI answers any job it knows; a forwarded 404 keeps its status).
+            gathered = await ask_all(request, [target], "GET", ctx.upstream_path)
+            for reply in gathered.answers:
+                if reply.status == 200:
+                    state.locations.record_outputs(
+                        target.name, _outputs(reply.json()), record.owner
+                    )
+                    return await answer(request, gathered, 200, reply.body)
+            return await answer(request, gathered, 200, orjson.dumps(lost.job(detail=True)))
         if detail:
             owner = record.owner
 
             async def learn(status: int, body: bytes) -> bytes:
-                if status == 404 and lost is not None:
-                    return orjson.dumps(lost.job(detail=True))
                 if status == 200:
-                    found = _loads(body)
-                    if isinstance(found, dict):
-                        outputs = found.get("outputs")
-                        state.locations.record_outputs(target.name, outputs, owner)
+                    state.locations.record_outputs(target.name, _outputs(_loads(body)), owner)
                 return body
 
             _chain(ctx, learn)
@@ -271,6 +277,10 @@ async def job(
         cancelled = any(_cancelled(r) for r in gathered.answers)
         return await answer(request, gathered, 200, orjson.dumps({"cancelled": cancelled}))
     return await forward_http(request)  # other sub-routes of an unknown job: home
+
+
+def _outputs(found: object) -> object:
+    return found.get("outputs") if isinstance(found, dict) else None
 
 
 def _cancelled(reply: Answer) -> bool:
@@ -356,10 +366,9 @@ async def split_delete(
     ids = [i for i in raw_ids if isinstance(i, str)] if isinstance(raw_ids, list) else []
     clear = bool(body.get("clear"))
     if history:
-        for prompt_id in ids:
-            state.lost.store.discard(prompt_id)
+        await state.lost.forget(ids)
         if clear:
-            state.lost.store.clear()
+            await state.lost.forget_all()
     reachable = request.app[POOL].reachable()
     per = await _split_ids(request, ids, reachable)
     targets = [u for u in reachable if per[u.name] or clear]
