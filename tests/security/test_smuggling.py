@@ -440,9 +440,7 @@ async def test_get_with_a_body_is_refused(client: Client, fake_comfy: FakeComfyU
     assert conv.statuses == [400], conv
     assert fake_comfy.received == []
     # An empty body stays allowed: some clients send "Content-Length: 0" on every request.
-    conv = await converse(
-        port_of(client), request("GET", "/api/queue", [("Content-Length", "0")])
-    )
+    conv = await converse(port_of(client), request("GET", "/api/queue", [("Content-Length", "0")]))
     assert conv.statuses == [200]
     [seen] = fake_comfy.received
     assert seen.body_length == 0
@@ -490,10 +488,207 @@ async def test_non_websocket_upgrade_does_not_tunnel(
             ],
             close=False,
         )
-        conv = await converse(port_of(client), data + SMUGGLED)
+        # Bytes after "Connection: close" are refused by llhttp unless an upgrade paused it.
+        tail = SMUGGLED if "Upgrade" in connection else b""
+        conv = await converse(port_of(client), data + tail)
         assert conv.statuses == [200], (upgrade, conv)
         assert paths(fake_comfy) == ["GET /api/queue"]
         [seen] = fake_comfy.received
-        for name in ("Upgrade", "HTTP2-Settings", "Connection"):
+        # Headers the client's Connection names are hop-by-hop too (RFC 9110 7.6.1).
+        hop = ("HTTP2-Settings",) if "HTTP2-Settings" in connection else ()
+        for name in ("Upgrade", "Connection", *hop):
             assert name not in seen.headers, (upgrade, name)
         fake_comfy.reset()
+
+
+# ------------------------------------------------------------------------- response desync
+
+
+class ScriptedComfyUI:
+    """A raw upstream that misbehaves on request: ``/api/embeddings?who=<user>&act=<act>``.
+
+    It answers each request with ``{"for": "<user>"}``; ``act`` adds the misbehaviour. Every
+    request is recorded with the index of the connection it came on.
+    """
+
+    SECRET = b'{"for": "alice", "secret": "alice-only"}'
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+        self.connections = 0
+        self.release = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+
+    @staticmethod
+    def answer(body: bytes, *extra: str) -> bytes:
+        head = ["HTTP/1.1 200 OK", "Content-Type: application/json", *extra]
+        head.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        index = self.connections
+        self._writers.append(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                method, target, _ = head.split("\r\n", 1)[0].split(" ")
+                match = re.search(r"Content-Length: (\d+)", head, re.IGNORECASE)
+                if match:
+                    await reader.readexactly(int(match.group(1)))
+                self.seen.append((index, f"{method} {target}"))
+                who = re.search(r"who=(\w+)", target)
+                act = re.search(r"act=(\w+)", target)
+                body = json.dumps({"for": who.group(1) if who else ""}).encode()
+                await self._act(act.group(1) if act else "", body, writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _act(self, act: str, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if act == "double":  # a second, unasked-for answer right behind the first
+            writer.write(self.answer(body) + self.answer(self.SECRET))
+        elif act == "double_split":  # ... sent as its own write
+            writer.write(self.answer(body))
+            await writer.drain()
+            writer.write(self.answer(self.SECRET))
+        elif act == "short_length":  # Content-Length shorter than the body sent
+            writer.write(self.answer(body)[:-2] + b'"}' + self.answer(self.SECRET))
+        elif act == "head_body":  # a HEAD answered with a body
+            writer.write(self.answer(self.SECRET))
+        elif act == "late":  # the answer comes after the proxy gave up waiting
+            await self.release.wait()
+            writer.write(self.answer(self.SECRET))
+        elif act == "cl_and_te":  # both framings: readers could split it two ways
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"0\r\n\r\n"
+                + self.answer(self.SECRET)
+            )
+        elif act == "interim":  # 1xx interim answers before the final one
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n")
+            writer.write(self.answer(body))
+        elif act == "big":  # a body the client stops reading half-way
+            size = 4 * 1024 * 1024
+            writer.write(
+                f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode() + b"x" * size
+            )
+            writer.write(self.answer(self.SECRET))
+        else:
+            writer.write(self.answer(body))
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedComfyUI]:
+    upstream = ScriptedComfyUI()
+    await upstream.start()
+    yield upstream
+    upstream.release.set()
+    await upstream.stop()
+
+
+@pytest.fixture
+async def desync_proxy(make_proxy: ProxyFactory, scripted: ScriptedComfyUI) -> Client:
+    return await make_proxy(
+        f"http://127.0.0.1:{scripted.port}",
+        token=None,
+        upstream={"read_timeout_seconds": 1.0},
+    )
+
+
+def embeddings(who: str, act: str = "", method: str = "GET", close: bool = True) -> bytes:
+    token = {"alice": A_TOKEN, "bob": B_TOKEN}[who]
+    target = f"/api/embeddings?who={who}" + (f"&act={act}" if act else "")
+    return request(method, target, token=token, close=close)
+
+
+async def bob_gets_his_own(
+    client: Client, scripted: ScriptedComfyUI, *, fresh: bool = True
+) -> None:
+    """B's request, right after A's exchange: B's answer; with ``fresh``, on a connection
+    A's exchange never used (the one A's left out of step was dropped)."""
+    conv = await converse(port_of(client), embeddings("bob"))
+    assert conv.statuses == [200], conv
+    assert json.loads(conv.replies[0].body) == {"for": "bob"}
+    index, line = scripted.seen[-1]
+    assert line == "GET /api/embeddings?who=bob"
+    if fresh:
+        assert [i for i, _ in scripted.seen].count(index) == 1, scripted.seen
+
+
+@pytest.mark.parametrize("act", ["double", "double_split", "short_length", "cl_and_te"])
+async def test_an_extra_answer_never_reaches_the_next_user(
+    act: str, desync_proxy: Client, scripted: ScriptedComfyUI
+) -> None:
+    conv = await converse(port_of(desync_proxy), embeddings("alice", act))
+    assert b"alice-only" not in b"".join(r.body for r in conv.replies)
+    if act == "cl_and_te":
+        assert conv.statuses == [502], conv
+        assert conv.replies[0].error_type == "upstream_unavailable"
+    else:
+        assert conv.statuses == [200], conv
+    await bob_gets_his_own(desync_proxy, scripted)
+
+
+async def test_a_head_answered_with_a_body(desync_proxy: Client, scripted: ScriptedComfyUI) -> None:
+    conv = await converse(
+        port_of(desync_proxy), embeddings("alice", "head_body", "HEAD"), head_only=True
+    )
+    assert conv.statuses == [200], conv
+    await bob_gets_his_own(desync_proxy, scripted)
+
+
+async def test_a_late_answer_never_reaches_the_next_user(
+    desync_proxy: Client, scripted: ScriptedComfyUI
+) -> None:
+    conv = await converse(port_of(desync_proxy), embeddings("alice", "late"))
+    assert conv.statuses == [504], conv
+    assert conv.replies[0].error_type == "upstream_timeout"
+    scripted.release.set()  # ComfyUI answers A now, on the connection the proxy dropped
+    await bob_gets_his_own(desync_proxy, scripted)
+
+
+async def test_interim_answers_are_skipped(desync_proxy: Client, scripted: ScriptedComfyUI) -> None:
+    conv = await converse(port_of(desync_proxy), embeddings("alice", "interim"))
+    assert conv.statuses == [200], conv
+    assert conv.interim == []
+    assert json.loads(conv.replies[0].body) == {"for": "alice"}
+    await bob_gets_his_own(desync_proxy, scripted, fresh=False)  # in step: may be reused
+
+
+async def test_a_client_leaving_mid_body_leaves_no_rest_for_the_next_user(
+    desync_proxy: Client, scripted: ScriptedComfyUI
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(desync_proxy))
+    writer.write(embeddings("alice", "big"))
+    await writer.drain()
+    async with asyncio.timeout(TIMEOUT):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await reader.readexactly(64 * 1024)
+    writer.close()  # A goes away with most of the body unread
+    await bob_gets_his_own(desync_proxy, scripted)
+
+
+async def test_keep_alive_reuse_is_in_step(desync_proxy: Client, scripted: ScriptedComfyUI) -> None:
+    """The well-behaved case the others are measured against: A's and B's exchanges share one
+    upstream connection (reuse works) and each gets its own answer."""
+    for who in ("alice", "bob", "alice", "bob"):
+        conv = await converse(port_of(desync_proxy), embeddings(who))
+        assert json.loads(conv.replies[0].body) == {"for": who}
+    assert {i for i, _ in scripted.seen} == {1}
