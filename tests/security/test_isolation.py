@@ -153,12 +153,12 @@ async def test_b_reads_no_history_entry_of_a_by_any_route_form(
         f"/history/{a1.replace('-', '%2D')}",
         f"http://{host}/history/{a1}",
         f"http://{host}/api/history/{a1}",
-        f"/history?max_items=1000&offset=0",
-        f"/api/history?max_items=-1",
+        "/history?max_items=1000&offset=0",
+        "/api/history?max_items=-1",
         f"/api/jobs/{a1}",
         f"/api/jobs/{a1.upper()}",
-        f"/api/jobs?limit=100",
-        f"/api/jobs?status=completed",
+        "/api/jobs?limit=100",
+        "/api/jobs?status=completed",
         "/api/queue",
     ]
     for target in targets:
@@ -387,7 +387,9 @@ async def test_b_cannot_mask_as_image(client: Client, fake_comfy: FakeComfyUI) -
         json.dumps({"filename": "base.png", "subfolder": f"users/x/../{a_folder[6:]}"}),
         json.dumps({"filename": "base.png", "subfolder": a_folder.upper(), "type": "input"}),
         # Repeated keys: json.loads (ComfyUI's reader) keeps the last one.
-        '{"filename": "base.png", "subfolder": "", "subfolder": "%s", "type": "input"}' % a_folder,
+        '{"filename": "base.png", "subfolder": "", "subfolder": "'
+        + a_folder
+        + '", "type": "input"}',
         json.dumps([{"filename": "base.png", "subfolder": a_folder, "type": "input"}]),
         json.dumps({"filename": ["base.png"], "subfolder": a_folder, "type": "input"}),
         "not json",
