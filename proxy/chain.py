@@ -89,6 +89,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 _OWN_RULES: dict[str, RouteRule] = {}
+_BODILESS_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 
 
 @web.middleware
@@ -104,6 +105,17 @@ async def resolve_route(request: web.Request, handler: Handler) -> web.StreamRes
     host = request.headers.get(hdrs.HOST)
     route = request.match_info.route.name
     if route == FORWARD_ROUTE:
+        if (
+            request.method in _BODILESS_METHODS
+            and request.body_exists
+            and request.content_length != 0
+        ):
+            # SECURITY: content on GET/HEAD has no meaning (RFC 9110 9.3.1) and readers disagree
+            # on it: some ignore the length and read the bytes as the next request. Nothing the
+            # proxy decides on is in it, so nothing of it is forwarded either.
+            raise BadRequest(
+                f"a {request.method} request must not have a body", error_type="body_not_allowed"
+            )
         target = canonical_target(
             request.method,
             request.raw_path,

@@ -24,18 +24,24 @@ from proxy.settings import ServerSettings
 from proxy.state import RequestContext
 from proxy.upstream.headers import forwarded_values
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_WEB_SCHEMES = frozenset(_DEFAULT_PORTS)
 
 
 def origin_key(origin: str) -> tuple[str, int | None] | None:
-    """``(host, port)`` of an origin such as ``https://comfy.example.com``; None if malformed."""
+    """``(host, port)`` of an origin such as ``https://comfy.example.com``; None if malformed.
+
+    SECURITY: only an absolute http(s) URL names a site. A browser never sends anything else
+    in ``Origin`` or ``Referer``; a scheme-relative ``//host:port/`` (or another scheme) would
+    otherwise pass as this site's without naming how it was reached.
+    """
     try:
         url = URL(origin)
     except ValueError:
         return None
-    if not url.host:
+    if url.scheme not in _WEB_SCHEMES or not url.host:
         return None
-    return url.host.lower(), url.explicit_port or _DEFAULT_PORTS.get(url.scheme)
+    return url.host.lower(), url.explicit_port or _DEFAULT_PORTS[url.scheme]
 
 
 def host_key(host: str, scheme: str) -> tuple[str, int | None] | None:
