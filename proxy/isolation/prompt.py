@@ -6,7 +6,8 @@ What a submitted body becomes (protocol doc 3):
   sockets and nothing is broadcast; ComfyUI copies it over ``extra_data.client_id``.
 - ``prompt_id`` is the proxy's (the guard decides whether the client's own may be kept).
 - ``front`` and ``number`` are dropped unless the user's role may jump the queue.
-- Every ``filename_prefix`` string moves under ``users/<owner>/``.
+- Every ``filename_prefix`` string moves under ``users/<owner>/`` (once: one already inside the
+  user's own folder, as read back from ``/history``, is kept).
 - Every string in an input that reads files (as the instance's ``/object_info`` declares it:
   upload flags, file widgets, folder listings; see :mod:`proxy.workflow.schemas`), whatever
   its extension, wrapped in ``{"__value__": ...}`` or reached through primitive nodes, must
@@ -77,6 +78,11 @@ def scoped_prefix(prefix: str, scope: FileScope) -> str:
     kept = clean_relative(prefix)
     if _SERVER_SUBSTITUTION.search(prefix):
         raise PathRefused("server-side %Node.input% substitution is not allowed here")
+    if kept.startswith(f"{scope.folder}/"):
+        # Idempotent: a workflow read back from /history (or a saved API-format one) already
+        # names a file in the user's own folder; prefixing it again would nest the folder.
+        # Another user's folder does not match and is moved under this user's like any name.
+        return prefix
     # "" or "./" would normalise to users/<owner> itself, i.e. a file *named* <owner> in users/.
     return f"{scope.folder}/{prefix if kept else DEFAULT_PREFIX}"
 

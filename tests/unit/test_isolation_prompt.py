@@ -43,6 +43,14 @@ def node(class_type: str, **inputs: Any) -> dict[str, Any]:
         (".", f"{OWN}/ComfyUI"),
         ("./", f"{OWN}/ComfyUI"),
         ("a..b", f"{OWN}/a..b"),
+        # Idempotent: already in the user's own folder (read back from /history): kept.
+        (f"{OWN}/ComfyUI", f"{OWN}/ComfyUI"),
+        (f"{OWN}/sub/img", f"{OWN}/sub/img"),
+        (f"./{OWN}/x", f"./{OWN}/x"),
+        # Not inside it: the folder itself, a look-alike, another user's folder.
+        (OWN, f"{OWN}/{OWN}"),
+        ("users/alice-12/x", f"{OWN}/users/alice-12/x"),
+        ("users/bob-1/x", f"{OWN}/users/bob-1/x"),
     ],
 )
 def test_scoped_prefix(prefix: str, expected: str) -> None:
