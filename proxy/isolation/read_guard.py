@@ -29,6 +29,10 @@ Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
                                             by :class:`~proxy.isolation.events.SocketEventFilter`
 ==========================================  ================================================
 
+In the caller's own history entries, queue items and job details, ``extra_data.client_id``
+(the namespaced id ComfyUI saw) is shown as the ``client_id`` the client sent, as the socket's
+``sid`` is (the prompt's record keeps it). Admins' unfiltered views show ComfyUI's ids.
+
 History and job-detail answers also record the previews of the caller's prompts as the caller's
 files (so ``/view`` of temp previews works for API clients that never had a socket); only what
 :mod:`proxy.isolation.attribution` attributes, never every file a node's output names.
@@ -158,6 +162,9 @@ class ReadGuard:
             owned = await ownership.prompts_of(owner)
             mine = views.filter_history(_loads(body), owned)
             await self._record_history_files(ownership, owner, mine)
+            shown = await _sent_client_ids(ownership, list(mine))
+            for entry in mine.values():
+                views.show_client_id(views.entry_extra_data(entry), shown)
             return orjson.dumps(views.history_window(mine, max_items, offset))
 
         if not paged:  # /history/{id}, or a non-integer ComfyUI fails on (its own 500)
@@ -255,7 +262,20 @@ class ReadGuard:
             if status != 200:
                 return body
             owned = await ownership.prompts_of(owner)
-            return orjson.dumps(views.redact_queue(_loads(body), owned, key))
+            queue = views.redact_queue(_loads(body), owned, key)
+            own_items = [
+                item
+                for section in views.EMPTY_QUEUE
+                for item in queue[section]
+                if isinstance(item, list)
+                and len(item) > 1
+                and isinstance(item[1], str)
+                and item[1] in owned
+            ]
+            shown = await _sent_client_ids(ownership, [item[1] for item in own_items])
+            for item in own_items:
+                views.show_client_id(views.item_extra_data(item), shown)
+            return orjson.dumps(queue)
 
         ctx.rewrite_response = rewrite
 
@@ -292,6 +312,11 @@ class ReadGuard:
                     files = list(attributed_outputs(outputs, mine.previews))
                     if files:
                         await ownership.record_files(owner, files)
+                    extra_data = views.job_extra_data(job)
+                    shown = views.sent_client_ids([mine])
+                    if isinstance(extra_data, dict) and extra_data.get("client_id") in shown:
+                        views.show_client_id(extra_data, shown)
+                        return orjson.dumps(job)
                 return body
 
             ctx.rewrite_response = rewrite
@@ -404,6 +429,12 @@ class ReadGuard:
         if rewritten is None:
             raise _answer(ctx, 200)
         ctx.body = orjson.dumps(rewritten)
+
+
+async def _sent_client_ids(ownership: OwnershipStore, prompt_ids: list[str]) -> dict[str, str]:
+    """The client ids the owner's prompts were sent with, keyed by the namespaced ones (what
+    the owner's views show instead: ``views.show_client_id``)."""
+    return views.sent_client_ids(await ownership.records(prompt_ids)) if prompt_ids else {}
 
 
 async def fetch_queue(request: web.Request) -> object:

@@ -158,6 +158,7 @@ async def _submit_prompt(
         owner=scope.owner,
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
+        sent_client_id=client_id_of(body),
         created_at=time.time(),
         role=role_label(principal.roles) if principal is not None else "",
         # The nodes whose temp/ previews may become the caller's: read from the graph that is
@@ -193,6 +194,7 @@ async def _record_admin_prompt(
         owner=owner,
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
         client_id=client_id,
+        sent_client_id=client_id_of(body),
         created_at=time.time(),
         role=role_label(ctx.principal.roles) if ctx.principal is not None else "",
     )

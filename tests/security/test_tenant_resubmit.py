@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import folder_names
-from tests.conftest import bearer
+from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 
 Client = TestClient[Any, Any]
@@ -25,9 +25,18 @@ B_FOLDER = folder_names("").of(BOB)
 A, B = bearer("alice"), bearer("bob")
 
 
-@pytest.fixture
-def client(anonymous_proxy: Client) -> Client:
-    return anonymous_proxy
+@pytest.fixture(params=["memory", "redis"])
+async def client(
+    request: pytest.FixtureRequest, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> Client:
+    """The proxy, its ownership records in process or in a real Redis (the record keeps the
+    client's own client id)."""
+    if request.param == "memory":
+        proxy: Client = await make_proxy(fake_comfy.url, token=None)
+        return proxy
+    url: str = request.getfixturevalue("redis_url")
+    proxy = await make_proxy(fake_comfy.url, token=None, redis={"url": url})
+    return proxy
 
 
 def graph(prefix: str, image: str | None = None, color: int = 0x123456) -> dict[str, Any]:
@@ -103,3 +112,55 @@ async def test_file_input_in_another_users_folder_stays_refused(
         answer = await resp.json()
     assert answer["node_errors"]["1"]["errors"][0]["type"] == "input_file_forbidden"
     assert sent_prompts(fake_comfy) == []
+
+
+# -- the client's own client_id in history, queue and jobs ------------------------------------
+
+
+async def get_json(client: Client, path: str, who: dict[str, str]) -> Any:
+    async with client.get(path, headers=who) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_own_views_show_the_client_id_the_client_sent(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
+    fake_comfy.hold()
+    body = {"prompt": graph("cid", color=0x0F0F0F), "client_id": "tab-7"}
+    async with client.post("/prompt", json=body, headers=A) as resp:
+        assert resp.status == 200
+        running = (await resp.json())["prompt_id"]
+    await fake_comfy.wait_held()
+    body = {"prompt": graph("cid", color=0x0E0E0E), "client_id": "tab-7"}
+    async with client.post("/prompt", json=body, headers=A) as resp:
+        pending = (await resp.json())["prompt_id"]
+    [sent, _] = sent_prompts(fake_comfy)
+    namespaced = sent["client_id"]
+    assert namespaced != "tab-7"
+
+    queue = await get_json(client, "/queue", A)
+    assert queue["queue_running"][0][1] == running
+    assert queue["queue_running"][0][3]["client_id"] == "tab-7"
+    assert queue["queue_pending"][0][3]["client_id"] == "tab-7"
+    # B sees placeholders: neither id.
+    assert "tab-7" not in json.dumps(await get_json(client, "/queue", B))
+    assert namespaced not in json.dumps(await get_json(client, "/queue", B))
+    fake_comfy.release()
+    await fake_comfy.wait_idle()
+
+    for path in ("/history", "/history?max_items=1", f"/history/{pending}", "/api/history"):
+        history = await get_json(client, path, A)
+        assert history, path
+        for entry in history.values():
+            assert entry["prompt"][3]["client_id"] == "tab-7", path
+    job = await get_json(client, f"/api/jobs/{running}", A)
+    assert job["workflow"]["extra_data"]["client_id"] == "tab-7"
+    assert namespaced not in json.dumps(await get_json(client, "/history", A))
+    # B: nothing of A's, in any form.
+    assert await get_json(client, f"/history/{running}", B) == {}
+    async with client.get(f"/api/jobs/{running}", headers=B) as resp:
+        assert resp.status == 404
+    # Admins' unfiltered views show what ComfyUI keeps.
+    admin = await get_json(client, f"/history/{running}", bearer("root", ("admin",)))
+    assert admin[running]["prompt"][3]["client_id"] == namespaced
