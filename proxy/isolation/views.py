@@ -170,7 +170,7 @@ def sent_client_ids(records: Iterable[PromptRecord | None]) -> dict[str, str]:
     return {
         r.client_id: r.sent_client_id
         for r in records
-        if r is not None and r.sent_client_id is not None
+        if r is not None and r.client_id and r.sent_client_id is not None
     }
 
 
