@@ -51,7 +51,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+import redis.asyncio as redis
+import structlog
 from aiohttp import hdrs, web
+from redis.exceptions import RedisClusterException
 
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
@@ -62,16 +65,21 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.limits.bodies import read_json_body
-from proxy.state import METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import forward_http, map_client_error
-from proxy.upstream.merge import fetch_merged_queue, parsed_answer
+from proxy.upstream.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.upstream.multi import MULTI, dispatch_multi, is_multi
+
+log = structlog.get_logger("comfygate.isolation")
 
 HISTORY_PAGING = ("max_items", "offset")
 JOBS_PAGING = ("limit", "offset")
 JOB_NOT_FOUND = {"error": "Job not found"}
 RECORDED_CACHE_SIZE = 10_000
+DEGRADED_STATE = "state"
+"""``Comfygate-Degraded`` value of a view answered without the ownership store."""
+STATE_ERRORS = (redis.RedisError, RedisClusterException, OSError, TimeoutError)
 
 Rewrite = Callable[[int, bytes], Awaitable[bytes]]
 
@@ -159,7 +167,11 @@ class ReadGuard:
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
-            owned = await ownership.prompts_of(owner)
+            try:
+                owned = await ownership.prompts_of(owner)
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "history", exc)
+                return b"{}"  # ComfyUI's answer for unknown ids: nothing shown, nothing leaked
             mine = views.filter_history(_loads(body), owned)
             await self._record_history_files(ownership, owner, mine)
             shown = await _sent_client_ids(ownership, list(mine))
@@ -181,14 +193,18 @@ class ReadGuard:
             await self._record_history_files(ownership, owner, history)
 
         async def own_history(request: web.Request) -> web.StreamResponse:
-            return await self._views.history(
-                request,
-                owner,
-                max_items=max_items,
-                offset=offset,
-                fallback=full_read,
-                record_files=record_files,
-            )
+            try:
+                return await self._views.history(
+                    request,
+                    owner,
+                    max_items=max_items,
+                    offset=offset,
+                    fallback=full_read,
+                    record_files=record_files,
+                )
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "history", exc)
+                return _json(request, {})
 
         ctx.answer = own_history
 
@@ -261,7 +277,14 @@ class ReadGuard:
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
-            owned = await ownership.prompts_of(owner)
+            owned: Collection[str]
+            try:
+                owned = await ownership.prompts_of(owner)
+            except STATE_ERRORS as exc:
+                # Whose items are whose cannot be read: every item as a placeholder (the
+                # queue's length and positions stay useful, nothing of anyone is shown).
+                _degraded(request, ctx, "queue", exc)
+                owned = ()
             queue = views.redact_queue(_loads(body), owned, key)
             own_items = [
                 item
@@ -361,7 +384,11 @@ class ReadGuard:
             return await _forward(request)
 
         async def own_jobs(request: web.Request) -> web.StreamResponse:
-            return await self._views.jobs(request, owner, query, full_read, probe)
+            try:
+                return await self._views.jobs(request, owner, query, full_read, probe)
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "jobs", exc)
+                return _json(request, views.jobs_answer([], query))
 
         ctx.answer = own_jobs
 
@@ -431,10 +458,35 @@ class ReadGuard:
         ctx.body = orjson.dumps(rewritten)
 
 
+def _degraded(request: web.Request, ctx: RequestContext, view: str, exc: BaseException) -> None:
+    """A tenant's view answered without the ownership store (Redis down): reads fail open to
+    an answer that shows nothing of anyone, never closed to a 503 and never unfiltered."""
+    ctx.response_headers.append((DEGRADED_HEADER, DEGRADED_STATE))
+    request.app[METRICS].redis_errors.labels("view_" + view, "degraded").inc()
+    log.warning(
+        "isolation_view_degraded",
+        request_id=ctx.request_id,
+        view=view,
+        error=type(exc).__name__,
+    )
+
+
+def _json(request: web.Request, payload: object) -> web.Response:
+    """A view the guard answers itself (JSON, like ComfyUI's)."""
+    body = orjson.dumps(payload)
+    request[CONTEXT].bytes_out = len(body)
+    return web.Response(body=body, content_type="application/json")
+
+
 async def _sent_client_ids(ownership: OwnershipStore, prompt_ids: list[str]) -> dict[str, str]:
     """The client ids the owner's prompts were sent with, keyed by the namespaced ones (what
     the owner's views show instead: ``views.show_client_id``)."""
-    return views.sent_client_ids(await ownership.records(prompt_ids)) if prompt_ids else {}
+    if not prompt_ids:
+        return {}
+    try:
+        return views.sent_client_ids(await ownership.records(prompt_ids))
+    except STATE_ERRORS:
+        return {}  # the namespaced ids stay: the owner's own entries, merely less familiar
 
 
 async def fetch_queue(request: web.Request) -> object:
