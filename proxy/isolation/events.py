@@ -15,9 +15,17 @@ Rules, for a non-admin caller:
 * ``logs`` only for admins. Anything else that cannot be attributed is dropped.
 * Binary type 4 (preview with metadata): pass iff its metadata ``prompt_id`` is the caller's.
 * Binary types 1 and 3 carry no prompt id: they pass only while one of the caller's prompts is
-  executing as seen on this socket (from its ``execution_start`` to its ``execution_success``,
-  ``execution_error``, ``execution_interrupted`` or final ``executing {node: null}``). ComfyUI
-  runs one prompt at a time, so frames in that window are the caller's.
+  executing as seen on this socket (from any of its :data:`WINDOW_EVENTS` to its
+  ``execution_success``, ``execution_error``, ``execution_interrupted`` or final
+  ``executing {node: null}``). ComfyUI runs one prompt at a time, so frames in that window are
+  the caller's; a window event of a prompt that is not (or cannot be told to be) the caller's
+  closes the window at once, and so does every ``status`` (sent whenever the queue changes).
+
+Prompts submitted without a ``client_id`` (:mod:`proxy.isolation.prompt`) are broadcast by
+ComfyUI to every socket, and only their ``progress``, ``progress_state``, previews and final
+``executing {node: null}`` (ComfyUI sends the others to a client id only): the rules above
+deliver them to every socket of the submitter and drop them everywhere else (a broadcast within
+the tenant), and their progress events open the preview window.
 
 For admins only the ``sid`` is mapped back: everything else passes untouched.
 
@@ -62,6 +70,8 @@ PREVIEW_IMAGE_WITH_METADATA = 4
 _HEADER = struct.Struct(">II")
 END_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 """Events that end a prompt's execution (besides the final ``executing {node: null}``)."""
+WINDOW_EVENTS = frozenset({"execution_start", "executing", "progress", "progress_state"})
+"""Events of a prompt that is executing now (``executing`` with a node)."""
 ADMIN_ONLY_EVENTS = frozenset({"logs"})
 """Server log lines (prompts, paths, errors of everyone): admins only, whatever is configured."""
 OWNER_CACHE_SIZE = 4096
@@ -143,6 +153,11 @@ class SocketEventFilter:
             return frame if self.admin else None
         kind = message.get("type")
         data = message.get("data")
+        if kind == "status":
+            # ComfyUI broadcasts the queue's status when a prompt leaves the queue and when it
+            # is done: a broadcast prompt (which has no end event) ends here; a running one of
+            # the caller's reopens the window with its next progress event.
+            self.running = None
         if kind == "status" and isinstance(data, dict) and "sid" in data:
             # The sid ComfyUI knows is the namespaced one; the client knows (and later sends
             # back as clientId / client_id) only its own.
@@ -164,6 +179,10 @@ class SocketEventFilter:
             return None  # SECURITY: unattributable (custom-node broadcasts, display_component)
         record = await self.own_record(prompt_id) if isinstance(prompt_id, str) else None
         if record is None:
+            if kind in WINDOW_EVENTS:
+                # SECURITY: another prompt runs (a broadcast one reaches every socket): binary
+                # previews from now on are not the caller's, whatever this socket missed.
+                self.running = None
             return None  # SECURITY: someone else's prompt
         assert isinstance(data, dict)  # prompt_id came from it
         assert isinstance(prompt_id, str)
@@ -225,12 +244,11 @@ class SocketEventFilter:
 
     def _track(self, kind: str, data: dict[str, Any], prompt_id: str) -> None:
         """Follow the caller's execution window on this socket (for binary types 1 and 3)."""
-        if kind == "execution_start":
+        if kind in END_EVENTS or (kind == "executing" and data.get("node") is None):
+            if self.running in (prompt_id, _UNKNOWN_RUNNING):
+                self.running = None
+        elif kind in WINDOW_EVENTS:
             self.running = prompt_id
-        elif (kind in END_EVENTS or (kind == "executing" and data.get("node") is None)) and (
-            self.running in (prompt_id, _UNKNOWN_RUNNING)
-        ):
-            self.running = None
 
     # -- binary frames --------------------------------------------------------------------
     async def _binary(self, frame: bytes) -> bytes | None:

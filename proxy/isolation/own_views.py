@@ -169,6 +169,8 @@ class Lookups:
                 continue
             entry = found.get(prompt_id) if isinstance(found, dict) else None
             if isinstance(entry, dict):
+                shown = views.sent_client_ids([record])
+                views.show_client_id(views.entry_extra_data(entry), shown)
                 into.items[prompt_id] = entry
                 if self._multi and upstream is not None:
                     self._request.app[MULTI].locations.record_history(

@@ -55,6 +55,10 @@ class PromptRecord:
     role: str = ""
     """The submitter's role label (``metrics.role_label``), for the generation metrics: they
     read it from here instead of writing a record of their own on every submission."""
+    sent_client_id: str | None = None
+    """The ``client_id`` the client itself sent (``""``: none), shown back to its owner in
+    place of the namespaced one (:func:`proxy.isolation.views.show_client_ids`); None in
+    records written before it was kept (the namespaced id then stays)."""
     previews: tuple[str, ...] = ()
     """Ids of the forwarded graph's preview nodes (``isolation.preview_nodes``): the only
     nodes whose UI output may name files of the submitter outside its folder
@@ -322,6 +326,7 @@ class RedisOwnershipStore:
                 "client_id": record.client_id,
                 "created_at": record.created_at,
                 "role": record.role,
+                "sent_client_id": record.sent_client_id,
                 "previews": list(record.previews),
             }
         )
@@ -481,8 +486,13 @@ def _record(prompt_id: str, raw: bytes | str) -> PromptRecord:
         client_id=str(data["client_id"]),
         created_at=float(data["created_at"]),
         role=str(data.get("role", "")),  # absent in records written before it was added
+        sent_client_id=_optional_text(data.get("sent_client_id")),
         previews=_previews(data.get("previews")),
     )
+
+
+def _optional_text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _text(value: object) -> str:

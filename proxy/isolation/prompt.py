@@ -2,11 +2,15 @@
 
 What a submitted body becomes (protocol doc 3):
 
-- ``client_id`` is always the user's namespaced id, so targeted events reach only the user's
-  sockets and nothing is broadcast; ComfyUI copies it over ``extra_data.client_id``.
+- ``client_id`` is the user's namespaced id, so targeted events reach only the user's socket;
+  ComfyUI copies it over ``extra_data.client_id``. A prompt sent without one (nor
+  ``extra_data.client_id``) goes without, as ComfyUI expects: its events are broadcast, and the
+  WebSocket filter (:mod:`proxy.isolation.events`) delivers them to every socket of the
+  submitter and of nobody else (a broadcast within the tenant).
 - ``prompt_id`` is the proxy's (the guard decides whether the client's own may be kept).
 - ``front`` and ``number`` are dropped unless the user's role may jump the queue.
-- Every ``filename_prefix`` string moves under ``users/<owner>/``.
+- Every ``filename_prefix`` string moves under ``users/<owner>/`` (once: one already inside the
+  user's own folder, as read back from ``/history``, is kept).
 - Every string in an input that reads files (as the instance's ``/object_info`` declares it:
   upload flags, file widgets, folder listings; see :mod:`proxy.workflow.schemas`), whatever
   its extension, wrapped in ``{"__value__": ...}`` or reached through primitive nodes, must
@@ -77,6 +81,11 @@ def scoped_prefix(prefix: str, scope: FileScope) -> str:
     kept = clean_relative(prefix)
     if _SERVER_SUBSTITUTION.search(prefix):
         raise PathRefused("server-side %Node.input% substitution is not allowed here")
+    if kept.startswith(f"{scope.folder}/"):
+        # Idempotent: a workflow read back from /history (or a saved API-format one) already
+        # names a file in the user's own folder; prefixing it again would nest the folder.
+        # Another user's folder does not match and is moved under this user's like any name.
+        return prefix
     # "" or "./" would normalise to users/<owner> itself, i.e. a file *named* <owner> in users/.
     return f"{scope.folder}/{prefix if kept else DEFAULT_PREFIX}"
 
@@ -206,15 +215,26 @@ def rewrite_submission(
     body: Mapping[str, Any],
     *,
     prompt_id: str,
-    client_id: str,
+    client_id: str | None,
     may_prioritise: bool,
 ) -> dict[str, Any]:
-    """The body ComfyUI receives; every key not named here is kept as sent."""
+    """The body ComfyUI receives; every key not named here is kept as sent.
+
+    ``client_id`` None: the client named no socket; the prompt goes without one, so ComfyUI
+    broadcasts its events (protocol doc 4.3) and the proxy's filter keeps them in the tenant.
+    """
     out = dict(body)
     out["prompt_id"] = prompt_id
-    # SECURITY: always present, so ComfyUI overwrites any extra_data.client_id the client set
-    # and never broadcasts this prompt's events to every socket (protocol doc 4.3).
-    out["client_id"] = client_id
+    extra = body.get("extra_data")
+    if client_id is None and (extra is None or isinstance(extra, dict)):
+        # SECURITY: neither key may reach ComfyUI (ComfyUI reads extra_data.client_id when the
+        # top-level one is absent): the client must not pick a socket id of its own choosing.
+        out.pop("client_id", None)
+        if isinstance(extra, dict) and "client_id" in extra:
+            out["extra_data"] = {k: v for k, v in extra.items() if k != "client_id"}
+    else:
+        # SECURITY: present, so ComfyUI overwrites any extra_data.client_id the client set.
+        out["client_id"] = client_id if client_id is not None else ""
     if not may_prioritise:
         out.pop("front", None)
         out.pop("number", None)
@@ -222,8 +242,12 @@ def rewrite_submission(
 
 
 def client_id_of(body: Mapping[str, Any]) -> str:
-    """The client's own ``client_id`` (``""`` when absent or not a string)."""
+    """The client's own ``client_id`` (``""`` when absent or not a string), or, without one, its
+    ``extra_data.client_id`` (which ComfyUI reads then)."""
     value = body.get("client_id")
+    if "client_id" not in body:
+        extra = body.get("extra_data")
+        value = extra.get("client_id") if isinstance(extra, dict) else None
     return value if isinstance(value, str) else ""
 
 

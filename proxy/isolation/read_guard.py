@@ -29,6 +29,10 @@ Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
                                             by :class:`~proxy.isolation.events.SocketEventFilter`
 ==========================================  ================================================
 
+In the caller's own history entries, queue items and job details, ``extra_data.client_id``
+(the namespaced id ComfyUI saw) is shown as the ``client_id`` the client sent, as the socket's
+``sid`` is (the prompt's record keeps it). Admins' unfiltered views show ComfyUI's ids.
+
 History and job-detail answers also record the previews of the caller's prompts as the caller's
 files (so ``/view`` of temp previews works for API clients that never had a socket); only what
 :mod:`proxy.isolation.attribution` attributes, never every file a node's output names.
@@ -47,7 +51,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+import redis.asyncio as redis
+import structlog
 from aiohttp import hdrs, web
+from redis.exceptions import RedisClusterException
 
 from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, UpstreamUnavailable
@@ -58,16 +65,21 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.limits.bodies import read_json_body
-from proxy.state import METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import forward_http, map_client_error
-from proxy.upstream.merge import fetch_merged_queue, parsed_answer
+from proxy.upstream.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.upstream.multi import MULTI, dispatch_multi, is_multi
+
+log = structlog.get_logger("comfygate.isolation")
 
 HISTORY_PAGING = ("max_items", "offset")
 JOBS_PAGING = ("limit", "offset")
 JOB_NOT_FOUND = {"error": "Job not found"}
 RECORDED_CACHE_SIZE = 10_000
+DEGRADED_STATE = "state"
+"""``Comfygate-Degraded`` value of a view answered without the ownership store."""
+STATE_ERRORS = (redis.RedisError, RedisClusterException, OSError, TimeoutError)
 
 Rewrite = Callable[[int, bytes], Awaitable[bytes]]
 
@@ -155,9 +167,16 @@ class ReadGuard:
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
-            owned = await ownership.prompts_of(owner)
+            try:
+                owned = await ownership.prompts_of(owner)
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "history", exc)
+                return b"{}"  # ComfyUI's answer for unknown ids: nothing shown, nothing leaked
             mine = views.filter_history(_loads(body), owned)
             await self._record_history_files(ownership, owner, mine)
+            shown = await _sent_client_ids(ownership, list(mine))
+            for entry in mine.values():
+                views.show_client_id(views.entry_extra_data(entry), shown)
             return orjson.dumps(views.history_window(mine, max_items, offset))
 
         if not paged:  # /history/{id}, or a non-integer ComfyUI fails on (its own 500)
@@ -174,14 +193,18 @@ class ReadGuard:
             await self._record_history_files(ownership, owner, history)
 
         async def own_history(request: web.Request) -> web.StreamResponse:
-            return await self._views.history(
-                request,
-                owner,
-                max_items=max_items,
-                offset=offset,
-                fallback=full_read,
-                record_files=record_files,
-            )
+            try:
+                return await self._views.history(
+                    request,
+                    owner,
+                    max_items=max_items,
+                    offset=offset,
+                    fallback=full_read,
+                    record_files=record_files,
+                )
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "history", exc)
+                return _json(request, {})
 
         ctx.answer = own_history
 
@@ -254,8 +277,28 @@ class ReadGuard:
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
-            owned = await ownership.prompts_of(owner)
-            return orjson.dumps(views.redact_queue(_loads(body), owned, key))
+            owned: Collection[str]
+            try:
+                owned = await ownership.prompts_of(owner)
+            except STATE_ERRORS as exc:
+                # Whose items are whose cannot be read: every item as a placeholder (the
+                # queue's length and positions stay useful, nothing of anyone is shown).
+                _degraded(request, ctx, "queue", exc)
+                owned = ()
+            queue = views.redact_queue(_loads(body), owned, key)
+            own_items = [
+                item
+                for section in views.EMPTY_QUEUE
+                for item in queue[section]
+                if isinstance(item, list)
+                and len(item) > 1
+                and isinstance(item[1], str)
+                and item[1] in owned
+            ]
+            shown = await _sent_client_ids(ownership, [item[1] for item in own_items])
+            for item in own_items:
+                views.show_client_id(views.item_extra_data(item), shown)
+            return orjson.dumps(queue)
 
         ctx.rewrite_response = rewrite
 
@@ -292,6 +335,11 @@ class ReadGuard:
                     files = list(attributed_outputs(outputs, mine.previews))
                     if files:
                         await ownership.record_files(owner, files)
+                    extra_data = views.job_extra_data(job)
+                    shown = views.sent_client_ids([mine])
+                    if isinstance(extra_data, dict) and extra_data.get("client_id") in shown:
+                        views.show_client_id(extra_data, shown)
+                        return orjson.dumps(job)
                 return body
 
             ctx.rewrite_response = rewrite
@@ -336,7 +384,11 @@ class ReadGuard:
             return await _forward(request)
 
         async def own_jobs(request: web.Request) -> web.StreamResponse:
-            return await self._views.jobs(request, owner, query, full_read, probe)
+            try:
+                return await self._views.jobs(request, owner, query, full_read, probe)
+            except STATE_ERRORS as exc:
+                _degraded(request, ctx, "jobs", exc)
+                return _json(request, views.jobs_answer([], query))
 
         ctx.answer = own_jobs
 
@@ -404,6 +456,37 @@ class ReadGuard:
         if rewritten is None:
             raise _answer(ctx, 200)
         ctx.body = orjson.dumps(rewritten)
+
+
+def _degraded(request: web.Request, ctx: RequestContext, view: str, exc: BaseException) -> None:
+    """A tenant's view answered without the ownership store (Redis down): reads fail open to
+    an answer that shows nothing of anyone, never closed to a 503 and never unfiltered."""
+    ctx.response_headers.append((DEGRADED_HEADER, DEGRADED_STATE))
+    request.app[METRICS].redis_errors.labels("view_" + view, "degraded").inc()
+    log.warning(
+        "isolation_view_degraded",
+        request_id=ctx.request_id,
+        view=view,
+        error=type(exc).__name__,
+    )
+
+
+def _json(request: web.Request, payload: object) -> web.Response:
+    """A view the guard answers itself (JSON, like ComfyUI's)."""
+    body = orjson.dumps(payload)
+    request[CONTEXT].bytes_out = len(body)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def _sent_client_ids(ownership: OwnershipStore, prompt_ids: list[str]) -> dict[str, str]:
+    """The client ids the owner's prompts were sent with, keyed by the namespaced ones (what
+    the owner's views show instead: ``views.show_client_id``)."""
+    if not prompt_ids:
+        return {}
+    try:
+        return views.sent_client_ids(await ownership.records(prompt_ids))
+    except STATE_ERRORS:
+        return {}  # the namespaced ids stay: the owner's own entries, merely less familiar
 
 
 async def fetch_queue(request: web.Request) -> object:

@@ -24,6 +24,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import redis.asyncio as redis
@@ -141,7 +142,7 @@ async def _submit_prompt(
     # one step); ComfyUI would overwrite that history entry (and its outputs' attribution), and
     # the answer must not say whose it is.
     prompt_id = requested_prompt_id(body) or str(uuid.uuid4())
-    client_id = upstream_client_id(scope.owner, client_id_of(body))
+    client_id = _namespaced(scope.owner, body)
     roles = settings.roles
     principal = ctx.principal
     may_prioritise = principal is not None and any(
@@ -157,7 +158,8 @@ async def _submit_prompt(
         prompt_id=prompt_id,
         owner=scope.owner,
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
-        client_id=client_id,
+        client_id=client_id or "",
+        sent_client_id=client_id_of(body),
         created_at=time.time(),
         role=role_label(principal.roles) if principal is not None else "",
         # The nodes whose temp/ previews may become the caller's: read from the graph that is
@@ -185,20 +187,31 @@ async def _record_admin_prompt(
     prompt_id = body.get("prompt_id")
     if not isinstance(prompt_id, str) or not prompt_id:
         prompt_id = str(uuid.uuid4())
-    client_id = upstream_client_id(owner, client_id_of(body))
-    submission.body = {**body, "prompt_id": prompt_id, "client_id": client_id}
+    client_id = _namespaced(owner, body)
+    submission.body = rewrite_submission(
+        body, prompt_id=prompt_id, client_id=client_id, may_prioritise=True
+    )
     forward_submission(ctx, submission)
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=owner,
         upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
-        client_id=client_id,
+        client_id=client_id or "",
+        sent_client_id=client_id_of(body),
         created_at=time.time(),
         role=role_label(ctx.principal.roles) if ctx.principal is not None else "",
     )
     # Admins' quota is 0 (unlimited) unless configured; a known id is theirs to reuse.
     if await _count_and_record(request, ctx, store, record, release_if_taken=False):
         ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+
+
+def _namespaced(owner: str, body: dict[str, Any]) -> str | None:
+    """The client id ComfyUI gets for the prompt: the namespaced form of the client's, or None
+    when it sent none (the prompt's events are then broadcast, and kept in the tenant by the
+    WebSocket filter: every socket of the submitter gets them, as with ComfyUI alone)."""
+    sent = client_id_of(body)
+    return upstream_client_id(owner, sent) if sent else None
 
 
 async def _count_and_record(

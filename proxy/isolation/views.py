@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
-from proxy.isolation.ownership import FileRef
+from proxy.isolation.ownership import FileRef, PromptRecord
 
 FILE_TYPES = frozenset({"output", "temp", "input"})
 """The ``type`` values ``/view`` accepts (protocol doc 2.5)."""
@@ -160,6 +160,51 @@ def history_delete_body(
     if body.get("clear"):
         wanted = _dedupe([*wanted, *sorted(owned)])
     return {"delete": wanted} if wanted else None
+
+
+# -- the client's own client id --------------------------------------------------------------
+
+
+def sent_client_ids(records: Iterable[PromptRecord | None]) -> dict[str, str]:
+    """Namespaced client id -> the id the client sent, for the records that know it."""
+    return {
+        r.client_id: r.sent_client_id
+        for r in records
+        if r is not None and r.client_id and r.sent_client_id is not None
+    }
+
+
+def show_client_id(extra_data: object, shown: Mapping[str, str]) -> None:
+    """In place: ``extra_data.client_id`` back to what the client sent, when it is one of the
+    namespaced ids in ``shown`` (the owner's own prompts; removed when the client sent none).
+    ComfyUI copied the namespaced id there; the client knows only its own (as with the
+    WebSocket ``sid``)."""
+    if not isinstance(extra_data, dict):
+        return
+    namespaced = extra_data.get("client_id")
+    if not isinstance(namespaced, str) or namespaced not in shown:
+        return
+    if sent := shown[namespaced]:
+        extra_data["client_id"] = sent
+    else:
+        del extra_data["client_id"]
+
+
+def item_extra_data(item: object) -> object:
+    """``extra_data`` of a queue item or a history entry's ``prompt`` (``[number, id, prompt,
+    extra_data, outputs]``)."""
+    return item[3] if isinstance(item, list) and len(item) > 3 else None
+
+
+def entry_extra_data(entry: object) -> object:
+    """``extra_data`` of a history entry."""
+    return item_extra_data(entry.get("prompt")) if isinstance(entry, dict) else None
+
+
+def job_extra_data(job: object) -> object:
+    """``extra_data`` of a job detail (``workflow.extra_data``)."""
+    workflow = job.get("workflow") if isinstance(job, dict) else None
+    return workflow.get("extra_data") if isinstance(workflow, dict) else None
 
 
 # -- queue ----------------------------------------------------------------------------------
@@ -400,11 +445,14 @@ __all__ = [
     "EMPTY_QUEUE",
     "JOB_STATUSES",
     "JobsQuery",
+    "entry_extra_data",
     "filter_history",
     "filter_jobs",
     "history_delete_body",
     "history_window",
     "is_canonical_uuid",
+    "item_extra_data",
+    "job_extra_data",
     "job_list_item",
     "jobs_answer",
     "jobs_cancel_ids",
@@ -419,6 +467,8 @@ __all__ = [
     "queue_ids",
     "redact_item",
     "redact_queue",
+    "sent_client_ids",
+    "show_client_id",
     "with_query_param",
     "without_query_params",
 ]

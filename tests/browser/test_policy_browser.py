@@ -107,6 +107,12 @@ async def test_forbidden_node_is_marked_in_the_ui(
         "ImageBlur nodes"
     )
     await expect(dialog).to_contain_text("denied by the policy")
+    # The dialog builds its error report (system stats, server logs) as for ComfyUI's own
+    # validation errors; a failure there is the red "Failed to fetch logs" toast. The report's
+    # text is set only when that worked.
+    await dialog.get_by_role("button", name="Show Report").click()
+    await expect(dialog).to_contain_text("# ComfyUI Error Report", timeout=DEFAULT_TIMEOUT_MS)
+    assert await page.locator(".p-toast-message").count() == 0
     marked = await page.evaluate(
         "() => window.app.graph.nodes.filter((n) => n.has_errors).map((n) => [n.id, n.type])"
     )

@@ -151,13 +151,18 @@ async def test_prompt_is_rewritten_into_the_users_namespace(
     assert saved == ["img_00001_.png"]
 
 
-async def test_prompt_without_client_id_still_gets_one(
+async def test_prompt_without_client_id_goes_without_one(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
-    status, _ = await submit(client, A, {"prompt": save_graph()})
+    # ComfyUI broadcasts its events; the socket filter keeps them in A's sockets
+    # (tests/security/test_tenant_broadcast.py).
+    status, answer = await submit(client, A, {"prompt": save_graph()})
     assert status == 200
     [sent] = prompt_posts(fake_comfy)
-    assert sent["client_id"] == upstream_client_id(ALICE, "")
+    assert "client_id" not in sent
+    record = await client.app[OWNERSHIP].prompt(answer["prompt_id"])
+    assert record is not None
+    assert (record.owner, record.client_id, record.sent_client_id) == (ALICE, "", "")
 
 
 async def test_unused_canonical_prompt_id_is_kept(client: Client, fake_comfy: FakeComfyUI) -> None:

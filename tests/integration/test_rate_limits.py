@@ -415,7 +415,7 @@ async def test_signed_in_reads_fail_open_on_the_denylist_too(
 ) -> None:
     """With auth on, the token denylist lives in Redis as well: a fail-open class still serves
     a valid token (logged and counted), a fail-closed class is refused before ComfyUI, and a
-    read whose answer needs the ownership records (a user's history) is a clean 503."""
+    read whose answer needs the ownership records (a user's history) degrades to nothing."""
     client = await make_proxy(
         fake_comfy.url,
         token=None,
@@ -429,11 +429,12 @@ async def test_signed_in_reads_fail_open_on_the_denylist_too(
         resp = await client.get("/object_info", headers=ALICE)
         assert resp.status == 200, await resp.text()
         assert sample(client, "comfygate_redis_errors_total", op="revocation", kind="failed_open")
-        # Isolation cannot tell alice's entries from others' without Redis: refused, not leaked.
+        # Isolation cannot tell alice's entries from others' without Redis: an empty history
+        # marked degraded (issue 15), never anyone's entries.
         resp = await client.get("/history", headers=ALICE)
-        assert resp.status == 503
-        assert resp.headers["Retry-After"] == "1"
-        assert (await resp.json())["error"]["type"] == "state_unavailable"
+        assert resp.status == 200
+        assert resp.headers["Comfygate-Degraded"] == "state"
+        assert await resp.json() == {}
         fake_comfy.reset()
         resp = await client.post("/prompt", json={"prompt": GRAPH}, headers=ALICE)
         assert resp.status == 503

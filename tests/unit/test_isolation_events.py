@@ -228,3 +228,24 @@ def test_preview_prompt_id() -> None:
     assert preview_prompt_id(preview4(MINE)) == MINE
     assert preview_prompt_id(b"\x00\x00\x00\x04") is None
     assert preview_prompt_id(struct.pack(">II", 4, 3) + b"{x}") is None
+
+
+async def test_broadcast_prompt_window_opens_on_progress_and_closes_on_status_or_others(
+    store: MemoryOwnershipStore,
+) -> None:
+    """A prompt without a client_id: ComfyUI broadcasts only its progress events, previews and
+    the queue status (no execution_start, no end event)."""
+    events = make(store)
+    preview1 = binary(1)
+    assert await events(text("progress_state", prompt_id=MINE, nodes={})) is not None
+    assert await events(preview1) is preview1
+    assert await events(text("status", status={"exec_info": {"queue_remaining": 0}})) is not None
+    assert await events(preview1) is None  # the queue moved: the broadcast prompt is over
+    assert await events(text("progress", prompt_id=MINE, value=1, max=2, node="9")) is not None
+    assert await events(preview1) is preview1
+    # Another prompt's progress (a broadcast one reaches every socket): ours is not running.
+    assert await events(text("progress", prompt_id=THEIRS, value=1, max=2, node="9")) is None
+    assert await events(preview1) is None
+    assert await events(text("progress", prompt_id=MINE, value=2, max=2, node="9")) is not None
+    assert await events(text("executing", node="9", prompt_id=UNKNOWN)) is None
+    assert await events(preview1) is None  # cannot be told to be ours: closed

@@ -43,6 +43,14 @@ def node(class_type: str, **inputs: Any) -> dict[str, Any]:
         (".", f"{OWN}/ComfyUI"),
         ("./", f"{OWN}/ComfyUI"),
         ("a..b", f"{OWN}/a..b"),
+        # Idempotent: already in the user's own folder (read back from /history): kept.
+        (f"{OWN}/ComfyUI", f"{OWN}/ComfyUI"),
+        (f"{OWN}/sub/img", f"{OWN}/sub/img"),
+        (f"./{OWN}/x", f"./{OWN}/x"),
+        # Not inside it: the folder itself, a look-alike, another user's folder.
+        (OWN, f"{OWN}/{OWN}"),
+        ("users/alice-12/x", f"{OWN}/users/alice-12/x"),
+        ("users/bob-1/x", f"{OWN}/users/bob-1/x"),
     ],
 )
 def test_scoped_prefix(prefix: str, expected: str) -> None:
@@ -301,3 +309,15 @@ def test_the_body_is_read_as_comfyui_reads_it_under_another_charset() -> None:
     assert body["prompt"]["9"]["inputs"]["filename_prefix"] == "../../x"
     found = check_graph(read_graph(body["prompt"]), SCOPE)
     assert [v.error_type for v in found] == [FILENAME_PREFIX_INVALID]
+
+
+def test_without_client_id_neither_key_reaches_comfyui() -> None:
+    """ComfyUI reads extra_data.client_id when the top-level key is absent: with no client id
+    both are gone (the prompt is broadcast, and kept in the tenant by the socket filter)."""
+    body = {"prompt": {}, "extra_data": {"client_id": "someone-elses", "create_time": 1}}
+    out = rewrite_submission(body, prompt_id="p", client_id=None, may_prioritise=False)
+    assert "client_id" not in out
+    assert out["extra_data"] == {"create_time": 1}
+    assert body["extra_data"]["client_id"] == "someone-elses"  # the parsed body is not changed
+    assert client_id_of(body) == "someone-elses"  # read as the client's own (then namespaced)
+    assert client_id_of({"client_id": 5, "extra_data": {"client_id": "x"}}) == ""
