@@ -83,7 +83,8 @@ async def multi_instance_context(app: web.Application) -> AsyncIterator[None]:
     fanin.locations = state.locations
     app[MULTI] = state
     app[POOL].subscribe(state.on_pool_event)
-    lost.start()
+    if is_multi(app[POOL]):  # one configured instance: nothing can be lost to another
+        lost.start()
     yield
     await lost.close()
     await fanin.close()
