@@ -373,7 +373,7 @@ async def test_pipelined_requests_after_a_refused_one_are_answered_in_order(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     data = (
-        request("GET", "/internal/logs", close=False)  # 403 forbidden_role
+        request("GET", "/internal/files/output", close=False)  # 403 forbidden_role
         + request("GET", "/api/history", token=None, close=False)  # 401
         + request("GET", "http://elsewhere.test/api/queue", close=False)  # 400 target
         + request("GET", "/api/queue")

@@ -190,7 +190,11 @@ async def test_another_users_query_token_does_not_change_who_is_asking(
     a_prompt = answer.json()["prompt_id"]
     await fake_comfy.wait_idle()
     fake_comfy.reset()
+    # B's own view (/history is built from B's prompts: none) and a view ComfyUI answers.
     answer = await exchange(client, "GET", f"/api/history?token={A_TOKEN}", list(B.items()))
+    assert answer.status == 200
+    assert a_prompt not in answer.body.decode()
+    answer = await exchange(client, "GET", f"/api/queue?token={A_TOKEN}", list(B.items()))
     assert answer.status == 200
     assert a_prompt not in answer.body.decode()
     no_credentials_in(fake_comfy, A_TOKEN)
