@@ -61,7 +61,8 @@ async def test_api_calls_keep_the_json_answer(
     make_proxy: ProxyFactory, down_url: str, method: str, path: str, accept: str
 ) -> None:
     client: Any = await make_proxy(down_url)
-    body = {} if method == "POST" else None  # a GET with a body is refused (body_not_allowed)
+    # A GET with a body is refused (body_not_allowed): only the POST sends one.
+    body: dict[str, object] | None = {} if method == "POST" else None
     async with client.request(method, path, headers={"Accept": accept}, json=body) as resp:
         assert resp.status == 502
         assert resp.content_type == "application/json"
