@@ -62,8 +62,8 @@ async def test_api_calls_keep_the_json_answer(
 ) -> None:
     client: Any = await make_proxy(down_url)
     # A GET with a body is refused (body_not_allowed): only the POST sends one.
-    body: dict[str, object] | None = {} if method == "POST" else None
-    async with client.request(method, path, headers={"Accept": accept}, json=body) as resp:
+    sent: dict[str, object] | None = {} if method == "POST" else None
+    async with client.request(method, path, headers={"Accept": accept}, json=sent) as resp:
         assert resp.status == 502
         assert resp.content_type == "application/json"
         assert "Refresh" not in resp.headers
