@@ -674,7 +674,9 @@ class Load:
             await asyncio.sleep(SOCKET_SETTLE_SECONDS)  # the tabs open before the first prompt
             load = [asyncio.create_task(self.submitter(n)) for n in range(len(self.users))]
             load += [asyncio.create_task(self.poller(n)) for n in range(len(self.users))]
-            load += [asyncio.create_task(self.bad_requests()), asyncio.create_task(self.faults())]
+            load.append(asyncio.create_task(self.bad_requests()))
+            if self.args.faults:
+                load.append(asyncio.create_task(self.faults()))
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.load_stop.wait(), self.args.duration)
@@ -925,6 +927,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--comfy-outage", type=float, default=10.0, help="seconds")
     parser.add_argument("--rss-slope-limit", type=float, default=100.0, help="MB/hour")
     parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument(
+        "--faults",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="inject the four faults (--no-faults: steady load, e.g. for a long RSS slope)",
+    )
     args = parser.parse_args(argv)
     if not 30 <= args.duration <= 3600:
         parser.error("--duration: 30 to 3600 seconds")
