@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.redis_store import redis_ready
+from proxy.redis.client import redis_ready
 from proxy.state import LIFECYCLE, POOL, RATE_LIMITS, REDIS
 
 

@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     from proxy.auth.comfy_users import ComfyUserDirectory
     from proxy.isolation.ownership import OwnershipStore
     from proxy.limits.enforce import RateLimits
-    from proxy.limits.quota_service import QueueQuota
-    from proxy.policy.catalog_upstream import Catalog
+    from proxy.limits.quota.service import QueueQuota
+    from proxy.multi.placement_guard import Failover
+    from proxy.policy.catalog.upstream import Catalog
     from proxy.policy.store import PolicyStore
-    from proxy.upstream.placement_guard import Failover
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
 from proxy.settings import Settings
@@ -60,8 +60,8 @@ class RequestContext:
     """The request body when a guard had to read it; forwarded instead of the stream."""
     parsed_body: tuple[bytes, object] | None = None
     """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (on
-    ``POST /prompt`` a ``proxy.workflow.submission.Submission``, see
-    ``proxy.workflow.request.read_prompt``); stale as soon as ``body`` is replaced."""
+    ``POST /prompt`` a ``proxy.comfy.submission.Submission``, see
+    ``proxy.request.prompt.read_prompt``); stale as soon as ``body`` is replaced."""
     body_stream: AsyncIterator[bytes] | None = None
     """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
     chunked framing (its Content-Type goes in ``upstream_headers``)."""
@@ -84,7 +84,7 @@ class RequestContext:
     history and jobs views): the terminal handler calls it instead of forwarding."""
     failover: Failover | None = None
     """Set by placement on ``POST /prompt``: sends the submission, moving it to the next
-    candidate instance when one refuses it (``proxy.upstream.placement_guard``)."""
+    candidate instance when one refuses it (``proxy.multi.placement_guard``)."""
 
 
 @dataclass(slots=True)
@@ -133,7 +133,7 @@ RELOAD_HOOKS: web.AppKey[list[Callable[[], Awaitable[None]]]] = web.AppKey("comf
 reload coroutine function (e.g. from a ``cleanup_ctx``). A failing hook is logged, not fatal."""
 REDIS: web.AppKey[redis.Redis | redis.RedisCluster | None] = web.AppKey("comfygate.redis")
 """None when no Redis is configured (state kept in process memory); otherwise a
-``proxy.redis_store.RedisClient`` (standalone, Sentinel-managed or cluster)."""
+``proxy.redis.client.RedisClient`` (standalone, Sentinel-managed or cluster)."""
 RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("comfygate.rate_limits")
 """Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
 POLICY: web.AppKey[PolicyStore] = web.AppKey("comfygate.policy")

@@ -34,7 +34,6 @@ from proxy.auth.revocation import (
     cached,
 )
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
-from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import (
     InvalidToken,
@@ -45,6 +44,7 @@ from proxy.auth.tokens import (
 )
 from proxy.auth.users import UsersFile, UsersFileError
 from proxy.errors import Forbidden, SettingsError, Unauthenticated
+from proxy.settings.auth import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
 
 log = structlog.get_logger("comfygate.auth")
 

@@ -18,7 +18,7 @@ set (``prompts_of``, what isolation decides on) is not changed by either.
 
 Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script that
 claims the id and adds it to the owner's indexes together, and the claims that arrive together
-share one round trip on a connection of the store's own (:mod:`proxy.limits.coalesce`, as the
+share one round trip on a connection of the store's own (:mod:`proxy.redis.coalesce`, as the
 rate limiter's checks do). On a Redis Cluster the two keys are in different slots: two round
 trips per claim through the cluster client.
 """
@@ -37,10 +37,10 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
-from proxy.limits.coalesce import Coalescer, ScriptCall, ScriptPipe
+from proxy.redis.coalesce import Coalescer, ScriptCall, ScriptPipe
 
 if TYPE_CHECKING:
-    from proxy.redis_store import RedisClient
+    from proxy.redis.client import RedisClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from typing import Final
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError
 
-from proxy.redis_store import RedisClient
+from proxy.redis.client import RedisClient
 
 MICROS: Final = 1_000_000
 
