@@ -90,7 +90,7 @@ from proxy.request.bodies import (
 )
 from proxy.request.prompt import PromptGuard
 from proxy.routes import OTHER, RULES
-from proxy.settings import Settings
+from proxy.settings import SETTINGS, Settings
 from proxy.state import (
     CONTEXT,
     HEADER_POLICY,
@@ -99,7 +99,6 @@ from proxy.state import (
     POLICY,
     POOL,
     RELOAD_HOOKS,
-    SETTINGS,
     HeaderPolicy,
     Lifecycle,
 )

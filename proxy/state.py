@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import redis.asyncio as redis
 from aiohttp import web
 from multidict import istr
 
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from proxy.policy.store import PolicyStore
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
-from proxy.settings import Settings
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 
@@ -120,7 +118,6 @@ POLICY_VIOLATION = 1008
 
 
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)
-SETTINGS = web.AppKey("comfygate.settings", Settings)
 POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)
 HEADER_POLICY = web.AppKey("comfygate.header_policy", HeaderPolicy)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
@@ -131,9 +128,6 @@ COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users"
 RELOAD_HOOKS: web.AppKey[list[Callable[[], Awaitable[None]]]] = web.AppKey("comfygate.reload")
 """Run on SIGHUP by ``proxy.server`` (in every worker: the supervisor forwards it); append a
 reload coroutine function (e.g. from a ``cleanup_ctx``). A failing hook is logged, not fatal."""
-REDIS: web.AppKey[redis.Redis | redis.RedisCluster | None] = web.AppKey("comfygate.redis")
-"""None when no Redis is configured (state kept in process memory); otherwise a
-``proxy.redis.client.RedisClient`` (standalone, Sentinel-managed or cluster)."""
 RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("comfygate.rate_limits")
 """Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
 POLICY: web.AppKey[PolicyStore] = web.AppKey("comfygate.policy")

@@ -23,7 +23,8 @@ from proxy.errors import Forbidden, Unauthenticated
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.request.bodies import read_json_body
-from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import AUTH, COMFY_USERS, RequestContext
 from proxy.web.assets import is_public_asset
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

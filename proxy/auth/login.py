@@ -53,9 +53,9 @@ from proxy.chain import json_error
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
-from proxy.settings import ServerSettings
+from proxy.settings import SETTINGS, ServerSettings
 from proxy.settings.auth import AuthSettings, RoleSettings
-from proxy.state import CONTEXT, LIFECYCLE, SETTINGS
+from proxy.state import CONTEXT, LIFECYCLE
 from proxy.web import PACKAGE, STATIC_DIR, TEMPLATES
 
 log = structlog.get_logger("comfygate.auth")

@@ -61,7 +61,8 @@ from proxy.multi.merge import (
     instance_headers,
     json_response,
 )
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
 from proxy.upstream.pool import Upstream
 
 log = structlog.get_logger("comfygate.isolation.views")

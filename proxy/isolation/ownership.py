@@ -37,7 +37,9 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
+from proxy.redis.client import REDIS
 from proxy.redis.coalesce import Coalescer, ScriptCall, ScriptPipe
+from proxy.settings import SETTINGS
 
 if TYPE_CHECKING:
     from proxy.redis.client import RedisClient
@@ -458,7 +460,7 @@ class RedisOwnershipStore:
 
 async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
-    from proxy.state import OWNERSHIP, REDIS, SETTINGS  # noqa: PLC0415 - state imports this
+    from proxy.state import OWNERSHIP  # noqa: PLC0415 - state imports this
 
     isolation = app[SETTINGS].isolation
     retention = isolation.retention_seconds

@@ -67,7 +67,8 @@ from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.request.bodies import read_json_body
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import forward_http, map_client_error
 

@@ -59,7 +59,8 @@ from proxy.isolation.prompt import (
 )
 from proxy.observability.metrics import role_label
 from proxy.request.prompt import forward_submission, read_prompt
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 

@@ -32,7 +32,8 @@ from proxy.limits.limiter import (
     RedisLimiter,
 )
 from proxy.observability.metrics import Metrics
-from proxy.settings import Settings
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS, Settings
 from proxy.settings.auth import RoleSettings
 from proxy.settings.limits import ROUTE_CLASSES, Limit, RateLimitSettings, RouteClass
 
@@ -202,7 +203,7 @@ def in_words(seconds: int) -> str:
 
 def build_rate_limits(app: web.Application) -> RateLimits:
     """The limits of ``app``: in Redis when one is configured, else in this process."""
-    from proxy.state import METRICS, REDIS, SETTINGS  # noqa: PLC0415 - state imports this module
+    from proxy.state import METRICS  # noqa: PLC0415 - state imports this module
 
     settings: Settings = app[SETTINGS]
     client = app[REDIS]

@@ -22,11 +22,10 @@ import structlog
 from redis.exceptions import MaxConnectionsError
 
 from proxy.limits.deadline import Deadline
-from proxy.limits.gcra import MICROS, Decision, GcraScript, gcra
+from proxy.limits.gcra import MICROS, Decision, GcraPipe, GcraScript, gcra
 from proxy.observability.metrics import Metrics
 from proxy.redis.breaker import BreakerState, CircuitBreaker
 from proxy.redis.client import RedisClient
-from proxy.redis.coalesce import GcraPipe
 from proxy.settings.limits import RateLimitSettings
 
 log = structlog.get_logger("comfygate.ratelimit")

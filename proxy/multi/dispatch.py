@@ -32,7 +32,9 @@ from aiohttp import web
 from proxy.multi import merge, sticky
 from proxy.multi.fanin import FanInRegistry, relay_fanin
 from proxy.multi.lost import LostPrompts
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, REDIS, SETTINGS
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
 from proxy.upstream.forward import forward_http
 from proxy.upstream.pool import Upstream, UpstreamPool
 

@@ -36,8 +36,10 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, ProxyError
+from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
-from proxy.state import METRICS, REDIS, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import METRICS, RequestContext
 
 if TYPE_CHECKING:
     from proxy.redis.client import RedisClient

@@ -33,7 +33,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamUnavailable
 from proxy.isolation import views
-from proxy.state import CONTEXT, METRICS, POOL, SETTINGS
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, POOL
 from proxy.upstream.encoding import (
     AnswerTooLarge,
     UnreadableAnswer,

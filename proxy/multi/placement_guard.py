@@ -43,17 +43,10 @@ from proxy.multi.placement import (
     requirements,
 )
 from proxy.multi.replication import FileCopier, referenced_files
+from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
-from proxy.state import (
-    CONTEXT,
-    METRICS,
-    OWNERSHIP,
-    POOL,
-    QUEUE_QUOTA,
-    REDIS,
-    SETTINGS,
-    RequestContext,
-)
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.http1 import (
     UpstreamConnectError,

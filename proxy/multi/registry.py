@@ -31,7 +31,9 @@ from proxy.multi.capabilities import CapabilityRefresher, ObjectInfoSource
 from proxy.multi.discovery import DnsDiscovery, Resolver, resolve_dns
 from proxy.observability.upstreams import UPSTREAM_PROBE, probe_wanted
 from proxy.policy.catalog.cache import Snapshot
-from proxy.state import CATALOG, METRICS, POOL, REDIS, SETTINGS
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS
+from proxy.state import CATALOG, METRICS, POOL
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.health_checks import HealthChecker
 from proxy.upstream.pool import Upstream, UpstreamPool

@@ -46,7 +46,8 @@ from proxy.isolation.files import (
 )
 from proxy.isolation.ownership import FileRef
 from proxy.observability.metrics import Metrics
-from proxy.state import METRICS, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import METRICS, POOL, RequestContext
 from proxy.upstream.http1 import UpstreamHttpError
 from proxy.upstream.pool import Upstream, UpstreamPool
 

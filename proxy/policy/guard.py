@@ -22,7 +22,8 @@ from proxy.comfy.violations import Violation
 from proxy.policy.checker import BODY_TOO_LARGE, NODE_NOT_ALLOWED, check_workflow
 from proxy.policy.refusal import PolicyRejected
 from proxy.request.prompt import read_prompt
-from proxy.state import METRICS, POLICY, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import METRICS, POLICY, RequestContext
 
 log = structlog.get_logger("comfygate.policy")
 

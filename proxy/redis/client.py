@@ -36,14 +36,16 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException
 
-from proxy.settings import RedisSettings, parse_host_port
-from proxy.state import REDIS, SETTINGS
+from proxy.settings import SETTINGS, RedisSettings, parse_host_port
 
 log = structlog.get_logger("comfygate.redis")
 
 RedisClient = redis.Redis | redis.RedisCluster
 """Any client the proxy may hold: standalone/Sentinel-managed (``Redis``) or ``RedisCluster``.
 Code that runs against it uses single-key commands (or keys sharing a hash tag) only."""
+REDIS: web.AppKey[RedisClient | None] = web.AppKey("comfygate.redis")
+"""None when no Redis is configured (state kept in process memory); otherwise a
+:data:`RedisClient` (standalone, Sentinel-managed or cluster)."""
 
 # redis-py < 8 leaves ``Sentinel.__init__`` untyped (a strict "untyped call" there), 8.x types it.
 # Calling it through a typed alias works with both without a version-dependent ignore.

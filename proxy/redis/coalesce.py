@@ -1,4 +1,5 @@
-"""GCRA checks of concurrent requests coalesced into one Redis round trip.
+"""Script calls of concurrent requests coalesced into one Redis round trip (the GCRA checks of
+the rate limiter, :class:`proxy.limits.gcra.GcraPipe`; the ownership claims).
 
 The hot path of every limited request is one ``EVALSHA``. Through redis-py's client each
 command pays its own pool checkout, retry wrapper, timeouts and syscalls (~65 us of CPU). Here
@@ -24,15 +25,11 @@ import redis.asyncio as redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.limits.gcra import GCRA_LUA, GCRA_SHA, MICROS, Decision
-
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 DEFAULT_CONNECT_TIMEOUT = 1.0
 """For a pool configured without a connect timeout."""
-Check = tuple[str, int, int]
-"""``(key, emission, burst)``: the arguments of one GCRA check."""
 ScriptCall = tuple[Sequence[Any], Sequence[Any]]
 """``(keys, args)``: the arguments of one ``EVALSHA``."""
 
@@ -147,25 +144,6 @@ class ScriptPipe:
         return replies
 
 
-class GcraPipe(ScriptPipe):
-    """:class:`ScriptPipe` of the GCRA script: batches of checks, a decision for each."""
-
-    def __init__(self, pool: redis.ConnectionPool) -> None:
-        super().__init__(pool, GCRA_LUA)
-        assert self.sha == GCRA_SHA
-
-    async def run(self, checks: Sequence[Check]) -> list[Decision]:
-        """One round trip (two when the script must be loaded first).
-
-        Raises:
-            redis.RedisError, OSError: the batch failed as a whole; nothing is known of it.
-        """
-        replies = await self.exchange(
-            [((key,), (emission, burst)) for key, emission, burst in checks]
-        )
-        return [_decision(r) for r in replies]
-
-
 class Coalescer(Generic[ItemT, ResultT]):
     """Items submitted while a batch is in flight go together in the next one.
 
@@ -250,11 +228,4 @@ class Coalescer(Generic[ItemT, ResultT]):
                 future.set_result(result)
 
 
-def _decision(reply: Any) -> Decision:
-    if isinstance(reply, Exception):
-        raise reply  # an error other than NOSCRIPT (OOM, READONLY, ...): the batch failed
-    allowed, remaining, retry_after, reset = (int(v) for v in reply)
-    return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
-
-
-__all__ = ["Check", "Coalescer", "GcraPipe", "ScriptCall", "ScriptPipe"]
+__all__ = ["Coalescer", "ScriptCall", "ScriptPipe"]

@@ -48,8 +48,8 @@ from aiohttp.typedefs import Handler
 from proxy.comfy.json_body import JsonRefused, dump_json, parse_json
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, Rejection, ServiceUnavailable
 from proxy.observability.metrics import Metrics
-from proxy.settings import ServerSettings
-from proxy.state import METRICS, SETTINGS, RequestContext
+from proxy.settings import SETTINGS, ServerSettings
+from proxy.state import METRICS, RequestContext
 
 log = structlog.get_logger("comfygate.bodies")
 

@@ -28,7 +28,8 @@ from proxy.comfy.submission import Submission, submission_of
 from proxy.comfy.violations import PromptRejected, Violation
 from proxy.errors import ProxyError, ServiceUnavailable
 from proxy.request.bodies import read_json_body
-from proxy.state import CATALOG, METRICS, POLICY, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CATALOG, METRICS, POLICY, POOL, RequestContext
 
 log = structlog.get_logger("comfygate.workflow")
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from aiohttp import web
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -36,7 +37,6 @@ from pydantic_settings import (
 from yarl import URL
 
 from proxy.errors import SettingsError
-from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
 from proxy.settings.auth import (
     DEFAULT_ROLES,
     AuthSettings,
@@ -61,6 +61,11 @@ CONFIG_ENV = "COMFYGATE_CONFIG"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_UPSTREAM_URLS = ("http://127.0.0.1:8188",)
 _BOOL = TypeAdapter(bool)
+
+
+FOLDER_SECRET_MIN_LENGTH = 32
+"""Shortest ``isolation.folder_secret`` accepted (``proxy.isolation.namespaces`` keys the
+folder tags with it)."""
 
 
 class _Section(BaseModel):
@@ -582,3 +587,7 @@ def load_settings(
             os.environ.clear()
             os.environ.update(saved_env)
     raise SettingsError(problems)
+
+
+SETTINGS = web.AppKey("comfygate.settings", Settings)
+"""The settings the application was built with (``proxy.app.create_app``)."""

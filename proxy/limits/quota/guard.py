@@ -18,7 +18,8 @@ from aiohttp import hdrs, web
 from proxy.auth.guard import is_websocket
 from proxy.limits.quota.reconciler import QuotaEventObserver
 from proxy.request.prompt import forward_submission, read_prompt
-from proxy.state import POOL, QUEUE_QUOTA, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import POOL, QUEUE_QUOTA, RequestContext
 
 
 class QueueQuotaGuard:

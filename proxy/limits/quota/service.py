@@ -35,7 +35,8 @@ from proxy.limits.guard import ip_identity
 from proxy.limits.quota.model import MemoryQuotaStore, QuotaStore, Reservation, queue_quota_for
 from proxy.limits.quota.redis_store import RedisQuotaStore
 from proxy.observability.metrics import Metrics
-from proxy.settings import Settings
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS, Settings
 from proxy.state import RequestContext
 
 if TYPE_CHECKING:
@@ -322,7 +323,7 @@ class QueueQuota:
 
 def build_queue_quota(app: web.Application) -> QueueQuota:
     """The quota of ``app``: in Redis when one is configured, else in this process."""
-    from proxy.state import METRICS, RATE_LIMITS, REDIS, SETTINGS  # noqa: PLC0415 - cycle
+    from proxy.state import METRICS, RATE_LIMITS  # noqa: PLC0415 - cycle
 
     settings: Settings = app[SETTINGS]
     client = app[REDIS]
@@ -339,7 +340,7 @@ async def queue_quota_context(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` (after Redis, the pool and the rate limits): ``app[QUEUE_QUOTA]`` and,
     while quotas are on, the reconciler of this process."""
     from proxy.limits.quota.reconciler import QuotaReconciler  # noqa: PLC0415
-    from proxy.state import POOL, QUEUE_QUOTA, SETTINGS  # noqa: PLC0415
+    from proxy.state import POOL, QUEUE_QUOTA  # noqa: PLC0415
 
     quota = app[QUEUE_QUOTA] = build_queue_quota(app)
     reconciler = quota.reconciler = QuotaReconciler(quota, app[POOL], app[SETTINGS])

@@ -19,8 +19,8 @@ from proxy.observability.metrics import Metrics
 from proxy.policy.catalog.cache import Answer, CatalogNotJson, Miss, ObjectInfoCache, Snapshot
 from proxy.policy.catalog.http import JSON, is_json
 from proxy.policy.catalog.union import UnionView
-from proxy.settings import Settings
-from proxy.state import CATALOG, METRICS, POLICY, POOL, SETTINGS
+from proxy.settings import SETTINGS, Settings
+from proxy.state import CATALOG, METRICS, POLICY, POOL
 from proxy.upstream.encoding import content_codings, decode
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpError, UpstreamHttpTimeout

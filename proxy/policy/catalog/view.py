@@ -83,7 +83,8 @@ from proxy.policy.catalog.http import answer_response, is_json, send_rendered
 from proxy.policy.catalog.union import Copies, gather_snapshots, union_entries, union_names
 from proxy.policy.catalog.upstream import TRANSPORT_ERRORS, Catalog, catalog_context, fetch_answer
 from proxy.policy.model import RolePolicy
-from proxy.state import CATALOG, CONTEXT, METRICS, POLICY, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CATALOG, CONTEXT, METRICS, POLICY, POOL, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.home import home_for
