@@ -8,7 +8,7 @@ never offers what ``/prompt`` would refuse.
 
 Routes (rules ``object_info`` and ``models``; GET and HEAD, anything else is forwarded):
 
-- ``/object_info``: from the cache (``catalog_cache``), one filtered copy per (policy version,
+- ``/object_info``: from the cache (``cache``), one filtered copy per (policy version,
   role); ``/object_info/{class}``: from the same cache, ``{}`` (ComfyUI's own answer for a
   class it does not know) when the class is not allowed.
 - ``/models/{folder}``, ``/embeddings``, ``/experiment/models/{folder}``: forwarded, the JSON
@@ -42,9 +42,9 @@ built from every reachable instance (``pool.reachable()``, home first), then fil
   unknown folder (ComfyUI's 404 everywhere) passes as ComfyUI's answer.
 - previews and folder lists: the home instance, as everything else.
 
-Modules: ``catalog_upstream`` (the caches and the fetch), ``catalog_cache`` (one instance's
-cache), ``catalog_union`` (several instances), ``catalog_filter`` (pure filters),
-``catalog_http`` (ETag, gzip, responses).
+Modules of :mod:`proxy.policy.catalog`: ``upstream`` (the caches and the fetch), ``cache`` (one
+instance's cache), ``union`` (several instances), ``filter`` (pure filters), ``http`` (ETag,
+gzip, responses).
 """
 
 from __future__ import annotations
