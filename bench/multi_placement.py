@@ -31,8 +31,8 @@ import orjson
 from bench.fixtures import api_graph
 from bench.procs import ProcessGroup, free_port, wait_http
 from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
-from proxy.upstream.capabilities import parse_object_info
-from proxy.upstream.placement import CandidateState, decide, requirements
+from proxy.multi.capabilities import parse_object_info
+from proxy.multi.placement import CandidateState, decide, requirements
 
 INSTANCES = 4
 SUBMISSIONS = 200

@@ -29,7 +29,7 @@ from bench.fixtures import ui_workflow
 from bench.loadgen import LoadGenerator
 from bench.procs import ProcessGroup, free_port, wait_http
 from bench.targets import BENCH_JWT_SECRET, REPO, bench_token
-from proxy.limits.settings import ROUTE_CLASSES
+from proxy.settings.limits import ROUTE_CLASSES
 
 ROLE = "bench_policy"
 """A plain (non-admin) role: the built-in policy's base applies to it."""

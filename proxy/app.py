@@ -22,7 +22,7 @@ instance; several instances) just before isolation; uploads run replication afte
 ``idempotency_finish`` middleware around the guards stores or frees a claimed key.
 
 Inspected bodies (``POST`` prompt/queue/history/interrupt/jobs cancel) are read by one rule
-(``proxy.limits.bodies``): the body guard after the rate limit (after the policy on
+(``proxy.request.bodies``): the body guard after the rate limit (after the policy on
 ``/prompt``), bounded in bytes in flight; ``release_inspected_bodies`` gives them back.
 """
 
@@ -52,29 +52,45 @@ from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
-from proxy.limits.bodies import (
+from proxy.limits.classes import limited_rule
+from proxy.limits.enforce import rate_limits_context
+from proxy.limits.guard import RateLimitGuard
+from proxy.limits.quota.guard import QueueQuotaGuard
+from proxy.limits.quota.service import queue_quota_context
+from proxy.multi.admin import (
+    ADMIN_UPSTREAM_ROUTES,
+    add_upstream_admin_routes,
+    upstream_admin_guard,
+)
+from proxy.multi.dispatch import (
+    dispatch_multi,
+    is_multi,
+    multi_instance_context,
+    relay_websocket_multi,
+)
+from proxy.multi.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
+from proxy.multi.placement_guard import PlacementGuard
+from proxy.multi.registry import registry_context
+from proxy.multi.replication import ReplicationGuard
+from proxy.observability.context import metrics_context
+from proxy.observability.exposition import add_metrics_route, enable_user_counter
+from proxy.observability.metrics import Metrics
+from proxy.origin import OriginGuard
+from proxy.policy.catalog.view import CATALOG_RULES, catalog_context, serve_catalog
+from proxy.policy.guard import PolicyGuard
+from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
+from proxy.policy.store import PolicyStore
+from proxy.redis.client import redis_client
+from proxy.request.bodies import (
     BODY_BUDGET,
     INSPECTED_RULES,
     BodyBudget,
     BodyGuard,
     release_inspected_bodies,
 )
-from proxy.limits.classes import limited_rule
-from proxy.limits.enforce import rate_limits_context
-from proxy.limits.guard import RateLimitGuard
-from proxy.limits.quota_guard import QueueQuotaGuard
-from proxy.limits.quota_service import queue_quota_context
-from proxy.observability.context import metrics_context
-from proxy.observability.exposition import add_metrics_route, enable_user_counter
-from proxy.observability.metrics import Metrics
-from proxy.origin import OriginGuard
-from proxy.policy.catalog import CATALOG_RULES, catalog_context, serve_catalog
-from proxy.policy.guard import PolicyGuard
-from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
-from proxy.policy.store import PolicyStore
-from proxy.redis_store import redis_client
+from proxy.request.prompt import PromptGuard
 from proxy.routes import OTHER, RULES
-from proxy.settings import Settings
+from proxy.settings import SETTINGS, Settings
 from proxy.state import (
     CONTEXT,
     HEADER_POLICY,
@@ -83,27 +99,11 @@ from proxy.state import (
     POLICY,
     POOL,
     RELOAD_HOOKS,
-    SETTINGS,
     HeaderPolicy,
     Lifecycle,
 )
-from proxy.upstream.admin import (
-    ADMIN_UPSTREAM_ROUTES,
-    add_upstream_admin_routes,
-    upstream_admin_guard,
-)
 from proxy.upstream.forward import forward_http
-from proxy.upstream.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
-from proxy.upstream.multi import (
-    dispatch_multi,
-    is_multi,
-    multi_instance_context,
-    relay_websocket_multi,
-)
-from proxy.upstream.placement_guard import PlacementGuard
 from proxy.upstream.pool import UpstreamPool
-from proxy.upstream.registry import registry_context
-from proxy.upstream.replication import ReplicationGuard
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
 from proxy.web.frontend import (
@@ -113,7 +113,6 @@ from proxy.web.frontend import (
     add_frontend_routes,
     local_answers,
 )
-from proxy.workflow.request import PromptGuard
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:

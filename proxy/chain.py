@@ -34,7 +34,8 @@ from proxy.errors import (
     Unauthenticated,
 )
 from proxy.routes import RouteRule, classify, rule
-from proxy.state import CONTEXT, METRICS, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, RequestContext
 from proxy.target import canonical_target, origin_form
 from proxy.upstream.headers import client_address
 from proxy.web.unreachable import is_unreachable, unreachable_page

@@ -11,12 +11,12 @@ from typing import Any
 
 from proxy import __version__, init_cli
 from proxy.auth import cli as auth_cli
-from proxy.auth.settings import DEFAULT_ROLES
 from proxy.errors import SettingsError
 from proxy.isolation import cli as isolation_cli
 from proxy.observability.logging import configure_logging
 from proxy.preflight import check_startup, format_warnings, preflight
 from proxy.settings import CONFIG_ENV, Settings, load_settings, redacted
+from proxy.settings.auth import DEFAULT_ROLES
 
 
 def _parser() -> argparse.ArgumentParser:

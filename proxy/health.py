@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.redis_store import redis_ready
-from proxy.state import LIFECYCLE, POOL, RATE_LIMITS, REDIS
+from proxy.redis.client import REDIS, redis_ready
+from proxy.state import LIFECYCLE, POOL, RATE_LIMITS
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -18,9 +18,9 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from proxy.auth.authenticator import presented_credential
-from proxy.auth.settings import AuthSettings
 from proxy.errors import Forbidden
 from proxy.settings import ServerSettings
+from proxy.settings.auth import AuthSettings
 from proxy.state import RequestContext
 from proxy.upstream.headers import forwarded_values
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from redis.asyncio.connection import parse_url
 
 from proxy.auth.keys import load_private_key
-from proxy.auth.settings import SYMMETRIC
 from proxy.auth.tokens import MIN_SECRET_BYTES, key_problems
 from proxy.auth.users import UsersFile, UsersFileError
 from proxy.errors import SettingsError
 from proxy.settings import Settings
+from proxy.settings.auth import SYMMETRIC
 
 LOGIN_TEMPLATE = "login.html"
 

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import redis.asyncio as redis
 from aiohttp import web
 from multidict import istr
 
@@ -24,13 +23,12 @@ if TYPE_CHECKING:
     from proxy.auth.comfy_users import ComfyUserDirectory
     from proxy.isolation.ownership import OwnershipStore
     from proxy.limits.enforce import RateLimits
-    from proxy.limits.quota_service import QueueQuota
-    from proxy.policy.catalog_upstream import Catalog
+    from proxy.limits.quota.service import QueueQuota
+    from proxy.multi.placement_guard import Failover
+    from proxy.policy.catalog.upstream import Catalog
     from proxy.policy.store import PolicyStore
-    from proxy.upstream.placement_guard import Failover
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
-from proxy.settings import Settings
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 
@@ -60,8 +58,8 @@ class RequestContext:
     """The request body when a guard had to read it; forwarded instead of the stream."""
     parsed_body: tuple[bytes, object] | None = None
     """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (on
-    ``POST /prompt`` a ``proxy.workflow.submission.Submission``, see
-    ``proxy.workflow.request.read_prompt``); stale as soon as ``body`` is replaced."""
+    ``POST /prompt`` a ``proxy.comfy.submission.Submission``, see
+    ``proxy.request.prompt.read_prompt``); stale as soon as ``body`` is replaced."""
     body_stream: AsyncIterator[bytes] | None = None
     """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
     chunked framing (its Content-Type goes in ``upstream_headers``)."""
@@ -84,7 +82,7 @@ class RequestContext:
     history and jobs views): the terminal handler calls it instead of forwarding."""
     failover: Failover | None = None
     """Set by placement on ``POST /prompt``: sends the submission, moving it to the next
-    candidate instance when one refuses it (``proxy.upstream.placement_guard``)."""
+    candidate instance when one refuses it (``proxy.multi.placement_guard``)."""
 
 
 @dataclass(slots=True)
@@ -120,7 +118,6 @@ POLICY_VIOLATION = 1008
 
 
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)
-SETTINGS = web.AppKey("comfygate.settings", Settings)
 POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)
 HEADER_POLICY = web.AppKey("comfygate.header_policy", HeaderPolicy)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
@@ -131,9 +128,6 @@ COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users"
 RELOAD_HOOKS: web.AppKey[list[Callable[[], Awaitable[None]]]] = web.AppKey("comfygate.reload")
 """Run on SIGHUP by ``proxy.server`` (in every worker: the supervisor forwards it); append a
 reload coroutine function (e.g. from a ``cleanup_ctx``). A failing hook is logged, not fatal."""
-REDIS: web.AppKey[redis.Redis | redis.RedisCluster | None] = web.AppKey("comfygate.redis")
-"""None when no Redis is configured (state kept in process memory); otherwise a
-``proxy.redis_store.RedisClient`` (standalone, Sentinel-managed or cluster)."""
 RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("comfygate.rate_limits")
 """Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
 POLICY: web.AppKey[PolicyStore] = web.AppKey("comfygate.policy")

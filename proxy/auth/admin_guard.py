@@ -10,7 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import Forbidden
-from proxy.state import SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import RequestContext
 
 
 class AdminGuard:

@@ -34,7 +34,6 @@ from proxy.auth.revocation import (
     cached,
 )
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
-from proxy.auth.settings import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import (
     InvalidToken,
@@ -45,6 +44,9 @@ from proxy.auth.tokens import (
 )
 from proxy.auth.users import UsersFile, UsersFileError
 from proxy.errors import Forbidden, SettingsError, Unauthenticated
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS
+from proxy.settings.auth import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
 
 log = structlog.get_logger("comfygate.auth")
 
@@ -271,7 +273,7 @@ BOOTSTRAP_TOKEN = web.AppKey("comfygate.bootstrap_token", str)
 
 
 def build_revocations(app: web.Application) -> RevocationList:
-    from proxy.state import METRICS, REDIS, SETTINGS  # noqa: PLC0415 - state imports auth types
+    from proxy.state import METRICS  # noqa: PLC0415 - state imports auth types
 
     client = app[REDIS]
     if client is None:
@@ -286,7 +288,7 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     from proxy.auth.comfy_users import ComfyUserDirectory  # noqa: PLC0415
     from proxy.auth.guard import cookie_secure  # noqa: PLC0415
     from proxy.auth.login import LOGIN_PAGE, LoginPage  # noqa: PLC0415
-    from proxy.state import AUTH, COMFY_USERS, POOL, REDIS, SETTINGS  # noqa: PLC0415
+    from proxy.state import AUTH, COMFY_USERS, POOL  # noqa: PLC0415
 
     settings = app[SETTINGS]
     revocations = build_revocations(app)

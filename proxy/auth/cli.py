@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TextIO
 
 from proxy.auth.revocation import RedisRevocationList, RevocationUnavailable
-from proxy.auth.settings import SYMMETRIC
 from proxy.auth.tokens import issue_token
 from proxy.auth.users import UsersFile, UsersFileError, validate_password, validate_username
 from proxy.observability.logging import configure_logging
-from proxy.redis_store import connect
+from proxy.redis.client import connect
 from proxy.settings import Settings
+from proxy.settings.auth import SYMMETRIC
 
 DEFAULT_ROLE = "user"
 DEFAULT_REVOKE_SECONDS = 366 * 24 * 3600.0

@@ -20,7 +20,7 @@ from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answ
 from proxy.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
-    from proxy.redis_store import RedisClient
+    from proxy.redis.client import RedisClient
 
 log = structlog.get_logger("comfygate.comfy_users")
 KEY_PREFIX = "comfygate:comfy_user:"

@@ -20,10 +20,11 @@ from proxy.auth.identity import COMFY_USER, identity_headers
 from proxy.auth.principal import AMBIENT_SOURCES, Principal
 from proxy.auth.revocation import FAIL_OPEN
 from proxy.errors import Forbidden, Unauthenticated
-from proxy.limits.bodies import read_json_body
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
-from proxy.state import AUTH, COMFY_USERS, SETTINGS, RequestContext
+from proxy.request.bodies import read_json_body
+from proxy.settings import SETTINGS
+from proxy.state import AUTH, COMFY_USERS, RequestContext
 from proxy.web.assets import is_public_asset
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

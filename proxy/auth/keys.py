@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from yarl import URL
 
-from proxy.auth.settings import ALGORITHMS, SYMMETRIC
+from proxy.settings.auth import ALGORITHMS, SYMMETRIC
 
 log = structlog.get_logger("comfygate.auth.keys")
 

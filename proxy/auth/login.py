@@ -46,7 +46,6 @@ from multidict import MultiDictProxy
 from proxy.auth.liveness import SessionLiveness
 from proxy.auth.principal import Principal, Source
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
-from proxy.auth.settings import AuthSettings, RoleSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UserRecord, UsersFile
@@ -54,8 +53,9 @@ from proxy.chain import json_error
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
-from proxy.settings import ServerSettings
-from proxy.state import CONTEXT, LIFECYCLE, SETTINGS
+from proxy.settings import SETTINGS, ServerSettings
+from proxy.settings.auth import AuthSettings, RoleSettings
+from proxy.state import CONTEXT, LIFECYCLE
 from proxy.web import PACKAGE, STATIC_DIR, TEMPLATES
 
 log = structlog.get_logger("comfygate.auth")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from proxy.auth.settings import RoleSettings
+from proxy.settings.auth import RoleSettings
 
 if TYPE_CHECKING:
     from proxy.auth.sessions import Session

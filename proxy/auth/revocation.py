@@ -33,7 +33,7 @@ import structlog
 from proxy.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
-    from proxy.redis_store import RedisClient
+    from proxy.redis.client import RedisClient
 
 log = structlog.get_logger("comfygate.auth.revocation")
 

@@ -30,7 +30,7 @@ from typing import Literal
 
 import jwt
 
-from proxy.auth.settings import SESSION_SECRET_MIN_BYTES, SessionSettings
+from proxy.settings.auth import SESSION_SECRET_MIN_BYTES, SessionSettings
 
 SESSION_TYPE = "comfygate-session"
 ALGORITHM = "HS256"

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from proxy.errors import ServiceUnavailable
 from proxy.periodic import Periodic
-from proxy.state import AUTH, LIFECYCLE, METRICS, POLICY_VIOLATION, SETTINGS
+from proxy.settings import SETTINGS
+from proxy.state import AUTH, LIFECYCLE, METRICS, POLICY_VIOLATION
 
 log = structlog.get_logger("comfygate.auth")
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.redis_store import RedisClient
+    from proxy.redis.client import RedisClient
 
 KEY_PREFIX = "comfygate:login-failures:"
 MAX_MEMORY_KEYS = 100_000

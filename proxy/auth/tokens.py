@@ -44,8 +44,8 @@ from proxy.auth.keys import (
 from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import MAX_TOKEN_ID_LENGTH, RevocationList
 from proxy.auth.sessions import SESSION_TYPE
-from proxy.auth.settings import SYMMETRIC, JwtSettings, RoleSettings
 from proxy.errors import SettingsError
+from proxy.settings.auth import SYMMETRIC, JwtSettings, RoleSettings
 
 log = structlog.get_logger("comfygate.auth.tokens")
 

@@ -28,7 +28,6 @@ log = structlog.get_logger("comfygate.isolation")
 
 USER_FOLDER_ROOT = "users"
 """Outputs and uploads of a user live under ``users/<comfy_user>-<tag>/`` in ComfyUI's folders."""
-FOLDER_SECRET_MIN_LENGTH = 32
 TAG_HEX_DIGITS = 16
 """64 bits of HMAC: far beyond what can be tried through the proxy, short enough to read."""
 _FOLDER_LABEL = b"comfygate/isolation/user-folder/v1\0"

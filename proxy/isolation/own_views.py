@@ -52,8 +52,8 @@ from multidict import CIMultiDict
 
 from proxy.isolation import views
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS
-from proxy.upstream.merge import (
+from proxy.multi.dispatch import MULTI, is_multi
+from proxy.multi.merge import (
     Answer,
     Gathered,
     ask,
@@ -61,7 +61,8 @@ from proxy.upstream.merge import (
     instance_headers,
     json_response,
 )
-from proxy.upstream.multi import MULTI, is_multi
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
 from proxy.upstream.pool import Upstream
 
 log = structlog.get_logger("comfygate.isolation.views")

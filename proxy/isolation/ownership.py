@@ -18,7 +18,7 @@ set (``prompts_of``, what isolation decides on) is not changed by either.
 
 Recording a prompt is on the path of every ``POST /prompt``: in Redis it is one script that
 claims the id and adds it to the owner's indexes together, and the claims that arrive together
-share one round trip on a connection of the store's own (:mod:`proxy.limits.coalesce`, as the
+share one round trip on a connection of the store's own (:mod:`proxy.redis.coalesce`, as the
 rate limiter's checks do). On a Redis Cluster the two keys are in different slots: two round
 trips per claim through the cluster client.
 """
@@ -37,10 +37,12 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
-from proxy.limits.coalesce import Coalescer, ScriptCall, ScriptPipe
+from proxy.redis.client import REDIS
+from proxy.redis.coalesce import Coalescer, ScriptCall, ScriptPipe
+from proxy.settings import SETTINGS
 
 if TYPE_CHECKING:
-    from proxy.redis_store import RedisClient
+    from proxy.redis.client import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,7 +460,7 @@ class RedisOwnershipStore:
 
 async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
-    from proxy.state import OWNERSHIP, REDIS, SETTINGS  # noqa: PLC0415 - state imports this
+    from proxy.state import OWNERSHIP  # noqa: PLC0415 - state imports this
 
     isolation = app[SETTINGS].isolation
     retention = isolation.retention_seconds

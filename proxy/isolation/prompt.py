@@ -12,11 +12,11 @@ What a submitted body becomes (protocol doc 3):
 - Every ``filename_prefix`` string moves under ``users/<owner>/`` (once: one already inside the
   user's own folder, as read back from ``/history``, is kept).
 - Every string in an input that reads files (as the instance's ``/object_info`` declares it:
-  upload flags, file widgets, folder listings; see :mod:`proxy.workflow.schemas`), whatever
+  upload flags, file widgets, folder listings; see :mod:`proxy.comfy.schemas`), whatever
   its extension, wrapped in ``{"__value__": ...}`` or reached through primitive nodes, must
   name the user's folder or a shared input folder.
 
-The body is the proxy's one reading (:mod:`proxy.workflow`); everything else in it is kept as
+The body is the proxy's one reading (:mod:`proxy.comfy`); everything else in it is kept as
 read and forwarded as the proxy serialises it. Sensitive
 ``extra_data`` keys (:data:`SENSITIVE_EXTRA_DATA`) are forwarded untouched and never copied into
 an error, a log line or the ownership store.
@@ -29,9 +29,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.isolation.files import FileScope, FileTarget, PathRefused, clean_relative
-from proxy.isolation.files import referenced_file as _referenced_file
-from proxy.workflow.graph import (
+from proxy.comfy.graph import (
     FILE_INPUT_NAMES,
     UPLOAD_READERS,
     Link,
@@ -39,15 +37,17 @@ from proxy.workflow.graph import (
     Prompt,
     strings_in,
 )
-from proxy.workflow.names import MEDIA_EXTENSIONS
-from proxy.workflow.schemas import STRUCTURED_TYPES
-from proxy.workflow.violations import (
+from proxy.comfy.names import MEDIA_EXTENSIONS
+from proxy.comfy.schemas import STRUCTURED_TYPES
+from proxy.comfy.violations import (
     FileRef,
     PromptRejected,
     Violation,
     describe_violation,
     node_errors,
 )
+from proxy.isolation.files import FileScope, FileTarget, PathRefused, clean_relative
+from proxy.isolation.files import referenced_file as _referenced_file
 
 SENSITIVE_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
 """Comfy.org credentials for partner nodes: forwarded, never logged, stored or echoed."""

@@ -64,12 +64,13 @@ from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.ownership import FileRef, OwnershipStore
-from proxy.limits.bodies import read_json_body
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, SETTINGS, RequestContext
+from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
+from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
+from proxy.request.bodies import read_json_body
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import forward_http, map_client_error
-from proxy.upstream.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
-from proxy.upstream.multi import MULTI, dispatch_multi, is_multi
 
 log = structlog.get_logger("comfygate.isolation")
 
@@ -146,7 +147,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # not reached: the body guard refused it (proxy.limits.bodies)
+                return  # not reached: the body guard refused it (proxy.request.bodies)
             # SECURITY: ComfyUI deletes/wipes anyone's entries; only the caller's ids go on.
             # A non-admin's clear is normally refused by RoleGuard already; if a role is let
             # through (allow_routes), it still only clears its own entries here.
@@ -260,7 +261,7 @@ class ReadGuard:
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
-                return  # not reached: the body guard refused it (proxy.limits.bodies)
+                return  # not reached: the body guard refused it (proxy.request.bodies)
             owned = await ownership.prompts_of(owner)
             own_pending: list[str] = []
             if body.get("clear"):

@@ -5,10 +5,10 @@ untouched (their prompts are still recorded as theirs); with ``isolation.enabled
 every request passes.
 
 - ``POST /prompt``: :mod:`proxy.isolation.prompt` checks and rewrites the canonical prompt
-  (:mod:`proxy.workflow`: the proxy's one reading, forwarded as it serialises it); the prompt is
+  (:mod:`proxy.comfy`: the proxy's one reading, forwarded as it serialises it); the prompt is
   recorded as the caller's *before* it is forwarded (ComfyUI may send its events before its
   answer) and forgotten again if ComfyUI refuses it. It is counted against the caller's queue
-  quota first (:mod:`proxy.limits.quota_service`; over it: 429 ``queue_full``).
+  quota first (:mod:`proxy.limits.quota.service`; over it: 429 ``queue_full``).
 - ``POST /upload/image|mask``: the multipart body is rebuilt while it streams (the file part is
   never buffered) so the file lands in the caller's folder of input/ (``users/<owner>-<tag>/``,
   :mod:`proxy.isolation.namespaces`); the stored file is recorded as
@@ -58,8 +58,9 @@ from proxy.isolation.prompt import (
     rewrite_submission,
 )
 from proxy.observability.metrics import role_label
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, SETTINGS, RequestContext
-from proxy.workflow.request import forward_submission, read_prompt
+from proxy.request.prompt import forward_submission, read_prompt
+from proxy.settings import SETTINGS
+from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 

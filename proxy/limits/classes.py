@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from proxy.limits.settings import RouteClass
+from proxy.settings.limits import RouteClass
 
 _BY_RULE: Final[dict[str, RouteClass]] = {"view": "view", "upload": "upload", "static": "static"}
 

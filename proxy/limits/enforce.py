@@ -22,7 +22,6 @@ import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
-from proxy.auth.settings import RoleSettings
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.gcra import emission_micros, whole_seconds
 from proxy.limits.headers import Headers, LimitHeaders
@@ -32,9 +31,11 @@ from proxy.limits.limiter import (
     MemoryLimiter,
     RedisLimiter,
 )
-from proxy.limits.settings import ROUTE_CLASSES, Limit, RateLimitSettings, RouteClass
 from proxy.observability.metrics import Metrics
-from proxy.settings import Settings
+from proxy.redis.client import REDIS
+from proxy.settings import SETTINGS, Settings
+from proxy.settings.auth import RoleSettings
+from proxy.settings.limits import ROUTE_CLASSES, Limit, RateLimitSettings, RouteClass
 
 log = structlog.get_logger("comfygate.ratelimit")
 
@@ -202,7 +203,7 @@ def in_words(seconds: int) -> str:
 
 def build_rate_limits(app: web.Application) -> RateLimits:
     """The limits of ``app``: in Redis when one is configured, else in this process."""
-    from proxy.state import METRICS, REDIS, SETTINGS  # noqa: PLC0415 - state imports this module
+    from proxy.state import METRICS  # noqa: PLC0415 - state imports this module
 
     settings: Settings = app[SETTINGS]
     client = app[REDIS]

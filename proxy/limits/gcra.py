@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError
 
-from proxy.redis_store import RedisClient
+from proxy.redis.client import RedisClient
+from proxy.redis.coalesce import ScriptPipe
 
 MICROS: Final = 1_000_000
 
@@ -130,11 +132,43 @@ def whole_seconds(seconds: float) -> int:
     return math.ceil(seconds) if seconds > 0 else 0
 
 
+Check = tuple[str, int, int]
+"""``(key, emission, burst)``: the arguments of one GCRA check."""
+
+
+class GcraPipe(ScriptPipe):
+    """:class:`ScriptPipe` of the GCRA script: batches of checks, a decision for each."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        super().__init__(pool, GCRA_LUA)
+        assert self.sha == GCRA_SHA
+
+    async def run(self, checks: Sequence[Check]) -> list[Decision]:
+        """One round trip (two when the script must be loaded first).
+
+        Raises:
+            redis.RedisError, OSError: the batch failed as a whole; nothing is known of it.
+        """
+        replies = await self.exchange(
+            [((key,), (emission, burst)) for key, emission, burst in checks]
+        )
+        return [_decision(r) for r in replies]
+
+
+def _decision(reply: Any) -> Decision:
+    if isinstance(reply, Exception):
+        raise reply  # an error other than NOSCRIPT (OOM, READONLY, ...): the batch failed
+    allowed, remaining, retry_after, reset = (int(v) for v in reply)
+    return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
+
+
 __all__ = [
     "GCRA_LUA",
     "GCRA_SHA",
     "MICROS",
+    "Check",
     "Decision",
+    "GcraPipe",
     "GcraScript",
     "emission_micros",
     "gcra",

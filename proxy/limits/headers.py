@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.limits.gcra import Decision, whole_seconds
-from proxy.limits.settings import Limit, RouteClass
+from proxy.settings.limits import Limit, RouteClass
 
 RATELIMIT_POLICY: Final = "RateLimit-Policy"
 RATELIMIT: Final = "RateLimit"

@@ -2,9 +2,9 @@
 
 Both answer ``check(key, emission, burst) -> Decision`` with the same arithmetic
 (:mod:`proxy.limits.gcra`). The Redis limiter runs one ``EVALSHA`` per check (the checks that
-arrive together share one round trip, :mod:`proxy.limits.coalesce`), each bounded by
+arrive together share one round trip, :mod:`proxy.redis.coalesce`), each bounded by
 ``rate_limits.redis_budget_ms`` (:mod:`proxy.limits.deadline`: a busy proxy is not taken for a
-slow Redis), behind a :class:`~proxy.limits.breaker.CircuitBreaker`. Any failure surfaces as
+slow Redis), behind a :class:`~proxy.redis.breaker.CircuitBreaker`. Any failure surfaces as
 :class:`LimiterUnavailable` and the caller applies the class's fail mode.
 """
 
@@ -21,13 +21,12 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import MaxConnectionsError
 
-from proxy.limits.breaker import BreakerState, CircuitBreaker
-from proxy.limits.coalesce import GcraPipe
 from proxy.limits.deadline import Deadline
-from proxy.limits.gcra import MICROS, Decision, GcraScript, gcra
-from proxy.limits.settings import RateLimitSettings
+from proxy.limits.gcra import MICROS, Decision, GcraPipe, GcraScript, gcra
 from proxy.observability.metrics import Metrics
-from proxy.redis_store import RedisClient
+from proxy.redis.breaker import BreakerState, CircuitBreaker
+from proxy.redis.client import RedisClient
+from proxy.settings.limits import RateLimitSettings
 
 log = structlog.get_logger("comfygate.ratelimit")
 
@@ -108,7 +107,7 @@ class RedisLimiter:
     """GCRA in Redis: one ``EVALSHA`` per check on one key, time from Redis ``TIME``.
 
     Standalone or Sentinel-managed Redis: the checks that arrive together are sent as one
-    pipeline on the limiter's own connection (:mod:`proxy.limits.coalesce`), one batch at a
+    pipeline on the limiter's own connection (:mod:`proxy.redis.coalesce`), one batch at a
     time; every check still waits at most ``redis_budget_ms`` from its arrival. Redis Cluster:
     one ``EVALSHA`` per check through the cluster client (keys live on different nodes).
     """

@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 
 from proxy.errors import ProxyError, SettingsError
 from proxy.observability.metrics import Metrics
-from proxy.observability.settings import IPNetwork, MetricsSettings
 from proxy.observability.users import UserCollector, UserCounter
+from proxy.settings.metrics import IPNetwork, MetricsSettings
 
 log = structlog.get_logger("comfygate.metrics")
 

@@ -69,7 +69,7 @@ def submitted_prompt_id(ctx: RequestContext) -> str | None:
         return None
     parsed = ctx.parsed_body
     if parsed is not None and parsed[0] is body:
-        data = getattr(parsed[1], "body", None)  # proxy.workflow.submission.Submission
+        data = getattr(parsed[1], "body", None)  # proxy.comfy.submission.Submission
     else:
         try:
             data = orjson.loads(body)
@@ -416,7 +416,7 @@ class Metrics:
         )
         self.prompt_refusals = Counter(
             "comfygate_prompt_refusals",
-            "POST /prompt bodies refused as unreadable or malformed (proxy.workflow), by the "
+            "POST /prompt bodies refused as unreadable or malformed (proxy.comfy), by the "
             "first problem's type.",
             ("reason",),
             registry=r,

@@ -15,7 +15,7 @@ What is checked, in this order:
    lengths, numeric bounds;
 4. the graph: no cycles.
 
-The graph is read by :mod:`proxy.workflow.graph` (one reading for every guard): literals are
+The graph is read by :mod:`proxy.comfy.graph` (one reading for every guard): literals are
 unwrapped and typed as ComfyUI types them, and a link through core ``Primitive*`` nodes is
 followed, any depth, to the literal at its source, so ``PrimitiveInt(9999) -> PrimitiveInt ->
 KSampler.steps`` is bounded like ``steps = 9999``. The graph's own problems (malformed nodes,
@@ -34,17 +34,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from proxy.policy.bounds import COMPARISONS, Bound, Factor, Number
-from proxy.policy.model import (
-    MODEL_EXTENSIONS,
-    MODEL_INPUT_NAMES,
-    NodeRules,
-    RolePolicy,
-    RoleRules,
-    is_model_input,
-    model_folders,
-)
-from proxy.workflow.graph import (
+from proxy.comfy.graph import (
     BAD_LINK,
     CYCLE,
     INVALID_NODE,
@@ -56,9 +46,19 @@ from proxy.workflow.graph import (
     strings_in,
     ui_node_types,
 )
-from proxy.workflow.names import MEDIA_EXTENSIONS
-from proxy.workflow.schemas import NodeSchema, NodeSchemas
-from proxy.workflow.violations import Violation
+from proxy.comfy.names import MEDIA_EXTENSIONS
+from proxy.comfy.schemas import NodeSchema, NodeSchemas
+from proxy.comfy.violations import Violation
+from proxy.policy.bounds import COMPARISONS, Bound, Factor, Number
+from proxy.policy.model import (
+    MODEL_EXTENSIONS,
+    MODEL_INPUT_NAMES,
+    NodeRules,
+    RolePolicy,
+    RoleRules,
+    is_model_input,
+    model_folders,
+)
 
 NODE_NOT_ALLOWED = "node_not_allowed"
 INPUT_OUT_OF_BOUNDS = "input_out_of_bounds"
@@ -101,7 +101,7 @@ def check_workflow(
 ) -> list[Violation]:
     """Every violation of ``policy`` in an API-format ``workflow`` (the body's ``prompt``).
 
-    ``prompt``: the workflow as :func:`proxy.workflow.graph.read_graph` read it (the guard's
+    ``prompt``: the workflow as :func:`proxy.comfy.graph.read_graph` read it (the guard's
     one reading, typed with the instance's schemas); read here without schemas when None.
     ``body_size``: the request body's length in bytes, when known. ``output_counts``: outputs
     per node type (from ``/object_info``), when known and ``prompt`` is None; links to a higher

@@ -17,12 +17,13 @@ from typing import NoReturn
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.comfy.graph import UNKNOWN_NODE, is_ui_format
+from proxy.comfy.violations import Violation
 from proxy.policy.checker import BODY_TOO_LARGE, NODE_NOT_ALLOWED, check_workflow
 from proxy.policy.refusal import PolicyRejected
-from proxy.state import METRICS, POLICY, SETTINGS, RequestContext
-from proxy.workflow.graph import UNKNOWN_NODE, is_ui_format
-from proxy.workflow.request import read_prompt
-from proxy.workflow.violations import Violation
+from proxy.request.prompt import read_prompt
+from proxy.settings import SETTINGS
+from proxy.state import METRICS, POLICY, RequestContext
 
 log = structlog.get_logger("comfygate.policy")
 
@@ -52,7 +53,7 @@ class PolicyGuard:
                 f"{policy.max_body_bytes} bytes"
             )
             self._refuse(request, ctx, [Violation("", "", "", BODY_TOO_LARGE, message)])
-        # The one reading of the body (proxy.workflow), typed with the instance's schemas; its
+        # The one reading of the body (proxy.comfy), typed with the instance's schemas; its
         # malformed parts are reported below with the policy's findings.
         submission = await read_prompt(request, ctx, refuse_problems=False)
         body = submission.body

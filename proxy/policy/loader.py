@@ -37,11 +37,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from proxy.auth.settings import RoleSettings
 from proxy.errors import SettingsError
 from proxy.policy.bounds import Bound, RuleSyntaxError, parse_bound
 from proxy.policy.model import GlobSet, GraphLimits, ModelGlobs, RoleRules
-from proxy.policy.settings import PolicySettings
+from proxy.settings.auth import RoleSettings
+from proxy.settings.policy import PolicySettings
 
 BUILTIN = "builtin.toml"
 """The policy used when ``[policy]`` names no files (shipped inside the package)."""

@@ -18,13 +18,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from proxy.policy.bounds import Bound
-from proxy.workflow.names import (
+from proxy.comfy.names import (
     MODEL_EXTENSIONS,
     MODEL_INPUT_FOLDERS,
     MODEL_INPUT_NAMES,
     is_model_input,
 )
+from proxy.policy.bounds import Bound
 
 NODE_MODEL_FOLDERS: Mapping[tuple[str, str], tuple[str, ...]] = {
     ("CLIPVisionLoader", "clip_name"): ("clip_vision",),

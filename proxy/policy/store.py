@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.auth.principal import Principal
-from proxy.auth.settings import RoleSettings
+from proxy.comfy.schemas import NodeSchemas, schemas_from_object_info
 from proxy.policy.loader import PolicySet, load_policy
 from proxy.policy.model import RolePolicy
-from proxy.policy.settings import PolicySettings
-from proxy.workflow.schemas import NodeSchemas, schemas_from_object_info
+from proxy.settings.auth import RoleSettings
+from proxy.settings.policy import PolicySettings
 
 _COMBINATION_LIMIT = 1024
 """Role combinations remembered; roles come from config, so this is never reached in practice."""
@@ -118,7 +118,7 @@ class PolicyStore:
     @property
     def schemas(self) -> NodeSchemas | None:
         """Every node type's inputs and outputs, from the instances' latest ``/object_info``
-        (what ``proxy.workflow`` types prompts with); None until one was read."""
+        (what ``proxy.comfy`` types prompts with); None until one was read."""
         return self._schemas
 
     def set_object_info(self, object_info: Mapping[str, Any]) -> None:

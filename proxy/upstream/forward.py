@@ -16,7 +16,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
-from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, RequestContext
 from proxy.upstream.encoding import ask_identity, compress_for_client, decode
 from proxy.upstream.headers import (
     client_response_headers,

@@ -34,8 +34,8 @@ from aiohttp import hdrs
 
 from proxy.errors import UpstreamError
 from proxy.periodic import Periodic
+from proxy.settings.upstreams import HealthSettings
 from proxy.upstream.encoding import IDENTITY, read_client_answer
-from proxy.upstream.registry_settings import HealthSettings
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import Instance, Upstream, UpstreamPool

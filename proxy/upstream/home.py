@@ -39,7 +39,7 @@ from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpTimeout, Upst
 from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
 
 if TYPE_CHECKING:
-    from proxy.upstream.placement_guard import Body
+    from proxy.multi.placement_guard import Body
 
 log = structlog.get_logger("comfygate.upstream")
 

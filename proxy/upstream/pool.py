@@ -33,15 +33,15 @@ from yarl import URL
 
 from proxy.errors import ServiceUnavailable
 from proxy.settings import UpstreamSettings
+from proxy.settings.upstreams import instance_name
 from proxy.tasks import task_failed
 from proxy.upstream.health_checks import Breaker, BreakerState, probe
 from proxy.upstream.http1 import Http1Pool
-from proxy.upstream.registry_settings import instance_name
 
 if TYPE_CHECKING:
+    from proxy.multi.capabilities import Capabilities
     from proxy.observability.metrics import Metrics
-    from proxy.redis_store import RedisClient
-    from proxy.upstream.capabilities import Capabilities
+    from proxy.redis.client import RedisClient
 
 log = structlog.get_logger("comfygate.upstream")
 

@@ -35,7 +35,8 @@ from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, RequestContext
 from proxy.tasks import task_failed
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE

@@ -41,9 +41,10 @@ from multidict import CIMultiDict, MultiDictProxy
 from yarl import URL
 
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
-from proxy.limits.bodies import read_body
+from proxy.request.bodies import read_body
 from proxy.routes import normalise_path
-from proxy.state import CONTEXT, POOL, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, POOL, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.home import home_for

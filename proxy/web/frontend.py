@@ -38,7 +38,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.auth.login import LOGIN_PAGE
-from proxy.state import CONTEXT, SETTINGS, RequestContext
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, RequestContext
 from proxy.web import STATIC_DIR
 
 EXTENSION_URL = "/extensions/comfygate/account.js"

@@ -12,7 +12,7 @@ import aiohttp_jinja2
 from aiohttp import hdrs, web
 
 from proxy.errors import ProxyError, UpstreamError
-from proxy.state import SETTINGS
+from proxy.settings import SETTINGS
 
 RETRY_SECONDS = 5
 TEMPLATE = "unreachable.html"

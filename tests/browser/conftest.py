@@ -47,7 +47,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth.users import UsersFile
-from proxy.state import AUTH, SETTINGS
+from proxy.settings import SETTINGS
+from proxy.state import AUTH
 from tests.conftest import IN_CI, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -158,7 +158,7 @@ async def queue_prompt_from_ui(recorder: PageRecorder, loaded: Loaded, base_path
 
 
 CATALOG_PATHS = ("/object_info", "/api/object_info")
-"""ComfyUI's node catalog: the proxy caches it (``proxy.policy.catalog_cache``) and serves every
+"""ComfyUI's node catalog: the proxy caches it (``proxy.policy.catalog.cache``) and serves every
 principal a copy filtered from ONE upstream answer, so what reached ComfyUI for it is not
 necessarily this user's request (see :func:`assert_reached_as`)."""
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from proxy.multi.dispatch import MULTI
+from proxy.multi.lost import LostPrompts
 from proxy.state import METRICS, POOL
-from proxy.upstream.lost import LostPrompts
-from proxy.upstream.multi import MULTI
 from proxy.upstream.pool import Upstream
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import Client, Fakes

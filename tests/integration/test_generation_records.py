@@ -15,7 +15,7 @@ import asyncio
 
 import redis.asyncio as redis
 
-from proxy.limits.quota_redis import PREFIX
+from proxy.limits.quota.redis_store import PREFIX
 from proxy.observability.generation import GENERATION
 from proxy.state import QUEUE_QUOTA
 from tests.conftest import ProxyFactory, bearer

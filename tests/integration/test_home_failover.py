@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proxy.multi.registry import REGISTRY
 from proxy.state import POOL
-from proxy.upstream.registry import REGISTRY
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

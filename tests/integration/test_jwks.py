@@ -22,8 +22,8 @@ from pytest_aiohttp import AiohttpServer
 
 from proxy.auth.keys import JwksKeys
 from proxy.auth.revocation import MemoryRevocationList
-from proxy.auth.settings import DEFAULT_ROLES, JwtSettings
 from proxy.auth.tokens import InvalidToken, TokenVerifier, build_verifier
+from proxy.settings.auth import DEFAULT_ROLES, JwtSettings
 
 NOW = 1_700_000_000.0
 MAX_AGE = 600.0

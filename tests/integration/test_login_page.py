@@ -20,10 +20,10 @@ from structlog.testing import capture_logs
 from proxy.auth.login import CSRF_COOKIE, GENERIC_FAILURE, setup_login
 from proxy.auth.revocation import MemoryRevocationList
 from proxy.auth.sessions import SessionCodec
-from proxy.auth.settings import DEFAULT_ROLES, AuthSettings, JwtSettings, LoginSettings
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import build_verifier, issue_token
 from proxy.auth.users import UsersFile
+from proxy.settings.auth import DEFAULT_ROLES, AuthSettings, JwtSettings, LoginSettings
 
 SECRET = "j" * 40
 PASSWORD = "correct horse battery"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from proxy.multi.registry import REGISTRY
 from proxy.observability.generation import GENERATION
 from proxy.observability.upstreams import UPSTREAM_PROBE, ProbeResult
 from proxy.state import METRICS, QUEUE_QUOTA
-from proxy.upstream.registry import REGISTRY
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import run_until_done, sample

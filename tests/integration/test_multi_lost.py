@@ -9,9 +9,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from proxy.multi.dispatch import MULTI
+from proxy.multi.lost import LOST_EXCEPTION_TYPE
 from proxy.state import METRICS, POOL
-from proxy.upstream.lost import LOST_EXCEPTION_TYPE
-from proxy.upstream.multi import MULTI
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (
     ALICE,

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 
 from proxy.isolation.namespaces import FOLDERS
-from proxy.upstream.multi import MULTI
-from proxy.upstream.sticky import FileLocations
+from proxy.multi.dispatch import MULTI
+from proxy.multi.sticky import FileLocations
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

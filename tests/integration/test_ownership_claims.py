@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as redis
 
 from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
-from proxy.limits.coalesce import ScriptCall
-from proxy.redis_store import connect
+from proxy.redis.client import connect
+from proxy.redis.coalesce import ScriptCall
 from proxy.settings import RedisSettings
 from tests.redis_server import RedisServer
 

@@ -16,7 +16,7 @@ from proxy.isolation.ownership import (
     PromptRecord,
     RedisOwnershipStore,
 )
-from proxy.redis_store import connect
+from proxy.redis.client import connect
 from proxy.settings import RedisSettings
 from tests.conftest import RedisBackend
 

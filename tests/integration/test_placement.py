@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpClient
 
 from proxy.app import create_app
+from proxy.multi.idempotency import IDEMPOTENCY, Claimed
+from proxy.multi.registry import REGISTRY, Registry
 from proxy.state import OWNERSHIP, POOL
-from proxy.upstream.idempotency import IDEMPOTENCY, Claimed
 from proxy.upstream.pool import UpstreamPool
-from proxy.upstream.registry import REGISTRY, Registry
 from tests.conftest import bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -486,7 +486,7 @@ async def test_idempotency_key_in_flight_and_after_a_refusal(
     # Another request holds the key (claimed, no answer yet): 409, retry shortly.
     import hashlib  # noqa: PLC0415
 
-    from proxy.workflow.submission import read_submission  # noqa: PLC0415
+    from proxy.comfy.submission import read_submission  # noqa: PLC0415
 
     key = hashlib.sha256(b"alice\0k1").hexdigest()
     # The fingerprint is of the body as the proxy forwards it (its own serialisation).
@@ -600,7 +600,7 @@ async def test_discovery_joins_instances_and_inputs_follow_on_demand(
         return list(answer_with)
 
     def inject(app: web.Application) -> None:
-        from proxy.upstream.registry import RESOLVER  # noqa: PLC0415
+        from proxy.multi.registry import RESOLVER  # noqa: PLC0415
 
         app[RESOLVER] = resolver
 

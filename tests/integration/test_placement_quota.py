@@ -16,10 +16,11 @@ import pytest
 import redis.asyncio as redis
 
 from proxy.auth.principal import comfy_user_id
-from proxy.limits.quota import MemoryQuotaStore
-from proxy.limits.quota_move import RedisQuotaMover, quota_mover
-from proxy.limits.quota_redis import RedisQuotaStore
-from proxy.state import METRICS, QUEUE_QUOTA, REDIS
+from proxy.limits.quota.model import MemoryQuotaStore
+from proxy.limits.quota.move import RedisQuotaMover, quota_mover
+from proxy.limits.quota.redis_store import RedisQuotaStore
+from proxy.redis.client import REDIS
+from proxy.state import METRICS, QUEUE_QUOTA
 from tests.integration.multi_support import A, Client, Fakes, fakes, graph, multi_proxy
 
 __all__ = ["fakes", "multi_proxy"]  # fixtures used by name

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.policy.catalog import Catalog
-from proxy.policy.catalog_cache import ObjectInfoCache
+from proxy.policy.catalog.cache import ObjectInfoCache
+from proxy.policy.catalog.view import Catalog
 from proxy.state import CATALOG, POOL
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.policy.catalog import Catalog
+from proxy.multi.merge import DEGRADED_HEADER
+from proxy.policy.catalog.view import Catalog
 from proxy.state import CATALOG, POOL
-from proxy.upstream.merge import DEGRADED_HEADER
 from proxy.upstream.pool import Upstream, UpstreamPool
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI

@@ -21,10 +21,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
-from proxy.limits.quota import MemoryQuotaStore
-from proxy.limits.quota_redis import RedisQuotaStore
-from proxy.limits.quota_service import QueueQuota
-from proxy.redis_store import connect
+from proxy.limits.quota.model import MemoryQuotaStore
+from proxy.limits.quota.redis_store import RedisQuotaStore
+from proxy.limits.quota.service import QueueQuota
+from proxy.redis.client import connect
 from proxy.settings import RedisSettings
 from proxy.state import METRICS, OWNERSHIP, QUEUE_QUOTA
 from tests.conftest import ProxyFactory, bearer

@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
-from proxy.limits.breaker import BreakerState, CircuitBreaker
 from proxy.limits.gcra import GCRA_SHA, MICROS, GcraScript, gcra
 from proxy.limits.limiter import LimiterUnavailable, RedisLimiter
-from proxy.limits.settings import RateLimitSettings
 from proxy.observability.metrics import Metrics
+from proxy.redis.breaker import BreakerState, CircuitBreaker
+from proxy.settings.limits import RateLimitSettings
 from tests.redis_server import RedisServer
 
 T, B = 10 * MICROS, 5

@@ -31,9 +31,9 @@ from proxy.auth import cli as auth_cli
 from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
 from proxy.auth.users import UsersFile
 from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
-from proxy.redis_store import connect, redis_ready
+from proxy.redis.client import REDIS, connect, redis_ready
 from proxy.settings import RedisSettings
-from proxy.state import AUTH, REDIS
+from proxy.state import AUTH
 from tests.conftest import JWT_SECRET, ProxyFactory, RedisBackend, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_cluster import wait_until

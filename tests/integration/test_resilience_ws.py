@@ -22,8 +22,8 @@ import pytest
 
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.ownership import PromptRecord
+from proxy.multi.fanin import FanInRelay
 from proxy.state import OWNERSHIP
-from proxy.upstream.fanin import FanInRelay
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (

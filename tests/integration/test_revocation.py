@@ -23,8 +23,8 @@ from proxy.auth.revocation import (
     RevocationList,
     RevocationUnavailable,
 )
-from proxy.auth.settings import DEFAULT_ROLES, JwtSettings
 from proxy.auth.tokens import InvalidToken, TokenVerifier
+from proxy.settings.auth import DEFAULT_ROLES, JwtSettings
 from tests.redis_server import free_port
 
 NOW = 1_700_000_000.0

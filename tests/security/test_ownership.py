@@ -267,7 +267,7 @@ async def test_a_file_echoed_by_a_node_is_not_the_echoers(
     item = {"filename": ref[2], "subfolder": ref[1], "type": ref[0]}
     if wrapped:
         # An object inside {"__value__": ...} is refused when the prompt is read
-        # (proxy.workflow: ComfyUI would hand it to the node unread): the echo never runs.
+        # (proxy.comfy: ComfyUI would hand it to the node unread): the echo never runs.
         before = len(prompt_posts(fake_comfy))
         status, answer = await submit(
             client, B, {"prompt": echo_graph(node, item, wrapped=True), "client_id": "b-tab"}

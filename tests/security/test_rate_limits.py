@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient
 from proxy.app import build_guards
 from proxy.limits.classes import route_class
 from proxy.limits.guard import RateLimitGuard
-from proxy.limits.settings import ROUTE_CLASSES, RateLimitSettings
 from proxy.routes import OTHER, RULES
+from proxy.settings.limits import ROUTE_CLASSES, RateLimitSettings
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange

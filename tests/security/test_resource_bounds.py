@@ -1,4 +1,4 @@
-"""Resource bounds and unreadable bodies on the inspected routes (``proxy.limits.bodies``).
+"""Resource bounds and unreadable bodies on the inspected routes (``proxy.request.bodies``).
 
 Memory: the bytes of request bodies the proxy holds to inspect them are bounded per principal
 (429) and per process (503), accounted on Content-Length before reading and chunk by chunk for
@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
 from proxy.errors import SettingsError
-from proxy.limits.bodies import BODY_BUDGET, BodyBudget
+from proxy.request.bodies import BODY_BUDGET, BodyBudget
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import Fakes, fakes, multi_proxy
@@ -407,7 +407,7 @@ async def test_bob_cannot_delete_alices_entries_with_a_body_only_comfyui_reads(
     headers = {**BOB, "Content-Type": "application/json", **extra}
     async with client.post(route, headers=headers, data=data) as resp:
         if b"NaN" in data or str(10**30).encode() in data:
-            # Ambiguous between readers (proxy.workflow.json_body): refused, never forwarded.
+            # Ambiguous between readers (proxy.comfy.json_body): refused, never forwarded.
             assert (resp.status, (await resp.json())["error"]["type"]) == (400, "invalid_body")
             assert fake_comfy.received == []
         else:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from proxy.auth.principal import Principal, comfy_user_id
-from proxy.auth.settings import DEFAULT_ROLES, RoleSettings
+from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
 
 ROLES = {
     **DEFAULT_ROLES,

@@ -6,7 +6,7 @@ import jwt
 import pytest
 
 from proxy.auth.sessions import InvalidSession, SessionCodec
-from proxy.auth.settings import SessionSettings
+from proxy.settings.auth import SessionSettings
 
 SECRET = b"s" * 32
 

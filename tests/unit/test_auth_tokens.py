@@ -33,7 +33,6 @@ from proxy.auth.keys import (
 )
 from proxy.auth.principal import Principal
 from proxy.auth.revocation import MemoryRevocationList
-from proxy.auth.settings import ALGORITHMS, DEFAULT_ROLES, JwtSettings, RoleSettings
 from proxy.auth.tokens import (
     MAX_TOKEN_LENGTH,
     REASONS,
@@ -45,6 +44,7 @@ from proxy.auth.tokens import (
     issue_token,
 )
 from proxy.errors import SettingsError
+from proxy.settings.auth import ALGORITHMS, DEFAULT_ROLES, JwtSettings, RoleSettings
 from tests.redis_server import free_port
 
 NOW = 1_700_000_000.0

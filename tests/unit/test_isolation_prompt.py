@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from proxy.comfy.graph import BAD_LINK, INVALID_NODE, UNSUPPORTED_LITERAL, read_graph
+from proxy.comfy.json_body import parse_json
 from proxy.isolation.files import FileScope, PathRefused
 from proxy.isolation.prompt import (
     FILENAME_PREFIX_INVALID,
@@ -21,8 +23,6 @@ from proxy.isolation.prompt import (
     rewrite_submission,
     scoped_prefix,
 )
-from proxy.workflow.graph import BAD_LINK, INVALID_NODE, UNSUPPORTED_LITERAL, read_graph
-from proxy.workflow.json_body import parse_json
 
 SCOPE = FileScope("alice-1", "users/alice-1", ("shared",))
 OWN = "users/alice-1"

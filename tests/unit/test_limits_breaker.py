@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.limits.breaker import BreakerState, CircuitBreaker
+from proxy.redis.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

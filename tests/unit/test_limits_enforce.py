@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.auth.settings import DEFAULT_ROLES, RoleSettings
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.enforce import RateLimits, limit_key, most_generous
 from proxy.limits.gcra import Decision
 from proxy.limits.limiter import LimiterUnavailable, MemoryLimiter
-from proxy.limits.settings import Limit, RateLimitSettings
 from proxy.observability.metrics import Metrics
+from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
+from proxy.settings.limits import Limit, RateLimitSettings
 
 
 class Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy.limits.gcra import Decision
 from proxy.limits.headers import LimitHeaders
-from proxy.limits.settings import Limit
+from proxy.settings.limits import Limit
 
 SUBMIT = Limit(rate="30/minute", burst=10)  # T = 2 s: full in 20 s
 

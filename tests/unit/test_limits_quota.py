@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as redis
 
 from proxy.auth.principal import Principal
-from proxy.auth.settings import DEFAULT_ROLES, RoleSettings
-from proxy.limits.quota import MemoryQuotaStore, QuotaStore, queue_quota_for
-from proxy.limits.quota_reconciler import QuotaEventObserver, ended_prompt
-from proxy.limits.quota_redis import PREFIX, RedisQuotaStore
-from proxy.limits.settings import RateLimitSettings
+from proxy.limits.quota.model import MemoryQuotaStore, QuotaStore, queue_quota_for
+from proxy.limits.quota.reconciler import QuotaEventObserver, ended_prompt
+from proxy.limits.quota.redis_store import PREFIX, RedisQuotaStore
+from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
+from proxy.settings.limits import RateLimitSettings
 
 TTL = 100.0
 

@@ -24,9 +24,9 @@ from proxy.observability.generation import (
     history_outcome,
 )
 from proxy.observability.metrics import Metrics, method_label, role_label
-from proxy.observability.settings import MetricsSettings
 from proxy.observability.users import UserCollector, UserCounter, merged_counts
 from proxy.routes import OTHER, rule
+from proxy.settings.metrics import MetricsSettings
 from proxy.state import RequestContext
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from proxy.errors import UpstreamUnavailable
-from proxy.policy.catalog_cache import (
+from proxy.policy.catalog.cache import (
     RETRY_SECONDS,
     Answer,
     CatalogNotJson,
@@ -24,7 +24,7 @@ from proxy.policy.catalog_cache import (
     ObjectInfoCache,
     Snapshot,
 )
-from proxy.policy.catalog_filter import (
+from proxy.policy.catalog.filter import (
     filter_model_entries,
     filter_model_names,
     filter_object_info,
@@ -32,8 +32,8 @@ from proxy.policy.catalog_filter import (
     single_class,
     union_object_info,
 )
-from proxy.policy.catalog_http import comfy_coding
-from proxy.policy.catalog_union import (
+from proxy.policy.catalog.http import comfy_coding
+from proxy.policy.catalog.union import (
     Part,
     UnionView,
     gather_snapshots,

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from proxy.auth.settings import DEFAULT_ROLES
 from proxy.isolation.prompt import Violation
 from proxy.policy.checker import (
     VIOLATION_TYPES,
@@ -18,8 +17,9 @@ from proxy.policy.checker import (
 )
 from proxy.policy.model import RolePolicy
 from proxy.policy.refusal import PolicyRejected
-from proxy.policy.settings import PolicySettings
 from proxy.policy.store import PolicyStore
+from proxy.settings.auth import DEFAULT_ROLES
+from proxy.settings.policy import PolicySettings
 
 POLICY = """
 [policies.base]

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from proxy.auth.settings import DEFAULT_ROLES, RoleSettings
 from proxy.policy.loader import PolicyError, PolicySet, load_policy
-from proxy.policy.settings import PolicySettings
 from proxy.settings import load_settings
+from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
+from proxy.settings.policy import PolicySettings
 
 REPO = Path(__file__).resolve().parents[2]
 

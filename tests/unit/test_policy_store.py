@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from proxy.auth.principal import Principal
-from proxy.auth.settings import DEFAULT_ROLES
 from proxy.policy.loader import PolicyError
-from proxy.policy.settings import PolicySettings
 from proxy.policy.store import PolicyStore
+from proxy.settings.auth import DEFAULT_ROLES
+from proxy.settings.policy import PolicySettings
 
 
 def principal(*roles: str) -> Principal:

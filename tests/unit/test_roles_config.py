@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from proxy.auth.settings import DEFAULT_ROLES, RoleSettings
 from proxy.cli import main
 from proxy.errors import SettingsError
-from proxy.limits.settings import Limit
 from proxy.settings import Settings, load_settings
+from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
+from proxy.settings.limits import Limit
 
 BUILTIN = ["viewer", "user", "power", "admin"]
 

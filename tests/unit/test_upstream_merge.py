@@ -10,9 +10,9 @@ import pytest
 
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.ownership import MemoryOwnershipStore
-from proxy.upstream.fanin import _event_type, _link_filter
-from proxy.upstream.lost import LostPrompt, LostStore, QueueWatch, job_items, queue_items
-from proxy.upstream.merge import (
+from proxy.multi.fanin import _event_type, _link_filter
+from proxy.multi.lost import LostPrompt, LostStore, QueueWatch, job_items, queue_items
+from proxy.multi.merge import (
     entry_time,
     job_sort,
     merge_history,
@@ -20,7 +20,7 @@ from proxy.upstream.merge import (
     merge_prompt_info,
     merge_queue,
 )
-from proxy.upstream.sticky import FileLocations
+from proxy.multi.sticky import FileLocations
 
 
 def entry(*stamps: int) -> dict[str, Any]:

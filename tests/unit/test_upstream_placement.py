@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.upstream.capabilities import Capabilities
-from proxy.upstream.placement import (
+from proxy.multi.capabilities import Capabilities
+from proxy.multi.placement import (
     CandidateState,
     Missing,
     decide,

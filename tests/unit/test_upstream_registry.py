@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from proxy.errors import ServiceUnavailable
+from proxy.multi.capabilities import combo_options, parse_object_info
+from proxy.multi.discovery import DnsDiscovery, NoSuchName, instance_url
 from proxy.settings import Settings, load_settings
-from proxy.upstream.capabilities import combo_options, parse_object_info
-from proxy.upstream.discovery import DnsDiscovery, NoSuchName, instance_url
+from proxy.settings.upstreams import HealthSettings
 from proxy.upstream.health_checks import Breaker, BreakerState, queue_remaining
 from proxy.upstream.pool import Upstream, UpstreamPool
-from proxy.upstream.registry_settings import HealthSettings
 
 
 class Clock:

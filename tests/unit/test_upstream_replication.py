@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from proxy.upstream.replication import _boundary, locate_file_part, referenced_files
+from proxy.multi.replication import _boundary, locate_file_part, referenced_files
 
 BOUNDARY = "comfygate-0123"
 

@@ -1,4 +1,4 @@
-"""``proxy.workflow``: the strict JSON reader, the schemas read from ``/object_info``, and the
+"""``proxy.comfy``: the strict JSON reader, the schemas read from ``/object_info``, and the
 canonical graph (wrappers, conversions, primitive chains, serialisation)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from proxy.workflow.graph import Link, read_graph
-from proxy.workflow.json_body import JsonRefused, dump_json, parse_json
-from proxy.workflow.schemas import input_spec, schemas_from_object_info
-from proxy.workflow.submission import read_submission
+from proxy.comfy.graph import Link, read_graph
+from proxy.comfy.json_body import JsonRefused, dump_json, parse_json
+from proxy.comfy.schemas import input_spec, schemas_from_object_info
+from proxy.comfy.submission import read_submission
 
 # -- JSON ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Queue quotas: reservations per user and instance, their stores, guard and reconciler."""

@@ -1,0 +1,64 @@
+"""``QueueQuotaGuard``: the queue quota's own guard, last on the ``prompt`` and ``ws`` rules.
+
+- ``ws``: wraps the socket's frame filter (isolation's, if any) in a
+  :class:`~proxy.limits.quota.reconciler.QuotaEventObserver`, so prompt ends seen on the relay
+  free their slots at once.
+- ``POST /prompt`` with ``isolation.enabled = false``: reserves the slot itself (with isolation
+  on, the isolation guard does it once it has rewritten the submission). The prompt id is the
+  client's when it sent one (as ComfyUI would use it), else one minted here and added to the
+  body, so that the prompt's end can be recognised.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import hdrs, web
+
+from proxy.auth.guard import is_websocket
+from proxy.limits.quota.reconciler import QuotaEventObserver
+from proxy.request.prompt import forward_submission, read_prompt
+from proxy.settings import SETTINGS
+from proxy.state import POOL, QUEUE_QUOTA, RequestContext
+
+
+class QueueQuotaGuard:
+    """See the module doc. Does nothing while quotas are off or for principals not counted."""
+
+    name = "queue_quota"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        quota = request.app[QUEUE_QUOTA]
+        principal = ctx.principal
+        if principal is None or not quota.tracks(principal):
+            return
+        rule = ctx.rule.name
+        if rule == "ws" and is_websocket(request):
+            ctx.ws_filter = QuotaEventObserver(quota, ctx.ws_filter)
+        elif (
+            rule == "prompt"
+            and request.method == hdrs.METH_POST
+            and not request.app[SETTINGS].isolation.enabled
+        ):
+            prompt_id = await _prompt_id(request, ctx)
+            if prompt_id is not None:
+                upstream = ctx.target or request.app[POOL].pick()
+                await quota.reserve(ctx, principal, prompt_id, upstream.name)
+
+
+async def _prompt_id(request: web.Request, ctx: RequestContext) -> str | None:
+    """The id ComfyUI will give the submission (one added to the body if it has none); None
+    when the body has no prompt (ComfyUI refuses it: nothing to count)."""
+    submission = await read_prompt(request, ctx)  # the proxy's one reading of the body
+    if submission.prompt is None:
+        return None
+    prompt_id = submission.body.get("prompt_id")
+    if isinstance(prompt_id, str) and prompt_id:
+        return prompt_id  # ComfyUI uses the client's (str()) id as it is
+    prompt_id = str(uuid.uuid4())
+    submission.body["prompt_id"] = prompt_id
+    forward_submission(ctx, submission)
+    return prompt_id
+
+
+__all__ = ["QueueQuotaGuard"]

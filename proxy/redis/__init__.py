@@ -1,0 +1,1 @@
+"""Shared Redis infrastructure: the client, pipelined script calls, the circuit breaker."""

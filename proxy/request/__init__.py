@@ -1,0 +1,1 @@
+"""The request read once: bodies within their budgets, the ``POST /prompt`` submission."""
