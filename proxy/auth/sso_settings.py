@@ -71,7 +71,7 @@ class OidcProviderSettings(_Section):
     """The client secret (``client_secret_file`` / env); empty only with
     ``token_auth_method = "none"`` (a public client: PKCE alone protects the code)."""
     token_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
-        "client_secret_basic"
+        "client_secret_basic"  # noqa: S105 - the name of a client authentication method
     )
     label: str = Field(default="", max_length=64)
     """The login page's button text; empty: ``Sign in with <name>``."""
@@ -129,7 +129,7 @@ class OidcProviderSettings(_Section):
 
     @model_validator(mode="after")
     def _secret(self) -> OidcProviderSettings:
-        if self.token_auth_method != "none" and not self.client_secret:
+        if self.token_auth_method != "none" and not self.client_secret:  # noqa: S105
             raise ValueError(
                 "client_secret (or client_secret_file) is required unless "
                 "token_auth_method = 'none'"
@@ -225,7 +225,9 @@ class ForwardAuthSettings(_Section):
         return tuple(h for h in named if h)
 
 
-def sso_role_problems(oidc: OidcSettings, forward: ForwardAuthSettings, roles: set[str]) -> list[str]:
+def sso_role_problems(
+    oidc: OidcSettings, forward: ForwardAuthSettings, roles: set[str]
+) -> list[str]:
     """Cross-section rule: every role these sections name must be defined in [roles]."""
     problems = []
     for name, provider in oidc.providers.items():
