@@ -82,7 +82,7 @@ CALLBACK_ROUTE = "oidc_callback"
 # What the person reads, per kind of refusal (the log line has the precise reason).
 RETRY = "Your sign-in could not be completed (it expired, or was started in another browser "
 RETRY += "or tab). Please try again."
-NOT_VERIFIED = "The identity provider's answer could not be verified. Please try again."
+NOT_VERIFIED = "The sign-in could not be verified with the identity provider. Please try again."
 NOT_ALLOWED = "Your account is not allowed to use this ComfyUI. Ask its administrator."
 UNAVAILABLE = "{label} cannot be reached right now. Please try again shortly."
 NO_SUCH_PROVIDER = "There is no such sign-in option on this server."
