@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +104,11 @@ def with_state(url: str, state: str) -> str:
 
 
 async def assert_refused(
-    resp: aiohttp.ClientResponse, status: int, message: str, logs: list[dict[str, Any]], reason: str
+    resp: aiohttp.ClientResponse,
+    status: int,
+    message: str,
+    logs: list[MutableMapping[str, Any]],
+    reason: str,
 ) -> None:
     html = await resp.text()
     assert resp.status == status, html
@@ -126,12 +130,14 @@ async def test_sign_in_uses_the_stable_subject_and_role_then_logout_ends_it(
     authorize_url = URL(flow.authorize_url)
     assert authorize_url.query["code_challenge_method"] == "S256"
     assert len(authorize_url.query["code_challenge"]) == 43
-    assert authorize_url.query["nonce"] and authorize_url.query["state"]
+    assert authorize_url.query["nonce"]
+    assert authorize_url.query["state"]
     resp = await callback(client, await authorize(flow, "alice-sub"), flow.cookie)
     assert resp.status == 303, await resp.text()
     assert resp.headers["Location"] == "/?workflow=1"
     session = resp.cookies[SESSION]
-    assert session["httponly"] and session["samesite"] == "Lax"
+    assert session["httponly"]
+    assert session["samesite"] == "Lax"
     assert resp.cookies[FLOW_COOKIE].value == ""  # the flow is over
 
     cookie = {"Cookie": f"{SESSION}={session.value}"}
