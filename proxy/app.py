@@ -31,12 +31,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from aiohttp import WSCloseCode, hdrs, web
+from multidict import istr
 from prometheus_client import CollectorRegistry
 
 from proxy.auth.authenticator import authenticator_context
 from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
+from proxy.auth.oidc import FLOW_COOKIE, add_oidc_routes
 from proxy.auth.sweeper import relay_sweeper
 from proxy.chain import (
     FORWARD_ROUTE,
@@ -198,8 +200,9 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
 def build_header_policy(settings: Settings) -> HeaderPolicy:
     """Client headers and cookies that never reach ComfyUI."""
     return HeaderPolicy(
-        dropped=IDENTITY_HEADERS,
-        dropped_cookies=frozenset({settings.auth.session.cookie_name, CSRF_COOKIE}),
+        # The forward-auth headers too, whoever sent them (proxy.auth.forward_auth).
+        dropped=IDENTITY_HEADERS | {istr(h) for h in settings.auth.forward_auth.headers},
+        dropped_cookies=frozenset({settings.auth.session.cookie_name, CSRF_COOKIE, FLOW_COOKIE}),
     )
 
 
@@ -280,6 +283,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         app.router.add_route("*", base, to_base_dir, name="base_redirect")
     # Public: the login page and its assets (handlers get their collaborators at startup).
     add_login_routes(app, base_path=base, settings=settings.auth)
+    add_oidc_routes(app, base_path=base)  # sign in with an OpenID provider (public)
     add_frontend_routes(app, base_path=base)  # the account extension and whoami
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)

@@ -102,7 +102,7 @@ class OriginGuard:
             # The credential that will decide, in the authenticator's order (a query token is
             # no more ambient than none at all, so whether it counts here does not matter).
             kind = presented_credential(request, self._auth, query_token=False).kind
-            if kind not in ("cookie", "basic"):
+            if kind not in ("cookie", "basic", "forward"):
                 return  # a foreign page cannot make a browser send it: authentication decides
         raise Forbidden(
             f"origin {origin!r} is not allowed to use this ComfyUI",

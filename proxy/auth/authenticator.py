@@ -2,7 +2,8 @@
 
 Sources, in order (:func:`presented_credential`): the ``Authorization`` header - ``Bearer
 <jwt>``, or ``Basic`` with the API token as the password (``auth.basic_auth``; for clients that
-only know HTTP Basic or ``http://user:token@host`` URLs); the session cookie; a ``token`` query
+only know HTTP Basic or ``http://user:token@host`` URLs); the identity a trusted auth proxy
+forwards (``[auth.forward_auth]``, only from its address); the session cookie; a ``token`` query
 parameter on the WebSocket handshake (browsers cannot set headers there) and, opt-in
 (``auth.query_token_on_http``), on ComfyUI's HTTP API routes. The first source present decides:
 a bad bearer token is refused even if a good cookie is also sent.
@@ -24,6 +25,7 @@ from typing import Literal
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.auth.forward_auth import ForwardAuth, presents_forwarded_identity
 from proxy.auth.liveness import MESSAGES, SessionLiveness
 from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import (
@@ -59,7 +61,7 @@ def challenge(error_type: str, description: str) -> dict[str, str]:
     return {hdrs.WWW_AUTHENTICATE: f'{REALM}, error="invalid_token", error_description="{safe}"'}
 
 
-CredentialKind = Literal["bearer", "basic", "cookie", "query", "malformed", "none"]
+CredentialKind = Literal["bearer", "basic", "forward", "cookie", "query", "malformed", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ def presented_credential(
             if password:
                 return Credential("basic", password)
         return Credential("malformed")
+    if presents_forwarded_identity(request, settings.forward_auth):
+        return Credential("forward")  # a trusted auth proxy vouches (proxy.auth.forward_auth)
     cookie = request.cookies.get(settings.session.cookie_name)
     if cookie:
         return Credential("cookie", cookie)
@@ -127,11 +131,15 @@ class Authenticator:
     users: UsersFile | None = None
     """The login page's users file: a password session lives while its user's entry is
     unchanged (None: no password login, so no password session is live)."""
+    forward: ForwardAuth | None = None
+    """``[auth.forward_auth]`` when enabled."""
+    oidc_providers: frozenset[str] = frozenset()
+    """The configured OpenID providers (a session from another one is not live)."""
 
     @property
     def liveness(self) -> SessionLiveness:
         """The session liveness check over this authenticator's current collaborators."""
-        return SessionLiveness(self.revocations, self.users, self.sessions)
+        return SessionLiveness(self.revocations, self.users, self.sessions, self.oidc_providers)
 
     async def authenticate(
         self, request: web.Request, *, websocket: bool, api_route: bool = False
@@ -163,6 +171,10 @@ class Authenticator:
                 error_type="token_malformed",
                 headers=challenge("token_malformed", "expected a Bearer token"),
             )
+        if credential.kind == "forward":
+            if self.forward is None:  # pragma: no cover - built whenever forward_auth is on
+                raise Unauthenticated("forward-auth is not set up", error_type="unauthenticated")
+            return await self.forward.authenticate(request), None
         if credential.kind == "cookie":
             return await self._session(credential.value)
         if credential.kind != "none":
@@ -288,6 +300,7 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
     from proxy.auth.comfy_users import ComfyUserDirectory  # noqa: PLC0415
     from proxy.auth.guard import cookie_secure  # noqa: PLC0415
     from proxy.auth.login import LOGIN_PAGE, LoginPage  # noqa: PLC0415
+    from proxy.auth.oidc import OIDC_LOGIN, build_oidc_login  # noqa: PLC0415
     from proxy.state import AUTH, COMFY_USERS, POOL  # noqa: PLC0415
 
     settings = app[SETTINGS]
@@ -311,13 +324,28 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
         # Printed by serve() once the listener is open (a failed start prints no token).
         app[BOOTSTRAP_TOKEN] = bootstrap_token(jwt_settings, settings.roles) or ""
     await verifier.start()
+    secret = session_secret(settings.auth)
+    # SSO (docs/sso.md): OpenID providers on the login page, a trusted auth proxy's identity.
+    oidc = build_oidc_login(
+        settings.auth.oidc,
+        settings.roles,
+        base_path=settings.server.base_path,
+        secret=secret,
+        client=app[REDIS],
+    )
+    forward = None
+    if settings.auth.forward_auth.enabled:
+        forward = ForwardAuth(settings.auth.forward_auth, settings.roles)
+    providers = frozenset(settings.auth.oidc.providers)
     auth = app[AUTH] = Authenticator(
         settings=settings.auth,
         roles=settings.roles,
         verifier=verifier,
-        sessions=SessionCodec(settings.auth.session, session_secret(settings.auth)),
+        sessions=SessionCodec(settings.auth.session, secret),
         revocations=revocations,
         users=users,
+        forward=forward,
+        oidc_providers=providers,
     )
     app[LOGIN_PAGE] = LoginPage(
         base_path=settings.server.base_path,
@@ -333,7 +361,18 @@ async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
         ),
         users=users,
         cookie_secure=cookie_secure,
+        sso=oidc,
+        oidc_providers=providers,
     )
     app[COMFY_USERS] = ComfyUserDirectory(app[POOL], app[REDIS])
+    if oidc is not None:
+        app[OIDC_LOGIN] = oidc
+        await oidc.start()
+    if forward is not None:
+        await forward.start()
     yield
+    if forward is not None:
+        await forward.close()
+    if oidc is not None:
+        await oidc.close()
     await verifier.close()

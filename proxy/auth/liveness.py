@@ -8,6 +8,8 @@ they cannot disagree:
 - a session made from a pasted API token: the token's ``jti`` is not revoked (``comfygate token
   revoke``, or the revocation list's API), looked up through the same list (and cache) as bearer
   tokens, so the session ends when the token would be refused;
+- a session made through an OpenID provider: the provider is still configured (its session id
+  is revoked by logout like any other);
 - a session made from a password: the user is still in the users file, with the same entry
   (:meth:`SessionCodec.user_generation`). ``comfygate user remove`` / ``user passwd`` or an edit
   of the user's roles end it. The users file is re-read when its mtime, size or inode change
@@ -36,7 +38,14 @@ class Denylist(Protocol):
     async def is_revoked(self, token_id: str) -> bool: ...
 
 
-Ended = Literal["signed_out", "token_revoked", "user_removed", "user_changed", "no_password_login"]
+Ended = Literal[
+    "signed_out",
+    "token_revoked",
+    "user_removed",
+    "user_changed",
+    "no_password_login",
+    "provider_removed",
+]
 """Why a session ended (logged; the client's ``error.type`` is ``session_revoked``)."""
 
 MESSAGES: dict[Ended, str] = {
@@ -45,6 +54,7 @@ MESSAGES: dict[Ended, str] = {
     "user_removed": "your account no longer exists",
     "user_changed": "your password or roles changed; log in again",
     "no_password_login": "password sign-in is no longer configured; log in again",
+    "provider_removed": "the identity provider you signed in with is no longer configured",
 }
 """What the client is told for each reason."""
 
@@ -57,6 +67,8 @@ class SessionLiveness:
     revocations: Denylist
     users: UsersFile | None
     codec: SessionCodec
+    oidc_providers: frozenset[str] = frozenset()
+    """The configured OpenID providers: a session from another one is not live."""
 
     async def ended(self, session: Session) -> Ended | None:
         """None while the session's credential is live, else why it ended.
@@ -70,6 +82,8 @@ class SessionLiveness:
             if session.token_id is not None and await self.revocations.is_revoked(session.token_id):
                 return "token_revoked"
             return None
+        if session.source == "oidc":
+            return None if session.provider in self.oidc_providers else "provider_removed"
         if self.users is None:
             return "no_password_login"
         # A dict lookup after one stat(): the file is re-read only when it changed on disk.

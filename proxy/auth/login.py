@@ -82,6 +82,14 @@ class TokenVerifying(Protocol):
     async def verify(self, token: str, *, source: Source) -> Principal: ...
 
 
+class SingleSignOn(Protocol):
+    """What the login page needs of :class:`proxy.auth.oidc.OidcLogin`."""
+
+    def buttons(self, next_path: str) -> list[dict[str, str]]: ...
+
+    async def end_session_url(self, request: web.Request, session: Session) -> str | None: ...
+
+
 class Revoking(Protocol):
     """What the login page needs of :class:`proxy.auth.revocation.RevocationList`."""
 
@@ -104,6 +112,9 @@ class LoginPage:
     throttle: LoginThrottle
     users: UsersFile | None
     cookie_secure: Callable[[web.Request], bool]
+    sso: SingleSignOn | None = None
+    """OpenID providers (``proxy.auth.oidc``): their buttons, and signing out there too."""
+    oidc_providers: frozenset[str] = frozenset()
     _hashing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_HASHES)
     )
@@ -253,6 +264,12 @@ class LoginPage:
         if lifecycle is not None:
             await lifecycle.close_relays(session.session_id, reason="signed out")
         log.info("logout", user=session.subject, client=ip)
+        if session.source == "oidc" and self.sso is not None:
+            # RP-initiated logout: the provider ends its own session, then sends the browser
+            # back to the login page (when it offers an end_session_endpoint).
+            end_session = await self.sso.end_session_url(request, session)
+            if end_session is not None:
+                response.headers[hdrs.LOCATION] = end_session
         return response
 
     async def _rate_limited(
@@ -376,7 +393,8 @@ class LoginPage:
         if session is None or not any(r in self.roles for r in session.roles):
             return None
         try:
-            if await SessionLiveness(self.revocations, self.users, self.sessions).ended(session):
+            live = SessionLiveness(self.revocations, self.users, self.sessions, self.oidc_providers)
+            if await live.ended(session):
                 return None
         except (redis.RedisError, OSError, ServiceUnavailable):
             return None  # just show the sign-in form
@@ -457,6 +475,7 @@ class LoginPage:
             "method": method,
             "password_login": self.users is not None,
             "token_login": self.settings.login.allow_token_login,
+            "sso": self.sso.buttons(next_path) if self.sso is not None else [],
             "signed_in": signed_in,
         }
         response = aiohttp_jinja2.render_template(

@@ -13,10 +13,12 @@ from proxy.settings.auth import RoleSettings
 if TYPE_CHECKING:
     from proxy.auth.sessions import Session
 
-Source = Literal["bearer", "basic", "cookie", "query", "anonymous"]
-"""Where the credential came from. ``cookie`` and ``basic`` are *ambient*: a browser attaches them
-by itself, so requests authenticated by them get the origin and CSRF checks."""
-AMBIENT_SOURCES: frozenset[Source] = frozenset({"cookie", "basic"})
+Source = Literal["bearer", "basic", "cookie", "query", "forward", "anonymous"]
+"""Where the credential came from. ``cookie``, ``basic`` and ``forward`` (an authenticating proxy
+in front vouches for the browser: ``proxy.auth.forward_auth``) are *ambient*: they ride along
+with any request the browser makes, so requests authenticated by them get the origin and CSRF
+checks."""
+AMBIENT_SOURCES: frozenset[Source] = frozenset({"cookie", "basic", "forward"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

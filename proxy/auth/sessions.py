@@ -9,6 +9,8 @@ A session also records the credential it was made from (``src``), and lives no l
 
 - ``token``: an API token pasted on the login page. The token's ``jti`` (``tjti``) is checked
   against the revocation list with the session id, and the absolute limit is the token's ``exp``.
+- ``oidc``: an OpenID provider (``prov``: the configured provider's name). The session id is
+  what ends it (logout); it lives while its provider stays configured.
 - ``password``: the users file. ``ugen`` is a keyed digest of the user's entry (name, password
   hash, roles) at login; a removed user, a new password or new roles no longer match it.
 
@@ -34,7 +36,7 @@ from proxy.settings.auth import SESSION_SECRET_MIN_BYTES, SessionSettings
 
 SESSION_TYPE = "comfygate-session"
 ALGORITHM = "HS256"
-SessionSource = Literal["password", "token"]
+SessionSource = Literal["password", "token", "oidc"]
 
 
 class InvalidSession(Exception):
@@ -63,6 +65,8 @@ class Session:
     user_generation: str | None = None
     """``source == "password"``: :meth:`SessionCodec.user_generation` of the user's entry at
     login; the session ends when the entry no longer has it."""
+    provider: str | None = None
+    """``source == "oidc"``: the name of the provider the person signed in with."""
 
 
 class SessionCodec:
@@ -90,6 +94,7 @@ class SessionCodec:
         token_id: str | None = None,
         not_after: float | None = None,
         user_generation: str | None = None,
+        provider: str | None = None,
     ) -> tuple[str, Session]:
         """A new session after a successful login.
 
@@ -105,6 +110,8 @@ class SessionCodec:
             raise ValueError("a password session needs user_generation (and no token claims)")
         if source == "token" and user_generation is not None:
             raise ValueError("a token session has no user_generation")
+        if (source == "oidc") != bool(provider) or (source == "oidc" and user_generation):
+            raise ValueError("an oidc session needs its provider (and only oidc sessions have one)")
         now = self._clock()
         absolute = now + self.settings.absolute_timeout_seconds
         session = Session(
@@ -117,6 +124,7 @@ class SessionCodec:
             source=source,
             token_id=token_id,
             user_generation=user_generation,
+            provider=provider,
         )
         return self._encode(session, now)
 
@@ -162,8 +170,14 @@ class SessionCodec:
         if claims.get("typ") != SESSION_TYPE or not isinstance(claims.get("roles"), list):
             raise InvalidSession("session_invalid")
         source, token_id, generation = claims.get("src"), claims.get("tjti"), claims.get("ugen")
+        provider = claims.get("prov")
         # SECURITY: a session must say which credential it came from, so that it ends with it.
-        if source == "password":
+        if source == "oidc":
+            tied = isinstance(provider, str) and bool(provider)
+            tied = tied and token_id is None and generation is None
+        elif provider is not None:
+            tied = False
+        elif source == "password":
             tied = isinstance(generation, str) and bool(generation) and token_id is None
         else:
             tied = source == "token" and generation is None
@@ -180,9 +194,10 @@ class SessionCodec:
             issued_at=float(claims["iat"]),
             expires_at=float(claims["exp"]),
             absolute_expires_at=float(claims["aexp"]),
-            source="password" if source == "password" else "token",
+            source="oidc" if source == "oidc" else "password" if source == "password" else "token",
             token_id=token_id,
             user_generation=generation,
+            provider=provider,
         )
 
     def _encode(self, session: Session, now: float) -> tuple[str, Session]:
@@ -197,6 +212,7 @@ class SessionCodec:
             source=session.source,
             token_id=session.token_id,
             user_generation=session.user_generation,
+            provider=session.provider,
         )
         claims: dict[str, object] = {
             "typ": SESSION_TYPE,
@@ -212,5 +228,7 @@ class SessionCodec:
             claims["tjti"] = fresh.token_id
         if fresh.user_generation is not None:
             claims["ugen"] = fresh.user_generation
+        if fresh.provider is not None:
+            claims["prov"] = fresh.provider
         value = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
         return value, fresh

@@ -492,6 +492,7 @@ _TOML_FILE: dict[str, Path | None] = {"path": None}
 SECRET_KEYS = frozenset(
     {
         "secret",
+        "client_secret",
         "private_key",
         "url",
         "password",

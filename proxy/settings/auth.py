@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from proxy.settings.limits import ROUTE_CLASSES, UNLIMITED_LIMIT, Limit, RouteClass
+from proxy.settings.sso import ForwardAuthSettings, OidcSettings, sso_role_problems
 
 ALGORITHMS = frozenset(
     {
@@ -136,6 +137,10 @@ class AuthSettings(_Section):
     jwt: JwtSettings = JwtSettings()
     session: SessionSettings = SessionSettings()
     login: LoginSettings = LoginSettings()
+    oidc: OidcSettings = OidcSettings()
+    """OpenID Connect login providers (``proxy.auth.oidc``, docs/sso.md)."""
+    forward_auth: ForwardAuthSettings = ForwardAuthSettings()
+    """Identity from a trusted authenticating proxy (``proxy.auth.forward_auth``)."""
     query_token_on_websocket: bool = True
     """Accept ``?token=`` on the WebSocket handshake (browsers cannot set headers there)."""
     query_token_on_http: bool = False
@@ -232,6 +237,7 @@ def check_role_references(auth: AuthSettings, roles: dict[str, RoleSettings]) ->
     for external, role in auth.jwt.role_map.items():
         if role not in names:
             problems.append(f"auth.jwt.role_map.{external}: {role!r} is not a defined role")
+    problems += sso_role_problems(auth.oidc, auth.forward_auth, names)
     if not auth.enabled and auth.anonymous_role not in names:
         problems.append(f"auth.anonymous_role: {auth.anonymous_role!r} is not a defined role")
     return problems
