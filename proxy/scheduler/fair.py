@@ -44,6 +44,8 @@ class Held:
     """The instances able to run it (capability-aware placement); empty: any."""
     shape: str = ""
     """A key of the workflow's shape (its node types), for execution-time estimates."""
+    client_id: str = ""
+    """The client id the client sent (shown back in its views; ComfyUI gets a namespaced one)."""
 
     def runs_on(self, instance: str) -> bool:
         return not self.candidates or instance in self.candidates
