@@ -47,6 +47,7 @@ from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
 from proxy.limits.settings import RateLimitSettings
 from proxy.observability.settings import MetricsSettings
 from proxy.policy.settings import PolicySettings
+from proxy.scheduler.settings import SchedulerSettings
 from proxy.upstream.registry_settings import (
     DiscoverySettings,
     HealthSettings,
@@ -428,6 +429,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     policy: PolicySettings = PolicySettings()
     metrics: MetricsSettings = MetricsSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")
