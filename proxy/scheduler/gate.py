@@ -124,7 +124,7 @@ class Gate:
                 # Held prompts stay in the store; the next round tries again.
                 self.metrics.unavailable.labels("feed").inc()
                 log.warning("scheduler_store_unavailable", error=type(exc).__name__)
-            except Exception:  # the feeder must outlive any one round
+            except Exception:  # noqa: BLE001 - the feeder must outlive any one round
                 failures = self.pool.metrics.task_failures if self.pool.metrics else None
                 task_failed("scheduler", failures, logger=log, event="scheduler_round_failed")
             async with self._tick_done:
