@@ -25,7 +25,8 @@ def sections(tmp_path: Any, **scheduler: Any) -> dict[str, Any]:
 
 
 def gate_of(client: Client) -> Gate:
-    return client.server.app[GATE]
+    gate: Gate = client.app[GATE]
+    return gate
 
 
 async def until(gate: Gate, condition: Callable[[], Awaitable[bool]], rounds: int = 200) -> None:
@@ -149,7 +150,7 @@ async def test_disabled_is_pass_through(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Any
 ) -> None:
     client = await make_proxy(fake_comfy.url, token=None, **policy_sections(tmp_path))
-    assert GATE not in client.server.app
+    assert GATE not in client.app
     fake_comfy.hold()
     ids = [(await post(client, A, i))[1]["prompt_id"] for i in range(3)]
     running, pending = comfy_ids(fake_comfy)
