@@ -100,6 +100,9 @@ class Gate:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for upstream in self.instances():  # another replica feeds them from its next round
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.store.drop_feed_lease(upstream.name, self.replica)
 
     def wake(self) -> None:
         self._wake.set()

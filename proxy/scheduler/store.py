@@ -138,6 +138,10 @@ class SchedulerStore(Protocol):
     async def count(self, owner: str | None) -> int: ...
     async def flights(self) -> list[Flight]: ...
     async def feed_lease(self, instance: str, replica: str, ttl: float) -> bool: ...
+    async def drop_feed_lease(self, instance: str, replica: str) -> None:
+        """Give up feeding ``instance`` (shutdown): another replica takes over at once."""
+        ...
+
     async def estimates(self) -> dict[str, float]: ...
     async def put_estimates(self, values: dict[str, float]) -> None: ...
 
@@ -273,6 +277,10 @@ class MemoryStore:
         self._feed[instance] = (replica, now + ttl)
         return True
 
+    async def drop_feed_lease(self, instance: str, replica: str) -> None:
+        if self._feed.get(instance, ("", 0.0))[0] == replica:
+            del self._feed[instance]
+
     async def estimates(self) -> dict[str, float]:
         return dict(self._est)
 
@@ -389,6 +397,11 @@ for i = 2, #ARGV do
   end
 end
 return removed
+"""
+
+_DROP_FEED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 _FINISH = """
@@ -539,6 +552,9 @@ class RedisStore:
             await self.client.pexpire(key, ms)
             return True
         return False
+
+    async def drop_feed_lease(self, instance: str, replica: str) -> None:
+        await self._eval(_DROP_FEED, [f"{self.p}:feed:{instance}"], replica)
 
     async def estimates(self) -> dict[str, float]:
         raw = await self.client.hgetall(self.est)
