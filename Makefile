@@ -11,7 +11,7 @@ LOCK   := requirements/dev.txt
 # One resolution for every lock file: all platforms, the oldest supported Python.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes
 
-.PHONY: install run test lint typecheck check bench browser-deps clean lock upgrade test-oldest
+.PHONY: install run test lint typecheck check bench bench-sched browser-deps clean lock upgrade test-oldest
 
 # Re-runs only when the lock or pyproject.toml changed: an up-to-date venv needs no network.
 # pip checks every hash (--require-hashes is implied by the hashes in the file) and refuses a
@@ -72,6 +72,10 @@ check: lint typecheck test
 ## bench: fake upstream vs comfygate vs nginx (when installed), side by side, ratios printed
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## bench-sched: the gateway queue's fairness, gaps and cost against a fake ComfyUI (docs/scheduler.md)
+bench-sched: $(STAMP)
+	$(BIN)/python -m bench.sched
 
 ## soak: two replicas, two fake ComfyUIs and Redis under mixed load with injected faults
 ## (3 minutes by default; SOAK_ARGS="--duration 600 --users 8"); exit 1 when a promise fails

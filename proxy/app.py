@@ -92,6 +92,7 @@ from proxy.request.bodies import (
 )
 from proxy.request.prompt import PromptGuard
 from proxy.routes import OTHER, RULES
+from proxy.scheduler.context import add_scheduler_route, scheduler_context, with_scheduler
 from proxy.settings import SETTINGS, Settings
 from proxy.state import (
     CONTEXT,
@@ -194,6 +195,8 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
         quota = QueueQuotaGuard()
         for name in ("prompt", "ws"):
             guards[name] = (*guards[name], quota)
+    if settings.scheduler.enabled:  # the gateway queue (docs/scheduler.md)
+        guards = with_scheduler(guards, chain)
     return guards
 
 
@@ -262,6 +265,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             idempotency_context,  # needs Redis
             registry_context,  # needs Redis and the catalog: discovery, health, capabilities
             userdata_context,  # needs the pool: which instances run with --multi-user
+            scheduler_context,  # the gateway queue: needs Redis, the pool, ownership, quota
         ]
     )
     app.on_shutdown.append(_close_websockets)
@@ -287,5 +291,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     add_frontend_routes(app, base_path=base)  # the account extension and whoami
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
+    add_scheduler_route(app, base_path=base)  # admins only (wired by route name)
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

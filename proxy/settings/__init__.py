@@ -47,6 +47,7 @@ from proxy.settings.auth import (
 from proxy.settings.limits import RateLimitSettings
 from proxy.settings.metrics import MetricsSettings
 from proxy.settings.policy import PolicySettings
+from proxy.settings.scheduler import SchedulerSettings
 from proxy.settings.upstreams import (
     DiscoverySettings,
     HealthSettings,
@@ -433,6 +434,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     policy: PolicySettings = PolicySettings()
     metrics: MetricsSettings = MetricsSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")

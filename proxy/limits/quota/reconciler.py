@@ -120,6 +120,8 @@ class QuotaReconciler:
         """Completed polls (tests wait on it with :meth:`wait_polls`)."""
         self._refreshing: asyncio.Task[int] | None = None
         """The on-demand poll of refused submissions, while it runs."""
+        self.also_live: Callable[[], Awaitable[set[str]]] | None = None
+        """Prompts live though no instance lists them (held by ``proxy.scheduler``)."""
 
     def start(self) -> None:
         self._loop.start()
@@ -184,6 +186,8 @@ class QuotaReconciler:
             )
             queues = {u.name: q for u, q in zip(upstreams, read, strict=True)}
         live = set().union(*(q for q in queues.values() if q is not None))
+        if self.also_live is not None and any(s.candidates for s in snapshots.values()):
+            live |= await self.also_live()  # held in the gateway queue (proxy.scheduler)
         released = 0
         for name, snapshot in snapshots.items():
             freed = 0

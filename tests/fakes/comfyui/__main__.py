@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--history-entries", type=int, default=0, help="finished prompts of nobody's at start"
     )
+    parser.add_argument(
+        "--execution-seconds", type=float, default=0.0, help="each prompt's simulated GPU time"
+    )
     return parser.parse_args(argv)
 
 
@@ -44,6 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
         compress_responses=args.enable_compress_response_body,
     )
     fake.queue.preload_history(args.history_entries, padding=1400)  # ~2 KB entries
+    fake.queue.execution_seconds = args.execution_seconds
     port = await fake.start(args.host, args.port)
     print(f"fake ComfyUI on http://{args.host}:{port} (root {root})", flush=True)
     try:

@@ -51,6 +51,12 @@ class PromptQueue:
         self._gate = asyncio.Event()
         self._gate.set()
         self._held: str | None = None
+        self.execution_seconds = 0.0
+        """Fake-only: how long each prompt "executes" (the GPU's time), for benchmarks."""
+        self.started: list[tuple[str, float]] = []
+        """Fake-only: (prompt id, monotonic time) each prompt started executing."""
+        self.ended: list[tuple[str, float]] = []
+        """Fake-only: (prompt id, monotonic time) each prompt's execution ended."""
         self._task: asyncio.Task[None] | None = None
         self.executor.gate = self._wait_gate
 
@@ -174,6 +180,7 @@ class PromptQueue:
 
     async def _task_done(self, item_id: int) -> None:
         prompt = self.currently_running.pop(item_id)
+        self.ended.append((prompt[1], time.monotonic()))
         if len(self.history) > MAXIMUM_HISTORY_SIZE:
             self.history.pop(next(iter(self.history)))
         extra_data = prompt[3]
@@ -223,6 +230,9 @@ class PromptQueue:
         self._gate.set()
 
     async def _wait_gate(self, prompt_id: str) -> None:
+        self.started.append((prompt_id, time.monotonic()))
+        if self.execution_seconds > 0:
+            await asyncio.sleep(self.execution_seconds)  # simulated GPU time, not a sync
         if not self._gate.is_set():
             self._held = prompt_id
             await self._notify()

@@ -1,0 +1,108 @@
+"""The gateway queue's lifetime, its admin route and its place in the guard chains."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from proxy.auth.admin_guard import AdminGuard
+from proxy.isolation.read_guard import ReadGuard
+from proxy.redis.client import REDIS
+from proxy.scheduler.gate import Gate
+from proxy.scheduler.hook import CancelGuard, HoldGuard, ViewGuard
+from proxy.scheduler.keys import GATE
+from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
+from proxy.settings import SETTINGS
+from proxy.state import METRICS, OWNERSHIP, POOL, QUEUE_QUOTA
+
+if TYPE_CHECKING:
+    from proxy.chain import Guard
+ADMIN_SCHEDULER = "admin_scheduler"
+"""Permission (``roles.<r>.allow_routes``) and route name of ``GET {base}/admin/scheduler``."""
+
+
+async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: the store (Redis when configured), the feeder task, and the queue
+    quota's view of held prompts (they are the owner's queued prompts: still counted)."""
+    settings = app[SETTINGS]
+    if not settings.scheduler.enabled:
+        yield
+        return
+    client = app[REDIS]
+    store: SchedulerStore = RedisStore(client) if client is not None else MemoryStore()
+    metrics = SchedulerMetrics(app[METRICS].registry, settings.scheduler.fairness_window_seconds)
+    quota = app.get(QUEUE_QUOTA)
+    gate = Gate(
+        settings.scheduler,
+        store,
+        app[POOL],
+        metrics,
+        ownership=app[OWNERSHIP] if settings.isolation.enabled else None,
+        quota=quota,
+        redis=client,
+    )
+    app[GATE] = gate
+    if quota is not None and quota.reconciler is not None:
+        quota.reconciler.also_live = gate.live_ids
+    gate.start()
+    yield
+    await gate.stop()
+
+
+async def list_queue(request: web.Request) -> web.Response:
+    """``GET {base}/admin/scheduler``: every held prompt in run order per user, and every
+    prompt released and not yet seen ending (no bodies, no graphs)."""
+    gate = request.app.get(GATE)
+    if gate is None:
+        return web.json_response({"enabled": False, "held": [], "in_flight": []})
+    held = await gate.store.held(None)
+    flights = await gate.store.flights()
+    now = time.time()
+    return web.json_response(
+        {
+            "enabled": True,
+            "replica": gate.replica,
+            "held": [_held(asdict(h), now) for h in held],
+            "in_flight": [asdict(f) for f in flights],
+            "estimates": gate.estimates.values,
+        }
+    )
+
+
+def _held(item: dict[str, Any], now: float) -> dict[str, Any]:
+    item.pop("client_id", None)
+    item["waiting_seconds"] = round(now - item["created"], 3)
+    return item
+
+
+def add_scheduler_route(app: web.Application, *, base_path: str) -> None:
+    app.router.add_get(
+        f"{base_path}/admin/scheduler", list_queue, name=ADMIN_SCHEDULER, allow_head=False
+    )
+
+
+def with_scheduler(
+    guards: Mapping[str, Sequence[Guard]], chain: Sequence[Guard]
+) -> dict[str, tuple[Guard, ...]]:
+    """The guard chains with the gateway queue's guards (``proxy.scheduler.hook``): holding
+    last on ``POST /prompt``; cancelling before isolation on ``POST /queue`` (it must see a
+    ``clear`` before isolation narrows it); views last on queue, jobs and ws; the admin route
+    behind ``chain`` (origin, auth, csrf, role) and an admin guard."""
+    out = {name: tuple(g) for name, g in guards.items()}
+    out["prompt"] = (*out["prompt"], HoldGuard())
+    queue = list(out["queue"])
+    at = next((i for i, g in enumerate(queue) if isinstance(g, ReadGuard)), len(queue))
+    out["queue"] = (*queue[:at], CancelGuard(), *queue[at:])
+    view = ViewGuard()
+    for name in ("queue", "jobs", "ws"):
+        out[name] = (*out[name], view)
+    out[ADMIN_SCHEDULER] = (*chain, AdminGuard(ADMIN_SCHEDULER, "listing the gateway queue"))
+    return out
+
+
+__all__ = ["ADMIN_SCHEDULER", "add_scheduler_route", "scheduler_context", "with_scheduler"]

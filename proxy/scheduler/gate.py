@@ -1,0 +1,425 @@
+"""``Gate``: the gateway queue's feeder, one per proxy process.
+
+Every ``scheduler.poll_interval_ms`` (and at once when a prompt is held here), for each
+instance this replica holds the *feed lease* of (``P:feed:<instance>``: one feeder per
+instance across replicas), the gate:
+
+1. reads the instance's ``GET /queue`` (running and pending ids);
+2. ends the prompts it released there that ComfyUI no longer lists (their run time feeds the
+   estimates and the fairness index), and recovers lapsed release leases (a replica died
+   mid-release: see :mod:`proxy.scheduler.store`);
+3. fills the instance's room (``max_running + max_pending`` minus what it lists) with the
+   prompts :func:`proxy.scheduler.fair.pick` chooses, claimed then POSTed one by one;
+4. with ``pull_back``, when the instance is full and the best held prompt comes before the
+   pending one this gate released there, takes that one back (``POST /queue`` delete) so the
+   better one starts as soon as the running prompt ends.
+
+A release is the body the guards decided on, sent as is: its ``prompt_id`` (set by the proxy)
+makes every retry idempotent from the queue's point of view (a prompt ComfyUI lists or has in
+its history is never sent again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import Sequence
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import hdrs
+from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.views import queue_ids
+from proxy.limits.quota.move import move_reservation
+from proxy.limits.quota.service import QueueQuota
+from proxy.redis.client import RedisClient
+from proxy.scheduler.estimates import Estimates
+from proxy.scheduler.fair import Choice, expected_wait, pick, should_pull_back, virtual_time
+from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
+from proxy.settings.scheduler import SchedulerSettings
+from proxy.tasks import task_failed
+from proxy.upstream.pool import Upstream, UpstreamPool
+
+log = structlog.get_logger("comfygate.scheduler")
+
+PER_USER = 16
+"""Held prompts read per user for a choice (the first one an instance can run is the head)."""
+CLAIM_ATTEMPTS = 5
+"""Choices retried when another replica claimed first (or changed the owner's tag)."""
+SEND_TIMEOUT_SECONDS = 30.0
+STORE_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+class Gate:
+    """See the module doc."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        store: SchedulerStore,
+        pool: UpstreamPool,
+        metrics: SchedulerMetrics,
+        *,
+        ownership: OwnershipStore | None = None,
+        quota: QueueQuota | None = None,
+        redis: RedisClient | None = None,
+        replica: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.metrics = metrics
+        self.ownership = ownership
+        self.quota = quota
+        self.redis = redis
+        self.replica = replica or uuid.uuid4().hex
+        self.estimates = Estimates(settings.default_cost_seconds)
+        self.capacity = settings.max_running + settings.max_pending
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started: dict[str, float] = {}
+        """When this gate first saw each released prompt running (monotonic)."""
+        self._released_at: dict[str, float] = {}
+        self.ticks = 0
+        self._tick_done = asyncio.Condition()
+
+    # -- lifetime --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for upstream in self.instances():  # another replica feeds them from its next round
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.store.drop_feed_lease(upstream.name, self.replica)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait_ticks(self, count: int) -> None:
+        """Until ``count`` more rounds have run (tests)."""
+        target = self.ticks + count
+        async with self._tick_done:
+            await self._tick_done.wait_for(lambda: self.ticks >= target)
+
+    async def _run(self) -> None:
+        interval = self.settings.poll_interval_ms / 1000
+        with contextlib.suppress(*STORE_ERRORS):
+            self.estimates.merge(await self.store.estimates())
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except STORE_ERRORS as exc:
+                # Held prompts stay in the store; the next round tries again.
+                self.metrics.unavailable.labels("feed").inc()
+                log.warning("scheduler_store_unavailable", error=type(exc).__name__)
+            except Exception:  # noqa: BLE001 - the feeder must outlive any one round
+                failures = self.pool.metrics.task_failures if self.pool.metrics else None
+                task_failed("scheduler", failures, logger=log, event="scheduler_round_failed")
+            async with self._tick_done:
+                self.ticks += 1
+                self._tick_done.notify_all()
+
+    # -- one round -------------------------------------------------------------------------
+    def instances(self) -> list[Upstream]:
+        if not self.pool.managed:
+            return [self.pool.home()] if self.pool.upstreams else []
+        return self.pool.routable()
+
+    async def tick(self) -> None:
+        view = await self.store.view(PER_USER)
+        self._depth(view)
+        if not view.queues and not view.flights:
+            return
+        lease = max(self.settings.lease_seconds, 3 * self.settings.poll_interval_ms / 1000)
+        for upstream in self.instances():
+            if await self.store.feed_lease(upstream.name, self.replica, lease):
+                await self.feed(upstream)
+
+    def _depth(self, view: View) -> None:
+        by_role: dict[str, int] = {}
+        for items in view.queues.values():
+            for held in items:
+                by_role[held.role] = by_role.get(held.role, 0) + 1
+        self.metrics.set_depth(by_role)
+
+    async def feed(self, upstream: Upstream) -> None:
+        listed = await read_queue(self.pool, upstream)
+        if listed is None:
+            return  # unreadable: nothing is decided on a guess
+        running, pending = listed
+        name = upstream.name
+        view = await self.store.view(PER_USER)
+        now = time.time()
+        busy = len(running) + len(pending)
+        for flight in [f for f in view.flights if f.instance == name]:
+            pid = flight.prompt_id
+            if flight.state == "releasing":
+                if flight.until < now and await self.store.retake(
+                    pid, self.replica, now, now + self.settings.lease_seconds
+                ):
+                    await self._recover(flight, upstream, {*running, *pending})
+                elif pid not in running and pid not in pending:
+                    busy += 1  # being sent: it takes a place
+                continue
+            if pid in running:
+                self._started.setdefault(pid, time.monotonic())
+            elif pid not in pending:
+                await self._ended(flight)
+        room = self.capacity - busy
+        for _ in range(max(0, room)):
+            if not await self._release_next(upstream):
+                break
+        else:
+            if self.settings.pull_back and pending and room <= 0:
+                await self._maybe_pull_back(upstream, pending)
+
+    async def _release_next(self, upstream: Upstream) -> bool:
+        for _ in range(CLAIM_ATTEMPTS):
+            started = time.perf_counter()
+            view = await self.store.view(PER_USER)
+            choice = self._choose(view, upstream.name)
+            if choice is None:
+                return False
+            until = time.time() + self.settings.lease_seconds
+            expect = view.finish.get(choice.item.owner, 0.0)
+            body = await self.store.claim(choice, expect, upstream.name, self.replica, until)
+            self.metrics.cost.observe(time.perf_counter() - started)
+            if body is not None:
+                await self._send(choice.item.prompt_id, body, upstream, first=True)
+                return True
+        return False
+
+    @staticmethod
+    def _choose(view: View, instance: str) -> Choice | None:
+        vtime = virtual_time((f.in_flight for f in view.flights), view.last_start)
+        return pick(view.queues, view.finish, vtime, instance)
+
+    # -- sending ---------------------------------------------------------------------------
+    async def _send(self, prompt_id: str, body: bytes, upstream: Upstream, *, first: bool) -> None:
+        entry = await self.store.entry(prompt_id)
+        if entry is None:
+            return
+        await self._follow(entry, upstream)
+        headers = {k: v for k, v in entry.headers}
+        headers[hdrs.HOST] = upstream.host_header
+        headers[hdrs.ORIGIN] = upstream.origin
+        headers[hdrs.CONTENT_TYPE] = "application/json"
+        try:
+            async with self.pool.session.post(
+                upstream.url_for("/prompt"),
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS),
+            ) as resp:
+                status = resp.status
+                answer = await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing reached ComfyUI: back to the head of its owner's queue.
+            await self.store.unclaim(prompt_id)
+            self.metrics.releases.labels("unreachable").inc()
+            log.warning("scheduler_release_unreachable", upstream=upstream.name, error=str(exc))
+            return
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # Sent, then lost: ComfyUI may have it. The lease lapses and the next feeder asks
+            # ComfyUI before sending it again (never twice).
+            log.warning(
+                "scheduler_release_unknown", upstream=upstream.name, error=type(exc).__name__
+            )
+            return
+        held = entry.held
+        if status == 200:
+            now = time.time()
+            await self.store.released(prompt_id, self.replica, now)
+            self._released_at[prompt_id] = time.monotonic()
+            self.metrics.releases.labels("released" if first else "resent").inc()
+            self.metrics.wait.labels(held.role).observe(max(0.0, now - held.created))
+            self.pool.note_submitted(upstream.name, frozenset())
+            if self.quota is not None:
+                self.quota.accept_later(prompt_id)
+            log.info(
+                "scheduler_released",
+                prompt_id=prompt_id,
+                owner=held.owner,
+                upstream=upstream.name,
+                waited_ms=round((now - held.created) * 1000, 1),
+            )
+            return
+        if status >= 500:
+            await self.store.unclaim(prompt_id)
+            self.metrics.releases.labels("unreachable").inc()
+            log.warning("scheduler_release_failed", upstream=upstream.name, status=status)
+            return
+        # ComfyUI refused it (its own validation): not queued; the owner's record and count go.
+        await self.store.finish(prompt_id)
+        self.metrics.releases.labels("refused").inc()
+        if self.ownership is not None:
+            await self.ownership.forget_prompt(prompt_id)
+        if self.quota is not None:
+            await self.quota.release([prompt_id], reason="refused")
+        log.warning(
+            "scheduler_release_refused",
+            prompt_id=prompt_id,
+            owner=held.owner,
+            status=status,
+            answer=answer[:500].decode("utf-8", "replace"),
+        )
+
+    async def _follow(self, entry: Entry, upstream: Upstream) -> None:
+        """The ownership record and the quota count name the instance the prompt goes to
+        (ComfyUI may send its events before it answers)."""
+        pid = entry.held.prompt_id
+        if self.quota is not None:
+            await move_reservation(self.quota, self.redis, pid, upstream.name)
+        if self.ownership is None:
+            return
+        record = await self.ownership.prompt(pid)
+        if record is None or record.upstream == upstream.name:
+            return
+        await self.ownership.forget_prompt(pid)
+        await self.ownership.record_prompt(dataclasses.replace(record, upstream=upstream.name))
+
+    async def _recover(self, flight: Flight, upstream: Upstream, listed: set[str]) -> None:
+        """A lapsed release lease, now this gate's: released already, or sent again."""
+        pid = flight.prompt_id
+        if pid in listed or await in_history(self.pool, upstream, pid):
+            await self.store.released(pid, self.replica, time.time())
+            self.metrics.releases.labels("recovered").inc()
+            log.info("scheduler_release_recovered", prompt_id=pid, upstream=upstream.name)
+            return
+        entry = await self.store.entry(pid)
+        if entry is None:
+            await self.store.finish(pid)
+            return
+        log.info("scheduler_release_resent", prompt_id=pid, upstream=upstream.name)
+        await self._send(pid, entry.body, upstream, first=False)
+
+    async def _ended(self, flight: Flight) -> None:
+        pid = flight.prompt_id
+        await self.store.finish(pid)
+        began = self._started.pop(pid, None)
+        self._released_at.pop(pid, None)
+        if began is None:
+            return  # never seen running here (another replica fed it, or it was too quick)
+        seconds = time.monotonic() - began
+        self.metrics.ran(flight.owner, seconds)
+        changed = self.estimates.observe(flight.instance, flight.shape, seconds)
+        with contextlib.suppress(*STORE_ERRORS):
+            await self.store.put_estimates(changed)
+
+    async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
+        view = await self.store.view(PER_USER)
+        choice = self._choose(view, upstream.name)
+        if choice is None:
+            return
+        ours = {f.prompt_id: f for f in view.flights if f.state == "released"}
+        victim = next((ours[p] for p in reversed(pending) if p in ours), None)
+        if victim is None or not should_pull_back(victim.in_flight, choice):
+            return
+        if not await delete_pending(self.pool, upstream, victim.prompt_id):
+            return
+        listed = await read_queue(self.pool, upstream)
+        if listed is None or victim.prompt_id in {*listed[0], *listed[1]}:
+            return  # it started meanwhile: it runs
+        if await in_history(self.pool, upstream, victim.prompt_id):
+            return  # it ran meanwhile
+        if await self.store.unclaim(victim.prompt_id):
+            self.metrics.releases.labels("pulled_back").inc()
+            log.info("scheduler_pulled_back", prompt_id=victim.prompt_id, upstream=upstream.name)
+            await self._release_next(upstream)
+
+    async def live_ids(self) -> set[str]:
+        """Held and claimed prompts: queued for their owners though ComfyUI lists none of them
+        (the queue quota's reconciler must not stop counting them)."""
+        return await self.store.held_ids() | {f.prompt_id for f in await self.store.flights()}
+
+    # -- estimates -------------------------------------------------------------------------
+    async def expected_wait(self, owner: str, weight: float, shape: str) -> float:
+        """Seconds until ``owner``'s newest held prompt starts, roughly (see
+        :func:`proxy.scheduler.fair.expected_wait`)."""
+        view = await self.store.view(PER_USER)
+        mine = view.queues.get(owner, [])
+        ahead = [self.estimates.seconds(h.shape) for h in mine[:-1]]
+        active = sum(max((h.weight for h in q), default=1.0) for q in view.queues.values())
+        in_flight = sum(self.estimates.seconds(f.shape, f.instance) for f in view.flights)
+        del shape
+        return expected_wait(
+            ahead,
+            weight=weight,
+            active_weights=max(active, weight),
+            in_flight_seconds=in_flight,
+            instances=max(1, len(self.instances())),
+        )
+
+
+async def read_queue(pool: UpstreamPool, upstream: Upstream) -> tuple[list[str], list[str]] | None:
+    """The ids ``upstream`` lists as running and as pending; None when unreadable."""
+    try:
+        async with pool.session.get(
+            upstream.url_for("/queue"),
+            headers={hdrs.HOST: upstream.host_header},
+            timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS),
+        ) as resp:
+            if resp.status != 200:
+                return None
+            queue = orjson.loads(await resp.read())
+    except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(queue, dict) or not all(
+        isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
+    ):
+        return None
+    return queue_ids(queue, "queue_running"), queue_ids(queue, "queue_pending")
+
+
+async def in_history(pool: UpstreamPool, upstream: Upstream, prompt_id: str) -> bool:
+    """Whether ``upstream``'s history has ``prompt_id`` (it ran). Unreadable: assumed it did,
+    so that a prompt is never sent twice on a guess (it stays listed as released)."""
+    try:
+        async with pool.session.get(
+            upstream.url_for(f"/history/{prompt_id}"),
+            headers={hdrs.HOST: upstream.host_header},
+            timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS),
+        ) as resp:
+            if resp.status != 200:
+                return True
+            answer = orjson.loads(await resp.read())
+    except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+        return True
+    return isinstance(answer, dict) and prompt_id in answer
+
+
+async def delete_pending(pool: UpstreamPool, upstream: Upstream, prompt_id: str) -> bool:
+    """``POST /queue {"delete": [id]}`` (ComfyUI removes it only while it is pending)."""
+    try:
+        async with pool.session.post(
+            upstream.url_for("/queue"),
+            data=orjson.dumps({"delete": [prompt_id]}),
+            headers={
+                hdrs.HOST: upstream.host_header,
+                hdrs.ORIGIN: upstream.origin,
+                hdrs.CONTENT_TYPE: "application/json",
+            },
+            timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS),
+        ) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
+
+
+__all__ = ["Gate", "delete_pending", "in_history", "read_queue"]

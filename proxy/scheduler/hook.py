@@ -1,0 +1,497 @@
+"""Where the gateway queue meets requests: holding ``POST /prompt``, and the views and
+cancellations of held prompts (``docs/scheduler.md``).
+
+- :class:`HoldGuard` runs last on ``POST /prompt`` (after policy, placement, isolation and the
+  queue quota: the prompt is checked, rewritten, recorded and counted as before) and, instead
+  of forwarding, holds the body the guards decided on and answers at once in ComfyUI's shape
+  (``prompt_id``, ``number``, ``node_errors``) with ``X-Comfygate-Estimated-Wait``.
+- :class:`CancelGuard` runs before isolation on ``POST /queue``: ``delete`` and ``clear``
+  remove the caller's held prompts (an admin's, or anyone's without isolation: every held one
+  named or all); ComfyUI then gets the request as before.
+- :class:`ViewGuard` runs last on ``GET /queue`` (the caller's held prompts appended to
+  ``queue_pending`` in the order they will run), ``/api/jobs`` (as ``pending`` jobs; a held
+  job's detail; job cancel) and ``/ws`` (``status``'s ``queue_remaining`` plus the caller's held
+  prompts).
+
+Who sees a held prompt is decided here as isolation decides for ComfyUI's queue: its owner, and
+admins (everyone when isolation is off, as with ComfyUI alone). Another user's held prompt is
+never shown, cancelled or answered for: its id is treated as unknown.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import hdrs, web
+
+from proxy.errors import BadRequest, ServiceUnavailable
+from proxy.isolation.prompt import client_id_of
+from proxy.multi.placement import missing_on, requirements
+from proxy.multi.placement_guard import candidate_states
+from proxy.observability.metrics import role_label
+from proxy.request.bodies import read_json_body
+from proxy.request.prompt import forward_submission, read_prompt
+from proxy.scheduler.estimates import shape_of
+from proxy.scheduler.fair import Held
+from proxy.scheduler.gate import STORE_ERRORS, Gate
+from proxy.scheduler.keys import GATE
+from proxy.scheduler.store import Entry
+from proxy.settings import SETTINGS
+from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.upstream.forward import build_upstream_headers
+
+log = structlog.get_logger("comfygate.scheduler")
+
+WAIT_HEADER = "X-Comfygate-Estimated-Wait"
+"""Seconds until the held prompt is expected to start (the owner's submit answer)."""
+_NOT_KEPT = frozenset(
+    h.lower()
+    for h in (
+        hdrs.HOST,
+        hdrs.ORIGIN,
+        hdrs.CONTENT_LENGTH,
+        hdrs.CONTENT_TYPE,
+        hdrs.TRANSFER_ENCODING,
+        hdrs.CONTENT_ENCODING,
+        hdrs.EXPECT,
+        hdrs.CONNECTION,
+        hdrs.COOKIE,
+        hdrs.ACCEPT_ENCODING,
+    )
+)
+
+
+def viewer(request: web.Request, ctx: RequestContext) -> str | None:
+    """Whose held prompts the caller sees: theirs (isolation on, not an admin), or everyone's
+    (None)."""
+    settings = request.app[SETTINGS]
+    principal = ctx.principal
+    if not settings.isolation.enabled or principal is None:
+        return None
+    return None if principal.is_admin(settings.roles) else principal.comfy_user
+
+
+def _weight(request: web.Request, ctx: RequestContext) -> float:
+    weights = request.app[SETTINGS].scheduler.weights
+    roles = ctx.principal.roles if ctx.principal is not None else frozenset()
+    return max((weights.get(r, 1.0) for r in roles), default=1.0)
+
+
+# -- POST /prompt ------------------------------------------------------------------------------
+
+
+class HoldGuard:
+    """Holds every accepted ``POST /prompt`` in the gateway queue (module doc)."""
+
+    name = "scheduler"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if request.method != hdrs.METH_POST or ctx.path != "/prompt":
+            return
+        gate = request.app.get(GATE)
+        if gate is None:
+            return
+        submission = await read_prompt(request, ctx)
+        if submission.prompt is None:
+            return  # ComfyUI answers no_prompt at once
+        body = submission.body
+        prompt_id = body.get("prompt_id")
+        if not isinstance(prompt_id, str) or not prompt_id:
+            # Without isolation the client may send none: the proxy sets it now, so that the
+            # answer, the queue views and the release name the same prompt.
+            prompt_id = str(uuid.uuid4())
+            submission.body = {**body, "prompt_id": prompt_id}
+            forward_submission(ctx, submission)
+        assert ctx.body is not None  # forward_submission set it
+        principal = ctx.principal
+        owner = principal.comfy_user if principal is not None else "anonymous"
+        weight = _weight(request, ctx)
+        shape = shape_of(n.class_type for n in submission.prompt.nodes.values())
+        held = Held(
+            prompt_id=prompt_id,
+            owner=owner,
+            role=role_label(principal.roles) if principal is not None else "none",
+            seq=0,
+            cost=gate.estimates.seconds(shape),
+            weight=weight,
+            front=bool(submission.body.get("front")),
+            created=time.time(),
+            candidates=_candidates(request, submission.prompt),
+            shape=shape,
+            client_id=await _sent_client_id(request, prompt_id, body),
+        )
+        upstream = ctx.target or request.app[POOL].home()
+        headers = tuple(
+            (k, v)
+            for k, v in build_upstream_headers(request, ctx, upstream).items()
+            if k.lower() not in _NOT_KEPT
+        )
+        try:
+            seq = await gate.store.next_seq()
+            held = _with_seq(held, seq)
+            if not await gate.store.hold(Entry(held, ctx.body, headers)):
+                raise BadRequest(
+                    "prompt_id is already in use; omit it to get a new one",
+                    error_type="prompt_id_taken",
+                )
+            wait = await gate.expected_wait(owner, weight, shape)
+        except STORE_ERRORS as exc:
+            gate.metrics.unavailable.labels("hold").inc()
+            if request.app[SETTINGS].scheduler.redis_fail_mode == "pass_through":
+                log.warning("scheduler_unavailable", fail_mode="pass_through", error=str(exc))
+                return  # forwarded at once, unscheduled
+            await _undo(request, prompt_id)
+            log.warning("scheduler_unavailable", fail_mode="closed", error=type(exc).__name__)
+            raise ServiceUnavailable(
+                "the gateway queue (Redis) is unavailable; try again shortly",
+                error_type="scheduler_unavailable",
+                headers={hdrs.RETRY_AFTER: "1"},
+            ) from None
+        gate.wake()
+        answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
+
+        async def respond(request: web.Request) -> web.StreamResponse:
+            return web.json_response(answer, headers={WAIT_HEADER: f"{wait:.1f}"})
+
+        ctx.answer = respond
+
+
+def _with_seq(held: Held, seq: int) -> Held:
+    return replace(held, seq=seq)
+
+
+def _candidates(request: web.Request, graph: Any) -> tuple[str, ...]:
+    """The instances able to run the graph (several instances); () when any can."""
+    pool = request.app[POOL]
+    if not pool.managed:
+        return ()
+    req = requirements(graph)
+    return tuple(c.name for c in candidate_states(pool) if not missing_on(req, c.capabilities))
+
+
+async def _sent_client_id(request: web.Request, prompt_id: str, body: Mapping[str, Any]) -> str:
+    """The client id the client sent (isolation forwards a namespaced one, recorded)."""
+    if request.app[SETTINGS].isolation.enabled:
+        record = await request.app[OWNERSHIP].prompt(prompt_id)
+        if record is not None:
+            return record.sent_client_id or ""
+    sent = client_id_of(body)
+    return sent if isinstance(sent, str) else ""
+
+
+async def _undo(request: web.Request, prompt_id: str) -> None:
+    """A prompt that cannot be held is not queued: its record and count go (best effort)."""
+    try:
+        if request.app[SETTINGS].isolation.enabled:
+            await request.app[OWNERSHIP].forget_prompt(prompt_id)
+        quota = request.app.get(QUEUE_QUOTA)
+        if quota is not None:
+            await quota.release([prompt_id], reason="refused")
+    except STORE_ERRORS:
+        log.warning("scheduler_undo_failed", prompt_id=prompt_id)
+
+
+# -- POST /queue -------------------------------------------------------------------------------
+
+
+class CancelGuard:
+    """``POST /queue`` ``delete``/``clear`` remove held prompts too (module doc)."""
+
+    name = "scheduler"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        gate = request.app.get(GATE)
+        if gate is None or request.method != hdrs.METH_POST or ctx.path != "/queue":
+            return
+        body = await read_json_body(request, ctx)
+        owner = viewer(request, ctx)
+        if body.get("clear"):
+            removed = await gate.store.cancel(None, owner)
+        elif isinstance(ids := body.get("delete"), list):
+            removed = await gate.store.cancel([i for i in ids if isinstance(i, str)], owner)
+        else:
+            return
+        _cancelled(gate, removed)
+
+
+def _cancelled(gate: Gate, removed: Sequence[str]) -> None:
+    if removed:
+        gate.metrics.releases.labels("cancelled").inc(len(removed))
+        log.info("scheduler_cancelled", count=len(removed))
+        gate.wake()
+
+
+# -- views -------------------------------------------------------------------------------------
+
+Rewrite = Callable[[int, bytes], Awaitable[bytes]]
+
+
+class ViewGuard:
+    """Held prompts in ``GET /queue``, ``/api/jobs`` and ``status`` events (module doc)."""
+
+    name = "scheduler"
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        gate = request.app.get(GATE)
+        if gate is None:
+            return
+        rule = ctx.rule.name
+        owner = viewer(request, ctx)
+        if rule == "queue" and request.method == hdrs.METH_GET:
+            ctx.rewrite_response = _queue_view(gate, owner, ctx.rewrite_response)
+        elif rule == "jobs":
+            await self._jobs(request, ctx, gate, owner)
+        elif rule == "ws":
+            ctx.ws_filter = _status_filter(gate, owner, ctx.ws_filter)
+
+    async def _jobs(
+        self, request: web.Request, ctx: RequestContext, gate: Gate, owner: str | None
+    ) -> None:
+        segments = ctx.path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
+        if request.method == hdrs.METH_GET and not segments:
+            _wrap_jobs_list(ctx, gate, owner, request.query)
+            return
+        if request.method == hdrs.METH_GET and len(segments) == 1:
+            held = await _visible(gate, segments[0], owner)
+            if held is not None:
+                job = _job(held, detail=True) | await _detail(gate, held)
+                ctx.answer = _static(job)
+            return
+        if request.method == hdrs.METH_POST and segments == ["cancel"]:
+            try:
+                ids = orjson.loads(ctx.body or b"{}").get("job_ids")
+            except (orjson.JSONDecodeError, AttributeError):
+                return
+            if isinstance(ids, list):
+                removed = await gate.store.cancel([i for i in ids if isinstance(i, str)], owner)
+                _cancelled(gate, removed)
+                if removed:
+                    ctx.rewrite_response = _force_cancelled(ctx.rewrite_response)
+            return
+        if request.method == hdrs.METH_POST and len(segments) == 2 and segments[1] == "cancel":
+            removed = await gate.store.cancel([segments[0]], owner)
+            _cancelled(gate, removed)
+            if removed:
+                ctx.answer = _static({"cancelled": True})
+
+
+async def _visible(gate: Gate, prompt_id: str, owner: str | None) -> Held | None:
+    entry = await gate.store.entry(prompt_id)
+    if entry is None or (owner is not None and entry.held.owner != owner):
+        return None
+    held_ids = {h.prompt_id for h in await gate.store.held(entry.held.owner)}
+    return entry.held if prompt_id in held_ids else None
+
+
+def _static(payload: object) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def respond(request: web.Request) -> web.StreamResponse:
+        return web.json_response(payload)
+
+    return respond
+
+
+def _job(held: Held, *, detail: bool = False, number: int | None = None) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "id": held.prompt_id,
+        "status": "pending",
+        "priority": held.seq if number is None else number,
+        "create_time": int(held.created * 1000),
+        "outputs_count": 0,
+        "previewable_outputs_count": 0,
+    }
+    return job
+
+
+async def _detail(gate: Gate, held: Held) -> dict[str, Any]:
+    entry = await gate.store.entry(held.prompt_id)
+    extra: dict[str, Any] = {}
+    prompt: object = {}
+    if entry is not None:
+        body = orjson.loads(entry.body)
+        prompt = body.get("prompt", {})
+        extra = _shown_extra(body, held)
+    wait = await gate.expected_wait(held.owner, held.weight, held.shape)
+    return {
+        "workflow": {"prompt": prompt, "extra_data": extra},
+        "estimated_wait_seconds": round(wait, 1),
+        "gateway_queue": {
+            "position": await _position(gate, held),
+            "estimated_seconds": round(gate.estimates.seconds(held.shape), 1),
+        },
+    }
+
+
+async def _position(gate: Gate, held: Held) -> int:
+    mine = await gate.store.held(held.owner)
+    return next((i for i, h in enumerate(mine) if h.prompt_id == held.prompt_id), 0)
+
+
+def _shown_extra(body: Mapping[str, Any], held: Held) -> dict[str, Any]:
+    extra = body.get("extra_data")
+    extra = dict(extra) if isinstance(extra, dict) else {}
+    if held.client_id:
+        extra["client_id"] = held.client_id
+    else:
+        extra.pop("client_id", None)
+    return extra
+
+
+def _queue_view(gate: Gate, owner: str | None, previous: Rewrite | None) -> Rewrite:
+    async def rewrite(status: int, body: bytes) -> bytes:
+        if previous is not None:
+            body = await previous(status, body)
+        if status != 200:
+            return body
+        try:
+            queue = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(queue, dict) or not isinstance(queue.get("queue_pending"), list):
+            return body
+        listed = [*queue.get("queue_running", []), *queue["queue_pending"]]
+        numbers = [i[0] for i in listed if isinstance(i, list) and i and _is_number(i[0])]
+        base = int(max(numbers, default=-1)) + 1
+        for offset, held in enumerate(await gate.store.held(owner)):
+            entry = await gate.store.entry(held.prompt_id)
+            if entry is None:
+                continue
+            sent = orjson.loads(entry.body)
+            queue["queue_pending"].append(
+                [
+                    base + offset,
+                    held.prompt_id,
+                    sent.get("prompt", {}),
+                    _shown_extra(sent, held),
+                    [],
+                ]
+            )
+        return orjson.dumps(queue)
+
+    return rewrite
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _wrap_jobs_list(
+    ctx: RequestContext, gate: Gate, owner: str | None, query: Mapping[str, str]
+) -> None:
+    wanted = query.get("status")
+    if wanted and "pending" not in {s.strip() for s in wanted.split(",")}:
+        return
+    if query.get("offset", "0") not in ("", "0"):
+        return  # held jobs are the newest: on the first page only
+
+    async def add(payload: object) -> object:
+        if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
+            return payload
+        held = [_job(h) for h in await gate.store.held(owner)]
+        if not held:
+            return payload
+        payload["jobs"] = [*held, *payload["jobs"]]
+        page = payload.get("pagination")
+        if isinstance(page, dict) and isinstance(page.get("total"), int):
+            page["total"] += len(held)
+        return payload
+
+    inner_answer = ctx.answer
+    if inner_answer is not None:
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            response = await inner_answer(request)
+            if not isinstance(response, web.Response) or response.status != 200:
+                return response
+            raw = response.body
+            if not isinstance(raw, bytes):
+                return response
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return response
+            return web.json_response(await add(payload), headers=_kept(response))
+
+        ctx.answer = answer
+        return
+    previous = ctx.rewrite_response
+
+    async def rewrite(status: int, body: bytes) -> bytes:
+        if previous is not None:
+            body = await previous(status, body)
+        if status != 200:
+            return body
+        try:
+            return orjson.dumps(await add(orjson.loads(body)))
+        except orjson.JSONDecodeError:
+            return body
+
+    ctx.rewrite_response = rewrite
+
+
+def _kept(response: web.Response) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in response.headers.items()
+        if k.lower() not in {"content-length", "content-type"}
+    }
+
+
+def _force_cancelled(previous: Rewrite | None) -> Rewrite:
+    async def rewrite(status: int, body: bytes) -> bytes:
+        if previous is not None:
+            body = await previous(status, body)
+        return orjson.dumps({"cancelled": True}) if status == 200 else body
+
+    return rewrite
+
+
+FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
+
+
+def _status_filter(gate: Gate, owner: str | None, inner: FrameFilter | None) -> FrameFilter:
+    """``status`` frames count what the caller waits for: ComfyUI's queue (at most the room
+    the gate gives each instance) plus the caller's held prompts."""
+
+    async def status(frame: str | bytes) -> str | bytes | None:
+        if inner is not None:
+            out = await inner(frame)
+            if out is None:
+                return None
+            frame = out
+        if not isinstance(frame, str) or '"status"' not in frame:
+            return frame
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return frame
+        info = _exec_info(message)
+        if info is None:
+            return frame
+        try:
+            held = await gate.store.count(owner)
+        except STORE_ERRORS:
+            return frame
+        info["queue_remaining"] = int(info["queue_remaining"]) + held
+        return orjson.dumps(message).decode()
+
+    return status
+
+
+def _exec_info(message: object) -> dict[str, Any] | None:
+    if not isinstance(message, dict) or message.get("type") != "status":
+        return None
+    data = message.get("data")
+    status = data.get("status") if isinstance(data, dict) else None
+    info = status.get("exec_info") if isinstance(status, dict) else None
+    if isinstance(info, dict) and _is_number(info.get("queue_remaining")):
+        return info
+    return None
+
+
+__all__ = ["WAIT_HEADER", "CancelGuard", "HoldGuard", "ViewGuard", "viewer"]
