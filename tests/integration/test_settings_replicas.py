@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.auth.principal import comfy_user_id
+from proxy.state import REDIS
 from proxy.userdata.handler import USERDATA
 from proxy.userdata.paths import PREFIX_ROOT
 from proxy.userdata.settings_lock import (
@@ -41,15 +43,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class Gate:
-    """Holds the first request the fake receives that ``matches`` until :meth:`open`."""
+    """Holds the first request the fake receives that ``matches`` until :meth:`open`, and tells
+    when a request for a path of :meth:`arrival` reaches ComfyUI's handler."""
 
     matches: Callable[[web.Request], bool] = lambda _r: False
     held: asyncio.Event = field(default_factory=asyncio.Event)
     opened: asyncio.Event = field(default_factory=asyncio.Event)
+    arrivals: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def arrival(self, path: str) -> asyncio.Event:
+        return self.arrivals.setdefault(path, asyncio.Event())
 
     def middleware(self) -> Middleware:
         @web.middleware
         async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path in self.arrivals:
+                self.arrivals[request.path].set()
             if not self.held.is_set() and self.matches(request):
                 self.held.set()
                 await self.opened.wait()
@@ -88,12 +97,10 @@ class Replicas:
         ]
 
 
-@pytest.fixture(params=["single-user", "multi-user"])
-async def replicas(
-    request: pytest.FixtureRequest, make_proxy: ProxyFactory, redis_url: str, tmp_path: Path
-) -> AsyncIterator[Replicas]:
-    multi = request.param == "multi-user"
-    fake = FakeComfyUI(root=tmp_path / "comfyui", multi_user=multi)
+async def start_replicas(
+    make_proxy: ProxyFactory, redis_url: str, root: Path, *, multi: bool
+) -> Replicas:
+    fake = FakeComfyUI(root=root / "comfyui", multi_user=multi)
     gate = Gate()
     fake.app.middlewares.append(gate.middleware())  # innermost: after the request is recorded
     await fake.start()
@@ -105,9 +112,19 @@ async def replicas(
     pair = Replicas(fake, gate, one, two, multi)
     assert await post(one, "/api/settings/Comfy.First", A, b'"first"') == (200, b"")
     fake.received.clear()
+    return pair
+
+
+@pytest.fixture(params=["single-user", "multi-user"])
+async def replicas(
+    request: pytest.FixtureRequest, make_proxy: ProxyFactory, redis_url: str, tmp_path: Path
+) -> AsyncIterator[Replicas]:
+    pair = await start_replicas(
+        make_proxy, redis_url, tmp_path, multi=request.param == "multi-user"
+    )
     yield pair
-    gate.open()
-    await fake.stop()
+    pair.gate.open()
+    await pair.fake.stop()
 
 
 async def post(client: Client, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
@@ -134,6 +151,47 @@ class Watched:
     def hold(self, key: str) -> Any:
         self.waiting.set()
         return self.inner.hold(key)
+
+
+class Acquired:
+    """A replica's locks, telling when a write holds one."""
+
+    def __init__(self, inner: SettingsLocks) -> None:
+        self.inner = inner
+        self.held = asyncio.Event()
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        async with self.inner.hold(key):
+            self.held.set()
+            yield
+
+
+class Contended:
+    """A Redis client that tells when a ``SET NX`` of a lock was refused (someone holds it)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.refused = asyncio.Event()
+
+    async def set(self, *args: Any, **kwargs: Any) -> Any:
+        taken = await self.client.set(*args, **kwargs)
+        if not taken:
+            self.refused.set()
+        return taken
+
+    async def eval(self, *args: Any) -> Any:
+        return await self.client.eval(*args)
+
+
+async def first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def watch(client: Client) -> Watched:
@@ -206,6 +264,53 @@ async def test_many_concurrent_writes_through_both_replicas_all_arrive(
     expected: dict[str, Any] = {"Comfy.First": "first"}
     expected.update({f"Comfy.K{i}": i for i in range(count)})
     assert replicas.settings() == expected
+
+
+async def test_a_forwarded_write_whose_body_is_slow_keeps_the_other_replicas_change(
+    make_proxy: ProxyFactory, redis_url: str, tmp_path: Path
+) -> None:
+    """``--multi-user``: the proxy forwards, and ComfyUI reads the file before awaiting the body
+    (``tests/fakes/test_fake_vs_real.py``). A streamed body that arrives late would undo a write
+    made meanwhile through another replica; the lock makes that one wait instead."""
+    pair = await start_replicas(make_proxy, redis_url, tmp_path, multi=True)
+    try:
+        pair.gate.open()  # not holding anything: it only tells when A reached ComfyUI's handler
+        pair.gate.matches = reading_settings
+        rest = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b'"o'
+            await rest.wait()
+            yield b'ne"'
+
+        data = pair.one.app[USERDATA]
+        acquired = Acquired(data.settings_locks)
+        data.settings_locks = acquired
+        first = asyncio.create_task(post_stream(pair.one, "/api/settings/Comfy.A", slow_body()))
+        await acquired.held.wait()
+        await pair.gate.held.wait()  # ComfyUI has read the file and waits for A's body
+        contended = Contended(pair.two.app[REDIS])
+        pair.two.app[USERDATA].settings_locks = RedisSettingsLocks(cast(Any, contended))
+        reached = pair.gate.arrival("/api/settings/Comfy.B")
+        second = asyncio.create_task(post(pair.two, "/api/settings/Comfy.B", A, b'"two"'))
+        await first_of(contended.refused, reached)
+        # B found the lock taken and did not reach ComfyUI (where it would be undone by A).
+        assert contended.refused.is_set()
+        assert not reached.is_set()
+        rest.set()
+        assert await first == 200
+        assert await second == (200, b"")
+        assert pair.settings() == {"Comfy.First": "first", "Comfy.A": "one", "Comfy.B": "two"}
+        assert pair.writes() == ["POST /api/settings/Comfy.A", "POST /api/settings/Comfy.B"]
+    finally:
+        await pair.fake.stop()
+
+
+async def post_stream(client: Client, path: str, body: AsyncIterator[bytes]) -> int:
+    """A ``POST`` whose chunked body the client sends as ``body`` yields it."""
+    async with client.post(path, headers=A, data=body) as resp:
+        await resp.read()
+        return resp.status
 
 
 # -- bounded waits, clear refusals -------------------------------------------------------------
