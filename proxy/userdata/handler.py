@@ -236,7 +236,7 @@ async def serve_userdata(request: web.Request) -> web.StreamResponse:
     upstream = ctx.target or home_for(request)  # 503 while the home instance is down
     own = await own_folder(request, ctx, upstream)
     api = "/api" if normalise_path(raw_path)[1] else ""
-    keys = await settings_lock_keys(request, upstream, call, own)
+    keys = settings_lock_keys(request, upstream, call, own)
     locks = request.app[USERDATA].settings_locks
     if call.kind in ("settings", "setting"):
         if not own:  # ComfyUI's AppSettings, per Comfy-User (or the admins' real view)
@@ -255,7 +255,7 @@ async def serve_userdata(request: web.Request) -> web.StreamResponse:
         return await forward_http(request)
 
 
-async def settings_lock_keys(
+def settings_lock_keys(
     request: web.Request, upstream: Upstream, call: UserdataCall, own: Segments
 ) -> tuple[str, ...]:
     """The settings files (``comfy.settings.json``) a write changes, each as the key of its lock:
@@ -274,9 +274,18 @@ async def settings_lock_keys(
         return ()
     principal = request[CONTEXT].principal
     assert principal is not None  # own_folder refused an unauthenticated caller
-    multi = await request.app[USERDATA].modes.multi_user(upstream)
-    comfy_user = principal.comfy_user if multi else "default"  # whom ComfyUI files it under
-    return tuple(f"{upstream.name}|{comfy_user}|{'/'.join(folder)}" for folder in folders)
+    # Whom ComfyUI files it under: a confined caller's folder is user ``default``'s (ComfyUI
+    # without --multi-user); an unconfined non-admin is their own Comfy-User (--multi-user); an
+    # admin's real view is either, and both are locked rather than asking ComfyUI which.
+    if own:
+        filed: tuple[str, ...] = ("default",)
+    elif principal.is_admin(request.app[SETTINGS].roles):
+        filed = (principal.comfy_user, "default")
+    else:
+        filed = (principal.comfy_user,)
+    return tuple(
+        f"{upstream.name}|{user}|{'/'.join(folder)}" for user in filed for folder in folders
+    )
 
 
 @dataclass(frozen=True, slots=True)
