@@ -42,7 +42,7 @@ from yarl import URL
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
 from proxy.limits.bodies import read_body
 from proxy.routes import normalise_path
-from proxy.state import CONTEXT, POOL, REDIS, SETTINGS, RequestContext
+from proxy.state import CONTEXT, METRICS, POOL, REDIS, SETTINGS, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.home import home_for
@@ -61,7 +61,7 @@ from proxy.userdata.paths import (
     strip_prefix,
     v2_path_query,
 )
-from proxy.userdata.settings_lock import SettingsLocks, hold_all, settings_locks
+from proxy.userdata.settings_lock import REDIS_OP, SettingsLocks, hold_all, settings_locks
 
 USERDATA_RULES = frozenset({"userdata", "settings"})
 """The route rules (``proxy.routes``) this module serves."""
@@ -205,7 +205,9 @@ async def userdata_context(app: web.Application) -> AsyncIterator[None]:
     ``upstream.check_multi_user_at_startup``, a startup probe of every instance for the log line
     (in the background: startup does not wait for ComfyUI)."""
     modes = UserModes(app[POOL])
-    app[USERDATA] = Userdata(modes=modes, settings_locks=settings_locks(app[REDIS]))
+    errors = app[METRICS].redis_errors
+    locks = settings_locks(app[REDIS], lambda kind: errors.labels(REDIS_OP, kind).inc())
+    app[USERDATA] = Userdata(modes=modes, settings_locks=locks)
     if app[SETTINGS].upstream.check_multi_user_at_startup:
         modes.startup = asyncio.create_task(modes.probe_all(), name="comfygate-user-modes")
     yield

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
@@ -47,6 +47,8 @@ LEASE_SECONDS = 15.0
 RETRY_MIN_SECONDS = 0.005
 RETRY_MAX_SECONDS = 0.1
 KEY_PREFIX = "comfygate:settings-lock:"
+REDIS_OP = "settings_lock"
+"""``op`` of ``comfygate_redis_errors_total`` for the lock's Redis failures."""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -139,10 +141,22 @@ class RedisSettingsLocks:
         *,
         wait_seconds: float = WAIT_SECONDS,
         lease_seconds: float = LEASE_SECONDS,
+        on_error: Callable[[str], None] = lambda _kind: None,
     ) -> None:
+        """``on_error``: called with the kind (``timeout``, ``connection``, ``error``) of every
+        Redis failure (the app counts them in ``comfygate_redis_errors_total``)."""
         self._redis = client
         self.wait_seconds = wait_seconds
         self.lease_seconds = lease_seconds
+        self.on_error = on_error
+
+    def _failed(self, exc: redis.RedisError) -> None:
+        if isinstance(exc, redis.TimeoutError):
+            self.on_error("timeout")
+        elif isinstance(exc, redis.ConnectionError):
+            self.on_error("connection")
+        else:
+            self.on_error("error")
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[None]:
@@ -152,6 +166,7 @@ class RedisSettingsLocks:
         try:
             await self._acquire(key, name, token, lease_ms)
         except redis.RedisError as exc:
+            self._failed(exc)
             raise lock_unavailable(exc) from None
         renewer = asyncio.create_task(self._renew(name, token, lease_ms), name="settings-lease")
         try:
@@ -162,6 +177,7 @@ class RedisSettingsLocks:
             try:
                 await self._redis.eval(_RELEASE, 1, name, token)
             except redis.RedisError as exc:  # the lease then runs out on its own
+                self._failed(exc)
                 log.warning("settings_lock_release_failed", error=type(exc).__name__)
 
     async def _acquire(self, key: str, name: str, token: str, lease_ms: int) -> None:
@@ -183,9 +199,14 @@ class RedisSettingsLocks:
                     log.warning("settings_lock_lost", key=name)
                     return
             except redis.RedisError as exc:
+                self._failed(exc)
                 log.warning("settings_lock_renew_failed", error=type(exc).__name__)
 
 
-def settings_locks(client: RedisClient | None) -> SettingsLocks:
+def settings_locks(
+    client: RedisClient | None, on_error: Callable[[str], None] = lambda _kind: None
+) -> SettingsLocks:
     """Redis locks when the replicas share one, else in-process ones."""
-    return RedisSettingsLocks(client) if client is not None else MemorySettingsLocks()
+    if client is None:
+        return MemorySettingsLocks()
+    return RedisSettingsLocks(client, on_error=on_error)

@@ -28,13 +28,14 @@ from proxy.userdata.handler import USERDATA
 from proxy.userdata.paths import PREFIX_ROOT
 from proxy.userdata.settings_lock import (
     KEY_PREFIX,
+    REDIS_OP,
     MemorySettingsLocks,
     RedisSettingsLocks,
     SettingsLocks,
 )
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
-from tests.integration.support import Client
+from tests.integration.support import Client, sample
 
 A, B = bearer("alice"), bearer("bob")
 ALICE = comfy_user_id("alice")
@@ -375,15 +376,29 @@ async def test_without_redis_a_process_serialises_its_own_writes(
 async def test_an_unreachable_lock_store_refuses_the_write_with_a_clear_503(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, own_redis: Any
 ) -> None:
-    client = await make_proxy(fake_comfy.url, token=None)
-    dead = redis.Redis.from_url(own_redis.url)
-    own_redis.stop()  # the lock store alone is gone (the rest of the app keeps its memory state)
-    client.app[USERDATA].settings_locks = RedisSettingsLocks(dead)
+    client = await make_proxy(fake_comfy.url, token=None, redis={"url": own_redis.url})
+    own_redis.stop()
     received = len(fake_comfy.received)
     async with client.post("/api/settings/Comfy.A", headers=A, data=b'"one"') as resp:
         assert resp.status == 503
         body = await resp.json()
-    assert body["error"]["type"] == "settings_lock_unavailable"
+    assert body["error"]["type"] == "settings_lock_unavailable", body
     assert resp.headers["Retry-After"] == "1"
     assert [r for r in fake_comfy.received[received:] if "settings" in r.path] == []
-    await dead.aclose()
+    failures = sample(client, "comfygate_redis_errors_total", op=REDIS_OP, kind="connection")
+    assert failures >= 1
+
+
+async def test_a_holder_whose_lease_ran_out_never_deletes_the_next_holders_lock(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        locks = RedisSettingsLocks(client)
+        name = f"{KEY_PREFIX}gpu|alice|"
+        async with locks.hold("gpu|alice|"):
+            assert await client.pttl(name) > 0  # a lease, never a key without expiry
+            await client.set(name, b"next-holder")  # the lease ran out; another took it
+        assert await client.get(name) == b"next-holder"
+    finally:
+        await client.aclose()
