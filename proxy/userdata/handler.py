@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
@@ -41,10 +40,11 @@ from multidict import CIMultiDict, MultiDictProxy
 from yarl import URL
 
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
+from proxy.redis.client import REDIS
 from proxy.request.bodies import read_body
 from proxy.routes import normalise_path
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, POOL, RequestContext
+from proxy.state import CONTEXT, METRICS, POOL, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.home import home_for
@@ -63,6 +63,7 @@ from proxy.userdata.paths import (
     strip_prefix,
     v2_path_query,
 )
+from proxy.userdata.settings_lock import REDIS_OP, SettingsLocks, hold_all, settings_locks
 
 USERDATA_RULES = frozenset({"userdata", "settings"})
 """The route rules (``proxy.routes``) this module serves."""
@@ -188,47 +189,27 @@ def upstream_target(call: UserdataCall, own: Segments, api: str) -> str:
     return f"{target}?{flags}" if flags else target
 
 
-class KeyedLocks:
-    """One ``asyncio.Lock`` per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
 @dataclass(slots=True)
 class Userdata:
     """What the handler keeps between requests."""
 
     modes: UserModes
-    settings_locks: KeyedLocks
+    settings_locks: SettingsLocks
+    """One writer at a time per settings file, across replicas with Redis (settings_lock.py)."""
 
 
 USERDATA = web.AppKey("comfygate.userdata", Userdata)
 
 
 async def userdata_context(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: the ``--multi-user`` detector and, with
+    """``cleanup_ctx`` (after ``redis_client``): the settings locks, the ``--multi-user``
+    detector and, with
     ``upstream.check_multi_user_at_startup``, a startup probe of every instance for the log line
     (in the background: startup does not wait for ComfyUI)."""
     modes = UserModes(app[POOL])
-    app[USERDATA] = Userdata(modes=modes, settings_locks=KeyedLocks())
+    errors = app[METRICS].redis_errors
+    locks = settings_locks(app[REDIS], lambda kind: errors.labels(REDIS_OP, kind).inc())
+    app[USERDATA] = Userdata(modes=modes, settings_locks=locks)
     if app[SETTINGS].upstream.check_multi_user_at_startup:
         modes.startup = asyncio.create_task(modes.probe_all(), name="comfygate-user-modes")
     yield
@@ -259,19 +240,56 @@ async def serve_userdata(request: web.Request) -> web.StreamResponse:
     upstream = ctx.target or home_for(request)  # 503 while the home instance is down
     own = await own_folder(request, ctx, upstream)
     api = "/api" if normalise_path(raw_path)[1] else ""
+    keys = settings_lock_keys(request, upstream, call, own)
+    locks = request.app[USERDATA].settings_locks
     if call.kind in ("settings", "setting"):
         if not own:  # ComfyUI's AppSettings, per Comfy-User (or the admins' real view)
-            return await forward_http(request)
-        return await _settings(request, ctx, upstream, call, own=own, api=api)
+            async with hold_all(locks, keys):  # no keys for a read
+                return await forward_http(request)
+        return await _settings(request, ctx, upstream, call, own=own, api=api, keys=keys)
     ctx.upstream_path = upstream_target(call, own, api)
+    async with hold_all(locks, keys):  # a write that replaces a settings file
+        if own:
+            if call.kind == "list_v2":
+                return await _list_v2(request, ctx, upstream, call, own)
+            if call.kind in ("file", "move") and call.method == "POST":
+                return await _written(request, ctx, upstream, call, own)
+            if call.kind == "file" and call.method in _READS and call.file == USER_CSS:
+                return await _user_css(request, ctx, upstream)
+        return await forward_http(request)
+
+
+def settings_lock_keys(
+    request: web.Request, upstream: Upstream, call: UserdataCall, own: Segments
+) -> tuple[str, ...]:
+    """The settings files (``comfy.settings.json``) a write changes, each as the key of its lock:
+    the instance, the user ComfyUI files it under and the folder there. ``POST /settings*``
+    changes the caller's own; a ``/userdata`` write, delete or move whichever it names. Reads
+    take no lock (ComfyUI writes a file in one synchronous step)."""
+    if call.method in _READS:
+        return ()
+    if call.kind in ("settings", "setting"):
+        folders = [own]
+    elif call.kind in ("file", "move"):
+        folders = [(own + p)[:-1] for p in (call.file, call.dest) if p[-1:] == SETTINGS_FILE]
+    else:
+        return ()
+    if not folders:
+        return ()
+    principal = request[CONTEXT].principal
+    assert principal is not None  # own_folder refused an unauthenticated caller
+    # Whom ComfyUI files it under: a confined caller's folder is user ``default``'s (ComfyUI
+    # without --multi-user); an unconfined non-admin is their own Comfy-User (--multi-user); an
+    # admin's real view is either, and both are locked rather than asking ComfyUI which.
     if own:
-        if call.kind == "list_v2":
-            return await _list_v2(request, ctx, upstream, call, own)
-        if call.kind in ("file", "move") and call.method == "POST":
-            return await _written(request, ctx, upstream, call, own)
-        if call.kind == "file" and call.method in _READS and call.file == USER_CSS:
-            return await _user_css(request, ctx, upstream)
-    return await forward_http(request)
+        filed: tuple[str, ...] = ("default",)
+    elif principal.is_admin(request.app[SETTINGS].roles):
+        filed = (principal.comfy_user, "default")
+    else:
+        filed = (principal.comfy_user,)
+    return tuple(
+        f"{upstream.name}|{user}|{'/'.join(folder)}" for user in filed for folder in folders
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +454,7 @@ async def _settings(
     *,
     own: Segments,
     api: str,
+    keys: tuple[str, ...],
 ) -> web.StreamResponse:
     """``AppSettings`` on the caller's own ``comfy.settings.json`` (read through ComfyUI's
     ``/userdata``): ``GET`` answers the object (``{}`` when there is none) or one value
@@ -451,10 +470,10 @@ async def _settings(
         raise BadRequest("the settings body is not JSON", error_type="bad_settings") from None
     if call.kind == "settings" and not isinstance(value, dict):
         raise BadRequest("POST /settings takes a JSON object", error_type="bad_settings")
-    key = f"{upstream.name}|{'/'.join(own)}"
-    # Read-modify-write, as ComfyUI does under its one event loop: concurrent changes by the
-    # same user (the frontend sends several at startup) must not undo each other.
-    async with request.app[USERDATA].settings_locks.hold(key):
+    # Read-modify-write under the file's lock: concurrent changes by the same user (the
+    # frontend sends several at startup, possibly through several replicas) must not undo
+    # each other.
+    async with hold_all(request.app[USERDATA].settings_locks, keys):
         current = await _read_settings(request, ctx, upstream, target)
         if call.kind == "settings":
             assert isinstance(value, dict)

@@ -94,12 +94,18 @@ def _store(rec: Received, body: bytes) -> None:
     rec.body = body if len(body) <= BODY_KEEP_LIMIT else b""
 
 
+READS_FILE_FIRST = frozenset({"/settings", "/api/settings", "/settings/{id}", "/api/settings/{id}"})
+"""Routes whose handler must see its body arrive late, as in ComfyUI: ``AppSettings`` reads
+``comfy.settings.json`` *before* it awaits the body, so two concurrent writes can lose one (seen
+on a real 0.3.64). The record gets their body after the handler (:func:`make_record`)."""
+
+
 @web.middleware
 async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read the body once (413 past client_max_size) so the record has it; multipart handlers
     then parse a fresh stream with the same bytes."""
     rec = request.get(RECORD_KEY)
-    if rec is not None and request.body_exists:
+    if rec is not None and request.body_exists and rec.route not in READS_FILE_FIRST:
         body = await request.read()
         _store(rec, body)
         if request.content_type == "multipart/form-data":

@@ -43,12 +43,15 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
 
     @routes.post("/prompt")
     async def post_prompt(request: web.Request) -> web.Response:
+        fake.log("got prompt")  # as ComfyUI 0.3.64: first, with no id, valid or not
         json_data = await request.json()
         if "number" in json_data:
             number: float | int = float(json_data["number"])
         else:
             number = queue.number
-            if json_data.get("front"):
+            # ``in``, not ``.get``: ComfyUI tests membership, so a JSON array (no "prompt" in
+            # it) gets the 400 no_prompt answer below, not a 500.
+            if "front" in json_data and json_data["front"]:  # noqa: RUF019
                 number = -number
             queue.number += 1
         if "prompt" not in json_data:
@@ -82,7 +85,6 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
             extra_data["client_id"] = json_data["client_id"]
         if not valid[0]:
             return web.json_response({"error": valid[1], "node_errors": valid[3]}, status=400)
-        fake.log(f"got prompt {prompt_id}")
         await queue.put((number, prompt_id, prompt, extra_data, valid[2]))
         return web.json_response(
             {"prompt_id": prompt_id, "number": number, "node_errors": valid[3]}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -126,9 +127,12 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
         username = body["username"]
         if username in data.users.values():
             return web.json_response({"error": "Duplicate username."}, status=400)
-        user_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in username)
+        name = username.strip()
+        if not name:  # ComfyUI's add_user raises: aiohttp's plain-text 500
+            raise ValueError("username not provided")
+        user_id = re.sub("[^a-zA-Z0-9-_]+", "-", name)
         user_id = f"{user_id}_{uuid.uuid4()}"
-        data.users[user_id] = username
+        data.users[user_id] = name
         with open(data.users_file, "w", encoding="utf-8") as fh:
             json.dump(data.users, fh)
         return web.json_response(user_id)
