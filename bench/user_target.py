@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -61,13 +62,13 @@ async def _submit_own(running: RunningTarget) -> tuple[str, dict[str, Any]]:
     raise RuntimeError(f"the user's prompt {pid} did not finish within 20 s")
 
 
-def _own_output(entry: dict[str, Any]) -> str:
-    """The file the user's SaveImage wrote (isolation lets the user /view it)."""
+def _own_output(entry: dict[str, Any]) -> tuple[str, str]:
+    """The file the user's SaveImage wrote (isolation lets the user /view it): subfolder, name."""
     for output in entry.get("outputs", {}).values():
         for image in output.get("images", []):
-            if image.get("type") == "output" and not image.get("subfolder"):
-                return str(image["filename"])
-    raise RuntimeError("the user's prompt wrote no output file")
+            if image.get("type") == "output":
+                return str(image.get("subfolder") or ""), str(image["filename"])
+    raise RuntimeError(f"the user's prompt wrote no output file: {entry.get('outputs')}")
 
 
 async def prepare_user(running: RunningTarget) -> None:
@@ -76,10 +77,10 @@ async def prepare_user(running: RunningTarget) -> None:
     if running.upstream_root is not None:
         # The user may /view only its own outputs: its SaveImage file, made 512 KiB like the
         # fixtures' (same bytes), so /view moves the same amount for every target.
-        name = _own_output(entry)
+        subfolder, name = _own_output(entry)
         source = running.upstream_root / "output" / VIEW_FILE
-        (running.upstream_root / "output" / name).write_bytes(source.read_bytes())
-        running.view_file = name
+        (running.upstream_root / "output" / subfolder / name).write_bytes(source.read_bytes())
+        running.view_file = f"{quote(name)}&subfolder={quote(subfolder)}"
     running.preview_prompt_id = pid
     running.preview_type = PREVIEW_WITH_METADATA
 
