@@ -69,7 +69,8 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-## bench: fake upstream vs comfygate vs nginx (when installed), side by side, ratios printed
+## bench: fake upstream vs comfygate vs nginx (when installed), side by side, ratios printed,
+## the issue-17 table at the end (docs/performance-profile.md); bench-deps installs wrk + nginx
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
@@ -92,6 +93,10 @@ dashboard: $(STAMP)
 ## dashboard-preview: re-draw deploy/grafana/preview.png from a real Prometheus (a few minutes)
 dashboard-preview: $(STAMP)
 	$(BIN)/python -m tests.deploy.preview $(PREVIEW_ARGS)
+
+.PHONY: bench-deps
+bench-deps:
+	command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx)
 
 ## browser-deps: Debian's Chromium for the browser tests (CI runs this; needs root)
 browser-deps:

@@ -24,7 +24,15 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench import multi_history, multi_placement, own_history, policy_cost, report
+from bench import (
+    issue_table,
+    multi_history,
+    multi_placement,
+    own_history,
+    policy_cost,
+    report,
+    workers_scaling,
+)
 from bench.fixtures import Fixtures, place_files
 from bench.loadgen import pick_load_generator
 from bench.procs import (
@@ -69,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-logs", action="store_true", help="copy process logs to .bench/")
     p.add_argument("--list", action="store_true", help="list scenarios and targets, then exit")
     p.add_argument("--no-multi", action="store_true", help="skip the multi-instance run")
+    p.add_argument("--no-workers", action="store_true", help="skip the --workers 2 vs 1 run")
     p.add_argument(
         "--view-others",
         type=int,
@@ -142,6 +151,7 @@ class Bench:
         self.multi: dict[str, Any] = {}
         self.policy: dict[str, Any] = {}
         self.views: dict[str, Any] = {}
+        self.workers: dict[str, Any] = {}
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -189,7 +199,7 @@ class Bench:
         await wait_http(f"{fake_base}/history/bench-ready", fake)
 
         cg_cmd = shlex.split(self.args.comfygate_cmd) or default_comfygate_cmd()
-        launcher = Launcher(self.group, tmp, fake_port, cg_cmd, logs)
+        launcher = Launcher(self.group, tmp, fake_port, cg_cmd, logs, root=root)
         specs = self.target_specs()
         self.log(
             f"comfygate bench {self.stamp}: {self.opts.reps} rep(s) x {self.opts.duration:g} s"
@@ -231,6 +241,22 @@ class Bench:
                 self.log(report.render_scenario(results[sc.name], self.opts.reps))
                 self.log("")
         only = {s for s in self.args.only.split(",") if s}
+        if not self.args.no_workers and (not only or "workers" in only):
+            # --workers 2 vs 1: processes of their own, unpinned (the workers need the cores).
+            try:
+                self.workers = await workers_scaling.run(
+                    tmp,
+                    cg_cmd,
+                    loadgen,
+                    reps=self.opts.reps,
+                    duration=self.opts.duration,
+                    restore_cpus=self.placement.loadgen,
+                    log=self.log,
+                )
+            except Exception as exc:
+                self.problems.append(f"workers: {type(exc).__name__}: {exc}")
+                self.log(f"!! workers: {exc}")
+            self.log("")
         if not self.args.no_multi and (not only or "multi" in only):
             # Several instances: processes of their own (placement: 4 fakes vs 1).
             try:
@@ -350,6 +376,10 @@ class Bench:
         fake_name: str,
     ) -> int:
         summaries = []
+        table, table_data = issue_table.render(results, self.workers)
+        if table:
+            self.log(table)
+            self.log("")
         for name, t in running.items():
             if t.kind != "comfygate":
                 continue
@@ -400,6 +430,8 @@ class Bench:
             "multi_instance": self.multi,
             "workflow_policy": self.policy,
             "tenant_views": self.views,
+            "workers": self.workers,
+            "issue_table": table_data,
             "load_average": {"start": self.load_start, "end": os.getloadavg()},
             "seconds": elapsed,
         }
@@ -417,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'multi':14} GET /history merged over 4 instances vs 1 (same history)")
         print(f"{'policy':14} POST /prompt, 200-node workflow: workflow policy on vs off")
         print(f"{'views':14} a user's GET /history, /api/jobs with 10,000 others' entries")
+        print(f"{'workers':14} small GETs through --workers 2 vs 1 (unpinned)")
         for t in default_targets():
             print(f"target {t.name:12} {t.kind:10} {t.description}")
         return 0

@@ -41,6 +41,11 @@ class RunningTarget:
     port: int
     proc: Proc | None  # None for "direct": nothing of its own to measure
     headers: dict[str, str] = field(default_factory=dict)
+    history_id: str = ""  # the ~2 KB entry the small GETs read ("": the fixtures' one)
+    preview_prompt_id: str = ""  # WebSocket previews name this prompt (type 4 frames)
+    preview_type: int = 1  # binary type the fake streams to this target's sockets
+    view_file: str = ""  # the 512 KiB /view file ("": the fixtures' one)
+    upstream_root: Path | None = None  # the fake's data directory (input, output, temp)
 
     @property
     def name(self) -> str:
@@ -109,6 +114,8 @@ def rate_limited_roles() -> str:
 
 def default_targets() -> list[TargetSpec]:
     """Order matters: runs alternate in this order inside every repetition."""
+    from bench.user_target import user_target  # noqa: PLC0415 - it builds on this module
+
     return [
         TargetSpec("direct", "direct", description="the fake ComfyUI, no proxy"),
         TargetSpec(
@@ -133,6 +140,7 @@ def default_targets() -> list[TargetSpec]:
             description="comfygate, auth + rate limits in a local Redis (a limited role, limits "
             "never reached: one GCRA check per request)",
         ),
+        user_target(),
         TargetSpec("nginx", "nginx", description="nginx reference (deploy/nginx/bench.conf)"),
     ]
 
@@ -151,6 +159,7 @@ class Launcher:
     comfygate_cmd: list[str]
     log_dir: Path
     redis_url: str = ""
+    root: Path | None = None  # the upstream's data directory, for targets' prepare hooks
 
     async def start(self, spec: TargetSpec) -> RunningTarget:
         starters: dict[Kind, Callable[[TargetSpec], Awaitable[RunningTarget]]] = {
@@ -159,6 +168,7 @@ class Launcher:
             "nginx": self._start_nginx,
         }
         running = await starters[spec.kind](spec)
+        running.upstream_root = self.root
         running.headers.update(spec.headers)
         if spec.prepare is not None:
             await spec.prepare(running)

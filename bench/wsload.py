@@ -119,15 +119,20 @@ async def ws_stream(
     count: int,
     size: int,
     interval_ms: float = 0.0,
+    kind: int = FRAME_TYPE_PREVIEW,
+    prompt_id: str = "",
 ) -> int:
-    """Ask the fake to send ``count`` binary frames to ``sid``; returns how many it sent."""
-    body = {
+    """Ask the fake to send ``count`` binary frames to ``sid``; returns how many it sent.
+    ``kind`` 4 frames carry metadata naming ``prompt_id`` (an isolated user's own previews)."""
+    body: dict[str, object] = {
         "sid": sid,
         "count": count,
         "size": size,
-        "type": FRAME_TYPE_PREVIEW,
+        "type": kind,
         "interval_ms": interval_ms,
     }
+    if prompt_id:
+        body["prompt_id"] = prompt_id
     async with session.post(f"{fake_base}/__fake__/ws_stream", json=body) as resp:
         data = orjson.loads(await resp.read())
         if resp.status != 200:
@@ -158,6 +163,8 @@ async def ws_relay(
     duration: float,
     batch: int = 16,
     sid_map: SidMap | None = None,
+    kind: int = FRAME_TYPE_PREVIEW,
+    prompt_id: str = "",
 ) -> RelayResult:
     """``connections`` sockets, each fed back to back in batches of ``batch`` frames until
     ``duration`` has passed; throughput = bytes received / (first request .. last frame)."""
@@ -173,7 +180,13 @@ async def ws_relay(
             async def feed(i: int) -> None:
                 while time.perf_counter() < deadline:
                     sent[i] += await ws_stream(
-                        control, fake_base, clients[i].upstream_sid, batch, frame_size
+                        control,
+                        fake_base,
+                        clients[i].upstream_sid,
+                        batch,
+                        frame_size,
+                        kind=kind,
+                        prompt_id=prompt_id,
                     )
 
             async with asyncio.timeout(duration + 60):
@@ -214,6 +227,8 @@ async def ws_frame_latency(
     rate: float,
     duration: float,
     sid_map: SidMap | None = None,
+    kind: int = FRAME_TYPE_PREVIEW,
+    prompt_id: str = "",
 ) -> LatencyResult:
     """Paced frames on one socket: for each, the time from asking the fake to send one frame to
     its receipt. The control request costs the same for every target, so through-proxy minus
@@ -230,7 +245,15 @@ async def ws_frame_latency(
                 target = client.frames + 1
                 fut = client.wait_frames(target)
                 t0 = time.perf_counter()
-                await ws_stream(control, fake_base, client.upstream_sid, 1, frame_size)
+                await ws_stream(
+                    control,
+                    fake_base,
+                    client.upstream_sid,
+                    1,
+                    frame_size,
+                    kind=kind,
+                    prompt_id=prompt_id,
+                )
                 try:
                     async with asyncio.timeout(5):
                         rx = await fut
@@ -252,9 +275,10 @@ async def open_idle(
     count: int,
     parallel: int = 50,
     limit_s: float = 120.0,
-) -> tuple[aiohttp.ClientSession, list[WsClient], int]:
+) -> tuple[aiohttp.ClientSession, list[WsClient], int, float]:
     """Open ``count`` idle sockets (``parallel`` handshakes in flight); returns the session (the
-    caller closes it with `close_idle`), the clients and the number that failed."""
+    caller closes it with `close_idle`), the clients, the number that failed and the seconds
+    all the handshakes took (opens per second = opened / seconds)."""
     connector = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(connector=connector)
     clients: list[WsClient] = []
@@ -269,13 +293,14 @@ async def open_idle(
             except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError):
                 failed += 1
 
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(limit_s):
             await asyncio.gather(*(one() for _ in range(count)))
     except BaseException:
         await close_idle(session, clients)
         raise
-    return session, clients, failed
+    return session, clients, failed, time.perf_counter() - started
 
 
 async def close_idle(session: aiohttp.ClientSession, clients: list[WsClient]) -> None:

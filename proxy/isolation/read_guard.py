@@ -63,6 +63,7 @@ from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
+from proxy.isolation.owned_entries import own_entries
 from proxy.isolation.ownership import FileRef, OwnershipStore
 from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
@@ -168,14 +169,17 @@ class ReadGuard:
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
+            answer = _loads(body)
             try:
-                owned = await ownership.prompts_of(owner)
+                # A short answer (/history/{id}): its own records decide, one round trip.
+                found = await own_entries(ownership, owner, answer)
+                owned = await ownership.prompts_of(owner) if found is None else ()
             except STATE_ERRORS as exc:
                 _degraded(request, ctx, "history", exc)
                 return b"{}"  # ComfyUI's answer for unknown ids: nothing shown, nothing leaked
-            mine = views.filter_history(_loads(body), owned)
+            mine = views.filter_history(answer, owned) if found is None else found[0]
             await self._record_history_files(ownership, owner, mine)
-            shown = await _sent_client_ids(ownership, list(mine))
+            shown = await _sent_client_ids(ownership, list(mine)) if found is None else found[1]
             for entry in mine.values():
                 views.show_client_id(views.entry_extra_data(entry), shown)
             return orjson.dumps(views.history_window(mine, max_items, offset))

@@ -46,6 +46,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.comfy.json_body import JsonRefused, dump_json, parse_json
+from proxy.comfy.json_fast import parse_canonical
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, Rejection, ServiceUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.settings import SETTINGS, ServerSettings
@@ -334,11 +335,13 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
         )
     raw = await read_body(request, ctx)
     value: object
+    fast: tuple[Any, bytes] | None = None
     if not raw and rule.empty_is_object:
         value = {}
     else:
+        fast = parse_canonical(raw, charset)
         try:
-            value = parse_json(raw, charset)
+            value = parse_json(raw, charset) if fast is None else fast[0]
         except JsonRefused as exc:
             raise _unreadable(
                 request,
@@ -357,7 +360,8 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
             message="the request body must be a JSON object",
             details=f"got a JSON {_json_type(value)}",
         )
-    body = dump_json(value)  # parse_json only accepts what JSON writes back
+    # parse_json only accepts what JSON writes back; the fast path has written it already.
+    body = fast[1] if fast is not None and fast[0] is value else dump_json(value)
     lease = _lease(request, ctx)
     if len(body) > lease.held:  # escaped characters: the canonical form can be the larger
         _hold(request, ctx, lease, len(body) - lease.held)

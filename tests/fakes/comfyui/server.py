@@ -274,7 +274,7 @@ class FakeComfyUI:
             sid = body.get("sid")
             count, size = int(body.get("count", 1)), int(body.get("size", 1024))
             kind, interval = int(body.get("type", 1)), float(body.get("interval_ms", 0))
-            frame = stream_frame(kind, size)
+            frame = stream_frame(kind, size, str(body.get("prompt_id") or _STREAM_PROMPT_ID))
             started = time.perf_counter()
             sent = 0
             for n in range(count):
@@ -296,12 +296,16 @@ class FakeComfyUI:
         return routes
 
 
-def stream_frame(kind: int, size: int) -> bytes:
-    """A preview frame of exactly ``size`` bytes: valid header + a padded JPEG."""
+_STREAM_PROMPT_ID = "00000000-0000-4000-8000-000000000000"
+
+
+def stream_frame(kind: int, size: int, prompt_id: str = _STREAM_PROMPT_ID) -> bytes:
+    """A preview frame of exactly ``size`` bytes: valid header + a padded JPEG (type 4: its
+    metadata names ``prompt_id``)."""
     if kind == PREVIEW_IMAGE_WITH_METADATA:
         meta = {
             "node_id": "3",
-            "prompt_id": "00000000-0000-4000-8000-000000000000",
+            "prompt_id": prompt_id,
             "display_node_id": "3",
             "parent_node_id": None,
             "real_node_id": "3",
