@@ -846,6 +846,7 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
     # RSS slope per replica process, after the run's and the process's warm-up.
     warm = WARMUP_FRACTION * args.duration
     slopes: list[tuple[str, float, float, bool]] = []
+    rss_late: list[tuple[str, float, float]] = []
     for (index, generation), samples in sorted(record.rss.items()):
         born = samples[0][0]  # sampled from its start on (every RSS_EVERY_SECONDS)
         kept = [
@@ -855,6 +856,14 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
         judged = span >= MIN_SLOPE_SECONDS
         slope = slope_mb_per_hour(kept) if len(kept) > 2 else 0.0
         slopes.append((f"replica {index + 1} #{generation}", slope, span, judged))
+        # The second half alone, shown: bounded caches (ownership, locations) fill during the
+        # first, so a slope that falls from one half to the next is warm-up, not a leak.
+        late = kept[len(kept) // 2 :]
+        late_span = late[-1][0] - late[0][0] if len(late) > 1 else 0.0
+        if late_span >= MIN_SLOPE_SECONDS and len(late) > 2:
+            rss_late.append(
+                (f"replica {index + 1} #{generation}", slope_mb_per_hour(late), late_span)
+            )
 
     rows: list[tuple[str, str, bool | None]] = []
 
@@ -890,6 +899,8 @@ def report(load: Load, record: Record, args: argparse.Namespace, instance_dups: 
     for name, slope, span, judged in slopes:
         verdict = (slope <= args.rss_slope_limit) if judged else None
         row(f"RSS slope {name} (MB/h over {span:.0f}s)", f"{slope:+.0f}", verdict)
+    for name, slope, span in rss_late:
+        row(f"  second half {name} (MB/h over {span:.0f}s)", f"{slope:+.0f}")
     for window in record.windows:
         took = (window.recovered - window.repaired) if window.recovered is not None else None
         shown = f"{took:.1f}" if took is not None else "not recovered"
