@@ -223,7 +223,7 @@ class RoleGuard:
                     f"clearing the whole {rule} is for admins", error_type="forbidden_role"
                 )
         if rule == "system_stats" and request.method in ("GET", "HEAD"):
-            ctx.rewrite_response = redact_argv  # HEAD too: it would tell the argv's length
+            ctx.response_filters.append(redact_argv)  # HEAD too: it would tell the argv's length
 
 
 async def redact_argv(status: int, body: bytes) -> bytes:

@@ -180,13 +180,13 @@ class ReadGuard:
             return orjson.dumps(views.history_window(mine, max_items, offset))
 
         if not paged:  # /history/{id}, or a non-integer ComfyUI fails on (its own 500)
-            ctx.rewrite_response = rewrite
+            ctx.response_filters.append(rewrite)
             return
 
         async def full_read() -> web.StreamResponse:
             # Paging applies to the caller's own list: fetch everything, page it here.
             ctx.upstream_path = views.without_query_params(ctx.upstream_path, HISTORY_PAGING)
-            ctx.rewrite_response = rewrite
+            ctx.response_filters.append(rewrite)
             return await _forward(request)
 
         async def record_files(history: dict[str, Any]) -> None:
@@ -300,7 +300,7 @@ class ReadGuard:
                 views.show_client_id(views.item_extra_data(item), shown)
             return orjson.dumps(queue)
 
-        ctx.rewrite_response = rewrite
+        ctx.response_filters.append(rewrite)
 
     # -- jobs -----------------------------------------------------------------------------
     async def _jobs(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
@@ -342,7 +342,7 @@ class ReadGuard:
                         return orjson.dumps(job)
                 return body
 
-            ctx.rewrite_response = rewrite
+            ctx.response_filters.append(rewrite)
 
     def _jobs_list(
         self, request: web.Request, ctx: RequestContext, ownership: OwnershipStore, owner: str
@@ -366,13 +366,13 @@ class ReadGuard:
             return ()
 
         if query is None:  # ComfyUI refuses the parameters: its own 400, from ComfyUI
-            ctx.rewrite_response = filtered(owned)
+            ctx.response_filters.append(filtered(owned))
             return
 
         async def full_read() -> web.StreamResponse:
             # Totals must count the caller's jobs only: fetch the whole list, page it here.
             ctx.upstream_path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
-            ctx.rewrite_response = filtered(owned)
+            ctx.response_filters.append(filtered(owned))
             return await _forward(request)
 
         async def probe() -> web.StreamResponse:
@@ -380,7 +380,7 @@ class ReadGuard:
             # own answer where it has no /api/jobs).
             path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
             ctx.upstream_path = views.with_query_param(path, "limit", "1")
-            ctx.rewrite_response = filtered(nothing)
+            ctx.response_filters.append(filtered(nothing))
             return await _forward(request)
 
         async def own_jobs(request: web.Request) -> web.StreamResponse:
@@ -438,14 +438,16 @@ class ReadGuard:
         # SECURITY: ComfyUI lets any socket claim any clientId; upstream only ever sees ids
         # derived from (owner, client id), so another user's id cannot be claimed.
         ctx.upstream_path = views.with_query_param(ctx.upstream_path, "clientId", namespaced)
-        ctx.ws_filter = SocketEventFilter(
-            owner=owner,
-            client_id=client_id,
-            upstream_client_id=namespaced,
-            ownership=request.app[OWNERSHIP],
-            passed_types=settings.isolation.passed_event_types,
-            admin=admin,
-            metrics=request.app[METRICS],
+        ctx.frame_filters.append(
+            SocketEventFilter(
+                owner=owner,
+                client_id=client_id,
+                upstream_client_id=namespaced,
+                ownership=request.app[OWNERSHIP],
+                passed_types=settings.isolation.passed_event_types,
+                admin=admin,
+                metrics=request.app[METRICS],
+            )
         )
 
     # -- helpers --------------------------------------------------------------------------

@@ -174,7 +174,7 @@ async def _submit_prompt(
     if not await _count_and_record(request, ctx, store, record):
         raise _taken()  # another request recorded the same id
     forward_submission(ctx, submission)
-    ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+    ctx.response_filters.append(_forget_if_refused(store, prompt_id))
 
 
 async def _record_admin_prompt(
@@ -203,7 +203,7 @@ async def _record_admin_prompt(
     )
     # Admins' quota is 0 (unlimited) unless configured; a known id is theirs to reuse.
     if await _count_and_record(request, ctx, store, record, release_if_taken=False):
-        ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+        ctx.response_filters.append(_forget_if_refused(store, prompt_id))
 
 
 def _namespaced(owner: str, body: dict[str, Any]) -> str | None:
@@ -272,12 +272,8 @@ def _taken() -> BadRequest:
     )
 
 
-def _forget_if_refused(
-    store: OwnershipStore, prompt_id: str, previous: ResponseRewrite | None
-) -> ResponseRewrite:
+def _forget_if_refused(store: OwnershipStore, prompt_id: str) -> ResponseRewrite:
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             await store.forget_prompt(prompt_id)  # not queued: the id is free again
         return body
@@ -332,7 +328,7 @@ async def _rewrite_upload(
     await upload.read_head(reader)  # refusals in fields before the file: nothing sent yet
     ctx.body_stream = upload.stream(reader)
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = f"multipart/form-data; boundary={upload.boundary}"
-    ctx.rewrite_response = _record_upload(store, scope, ctx.rewrite_response)
+    ctx.response_filters.append(_record_upload(store, scope))
 
 
 class _UploadRewrite:
@@ -475,14 +471,10 @@ async def _read_field(part: BodyPartReader) -> str:
         raise BadRequest(f"form field {part.name!r} is not text", error_type="bad_upload") from None
 
 
-def _record_upload(
-    store: OwnershipStore, scope: FileScope, previous: ResponseRewrite | None
-) -> ResponseRewrite:
+def _record_upload(store: OwnershipStore, scope: FileScope) -> ResponseRewrite:
     """Record the stored file (``{"name", "subfolder", "type"}``) as the caller's."""
 
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             return body
         try:

@@ -33,7 +33,7 @@ class QueueQuotaGuard:
             return
         rule = ctx.rule.name
         if rule == "ws" and is_websocket(request):
-            ctx.ws_filter = QuotaEventObserver(quota, ctx.ws_filter)
+            ctx.frame_filters.insert(0, QuotaEventObserver(quota))
         elif (
             rule == "prompt"
             and request.method == hdrs.METH_POST

@@ -140,12 +140,9 @@ def _watch_submission(request: web.Request, state: MultiInstance) -> None:
     """Tell the lost-prompt watch about an accepted submission at once (the periodic watch
     would learn of it only at its next read)."""
     ctx = request[CONTEXT]
-    previous = ctx.rewrite_response
     pool = request.app[POOL]
 
     async def note(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status == 200:
             with contextlib.suppress(orjson.JSONDecodeError):
                 accepted = orjson.loads(body)
@@ -161,7 +158,7 @@ def _watch_submission(request: web.Request, state: MultiInstance) -> None:
                     )
         return body
 
-    ctx.rewrite_response = note
+    ctx.response_filters.append(note)
 
 
 __all__ = [
