@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 import structlog
 from aiohttp import web
 
 from proxy.auth.admin_guard import AdminGuard
+from proxy.auth.settings import RoleSettings
 from proxy.errors import ProxyError
 from proxy.policy.loader import PolicyError
 from proxy.state import POLICY
@@ -37,9 +38,9 @@ class PolicyInvalid(ProxyError):
     error_type = "policy_invalid"
 
 
-def reload_guard() -> AdminGuard:
+def reload_guard(roles: Mapping[str, RoleSettings]) -> AdminGuard:
     """The admin guard of ``POST /admin/reload`` (permission ``admin_reload``)."""
-    return AdminGuard(RELOAD_ROUTE, "reloading the policy")
+    return AdminGuard(RELOAD_ROUTE, "reloading the policy", roles)
 
 
 async def reload_policy(app: web.Application, *, trigger: Trigger) -> int:

@@ -33,6 +33,7 @@ from aiohttp import hdrs, web
 from proxy.errors import Rejection
 from proxy.isolation.ownership import FileRef
 from proxy.limits.quota_move import move_reservation
+from proxy.observability.metrics import Metrics
 from proxy.state import (
     CONTEXT,
     METRICS,
@@ -40,7 +41,6 @@ from proxy.state import (
     POOL,
     QUEUE_QUOTA,
     REDIS,
-    SETTINGS,
     RequestContext,
 )
 from proxy.upstream.forward import build_upstream_headers, map_client_error
@@ -60,6 +60,7 @@ from proxy.upstream.placement import (
     requirements,
 )
 from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
+from proxy.upstream.registry_settings import PlacementSettings
 from proxy.upstream.replication import FileCopier, referenced_files
 from proxy.workflow.request import read_prompt
 
@@ -124,8 +125,13 @@ class PlacementGuard:
 
     name = "placement"
 
+    def __init__(self, pool: UpstreamPool, metrics: Metrics, settings: PlacementSettings) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._settings = settings
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        pool = request.app[POOL]
+        pool = self._pool
         if request.method != hdrs.METH_POST or ctx.path != "/prompt" or not pool.managed:
             return  # one instance: it gets everything, as before
         graph = (await read_prompt(request, ctx)).prompt  # the proxy's one reading of it
@@ -134,7 +140,7 @@ class PlacementGuard:
             routable = pool.routable()
             ctx.target = routable[0] if routable else pool.home()
             return
-        metrics = request.app[METRICS]
+        metrics = self._metrics
         started = time.perf_counter()
         req = requirements(graph)
         decision = decide(req, candidate_states(pool))
@@ -152,7 +158,7 @@ class PlacementGuard:
         ranked = [u for c in decision.ranked if (u := pool.get(c.name)) is not None]
         metrics.placements.labels("placed").inc()
         ctx.target = ranked[0]
-        settings = request.app[SETTINGS].upstream.placement
+        settings = self._settings
         ctx.failover = Submission(
             ranked[: settings.max_attempts],
             req,
