@@ -70,4 +70,5 @@ async def test_placement_leaves_a_single_instance_alone() -> None:
     )
     req, ctx = request("POST", "/prompt", rule="prompt", who=principal("alice"), body=b"{}")
     await guard.check(req, ctx)
-    assert ctx.target is None and ctx.failover is None
+    assert ctx.target is None
+    assert ctx.failover is None
