@@ -7,12 +7,16 @@
                                                                          |- relay_websocket
                                                                          '- the proxy's own routes
 
-Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role -> ratelimit (not on
-static files; ``POST /login`` checks its own limit), then the isolation guard of the route
-family (submit: prompt/upload/view; read: history/queue/jobs/interrupt/ws), then the queue
-quota (prompt, ws). The proxy's own routes (health, login, its static files, the frontend
-extension's script) run no guard: they are the only public ones, except ``POST /admin/reload``
-(the chain, then admins only) and ``GET /comfygate/whoami`` (origin, auth, csrf).
+The route table (``build_routes``, built once the resources exist) is the router: for every
+rule (``proxy.routes.RuleName``) its guards, each built with its collaborators, and its
+terminal handlers (one instance; several). Guards of every ComfyUI route, in order: origin ->
+auth -> csrf -> role (and the family's own role checks) -> ratelimit (``POST /login`` checks
+its own limit), then the family's guards: on ``/ws`` the queue quota's frame observer, then
+isolation per operation (prompt/upload/view; history/queue/jobs/interrupt/ws), then the queue
+quota (``POST /prompt``, isolation off). The proxy's own routes (health, login, its static
+files, the frontend extension's script) run no guard: they are the only public ones, except
+``POST /admin/reload`` (the chain, then admins only) and ``GET /comfygate/whoami`` (origin,
+auth, csrf).
 
 ``POST /prompt`` runs the workflow policy (``proxy.policy.guard``) after the rate limit and
 before everything that rewrites or records the prompt.
@@ -28,21 +32,34 @@ Inspected bodies (``POST`` prompt/queue/history/interrupt/jobs cancel) are read 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import WSCloseCode, hdrs, web
+from aiohttp.typedefs import Handler
 from multidict import istr
 from prometheus_client import CollectorRegistry
 
+from proxy.auth.admin_guard import AdminGuard
 from proxy.auth.authenticator import authenticator_context
-from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
+from proxy.auth.guard import (
+    AuthGuard,
+    ClearRoleGuard,
+    CsrfGuard,
+    RedactArgvGuard,
+    RoleGuard,
+    SubmitRoleGuard,
+    UsersReadOnlyGuard,
+)
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
 from proxy.auth.oidc import FLOW_COOKIE, add_oidc_routes
 from proxy.auth.sweeper import relay_sweeper
 from proxy.chain import (
     FORWARD_ROUTE,
+    ROUTE_TABLE,
+    Endpoint,
     Guard,
+    RouteTable,
     add_response_headers,
     make_run_guards,
     observe,
@@ -51,14 +68,22 @@ from proxy.chain import (
 )
 from proxy.cors import make_cors
 from proxy.health import healthz, readyz
+from proxy.isolation.namespaces import FOLDERS
+from proxy.isolation.own_views import OwnViews
 from proxy.isolation.ownership import ownership_store
-from proxy.isolation.read_guard import ReadGuard
-from proxy.isolation.submit_guard import SubmitGuard
-from proxy.limits.classes import limited_rule
+from proxy.isolation.read_guard import (
+    HistoryGuard,
+    InterruptGuard,
+    JobsGuard,
+    QueueGuard,
+    ReadGuard,
+    SocketGuard,
+)
+from proxy.isolation.submit_guard import PromptSubmitGuard, SubmitGuard, UploadGuard, ViewGuard
 from proxy.limits.enforce import rate_limits_context
 from proxy.limits.guard import RateLimitGuard
-from proxy.limits.quota.guard import QueueQuotaGuard
-from proxy.limits.quota.service import queue_quota_context
+from proxy.limits.quota.guard import QueueQuotaGuard, SocketQuotaGuard
+from proxy.limits.quota.service import QueueQuota, queue_quota_context
 from proxy.multi.admin import (
     ADMIN_UPSTREAM_ROUTES,
     add_upstream_admin_routes,
@@ -67,7 +92,13 @@ from proxy.multi.admin import (
 from proxy.multi.dispatch import (
     dispatch_multi,
     is_multi,
+    multi_history,
     multi_instance_context,
+    multi_interrupt,
+    multi_jobs,
+    multi_prompt,
+    multi_queue,
+    multi_view,
     relay_websocket_multi,
 )
 from proxy.multi.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
@@ -78,7 +109,7 @@ from proxy.observability.context import metrics_context
 from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import Metrics
 from proxy.origin import OriginGuard
-from proxy.policy.catalog.view import CATALOG_RULES, catalog_context, serve_catalog
+from proxy.policy.catalog.view import catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
 from proxy.policy.store import PolicyStore
@@ -91,16 +122,35 @@ from proxy.request.bodies import (
     release_inspected_bodies,
 )
 from proxy.request.prompt import PromptGuard
-from proxy.routes import OTHER, RULES
-from proxy.scheduler.context import add_scheduler_route, scheduler_context, with_scheduler
+from proxy.routes import (
+    COMFY_RULES,
+    OTHER,
+    OWN_ROUTES,
+    OWN_RULES,
+    RULES,
+    ComfyRule,
+    RouteRule,
+    RuleName,
+)
+from proxy.scheduler.context import (
+    ADMIN_SCHEDULER,
+    add_scheduler_route,
+    scheduler_context,
+    with_scheduler,
+)
 from proxy.settings import SETTINGS, Settings
 from proxy.state import (
+    AUTH,
+    COMFY_USERS,
     CONTEXT,
     HEADER_POLICY,
     LIFECYCLE,
     METRICS,
+    OWNERSHIP,
     POLICY,
     POOL,
+    QUEUE_QUOTA,
+    RATE_LIMITS,
     RELOAD_HOOKS,
     HeaderPolicy,
     Lifecycle,
@@ -108,7 +158,7 @@ from proxy.state import (
 from proxy.upstream.forward import forward_http
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.websocket import relay_websocket
-from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
+from proxy.userdata.handler import serve_userdata, userdata_context
 from proxy.web.frontend import (
     WHOAMI_ROUTE,
     AdminStubGuard,
@@ -119,85 +169,215 @@ from proxy.web.frontend import (
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    """The terminal handler for ComfyUI's surface: WebSocket relay or HTTP forward."""
+    """The terminal handler for ComfyUI's surface: the matched endpoint's (``build_routes``)."""
     ctx = request[CONTEXT]
     if ctx.answer is not None:  # a guard builds this answer itself (tenant history/jobs views)
         return await ctx.answer(request)
-    rule = ctx.rule
-    multi = is_multi(request.app[POOL])  # several instances: merged views, sticky, fan-in
-    if rule.websocket and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
-        return await (relay_websocket_multi if multi else relay_websocket)(request)
-    if rule.name == "users":  # only GET gets here (RoleGuard); the proxy manages ComfyUI users
-        return await users_endpoint(request)
-    if rule.name in CATALOG_RULES:  # what the UI offers: filtered to the caller's policy
-        return await serve_catalog(request)
-    if rule.name in USERDATA_RULES:  # each user's own, with or without --multi-user (home)
-        return await serve_userdata(request)
-    if multi:
-        return await dispatch_multi(request)
-    return await forward_http(request)
+    return await request.app[ROUTE_TABLE].terminal(ctx.rule.name)(request)
 
 
-def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
-    """Which guards run for which route rule, in order (the proxy's own routes have none)."""
-    chain: tuple[Guard, ...] = (
+def _socket(relay: Handler, fallback: Handler) -> Handler:
+    """``/ws``: the relay for a WebSocket upgrade; a plain GET goes where any other would."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            return await relay(request)
+        return await fallback(request)
+
+    return handler
+
+
+_OWN_HANDLERS: Mapping[ComfyRule, Handler] = {
+    "users": users_endpoint,  # only GET gets here (role guards): the proxy manages ComfyUI users
+    "object_info": serve_catalog,  # what the UI offers: filtered to the caller's policy
+    "models": serve_catalog,
+    "userdata": serve_userdata,  # each user's own, with or without --multi-user (home)
+    "settings": serve_userdata,
+}
+"""ComfyUI families the proxy answers itself, with one instance or several."""
+_MULTI_HANDLERS: Mapping[ComfyRule, Handler] = {
+    "ws": _socket(relay_websocket_multi, dispatch_multi),
+    "history": multi_history,
+    "queue": multi_queue,
+    "jobs": multi_jobs,
+    "interrupt": multi_interrupt,
+    "view": multi_view,
+    "prompt": multi_prompt,
+}
+"""Several instances: merged views, sticky reads, fan-in (every other rule: ``dispatch_multi``)."""
+
+
+def build_routes(app: web.Application) -> RouteTable:
+    """The route table: for every rule, its guards in order (built here, once the resources
+    exist, with their collaborators) and its terminal handlers.
+
+    Guards of every ComfyUI route, in order: origin -> auth -> csrf -> role (then the family's
+    own role checks) -> ratelimit -> body -> the family's guards (below) -> isolation.
+    """
+    settings = app[SETTINGS]
+    roles = settings.roles
+    multi = is_multi(app[POOL])
+    rate_limited = settings.rate_limits.enabled
+    quota = app[QUEUE_QUOTA] if rate_limited else None
+    origin, csrf = OriginGuard(settings.server, settings.auth), CsrfGuard(settings.server)
+    comfy_users = app.get(COMFY_USERS)
+
+    def identity(rule: RouteRule) -> tuple[Guard, ...]:
         # First: a foreign site using a browser's ambient credentials learns nothing, not even
-        # 401 vs 403 (bearer and query tokens are not ambient: see proxy.origin).
-        OriginGuard(settings.server, settings.auth),
-        AuthGuard(),  # who is calling; everything after relies on ctx.principal
-        CsrfGuard(),  # needs the principal's source (cookie vs bearer)
-        RoleGuard(),  # admin-only families and actions
-    )
-    guards = {r.name: chain for r in (*RULES, OTHER)}
-    # The stock frontend's own calls to /internal/*: an empty answer for those the role guard
-    # would refuse (proxy.web.frontend); after auth and CSRF, before the role guard.
-    guards["internal"] = (*chain[:3], AdminStubGuard(), *chain[3:])
-    if settings.auth.enabled:  # the account extension (who is signed in, sign out)
-        guards["static"] = (*guards["static"], ExtensionListGuard())
-    guards[WHOAMI_ROUTE] = chain[:3]
-    if settings.rate_limits.enabled:
-        # After the role guard (a refused request spends nothing), before isolation (whose
+        # 401 vs 403 (bearer and query tokens are not ambient: see proxy.origin). Then who is
+        # calling (everything after relies on ctx.principal), then CSRF (needs its source).
+        return (origin, AuthGuard(rule, app[AUTH], settings, comfy_users), csrf)
+
+    def terminal(rule: ComfyRule) -> tuple[Handler, Handler]:
+        own = _OWN_HANDLERS.get(rule)
+        if own is not None:
+            return own, own
+        single = _socket(relay_websocket, forward_http) if rule == "ws" else forward_http
+        return single, _MULTI_HANDLERS.get(rule, dispatch_multi)
+
+    body, limited = BodyGuard(), (RateLimitGuard,) if rate_limited else ()
+    endpoints: dict[RuleName, Endpoint] = {}
+    for rule in (*RULES, OTHER):
+        name = rule.name
+        assert name in COMFY_RULES  # the ComfyUI families: typed for the handlers' tables
+        single, several = terminal(name)
+        forward = several if multi else single
+        guards: list[Guard] = [*identity(rule)]
+        if name == "internal":
+            # The stock frontend's own calls to /internal/*: an empty answer for those the
+            # role guard would refuse (proxy.web.frontend); after auth and CSRF.
+            guards.append(AdminStubGuard())
+        guards.append(RoleGuard(rule, roles))  # admin-only families
+        guards.extend(_role_checks(name, rule, settings))
+        if name == "static" and settings.auth.enabled:  # the account extension
+            guards.append(ExtensionListGuard())
+        # After the role guards (a refused request spends nothing), before isolation (whose
         # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
-        limit = RateLimitGuard()
-        guards = {name: (*g, limit) if limited_rule(name) else g for name, g in guards.items()}
-    # Every inspected body read, bounded and checked once, after the rate limit (a flood is
-    # refused before its bodies are read), before every guard that rewrites or records it; on
-    # POST /prompt after the policy, which refuses a body over the role's size unread.
-    body = BodyGuard()
-    for name in INSPECTED_RULES:
-        guards[name] = (*guards[name], body) if name != "prompt" else guards[name]  # see below
-    if settings.policy.enabled:
-        # After the rate limit (a flood is refused before its bodies are parsed), before
-        # isolation (which rewrites what the policy allowed).
-        guards["prompt"] = (*guards["prompt"], PolicyGuard())
-    # Every POST /prompt is read once (through the same bounded body reader) into the canonical
-    # prompt model and forwarded as the proxy serialises it (after the policy, which reads it
-    # first to report its problems too).
-    guards["prompt"] = (*guards["prompt"], PromptGuard())
-    guards[RELOAD_ROUTE] = (*chain, reload_guard())  # POST /admin/reload: admins only
-    upstreams_admin = upstream_admin_guard()  # /admin/upstreams[/{name}/drain|undrain]
-    for name in ADMIN_UPSTREAM_ROUTES:
-        guards[name] = (*chain, upstreams_admin)
-    # A repeated Idempotency-Key is answered from memory; then placement chooses the instance
-    # (several instances), under whose name isolation records the prompt.
-    guards["prompt"] = (*guards["prompt"], IdempotencyGuard(), PlacementGuard())
-    # Isolation last: it narrows what an allowed request sees and touches.
-    read, submit = ReadGuard(), SubmitGuard()
-    for name in ("history", "queue", "jobs", "interrupt", "ws"):
-        guards[name] = (*guards[name], read)
-    for name in ("prompt", "upload", "view"):
-        guards[name] = (*guards[name], submit)
-    # Several instances: an upload goes to every healthy one (after isolation rewrote it).
-    guards["upload"] = (*guards["upload"], ReplicationGuard())
-    if settings.rate_limits.enabled:
-        # Queue quota last: on /ws it wraps isolation's frame filter; on POST /prompt it counts
-        # the prompt itself only with isolation off (isolation counts it once it set the id).
-        quota = QueueQuotaGuard()
-        for name in ("prompt", "ws"):
-            guards[name] = (*guards[name], quota)
+        guards.extend(g(rule, app[RATE_LIMITS]) for g in limited)
+        if name in INSPECTED_RULES and name != "prompt":
+            # Every inspected body read, bounded and checked once, after the rate limit,
+            # before every guard that rewrites or records it (POST /prompt: see below).
+            guards.append(body)
+        guards.extend(_family_guards(app, name, forward, quota))
+        endpoints[name] = Endpoint(rule, tuple(guards), single, several)
+    for own in OWN_ROUTES:
+        own_rule = OWN_RULES[own]
+        own_guards: tuple[Guard, ...] = ()
+        if own == WHOAMI_ROUTE:  # who is signed in: origin, auth, csrf (and the limit)
+            own_guards = (*identity(own_rule), *(g(own_rule, app[RATE_LIMITS]) for g in limited))
+        elif own == RELOAD_ROUTE:  # POST /admin/reload: admins only
+            own_guards = (*identity(own_rule), RoleGuard(own_rule, roles), reload_guard(roles))
+        elif own == ADMIN_SCHEDULER:  # GET /admin/scheduler: admins only
+            own_guards = (
+                *identity(own_rule),
+                RoleGuard(own_rule, roles),
+                AdminGuard(ADMIN_SCHEDULER, "listing the gateway queue", roles),
+            )
+        elif own in ADMIN_UPSTREAM_ROUTES:  # /admin/upstreams[/{name}/drain|undrain]
+            own_guards = (
+                *identity(own_rule),
+                RoleGuard(own_rule, roles),
+                upstream_admin_guard(roles),
+            )
+        endpoints[own] = Endpoint(own_rule, own_guards)
     if settings.scheduler.enabled:  # the gateway queue (docs/scheduler.md)
-        guards = with_scheduler(guards, chain)
-    return guards
+        with_scheduler(endpoints)
+    return RouteTable(endpoints, multi=multi)
+
+
+def _role_checks(name: ComfyRule, rule: RouteRule, settings: Settings) -> tuple[Guard, ...]:
+    """The per-operation role checks of the few families that have some."""
+    roles = settings.roles
+    if name == "users":
+        return (UsersReadOnlyGuard(),)
+    if name == "prompt":
+        return (SubmitRoleGuard(roles),)
+    if name in ("queue", "history") and not settings.isolation.enabled:
+        # With isolation on, the isolation guard turns a clear into "clear my own".
+        return (ClearRoleGuard(rule, roles),)
+    if name == "system_stats":
+        return (RedactArgvGuard(roles),)
+    return ()
+
+
+def _family_guards(
+    app: web.Application, name: ComfyRule, forward: Handler, quota: QueueQuota | None
+) -> tuple[Guard, ...]:
+    """The guards of one family after the rate limit and the body guard: the policy and the
+    prompt's reading, idempotency and placement, then isolation (it narrows what an allowed
+    request sees and touches), replication, and the queue quota."""
+    settings = app[SETTINGS]
+    isolation, roles = settings.isolation, settings.roles
+
+    def read(kind: type[ReadGuard]) -> ReadGuard:
+        return kind(
+            roles=roles,
+            isolation=isolation,
+            ownership=app[OWNERSHIP],
+            metrics=app[METRICS],
+            forward=forward,
+            own_views=app[_OWN_VIEWS],
+        )
+
+    def submit(kind: type[SubmitGuard]) -> SubmitGuard:
+        return kind(
+            roles=roles,
+            isolation=isolation,
+            ownership=app[OWNERSHIP],
+            folders=app[FOLDERS],
+            pool=app[POOL],
+            quota=quota,
+        )
+
+    if name == "prompt":
+        guards: list[Guard] = []
+        if settings.policy.enabled:
+            # After the rate limit (a flood is refused before its bodies are parsed), before
+            # isolation (which rewrites what the policy allowed).
+            guards.append(PolicyGuard(app[POLICY], app[METRICS], isolation=isolation.enabled))
+        # Every POST /prompt is read once (through the bounded body reader) into the canonical
+        # prompt model and forwarded as the proxy serialises it; then a repeated
+        # Idempotency-Key is answered from memory, placement chooses the instance (several
+        # instances), under whose name isolation records the prompt.
+        guards += [
+            PromptGuard(),
+            IdempotencyGuard(),
+            PlacementGuard(app[POOL], app[METRICS], settings.upstream.placement),
+            submit(PromptSubmitGuard),
+        ]
+        if quota is not None and not isolation.enabled:
+            # Counts the prompt itself only with isolation off (isolation counts it once it
+            # set the id).
+            guards.append(QueueQuotaGuard(quota, app[POOL]))
+        return tuple(guards)
+    if name == "ws":
+        # The quota's observer first: it must see the frames isolation drops.
+        observer = (SocketQuotaGuard(quota),) if quota is not None else ()
+        return (*observer, read(SocketGuard))
+    if name == "upload":
+        # Several instances: an upload goes to every healthy one (after isolation rewrote it).
+        return (submit(UploadGuard), ReplicationGuard())
+    if name == "view":
+        return (submit(ViewGuard),)
+    read_guards: Mapping[ComfyRule, type[ReadGuard]] = {
+        "history": HistoryGuard,
+        "queue": QueueGuard,
+        "jobs": JobsGuard,
+        "interrupt": InterruptGuard,
+    }
+    guard = read_guards.get(name)
+    return (read(guard),) if guard is not None else ()
+
+
+async def _route_table(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``, last: the route table, once every collaborator of the guards exists."""
+    app[_OWN_VIEWS] = OwnViews()
+    app[ROUTE_TABLE] = build_routes(app)
+    yield
+
+
+_OWN_VIEWS = web.AppKey("comfygate.own_views", OwnViews)
+"""The tenants' history and jobs views (shared by their two guards)."""
 
 
 def build_header_policy(settings: Settings) -> HeaderPolicy:
@@ -234,7 +414,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
             release_inspected_bodies,  # gives back the request's share of the body bound
             local_answers,  # a guard's own answer (the frontend's admin-only calls)
-            make_run_guards(build_guards(settings)),  # guards of the matched rule, in order
+            make_run_guards(),  # guards of the matched endpoint (ROUTE_TABLE), in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
         handler_args={"max_field_size": 65536},
@@ -266,6 +446,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             registry_context,  # needs Redis and the catalog: discovery, health, capabilities
             userdata_context,  # needs the pool: which instances run with --multi-user
             scheduler_context,  # the gateway queue: needs Redis, the pool, ownership, quota
+            _route_table,  # last: the guards are built with every resource above
         ]
     )
     app.on_shutdown.append(_close_websockets)

@@ -9,6 +9,15 @@ Order (outermost first), as ``create_app`` lists them:
 3. :func:`resolve_route` - the canonical request target (``proxy.target``) and route rule, used
    by all that follows and sent upstream.
 4. :func:`make_run_guards` - the matched rule's guards, in order; a guard raises to stop.
+
+The route table (:class:`RouteTable`, built by ``app.build_routes`` once the resources exist)
+is the router: one :class:`Endpoint` per rule holds its guards and its terminal handlers.
+
+Response phase, in one documented order: the answer goes through ``ctx.response_filters`` in
+list order (``RequestContext.filter_response``; guards append in the order they run, a
+terminal handler that prepares the answer puts its step first), a relayed socket's frames
+through ``ctx.frame_filters`` in list order (``compose_frame_filters``); then
+``add_response_headers`` adds the request id and ``ctx.response_headers``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -33,7 +43,7 @@ from proxy.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from proxy.routes import RouteRule, classify, rule
+from proxy.routes import OTHER, OWN_RULES, RouteRule, RuleName, classify
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, METRICS, RequestContext
 from proxy.target import canonical_target, origin_form
@@ -55,6 +65,55 @@ class Guard(Protocol):
     name: str
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One entry of the route table: a rule (its name, methods and paths: ``proxy.routes``),
+    the guards that decide on its requests in order, and what answers them."""
+
+    rule: RouteRule
+    guards: tuple[Guard, ...] = ()
+    handler: Handler | None = None
+    """The terminal handler with one ComfyUI instance; None on the proxy's own routes (their
+    aiohttp handler answers)."""
+    multi_handler: Handler | None = None
+    """The terminal handler with several instances (merged views, sticky reads); None: the
+    same as ``handler``."""
+
+
+class RouteTable:
+    """Every endpoint by rule name; built once the resources exist (``app.build_routes``)."""
+
+    def __init__(self, endpoints: Mapping[RuleName, Endpoint], *, multi: bool) -> None:
+        self._endpoints = dict(endpoints)
+        self.multi = multi
+        """Several instances: the terminal handlers are the multi-instance ones."""
+
+    def __getitem__(self, name: RuleName) -> Endpoint:
+        return self._endpoints[name]
+
+    def get(self, name: RuleName) -> Endpoint | None:
+        return self._endpoints.get(name)
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        return iter(self._endpoints.values())
+
+    def guards(self, name: RuleName) -> tuple[Guard, ...]:
+        endpoint = self._endpoints.get(name)
+        return endpoint.guards if endpoint is not None else ()
+
+    def terminal(self, name: RuleName) -> Handler:
+        """What answers a request of rule ``name`` once its guards let it through."""
+        endpoint = self._endpoints[name]
+        handler = endpoint.multi_handler if self.multi else None
+        handler = handler or endpoint.handler
+        if handler is None:  # pragma: no cover - the proxy's own routes never get here
+            raise LookupError(f"rule {name!r} has no terminal handler")
+        return handler
+
+
+ROUTE_TABLE = web.AppKey("comfygate.route_table", RouteTable)
 
 
 def _request_id(request: web.Request) -> str:
@@ -89,7 +148,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         _finish(request, ctx, status)
 
 
-_OWN_RULES: dict[str, RouteRule] = {}
 _BODILESS_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 
 
@@ -129,10 +187,8 @@ async def resolve_route(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     origin_form(request.method, request.raw_path, host=host, public_url=server.public_url)
     if route is not None:
-        own = _OWN_RULES.get(route)
-        if own is None:
-            own = _OWN_RULES[route] = rule(route)
-        ctx.rule = own
+        # An unnamed or unknown route stays "other" (test_routes checks every named one is known).
+        ctx.rule = OWN_RULES.get(route, OTHER)
     return await handler(request)
 
 
@@ -301,13 +357,13 @@ def _render(
     )
 
 
-def make_run_guards(guards: Mapping[str, Sequence[Guard]]) -> Middleware:
-    """The middleware that runs the guards wired for each route rule (by rule name)."""
+def make_run_guards() -> Middleware:
+    """The middleware that runs the guards of the request's endpoint (:data:`ROUTE_TABLE`)."""
 
     @web.middleware
     async def run_guards(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[CONTEXT]
-        for guard in guards.get(ctx.rule.name, ()):
+        for guard in request.app[ROUTE_TABLE].guards(ctx.rule.name):
             try:
                 await guard.check(request, ctx)
             except ProxyError:
@@ -330,8 +386,11 @@ async def add_response_headers(request: web.Request, response: web.StreamRespons
 
 __all__ = [
     "FORWARD_ROUTE",
+    "ROUTE_TABLE",
     "BadRequest",
+    "Endpoint",
     "Guard",
+    "RouteTable",
     "add_response_headers",
     "error_body",
     "json_error",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
 
 from yarl import URL
 
@@ -17,12 +18,61 @@ from proxy.errors import BadRequest, NotFound
 
 API_PREFIX = "/api"
 
+ComfyRule = Literal[
+    "ws",
+    "prompt",
+    "queue",
+    "interrupt",
+    "history",
+    "jobs",
+    "view",
+    "upload",
+    "object_info",
+    "models",
+    "system_stats",
+    "free",
+    "users",
+    "settings",
+    "userdata",
+    "internal",
+    "assets_admin",
+    "assets",
+    "manager",
+    "static",
+    "other",
+]
+"""The families of ComfyUI's surface (:data:`RULES`, then :data:`OTHER`)."""
+OwnRoute = Literal[
+    "healthz",
+    "readyz",
+    "metrics",
+    "base_redirect",
+    "login",
+    "logout",
+    "login_static",
+    "oidc_start",
+    "oidc_callback",
+    "frontend_extension",
+    "whoami",
+    "admin_reload",
+    "admin_upstreams",
+    "admin_upstreams_drain",
+    "admin_upstreams_undrain",
+    "admin_scheduler",
+]
+"""The proxy's own routes (their aiohttp route names, ``app.create_app``)."""
+RuleName = ComfyRule | OwnRoute
+"""Every rule a request can fall under: the label of its logs and metrics, the key of its
+entry in the route table (``app.build_routes``). mypy checks every comparison against it."""
+COMFY_RULES: Final[tuple[ComfyRule, ...]] = get_args(ComfyRule)
+OWN_ROUTES: Final[tuple[OwnRoute, ...]] = get_args(OwnRoute)
+
 
 @dataclass(frozen=True, slots=True)
 class RouteRule:
     """One family of ComfyUI routes. ``name`` is a bounded label for logs and metrics."""
 
-    name: str
+    name: RuleName
     patterns: tuple[str, ...]
     methods: frozenset[str] | None = None
     """None: any method."""
@@ -48,7 +98,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 def rule(
-    name: str,
+    name: RuleName,
     *patterns: str,
     methods: str | None = None,
     websocket: bool = False,
@@ -116,6 +166,8 @@ RULES: tuple[RouteRule, ...] = (
     rule("static", "/", "/extensions/*", "/templates/*", "/scripts/*", "/assets/*", "/docs/*"),
 )
 OTHER = rule("other", "/*")
+OWN_RULES: Final[dict[str, RouteRule]] = {name: rule(name) for name in OWN_ROUTES}
+"""The rule of each of the proxy's own routes, by aiohttp route name."""
 
 # Lookup tables, so classifying costs a dict lookup and at most a few regex matches:
 # exact paths, and the rules whose patterns start with a given first segment (in RULES order).

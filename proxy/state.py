@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
 from proxy.upstream.pool import Upstream, UpstreamPool
+
+ResponseFilter = Callable[[int, bytes], Awaitable[bytes]]
+"""A rewrite of an answer: its status and body in, the body to send out."""
+FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
+"""A WebSocket frame from ComfyUI in, the frame to relay (or None: dropped) out."""
 
 
 @dataclass(slots=True)
@@ -67,22 +72,60 @@ class RequestContext:
     """Headers the guards want ComfyUI to receive (identity), set after filtering the client's."""
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     """Headers for the client's response (e.g. a renewed session cookie), added before prepare."""
-    rewrite_response: Callable[[int, bytes], Awaitable[bytes]] | None = None
-    """Rewrites an answer (any status but 204/304) given its status and body, e.g. to filter or
-    redact it; forces a buffered response. Setting it makes the answer read: asked for in
-    identity, decoded or refused (``proxy.upstream.encoding``), HEAD sent upstream as GET."""
-    ws_filter: Callable[[str | bytes], Awaitable[str | bytes | None]] | None = None
-    """On a WebSocket relay: each frame from ComfyUI goes through it; None drops the frame."""
+    response_filters: list[ResponseFilter] = field(default_factory=list)
+    """Rewrites of the answer (any status but 204/304), applied in list order by
+    :meth:`filter_response`, each given the previous one's output. Guards append in their
+    order on the route (``app.build_routes``); a terminal handler that prepares the answer
+    (a sticky read's merge) inserts its step first. Any filter makes the answer read: asked
+    for in identity, decoded or refused (``proxy.upstream.encoding``), HEAD sent as GET."""
+    frame_filters: list[FrameFilter] = field(default_factory=list)
+    """On a WebSocket relay: each frame from ComfyUI goes through these in list order
+    (:func:`compose_frame_filters`); a None from one drops the frame. Guards append in their
+    order on ``/ws``: the queue quota's observer (sees every frame), then isolation's filter."""
     upgraded: bool = False
     """The WebSocket handshake was answered (101): the request's status from then on."""
     target: Upstream | None = None
     """The instance this request must go to (sticky routing, placement); None: the home one."""
     answer: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
-    """Set by a guard that builds the answer itself from several upstream reads (a tenant's
-    history and jobs views): the terminal handler calls it instead of forwarding."""
+    """The terminal handler's stand-in, set (once) by a guard that builds the answer itself
+    from several upstream reads (a tenant's history and jobs views): the terminal handler
+    calls it instead of forwarding."""
     failover: Failover | None = None
-    """Set by placement on ``POST /prompt``: sends the submission, moving it to the next
-    candidate instance when one refuses it (``proxy.multi.placement_guard``)."""
+    """How the forward sends (set once), by placement on ``POST /prompt``: sends the
+    submission, moving it to the next candidate instance when one refuses it
+    (``proxy.multi.placement_guard``)."""
+
+    @property
+    def filters_response(self) -> bool:
+        """Whether the answer is read and rewritten (not streamed through)."""
+        return bool(self.response_filters)
+
+    async def filter_response(self, status: int, body: bytes) -> bytes:
+        """The one place answers are rewritten: every filter, in list order."""
+        for rewrite in self.response_filters:
+            body = await rewrite(status, body)
+        return body
+
+
+def compose_frame_filters(filters: Sequence[FrameFilter]) -> FrameFilter | None:
+    """The one place frames are filtered: ``filters`` in order, stopping at a dropped frame;
+    None when there is none (the relay then passes frames untouched)."""
+    if not filters:
+        return None
+    if len(filters) == 1:
+        return filters[0]
+    chain = tuple(filters)
+
+    async def filtered(frame: str | bytes) -> str | bytes | None:
+        result: str | bytes | None = frame
+        for step in chain:
+            result = await step(frame)
+            if result is None:
+                return None
+            frame = result
+        return frame
+
+    return filtered
 
 
 @dataclass(slots=True)

@@ -1,16 +1,18 @@
 """The guard of the proxy's own admin routes (``/admin/reload``, ``/admin/upstreams``...).
 
-One class for every admin route: each route family is wired (``app.build_guards``, by route
+One class for every admin route: each route family is wired (``app.build_routes``, by route
 name) with an instance naming the permission it needs; admins pass, and so does a role that
 lists that permission in ``roles.<r>.allow_routes``. Everyone else is refused: default deny.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from proxy.errors import Forbidden
-from proxy.settings import SETTINGS
+from proxy.settings.auth import RoleSettings
 from proxy.state import RequestContext
 
 
@@ -24,16 +26,17 @@ class AdminGuard:
 
     name = "admin"
 
-    def __init__(self, permission: str, action: str) -> None:
+    def __init__(self, permission: str, action: str, roles: Mapping[str, RoleSettings]) -> None:
         """``permission``: the ``allow_routes`` entry granting access; ``action``: what the
-        route does, for the refusal message ("reloading the policy")."""
+        route does, for the refusal message ("reloading the policy"); ``roles``: the roles
+        configured (``settings.roles``)."""
         self.permission = permission
         self._refusal = f"{action} is for admins"
+        self._roles = roles
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         principal = ctx.principal
-        roles = request.app[SETTINGS].roles
-        if principal is None or not principal.may_use(self.permission, roles):
+        if principal is None or not principal.may_use(self.permission, self._roles):
             raise Forbidden(self._refusal, error_type="forbidden_role")
 
 

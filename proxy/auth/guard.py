@@ -1,8 +1,13 @@
-"""The identity guards, in the order ``app.build_guards`` runs them after the origin check:
+"""The identity guards, in the order ``app.build_routes`` runs them after the origin check:
 
 1. :class:`AuthGuard` - who is calling (else 401, or 302 to the login page for a browser page).
 2. :class:`CsrfGuard` - a cookie-authenticated state change must prove it comes from our pages.
-3. :class:`RoleGuard` - admin-only route families and actions.
+3. :class:`RoleGuard` - may the caller's roles use the route family at all; then the small
+   per-operation role checks of a few families: :class:`UsersReadOnlyGuard` (``users``),
+   :class:`SubmitRoleGuard` (``prompt``), :class:`ClearRoleGuard` (``queue``/``history``
+   without isolation), :class:`RedactArgvGuard` (``system_stats``).
+
+Each is built once per route (``app.build_routes``) with what it needs.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Mapping
 from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 import orjson
@@ -23,9 +30,15 @@ from proxy.errors import Forbidden, Unauthenticated
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.request.bodies import read_json_body
-from proxy.settings import SETTINGS
-from proxy.state import AUTH, COMFY_USERS, RequestContext
+from proxy.routes import RouteRule
+from proxy.settings import SETTINGS, ServerSettings, Settings
+from proxy.settings.auth import RoleSettings
+from proxy.state import RequestContext
 from proxy.web.assets import is_public_asset
+
+if TYPE_CHECKING:
+    from proxy.auth.authenticator import Authenticator
+    from proxy.auth.comfy_users import ComfyUserDirectory
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -72,16 +85,30 @@ class AuthGuard:
 
     name = "auth"
 
+    def __init__(
+        self,
+        rule: RouteRule,
+        auth: Authenticator,
+        settings: Settings,
+        comfy_users: ComfyUserDirectory | None = None,
+    ) -> None:
+        self._rule = rule
+        self._auth = auth
+        self._settings = settings.auth
+        self._limits = settings.rate_limits
+        self._comfy_users = comfy_users
+        self._api_route = not rule.websocket and rule.name != "static"
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        auth = request.app[AUTH]
+        auth = self._auth
         # A query token is a credential only where a browser cannot send headers: the
         # handshake of ComfyUI's socket; on the HTTP API routes only when opted in
         # (auth.query_token_on_http). Anywhere else it is not even looked at.
-        websocket = ctx.rule.websocket and is_websocket_handshake(request)
-        api_route = not ctx.rule.websocket and ctx.rule.name != "static"
+        websocket = self._rule.websocket and is_websocket_handshake(request)
+        api_route = self._api_route
         # The route class's Redis fail mode also governs the denylist lookup (see
         # revocation.FailModeRevocations): read-only classes stay up while Redis is down.
-        token = FAIL_OPEN.set(_fails_open(request, ctx, websocket=websocket))
+        token = FAIL_OPEN.set(self._fails_open(request.method, websocket=websocket))
         try:
             principal, session = await auth.authenticate(
                 request, websocket=websocket, api_route=api_route
@@ -100,10 +127,10 @@ class AuthGuard:
         # credential that decided, or a stale one): none reaches ComfyUI or its logs, in any
         # encoding or number of copies.
         ctx.upstream_path = without_query_param(ctx.upstream_path, "token")
-        settings = request.app[SETTINGS].auth
+        settings = self._settings
         ctx.upstream_headers.update(identity_headers(principal, settings.forward_user_headers))
-        if settings.comfy_multi_user:
-            comfy_id = await request.app[COMFY_USERS].user_id(principal.comfy_user)
+        if settings.comfy_multi_user and self._comfy_users is not None:
+            comfy_id = await self._comfy_users.user_id(principal.comfy_user)
             ctx.upstream_headers[COMFY_USER] = comfy_id
         if session is not None and auth.sessions.needs_renewal(session):
             value, renewed = auth.sessions.renew(session)
@@ -111,12 +138,11 @@ class AuthGuard:
                 (hdrs.SET_COOKIE, session_cookie(request, value, renewed.absolute_expires_at))
             )
 
-
-def _fails_open(request: web.Request, ctx: RequestContext, *, websocket: bool) -> bool:
-    if ctx.rule.name == "static":  # the frontend's own files
-        return True
-    cls = route_class(ctx.rule.name, request.method, websocket=websocket)
-    return cls is not None and request.app[SETTINGS].rate_limits.fail_mode(cls) == "open"
+    def _fails_open(self, method: str, *, websocket: bool) -> bool:
+        if self._rule.name == "static":  # the frontend's own files
+            return True
+        cls = route_class(self._rule.name, method, websocket=websocket)
+        return cls is not None and self._limits.fail_mode(cls) == "open"
 
 
 def without_query_param(raw_path: str, name: str) -> str:
@@ -172,6 +198,9 @@ class CsrfGuard:
 
     name = "csrf"
 
+    def __init__(self, server: ServerSettings) -> None:
+        self._server = server
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         principal = ctx.principal
         if principal is None or principal.source not in AMBIENT_SOURCES:
@@ -184,7 +213,7 @@ class CsrfGuard:
         if origin is None and principal.source == "basic":
             return  # not a browser (see the class docstring)
         referer = request.headers.get(hdrs.REFERER)
-        if referer and is_own_origin(referer, request, request.app[SETTINGS].server):
+        if referer and is_own_origin(referer, request, self._server):
             return
         raise Forbidden(
             "cross-site request refused: no Origin or Referer from this site",
@@ -193,38 +222,89 @@ class CsrfGuard:
 
 
 class RoleGuard:
-    """Admin-only route families and actions; ``system_stats`` argv redacted for others."""
+    """Whether the caller's roles may use the route family at all: admin-only families
+    (:data:`ADMIN_RULES`) need a role allowing them. Every other family passes here (the
+    per-operation checks below decide on its actions)."""
+
+    name = "role"
+
+    def __init__(self, rule: RouteRule, roles: Mapping[str, RoleSettings]) -> None:
+        self._rule = rule.name
+        self._roles = roles
+        self._admin_only = rule.name in ADMIN_RULES
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = _principal(ctx)
+        if self._admin_only and not principal.may_use(self._rule, self._roles):
+            raise Forbidden(f"your role may not use {ctx.path}", error_type="forbidden_role")
+
+
+class UsersReadOnlyGuard:
+    """``/users``: ComfyUI's user list is read (GET/HEAD); its users are the proxy's to manage."""
 
     name = "role"
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        principal = ctx.principal
-        if principal is None:  # pragma: no cover - AuthGuard runs first
-            raise Forbidden("not authenticated", error_type="forbidden")
-        roles = request.app[SETTINGS].roles
-        rule = ctx.rule.name
-        if rule == "users" and request.method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD"):
             raise Forbidden("ComfyUI users are managed by the proxy", error_type="forbidden_role")
-        if rule in ADMIN_RULES and not principal.may_use(rule, roles):
-            raise Forbidden(f"your role may not use {ctx.path}", error_type="forbidden_role")
-        if principal.may_use(rule, roles):
+
+
+class SubmitRoleGuard:
+    """``POST /prompt``: only roles that may submit (``roles.<r>.submit``) queue prompts."""
+
+    name = "role"
+
+    def __init__(self, roles: Mapping[str, RoleSettings]) -> None:
+        self._roles = roles
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = _principal(ctx)
+        roles = self._roles
+        if request.method != "POST" or principal.may_use("prompt", roles):
             return
-        if (
-            rule == "prompt"
-            and request.method == "POST"
-            and not any(roles[r].submit for r in principal.roles if r in roles)
-        ):
+        if not any(roles[r].submit for r in principal.roles if r in roles):
             raise Forbidden("your role may not queue prompts", error_type="forbidden_role")
-        isolated = request.app[SETTINGS].isolation.enabled
-        if rule in ("queue", "history") and request.method == "POST" and not isolated:
-            # With isolation on, the isolation guard turns a clear into "clear my own".
-            body = await read_json_body(request, ctx)
-            if isinstance(body, dict) and body.get("clear"):
-                raise Forbidden(
-                    f"clearing the whole {rule} is for admins", error_type="forbidden_role"
-                )
-        if rule == "system_stats" and request.method in ("GET", "HEAD"):
-            ctx.rewrite_response = redact_argv  # HEAD too: it would tell the argv's length
+
+
+class ClearRoleGuard:
+    """``POST /queue`` and ``POST /history`` with isolation off: clearing everyone's is for
+    roles allowed the family (with isolation on, its guard turns a clear into "clear mine")."""
+
+    name = "role"
+
+    def __init__(self, rule: RouteRule, roles: Mapping[str, RoleSettings]) -> None:
+        self._rule = rule.name
+        self._roles = roles
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = _principal(ctx)
+        if request.method != "POST" or principal.may_use(self._rule, self._roles):
+            return
+        body = await read_json_body(request, ctx)
+        if isinstance(body, dict) and body.get("clear"):
+            raise Forbidden(
+                f"clearing the whole {self._rule} is for admins", error_type="forbidden_role"
+            )
+
+
+class RedactArgvGuard:
+    """``GET /system_stats``: ComfyUI's command line is shown to roles allowed the family only."""
+
+    name = "role"
+
+    def __init__(self, roles: Mapping[str, RoleSettings]) -> None:
+        self._roles = roles
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = _principal(ctx)
+        if request.method in ("GET", "HEAD") and not principal.may_use("system_stats", self._roles):
+            ctx.response_filters.append(redact_argv)  # HEAD too: it would tell the argv's length
+
+
+def _principal(ctx: RequestContext) -> Principal:
+    if ctx.principal is None:  # pragma: no cover - AuthGuard runs first
+        raise Forbidden("not authenticated", error_type="forbidden")
+    return ctx.principal
 
 
 async def redact_argv(status: int, body: bytes) -> bytes:

@@ -1,6 +1,6 @@
 """Which of ComfyUI's WebSocket frames a tenant's socket may see (protocol doc 4.3, 4.4).
 
-One :class:`SocketEventFilter` per relayed socket is installed as ``ctx.ws_filter``; the relay
+One :class:`SocketEventFilter` per relayed socket is appended to ``ctx.frame_filters``; the relay
 passes every frame ComfyUI sends on that socket through it, and a ``None`` drops the frame.
 
 Rules, for a non-admin caller:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import aiohttp
@@ -54,6 +54,7 @@ import orjson
 import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 from redis.exceptions import RedisClusterException
 
 from proxy.auth.principal import Principal
@@ -65,13 +66,15 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.owned_entries import own_entries
 from proxy.isolation.ownership import FileRef, OwnershipStore
-from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
+from proxy.multi.dispatch import MULTI
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
+from proxy.observability.metrics import Metrics
 from proxy.request.bodies import read_json_body
-from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, RequestContext
+from proxy.settings import SETTINGS, IsolationSettings
+from proxy.settings.auth import RoleSettings
+from proxy.state import CONTEXT, METRICS, POOL, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
-from proxy.upstream.forward import forward_http, map_client_error
+from proxy.upstream.forward import map_client_error
 
 log = structlog.get_logger("comfygate.isolation")
 
@@ -105,46 +108,56 @@ class LocalAnswer(web.HTTPException):
 
 
 class ReadGuard:
-    """See the module docstring. One instance serves every request (stateless but for a cache
-    of prompts whose files were already recorded)."""
+    """What the per-operation read guards share: their collaborators, built once
+    (``app.build_routes``), and the caller's checks. Stateless but for a cache of prompts
+    whose files were already recorded and the tenants' views."""
 
     name = "isolation"
 
-    def __init__(self, *, placeholder_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        roles: Mapping[str, RoleSettings],
+        isolation: IsolationSettings,
+        ownership: OwnershipStore,
+        metrics: Metrics,
+        forward: Handler,
+        own_views: OwnViews | None = None,
+        placeholder_key: bytes | None = None,
+    ) -> None:
+        """``forward``: the route's terminal handler (a full read of a paged view goes there
+        with the paging removed); ``own_views``: shared by the history and jobs guards."""
+        self._roles = roles
+        self._isolation = isolation
+        self._ownership = ownership
+        self._metrics = metrics
+        self._forward = forward
         self._key = placeholder_key or secrets.token_bytes(32)
         """Keys the queue placeholders (stable for the process, not reversible)."""
         self._recorded: OrderedDict[str, None] = OrderedDict()
-        self._views = OwnViews()
+        self._views = own_views or OwnViews()
         """Tenants' history and jobs views from their own prompts (proxy.isolation.own_views)."""
 
-    async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        settings = request.app[SETTINGS]
-        if not settings.isolation.enabled:
-            return
+    def _tenant(self, ctx: RequestContext) -> str | None:
+        """The caller's owner name when its view is narrowed; None: isolation off, or an admin
+        (who sees everything unfiltered)."""
+        if not self._isolation.enabled:
+            return None
         principal = ctx.principal
         if principal is None:  # pragma: no cover - AuthGuard runs first
             raise Forbidden("not authenticated", error_type="forbidden")
-        admin = principal.is_admin(settings.roles)
-        rule = ctx.rule.name
-        if rule == "ws":
-            self._websocket(request, ctx, principal, admin=admin)
-            return
-        if admin:
-            return
-        owner = principal.comfy_user
-        method = request.method
-        if rule == "history":
-            await self._history(request, ctx, owner)
-        elif rule == "queue":
-            await self._queue(request, ctx, owner)
-        elif rule == "jobs":
-            await self._jobs(request, ctx, owner)
-        elif rule == "interrupt" and method == "POST":
-            await self._interrupt(request, ctx, owner)
+        return None if principal.is_admin(self._roles) else principal.comfy_user
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        """Each operation's guard decides (see the subclasses)."""
+        raise NotImplementedError
+
+    def _degraded(self, ctx: RequestContext, view: str, exc: BaseException) -> None:
+        _degraded(self._metrics, ctx, view, exc)
 
     # -- history --------------------------------------------------------------------------
     async def _history(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
-        ownership = request.app[OWNERSHIP]
+        ownership = self._ownership
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
@@ -175,7 +188,7 @@ class ReadGuard:
                 found = await own_entries(ownership, owner, answer)
                 owned = await ownership.prompts_of(owner) if found is None else ()
             except STATE_ERRORS as exc:
-                _degraded(request, ctx, "history", exc)
+                self._degraded(ctx, "history", exc)
                 return b"{}"  # ComfyUI's answer for unknown ids: nothing shown, nothing leaked
             mine = views.filter_history(answer, owned) if found is None else found[0]
             await self._record_history_files(ownership, owner, mine)
@@ -185,14 +198,14 @@ class ReadGuard:
             return orjson.dumps(views.history_window(mine, max_items, offset))
 
         if not paged:  # /history/{id}, or a non-integer ComfyUI fails on (its own 500)
-            ctx.rewrite_response = rewrite
+            ctx.response_filters.append(rewrite)
             return
 
         async def full_read() -> web.StreamResponse:
             # Paging applies to the caller's own list: fetch everything, page it here.
             ctx.upstream_path = views.without_query_params(ctx.upstream_path, HISTORY_PAGING)
-            ctx.rewrite_response = rewrite
-            return await _forward(request)
+            ctx.response_filters.append(rewrite)
+            return await self._forward(request)
 
         async def record_files(history: dict[str, Any]) -> None:
             await self._record_history_files(ownership, owner, history)
@@ -208,7 +221,7 @@ class ReadGuard:
                     record_files=record_files,
                 )
             except STATE_ERRORS as exc:
-                _degraded(request, ctx, "history", exc)
+                self._degraded(ctx, "history", exc)
                 return _json(request, {})
 
         ctx.answer = own_history
@@ -261,7 +274,7 @@ class ReadGuard:
 
     # -- queue ----------------------------------------------------------------------------
     async def _queue(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
-        ownership = request.app[OWNERSHIP]
+        ownership = self._ownership
         if request.method == "POST":
             body = await read_json_body(request, ctx)
             if not isinstance(body, dict):
@@ -288,7 +301,7 @@ class ReadGuard:
             except STATE_ERRORS as exc:
                 # Whose items are whose cannot be read: every item as a placeholder (the
                 # queue's length and positions stay useful, nothing of anyone is shown).
-                _degraded(request, ctx, "queue", exc)
+                self._degraded(ctx, "queue", exc)
                 owned = ()
             queue = views.redact_queue(_loads(body), owned, key)
             own_items = [
@@ -305,11 +318,11 @@ class ReadGuard:
                 views.show_client_id(views.item_extra_data(item), shown)
             return orjson.dumps(queue)
 
-        ctx.rewrite_response = rewrite
+        ctx.response_filters.append(rewrite)
 
     # -- jobs -----------------------------------------------------------------------------
     async def _jobs(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
-        ownership = request.app[OWNERSHIP]
+        ownership = self._ownership
         segments = ctx.path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
         method = request.method
         if not segments:  # the list
@@ -347,7 +360,7 @@ class ReadGuard:
                         return orjson.dumps(job)
                 return body
 
-            ctx.rewrite_response = rewrite
+            ctx.response_filters.append(rewrite)
 
     def _jobs_list(
         self, request: web.Request, ctx: RequestContext, ownership: OwnershipStore, owner: str
@@ -371,28 +384,28 @@ class ReadGuard:
             return ()
 
         if query is None:  # ComfyUI refuses the parameters: its own 400, from ComfyUI
-            ctx.rewrite_response = filtered(owned)
+            ctx.response_filters.append(filtered(owned))
             return
 
         async def full_read() -> web.StreamResponse:
             # Totals must count the caller's jobs only: fetch the whole list, page it here.
             ctx.upstream_path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
-            ctx.rewrite_response = filtered(owned)
-            return await _forward(request)
+            ctx.response_filters.append(filtered(owned))
+            return await self._forward(request)
 
         async def probe() -> web.StreamResponse:
             # No prompt of the caller: ComfyUI's answer for one job of anyone's, emptied (its
             # own answer where it has no /api/jobs).
             path = views.without_query_params(ctx.upstream_path, JOBS_PAGING)
             ctx.upstream_path = views.with_query_param(path, "limit", "1")
-            ctx.rewrite_response = filtered(nothing)
-            return await _forward(request)
+            ctx.response_filters.append(filtered(nothing))
+            return await self._forward(request)
 
         async def own_jobs(request: web.Request) -> web.StreamResponse:
             try:
                 return await self._views.jobs(request, owner, query, full_read, probe)
             except STATE_ERRORS as exc:
-                _degraded(request, ctx, "jobs", exc)
+                self._degraded(ctx, "jobs", exc)
                 return _json(request, views.jobs_answer([], query))
 
         ctx.answer = own_jobs
@@ -413,7 +426,7 @@ class ReadGuard:
     async def _interrupt(self, request: web.Request, ctx: RequestContext, owner: str) -> None:
         body = await read_json_body(request, ctx)
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-        ownership = request.app[OWNERSHIP]
+        ownership = self._ownership
         if prompt_id:
             record = await ownership.prompt(prompt_id) if isinstance(prompt_id, str) else None
             if record is None or record.owner != owner:
@@ -431,10 +444,7 @@ class ReadGuard:
         raise _answer(ctx, 200)
 
     # -- websocket ------------------------------------------------------------------------
-    def _websocket(
-        self, request: web.Request, ctx: RequestContext, principal: Principal, *, admin: bool
-    ) -> None:
-        settings = request.app[SETTINGS]
+    def _websocket(self, ctx: RequestContext, principal: Principal, *, admin: bool) -> None:
         owner = principal.comfy_user
         # ComfyUI treats an empty clientId as none and mints one; so do we, so the client's id
         # (told in the status sid) is known here and maps to a namespaced one.
@@ -443,14 +453,16 @@ class ReadGuard:
         # SECURITY: ComfyUI lets any socket claim any clientId; upstream only ever sees ids
         # derived from (owner, client id), so another user's id cannot be claimed.
         ctx.upstream_path = views.with_query_param(ctx.upstream_path, "clientId", namespaced)
-        ctx.ws_filter = SocketEventFilter(
-            owner=owner,
-            client_id=client_id,
-            upstream_client_id=namespaced,
-            ownership=request.app[OWNERSHIP],
-            passed_types=settings.isolation.passed_event_types,
-            admin=admin,
-            metrics=request.app[METRICS],
+        ctx.frame_filters.append(
+            SocketEventFilter(
+                owner=owner,
+                client_id=client_id,
+                upstream_client_id=namespaced,
+                ownership=self._ownership,
+                passed_types=self._isolation.passed_event_types,
+                admin=admin,
+                metrics=self._metrics,
+            )
         )
 
     # -- helpers --------------------------------------------------------------------------
@@ -463,11 +475,55 @@ class ReadGuard:
         ctx.body = orjson.dumps(rewritten)
 
 
-def _degraded(request: web.Request, ctx: RequestContext, view: str, exc: BaseException) -> None:
+class HistoryGuard(ReadGuard):
+    """``/history``, ``/history/{id}`` (see the module docstring)."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if (owner := self._tenant(ctx)) is not None:
+            await self._history(request, ctx, owner)
+
+
+class QueueGuard(ReadGuard):
+    """``/queue`` (see the module docstring)."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if (owner := self._tenant(ctx)) is not None:
+            await self._queue(request, ctx, owner)
+
+
+class JobsGuard(ReadGuard):
+    """``/api/jobs`` and below (see the module docstring)."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if (owner := self._tenant(ctx)) is not None:
+            await self._jobs(request, ctx, owner)
+
+
+class InterruptGuard(ReadGuard):
+    """``POST /interrupt`` (see the module docstring)."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if request.method == "POST" and (owner := self._tenant(ctx)) is not None:
+            await self._interrupt(request, ctx, owner)
+
+
+class SocketGuard(ReadGuard):
+    """``/ws``: every socket's client id namespaced, admins' too; frames filtered."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if not self._isolation.enabled:
+            return
+        principal = ctx.principal
+        if principal is None:  # pragma: no cover - AuthGuard runs first
+            raise Forbidden("not authenticated", error_type="forbidden")
+        self._websocket(ctx, principal, admin=principal.is_admin(self._roles))
+
+
+def _degraded(metrics: Metrics, ctx: RequestContext, view: str, exc: BaseException) -> None:
     """A tenant's view answered without the ownership store (Redis down): reads fail open to
     an answer that shows nothing of anyone, never closed to a 503 and never unfiltered."""
     ctx.response_headers.append((DEGRADED_HEADER, DEGRADED_STATE))
-    request.app[METRICS].redis_errors.labels("view_" + view, "degraded").inc()
+    metrics.redis_errors.labels("view_" + view, "degraded").inc()
     log.warning(
         "isolation_view_degraded",
         request_id=ctx.request_id,
@@ -526,13 +582,6 @@ async def fetch_queue(request: web.Request) -> object:
         raise UpstreamUnavailable("ComfyUI's queue answer is not JSON") from None
 
 
-async def _forward(request: web.Request) -> web.StreamResponse:
-    """The terminal handler's path for the request as the guard left it (a full read)."""
-    if is_multi(request.app[POOL]):
-        return await dispatch_multi(request)
-    return await forward_http(request)
-
-
 def _answer(ctx: RequestContext, status: int, payload: object | None = None) -> LocalAnswer:
     """A local answer; the log line names this guard (ComfyUI never saw the request)."""
     ctx.rejected_by = ReadGuard.name
@@ -559,4 +608,13 @@ def _valid_ints(raw_path: str, names: Collection[str]) -> bool:
     )
 
 
-__all__ = ["LocalAnswer", "ReadGuard", "fetch_queue"]
+__all__ = [
+    "HistoryGuard",
+    "InterruptGuard",
+    "JobsGuard",
+    "LocalAnswer",
+    "QueueGuard",
+    "ReadGuard",
+    "SocketGuard",
+    "fetch_queue",
+]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -48,7 +48,7 @@ from proxy.isolation.files import (
     upload_subfolder,
     view_target,
 )
-from proxy.isolation.namespaces import FOLDERS, upstream_client_id
+from proxy.isolation.namespaces import FolderNames, upstream_client_id
 from proxy.isolation.ownership import OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
     PromptRejected,
@@ -57,10 +57,13 @@ from proxy.isolation.prompt import (
     requested_prompt_id,
     rewrite_submission,
 )
+from proxy.limits.quota.service import QueueQuota
 from proxy.observability.metrics import role_label
 from proxy.request.prompt import forward_submission, read_prompt
-from proxy.settings import SETTINGS
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.settings import IsolationSettings
+from proxy.settings.auth import RoleSettings
+from proxy.state import RequestContext
+from proxy.upstream.pool import UpstreamPool
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 
@@ -92,32 +95,72 @@ class HiddenNotFound(NotFound):
 
 
 class SubmitGuard:
-    """Isolation of ``POST /prompt``, ``POST /upload/*`` and ``GET /view`` (see module doc)."""
+    """What the per-operation submit guards share: their collaborators, built once
+    (``app.build_routes``), and the caller's file scope."""
 
     name = "isolation"
 
+    def __init__(
+        self,
+        *,
+        roles: Mapping[str, RoleSettings],
+        isolation: IsolationSettings,
+        ownership: OwnershipStore,
+        folders: FolderNames,
+        pool: UpstreamPool,
+        quota: QueueQuota | None = None,
+    ) -> None:
+        self.roles = roles
+        self.isolation = isolation
+        self.ownership = ownership
+        self.folders = folders
+        self.pool = pool
+        self.quota = quota
+        """Per-user queue quotas (None: not counted here)."""
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        settings = request.app[SETTINGS]
+        """Each operation's guard decides (see the subclasses)."""
+        raise NotImplementedError
+
+    def _scope(self, ctx: RequestContext) -> tuple[FileScope, bool] | None:
+        """The caller's file scope and whether it is an admin; None with isolation off."""
         principal = ctx.principal
-        if not settings.isolation.enabled or principal is None:
-            return
-        admin = principal.is_admin(settings.roles)
+        if not self.isolation.enabled or principal is None:
+            return None
         owner = principal.comfy_user
-        folder = request.app[FOLDERS].of(owner)
-        scope = FileScope(owner, folder, settings.isolation.shared_input_folders)
-        store = request.app[OWNERSHIP]
-        rule = ctx.rule.name
-        if rule == "prompt" and request.method == hdrs.METH_POST:
-            if admin:
-                await _record_admin_prompt(request, ctx, store, scope.owner)
-                return
-            await _submit_prompt(request, ctx, store, scope)
-        elif admin:
+        scope = FileScope(owner, self.folders.of(owner), self.isolation.shared_input_folders)
+        return scope, principal.is_admin(self.roles)
+
+
+class PromptSubmitGuard(SubmitGuard):
+    """``POST /prompt``: checked, rewritten, counted and recorded (admins': recorded only)."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        if request.method != hdrs.METH_POST or (caller := self._scope(ctx)) is None:
             return
-        elif rule == "upload" and request.method == hdrs.METH_POST:
-            await _rewrite_upload(request, ctx, store, scope)
-        elif rule == "view":
-            await _check_view(request, ctx, store, scope)
+        scope, admin = caller
+        if admin:
+            await _record_admin_prompt(self, request, ctx, scope.owner)
+            return
+        await _submit_prompt(self, request, ctx, scope)
+
+
+class UploadGuard(SubmitGuard):
+    """``POST /upload/image|mask``: the file lands in the caller's folder."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        caller = self._scope(ctx)
+        if request.method == hdrs.METH_POST and caller is not None and not caller[1]:
+            await _rewrite_upload(request, ctx, self.ownership, caller[0])
+
+
+class ViewGuard(SubmitGuard):
+    """``/view``, ``/view_metadata``: only the caller's files and shared input folders."""
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        caller = self._scope(ctx)
+        if caller is not None and not caller[1]:
+            await _check_view(request, ctx, self.ownership, caller[0])
 
 
 async def _owned(store: OwnershipStore, ref: tuple[str, str, str] | None, owner: str) -> bool:
@@ -128,8 +171,9 @@ async def _owned(store: OwnershipStore, ref: tuple[str, str, str] | None, owner:
 
 
 async def _submit_prompt(
-    request: web.Request, ctx: RequestContext, store: OwnershipStore, scope: FileScope
+    guard: SubmitGuard, request: web.Request, ctx: RequestContext, scope: FileScope
 ) -> None:
+    store = guard.ownership
     submission = await read_prompt(request, ctx)  # the proxy's one reading, typed and checked
     if submission.prompt is None:
         return  # ComfyUI answers no_prompt; nothing can run
@@ -138,13 +182,12 @@ async def _submit_prompt(
     violations = [v for v in violations if not await _owned(store, v.ref, scope.owner)]
     if violations:
         raise PromptRejected(violations)
-    settings = request.app[SETTINGS]
     # SECURITY: a known id is refused whoever owns it (the record's SET NX below decides, in
     # one step); ComfyUI would overwrite that history entry (and its outputs' attribution), and
     # the answer must not say whose it is.
     prompt_id = requested_prompt_id(body) or str(uuid.uuid4())
     client_id = _namespaced(scope.owner, body)
-    roles = settings.roles
+    roles = guard.roles
     principal = ctx.principal
     may_prioritise = principal is not None and any(
         roles[r].priority for r in principal.roles if r in roles
@@ -158,7 +201,7 @@ async def _submit_prompt(
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=scope.owner,
-        upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
+        upstream=(ctx.target or guard.pool.home()).name,  # placement chose it
         client_id=client_id or "",
         sent_client_id=client_id_of(body),
         created_at=time.time(),
@@ -167,19 +210,19 @@ async def _submit_prompt(
         # forwarded, never from what ComfyUI later reports (proxy.isolation.attribution).
         previews=preview_node_ids(
             ((n.id, n.class_type) for n in submission.prompt.nodes.values()),
-            settings.isolation.preview_nodes,
+            guard.isolation.preview_nodes,
         ),
     )
     # Counted against the caller's queue quota (over it: 429 queue_full) and recorded as the
     # caller's before forwarding (ComfyUI may emit the prompt's events before it answers).
-    if not await _count_and_record(request, ctx, store, record):
+    if not await _count_and_record(guard, ctx, record):
         raise _taken()  # another request recorded the same id
     forward_submission(ctx, submission)
-    ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+    ctx.response_filters.append(_forget_if_refused(store, prompt_id))
 
 
 async def _record_admin_prompt(
-    request: web.Request, ctx: RequestContext, store: OwnershipStore, owner: str
+    guard: SubmitGuard, request: web.Request, ctx: RequestContext, owner: str
 ) -> None:
     """An admin's prompt: only its client id namespaced (the WebSocket relay namespaces every
     socket's, admins' too) and an id minted when it has none; then recorded as the admin's."""
@@ -196,15 +239,16 @@ async def _record_admin_prompt(
     record = PromptRecord(
         prompt_id=prompt_id,
         owner=owner,
-        upstream=(ctx.target or request.app[POOL].home()).name,  # placement chose it
+        upstream=(ctx.target or guard.pool.home()).name,  # placement chose it
         client_id=client_id or "",
         sent_client_id=client_id_of(body),
         created_at=time.time(),
         role=role_label(ctx.principal.roles) if ctx.principal is not None else "",
     )
     # Admins' quota is 0 (unlimited) unless configured; a known id is theirs to reuse.
-    if await _count_and_record(request, ctx, store, record, release_if_taken=False):
-        ctx.rewrite_response = _forget_if_refused(store, prompt_id, ctx.rewrite_response)
+    if await _count_and_record(guard, ctx, record, release_if_taken=False):
+        store = guard.ownership
+        ctx.response_filters.append(_forget_if_refused(store, prompt_id))
 
 
 def _namespaced(owner: str, body: dict[str, Any]) -> str | None:
@@ -216,9 +260,8 @@ def _namespaced(owner: str, body: dict[str, Any]) -> str | None:
 
 
 async def _count_and_record(
-    request: web.Request,
+    guard: SubmitGuard,
     ctx: RequestContext,
-    store: OwnershipStore,
     record: PromptRecord,
     *,
     release_if_taken: bool = True,
@@ -236,9 +279,9 @@ async def _count_and_record(
         QueueFull, BadRequest, QuotaUnavailable: the quota refused (see ``QueueQuota.reserve``).
         redis.RedisError, OSError: the record could not be written.
     """
-    quota = request.app[QUEUE_QUOTA]
+    quota, store = guard.quota, guard.ownership
     principal = ctx.principal
-    if principal is None or not quota.tracks(principal):
+    if quota is None or principal is None or not quota.tracks(principal):
         return await store.record_prompt(record)
     counted, recorded = await asyncio.gather(
         quota.reserve(ctx, principal, record.prompt_id, record.upstream),
@@ -273,12 +316,8 @@ def _taken() -> BadRequest:
     )
 
 
-def _forget_if_refused(
-    store: OwnershipStore, prompt_id: str, previous: ResponseRewrite | None
-) -> ResponseRewrite:
+def _forget_if_refused(store: OwnershipStore, prompt_id: str) -> ResponseRewrite:
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             await store.forget_prompt(prompt_id)  # not queued: the id is free again
         return body
@@ -333,7 +372,7 @@ async def _rewrite_upload(
     await upload.read_head(reader)  # refusals in fields before the file: nothing sent yet
     ctx.body_stream = upload.stream(reader)
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = f"multipart/form-data; boundary={upload.boundary}"
-    ctx.rewrite_response = _record_upload(store, scope, ctx.rewrite_response)
+    ctx.response_filters.append(_record_upload(store, scope))
 
 
 class _UploadRewrite:
@@ -476,14 +515,10 @@ async def _read_field(part: BodyPartReader) -> str:
         raise BadRequest(f"form field {part.name!r} is not text", error_type="bad_upload") from None
 
 
-def _record_upload(
-    store: OwnershipStore, scope: FileScope, previous: ResponseRewrite | None
-) -> ResponseRewrite:
+def _record_upload(store: OwnershipStore, scope: FileScope) -> ResponseRewrite:
     """Record the stored file (``{"name", "subfolder", "type"}``) as the caller's."""
 
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             return body
         try:

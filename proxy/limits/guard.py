@@ -15,6 +15,8 @@ from aiohttp import web
 
 from proxy.auth.guard import is_websocket
 from proxy.limits.classes import route_class
+from proxy.limits.enforce import RateLimits
+from proxy.routes import RouteRule
 from proxy.state import CONTEXT, RATE_LIMITS, RequestContext
 
 _SAFE_IP: Final = re.compile(r"[0-9A-Za-z.:%_-]{1,64}")
@@ -34,12 +36,16 @@ class RateLimitGuard:
 
     name = "ratelimit"
 
+    def __init__(self, rule: RouteRule, limits: RateLimits) -> None:
+        self._rule = rule.name
+        self._limits = limits
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        cls = route_class(ctx.rule.name, request.method, websocket=is_websocket(request))
+        cls = route_class(self._rule, request.method, websocket=is_websocket(request))
         principal = ctx.principal
         if cls is None or principal is None:  # principal: always set after the auth guard
             return
-        limits = request.app[RATE_LIMITS]
+        limits = self._limits
         limit = limits.limit_for(principal.roles, cls)
         if principal.source == "anonymous":
             identity = ip_identity(ctx.client_ip)

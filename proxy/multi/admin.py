@@ -10,19 +10,21 @@
 
 Same mechanism as ``POST /admin/reload`` (``proxy.policy.reload``): named routes of the proxy's
 own, registered before the catch-all, with the guards wired by route name in
-``app.build_guards``: origin, authentication, CSRF, role, then :func:`upstream_admin_guard`
+``app.build_routes``: origin, authentication, CSRF, role, then :func:`upstream_admin_guard`
 (one :class:`proxy.auth.admin_guard.AdminGuard`).
 With Redis the drain is shared by every replica (each adopts it at its next health round).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from proxy.auth.admin_guard import AdminGuard
 from proxy.errors import NotFound
+from proxy.settings.auth import RoleSettings
 from proxy.state import POOL
 from proxy.upstream.pool import Instance, UpstreamPool
 
@@ -34,9 +36,9 @@ ADMIN_UPSTREAM_ROUTES = (ADMIN_UPSTREAMS, DRAIN_ROUTE, UNDRAIN_ROUTE)
 """Route (and route-rule) names; ``app.build_guards`` wires the admin chain for each."""
 
 
-def upstream_admin_guard() -> AdminGuard:
+def upstream_admin_guard(roles: Mapping[str, RoleSettings]) -> AdminGuard:
     """The admin guard of every ``/admin/upstreams`` route (permission ``admin_upstreams``)."""
-    return AdminGuard(ADMIN_UPSTREAMS, "managing instances")
+    return AdminGuard(ADMIN_UPSTREAMS, "managing instances", roles)
 
 
 def describe(pool: UpstreamPool, instance: Instance) -> dict[str, Any]:

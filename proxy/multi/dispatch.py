@@ -93,43 +93,80 @@ async def multi_instance_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dispatch_multi(request: web.Request) -> web.StreamResponse:
-    """The terminal handler for HTTP requests when there are several instances."""
+    """The terminal handler of a rule with no view of its own when there are several
+    instances: the request goes to the instance a guard chose, else to the home one."""
+    return await forward_http(request)
+
+
+# The per-rule terminal handlers with several instances (each rule's ``multi_handler`` in the
+# route table, ``app.build_routes``). A guard that already chose the instance (placement,
+# replication) wins; HEAD takes the GET's path (merged, filtered): the GET's answer, no body.
+_READS = frozenset({"GET", "HEAD"})
+
+
+async def multi_history(request: web.Request) -> web.StreamResponse:
+    """``/history``: merged over every instance; ``/history/{id}`` from the one holding it."""
     ctx = request[CONTEXT]
-    state = request.app[MULTI]
-    rule, method, path = ctx.rule.name, request.method, ctx.path
-    if rule == "prompt" and method == "POST":
-        _watch_submission(request, state)
-    if ctx.target is not None:
-        return await forward_http(request)  # a guard (placement) already chose
-    # HEAD takes the GET's path (merged, filtered): its answer is the GET's without the body.
-    reading = method in ("GET", "HEAD")
-    if rule == "history":
-        if reading:
-            if path == "/history":
-                return await merge.merged_history(request, state)
-            return await sticky.history_entry(request, state, path.split("/", 2)[2])
-        if method == "POST":
-            return await sticky.split_delete(request, state, history=True)
-    elif rule == "queue":
-        if reading:
-            return await merge.merged_queue(request, state)
-        if method == "POST":
-            return await sticky.split_delete(request, state, history=False)
-    elif rule == "jobs":
-        segments = path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
+    if ctx.target is None:
+        if request.method in _READS:
+            if ctx.path == "/history":
+                return await merge.merged_history(request, request.app[MULTI])
+            return await sticky.history_entry(
+                request, request.app[MULTI], ctx.path.split("/", 2)[2]
+            )
+        if request.method == "POST":
+            return await sticky.split_delete(request, request.app[MULTI], history=True)
+    return await forward_http(request)
+
+
+async def multi_queue(request: web.Request) -> web.StreamResponse:
+    """``/queue``: merged over every instance; a delete split by where each prompt is."""
+    ctx = request[CONTEXT]
+    if ctx.target is None:
+        if request.method in _READS:
+            return await merge.merged_queue(request, request.app[MULTI])
+        if request.method == "POST":
+            return await sticky.split_delete(request, request.app[MULTI], history=False)
+    return await forward_http(request)
+
+
+async def multi_jobs(request: web.Request) -> web.StreamResponse:
+    """``/jobs``: the list merged; one job (or its cancel) from the instance running it."""
+    ctx = request[CONTEXT]
+    if ctx.target is None:
+        state = request.app[MULTI]
+        segments = ctx.path.split("/")[2:]  # "/jobs/<id>/cancel" -> ["<id>", "cancel"]
         if not segments:
-            if reading:
+            if request.method in _READS:
                 return await merge.merged_jobs(request, state)
-        elif segments == ["cancel"] and method == "POST":
+        elif segments == ["cancel"] and request.method == "POST":
             return await sticky.jobs_cancel_many(request, state)
         elif segments[0]:
             return await sticky.job(request, state, segments[0], segments[1:])
-    elif rule == "interrupt" and method == "POST":
-        return await sticky.interrupt(request, state)
-    elif rule == "view" and method in ("GET", "HEAD"):
-        return await sticky.view(request, state)
-    elif rule == "prompt" and reading:
-        return await merge.merged_prompt_info(request, state)
+    return await forward_http(request)
+
+
+async def multi_interrupt(request: web.Request) -> web.StreamResponse:
+    """``POST /interrupt``: sent to the instance running the prompt."""
+    if request[CONTEXT].target is None and request.method == "POST":
+        return await sticky.interrupt(request, request.app[MULTI])
+    return await forward_http(request)
+
+
+async def multi_view(request: web.Request) -> web.StreamResponse:
+    """``/view``: read from the instance holding the file."""
+    if request[CONTEXT].target is None and request.method in _READS:
+        return await sticky.view(request, request.app[MULTI])
+    return await forward_http(request)
+
+
+async def multi_prompt(request: web.Request) -> web.StreamResponse:
+    """``POST /prompt``: to the placed instance, watched for loss; ``GET``: merged info."""
+    ctx = request[CONTEXT]
+    if request.method == "POST":
+        _watch_submission(request, request.app[MULTI])
+    elif ctx.target is None and request.method in _READS:
+        return await merge.merged_prompt_info(request, request.app[MULTI])
     return await forward_http(request)
 
 
@@ -142,12 +179,9 @@ def _watch_submission(request: web.Request, state: MultiInstance) -> None:
     """Tell the lost-prompt watch about an accepted submission at once (the periodic watch
     would learn of it only at its next read)."""
     ctx = request[CONTEXT]
-    previous = ctx.rewrite_response
     pool = request.app[POOL]
 
     async def note(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status == 200:
             with contextlib.suppress(orjson.JSONDecodeError):
                 accepted = orjson.loads(body)
@@ -163,7 +197,7 @@ def _watch_submission(request: web.Request, state: MultiInstance) -> None:
                     )
         return body
 
-    ctx.rewrite_response = note
+    ctx.response_filters.append(note)
 
 
 __all__ = [
@@ -171,6 +205,12 @@ __all__ = [
     "MultiInstance",
     "dispatch_multi",
     "is_multi",
+    "multi_history",
     "multi_instance_context",
+    "multi_interrupt",
+    "multi_jobs",
+    "multi_prompt",
+    "multi_queue",
+    "multi_view",
     "relay_websocket_multi",
 ]

@@ -16,7 +16,7 @@ slow-client rules):
   is sent to every instance, and again first to each socket opened later; only the first
   answer reaches the client.
 * Every other frame (events, binary previews) is passed on from whichever instance sends it,
-  through a per-instance copy of the isolation filter (``ctx.ws_filter``): its "this user's
+  through a per-instance copy of the isolation filter (``ctx.frame_filters``): its "this user's
   prompt is executing" window, which gates binary previews, is per instance.
 * An instance socket that ends is reconnected with exponential backoff (up to
   ``upstream.ws_reconnect_max_seconds``) while the instance is in the pool; the client stays
@@ -41,7 +41,7 @@ import copy
 import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -54,14 +54,21 @@ from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, RequestContext
+from proxy.state import (
+    CONTEXT,
+    LIFECYCLE,
+    METRICS,
+    POOL,
+    FrameFilter,
+    RequestContext,
+    compose_frame_filters,
+)
 from proxy.tasks import Wake, supervise
 from proxy.upstream.pool import Upstream
 from proxy.upstream.websocket import (
     SLOW_CLIENT_REASON,
     ClientSendQueue,
     Ended,
-    FrameFilter,
     accept_client,
     client_protocols,
     connect_upstream,
@@ -136,7 +143,7 @@ class _Link:
         self.relay = relay
         self.upstream = upstream
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.filter = _link_filter(relay.ctx.ws_filter)
+        self.filter = _link_filters(relay.ctx.frame_filters)
         self.kick = Wake()
         """Cuts a reconnection's backoff short (the pool says the instance is back)."""
         self.task: asyncio.Task[None] | None = None
@@ -215,7 +222,7 @@ class _Link:
             if reconnecting:
                 # SECURITY: a new socket, a fresh filter: an execution window seen on the old
                 # one must not let another user's unattributed previews through on this one.
-                self.filter = _link_filter(relay.ctx.ws_filter)
+                self.filter = _link_filters(relay.ctx.frame_filters)
             opened = time.monotonic()
             ended = await self._pump(ws)
             self.ws = None
@@ -253,29 +260,19 @@ class _Link:
         return ended if ended.side == "client" else None
 
 
-def _link_filter(base: FrameFilter | None) -> FrameFilter | None:
-    """A per-instance copy of the socket's frame filter: the isolation filter's "this user's
-    prompt is executing" window is per instance. Wrappers around it (other guards' observers)
-    are copied shallowly so each copy wraps its own isolation filter; caches stay shared."""
-    if base is None or not _holds_event_filter(base):
+def _link_filters(filters: Sequence[FrameFilter]) -> FrameFilter | None:
+    """The socket's frame filters for one instance: the isolation filter's "this user's prompt
+    is executing" window is per instance, so each link gets its own (shallow) copy of it;
+    caches and the other filters (observers) stay shared."""
+    return compose_frame_filters([_link_filter(f) for f in filters])
+
+
+def _link_filter(base: FrameFilter) -> FrameFilter:
+    if not isinstance(base, SocketEventFilter):
         return base
     clone = copy.copy(base)
-    if isinstance(clone, SocketEventFilter):
-        clone.running = None
-        return clone
-    for name, value in list(vars(clone).items()):
-        if _holds_event_filter(value):
-            setattr(clone, name, _link_filter(value))
+    clone.running = None
     return clone
-
-
-def _holds_event_filter(obj: object, depth: int = 3) -> bool:
-    if isinstance(obj, SocketEventFilter):
-        return True
-    attrs = getattr(obj, "__dict__", None)
-    if depth == 0 or not isinstance(attrs, dict):
-        return False
-    return any(_holds_event_filter(v, depth - 1) for v in attrs.values())
 
 
 def _event_type(frame: str) -> str | None:

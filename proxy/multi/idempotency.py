@@ -218,10 +218,10 @@ class IdempotencyGuard:
         if isinstance(outcome, Claimed):
             metrics.idempotency.labels("first").inc()
             request[CLAIM] = Claim(store, key, fingerprint, outcome.token)
-            if ctx.rewrite_response is None:
+            if not ctx.response_filters:
                 # The answer is stored and replayed: read it in a known encoding (identity),
                 # as every answer the proxy keeps (``proxy.upstream.encoding``).
-                ctx.rewrite_response = _kept_as_is
+                ctx.response_filters.append(_kept_as_is)
             return
         if isinstance(outcome, StoredAnswer):
             metrics.idempotency.labels("replayed").inc()

@@ -8,7 +8,7 @@ Two halves:
   a slow instance degrades a merged answer, it never blocks it.
 * Pure merges of ComfyUI's JSON answers (``GET /history``, ``/queue``, ``/api/jobs``,
   ``/prompt``), table-testable: each instance's answer is in ComfyUI's own shape, and so is the
-  merged one, so the isolation filters (``proxy.isolation.views`` through ``ctx.rewrite_response``)
+  merged one, so the isolation filters (``proxy.isolation.views`` through ``ctx.response_filters``)
   apply to it unchanged.
 
 Ordering: ComfyUI's history is in completion order (an entry is inserted when its prompt ends),
@@ -419,10 +419,10 @@ async def _finish(request: web.Request, gathered: Gathered, merged: object) -> w
     """The merged answer, through the isolation rewrite the guards set (per-user filter)."""
     ctx = request[CONTEXT]
     body = orjson.dumps(merged)
-    if ctx.rewrite_response is not None:
+    if ctx.filters_response:
         token = _PARSED.set((body, merged))
         try:
-            body = await ctx.rewrite_response(200, body)
+            body = await ctx.filter_response(200, body)
         finally:
             _PARSED.reset(token)
     return json_response(request, gathered, 200, body)

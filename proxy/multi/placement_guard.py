@@ -43,9 +43,10 @@ from proxy.multi.placement import (
     requirements,
 )
 from proxy.multi.replication import FileCopier, referenced_files
+from proxy.observability.metrics import Metrics
 from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
-from proxy.settings import SETTINGS
+from proxy.settings.upstreams import PlacementSettings
 from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.http1 import (
@@ -117,8 +118,13 @@ class PlacementGuard:
 
     name = "placement"
 
+    def __init__(self, pool: UpstreamPool, metrics: Metrics, settings: PlacementSettings) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._settings = settings
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        pool = request.app[POOL]
+        pool = self._pool
         if request.method != hdrs.METH_POST or ctx.path != "/prompt" or not pool.managed:
             return  # one instance: it gets everything, as before
         graph = (await read_prompt(request, ctx)).prompt  # the proxy's one reading of it
@@ -127,7 +133,7 @@ class PlacementGuard:
             routable = pool.routable()
             ctx.target = routable[0] if routable else pool.home()
             return
-        metrics = request.app[METRICS]
+        metrics = self._metrics
         started = time.perf_counter()
         req = requirements(graph)
         decision = decide(req, candidate_states(pool))
@@ -145,7 +151,7 @@ class PlacementGuard:
         ranked = [u for c in decision.ranked if (u := pool.get(c.name)) is not None]
         metrics.placements.labels("placed").inc()
         ctx.target = ranked[0]
-        settings = request.app[SETTINGS].upstream.placement
+        settings = self._settings
         ctx.failover = Submission(
             ranked[: settings.max_attempts],
             req,

@@ -352,13 +352,14 @@ class ReplicationGuard:
             or request.headers.get(hdrs.CONTENT_TYPE)
             or ""
         )
-        ctx.rewrite_response = _replicate_after(
-            copier,
-            pool,
-            first=first,
-            spool=spool,
-            boundary=_boundary(content_type),
-            previous=ctx.rewrite_response,
+        ctx.response_filters.append(
+            _replicate_after(
+                copier,
+                pool,
+                first=first,
+                spool=spool,
+                boundary=_boundary(content_type),
+            )
         )
 
 
@@ -383,11 +384,8 @@ def _replicate_after(
     first: Upstream,
     spool: Spool | None,
     boundary: bytes | None,
-    previous: ResponseRewrite | None,
 ) -> ResponseRewrite:
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         try:
             ref = _stored_ref(status, body)
             others = [u for u in pool.reachable() if u.name != first.name]

@@ -29,7 +29,7 @@ prompt (:mod:`proxy.multi.lost`); one whose instance is merely unreachable answe
 unknown one (``{}``, ``Job not found``), with the ``Comfygate-Degraded`` header naming it.
 
 Isolation decisions (others' ids, files) are made by the isolation guards before this runs;
-their answer rewrites (``ctx.rewrite_response``) are applied to what is answered here too.
+their answer rewrites (``ctx.response_filters``) are applied to what is answered here too.
 """
 
 from __future__ import annotations
@@ -152,20 +152,13 @@ async def answer(
 ) -> web.Response:
     """A locally assembled answer, through the isolation rewrite like a forwarded one."""
     ctx = request[CONTEXT]
-    if ctx.rewrite_response is not None:
-        body = await ctx.rewrite_response(status, body)
+    body = await ctx.filter_response(status, body)
     return json_response(request, gathered or Gathered([], [], 0.0), status, body)
 
 
 def _chain(ctx: RequestContext, first: Rewrite) -> None:
-    """Run ``first`` before the rewrite the guards set (if any)."""
-    previous = ctx.rewrite_response
-
-    async def rewrite(status: int, body: bytes) -> bytes:
-        body = await first(status, body)
-        return await previous(status, body) if previous is not None else body
-
-    ctx.rewrite_response = rewrite
+    """Run ``first`` before the rewrites the guards set (if any)."""
+    ctx.response_filters.insert(0, first)
 
 
 def _loads(body: bytes) -> object:

@@ -19,11 +19,12 @@ from aiohttp import hdrs, web
 
 from proxy.comfy.graph import UNKNOWN_NODE, is_ui_format
 from proxy.comfy.violations import Violation
+from proxy.observability.metrics import Metrics
 from proxy.policy.checker import BODY_TOO_LARGE, NODE_NOT_ALLOWED, check_workflow
 from proxy.policy.refusal import PolicyRejected
+from proxy.policy.store import PolicyStore
 from proxy.request.prompt import read_prompt
-from proxy.settings import SETTINGS
-from proxy.state import METRICS, POLICY, RequestContext
+from proxy.state import RequestContext
 
 log = structlog.get_logger("comfygate.policy")
 
@@ -36,10 +37,17 @@ class PolicyGuard:
 
     name = "policy"
 
+    def __init__(self, store: PolicyStore, metrics: Metrics, *, isolation: bool) -> None:
+        """``isolation``: whether isolation checks the files a prompt names (then the policy
+        leaves them to it)."""
+        self._store = store
+        self._metrics = metrics
+        self._isolation = isolation
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if request.method != hdrs.METH_POST or ctx.principal is None:
             return
-        store = request.app[POLICY]
+        store = self._store
         if not store.enabled:
             return
         policy = store.for_principal(ctx.principal)
@@ -52,7 +60,7 @@ class PolicyGuard:
                 f"the request body is {length} bytes; your role's limit is "
                 f"{policy.max_body_bytes} bytes"
             )
-            self._refuse(request, ctx, [Violation("", "", "", BODY_TOO_LARGE, message)])
+            self._refuse(ctx, [Violation("", "", "", BODY_TOO_LARGE, message)])
         # The one reading of the body (proxy.comfy), typed with the instance's schemas; its
         # malformed parts are reported below with the policy's findings.
         submission = await read_prompt(request, ctx, refuse_problems=False)
@@ -65,16 +73,14 @@ class PolicyGuard:
             policy,
             prompt=submission.prompt if workflow is body.get("prompt") else None,
             body_size=ctx.bytes_in or len(ctx.body or b""),  # as received, not as re-serialised
-            isolation_checks_files=request.app[SETTINGS].isolation.enabled,
+            isolation_checks_files=self._isolation,
         )
         if violations:
-            self._refuse(request, ctx, _without_doubles(violations))
+            self._refuse(ctx, _without_doubles(violations))
 
-    def _refuse(
-        self, request: web.Request, ctx: RequestContext, violations: list[Violation]
-    ) -> NoReturn:
+    def _refuse(self, ctx: RequestContext, violations: list[Violation]) -> NoReturn:
         counts = Counter(v.error_type for v in violations)
-        refusals = request.app[METRICS].policy_refusals
+        refusals = self._metrics.policy_refusals
         for reason, count in counts.items():
             refusals.labels(reason).inc(count)
         principal = ctx.principal

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 import structlog
@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.auth.admin_guard import AdminGuard
 from proxy.errors import ProxyError
 from proxy.policy.loader import PolicyError
+from proxy.settings.auth import RoleSettings
 from proxy.state import POLICY
 
 log = structlog.get_logger("comfygate.policy")
@@ -37,9 +38,9 @@ class PolicyInvalid(ProxyError):
     error_type = "policy_invalid"
 
 
-def reload_guard() -> AdminGuard:
+def reload_guard(roles: Mapping[str, RoleSettings]) -> AdminGuard:
     """The admin guard of ``POST /admin/reload`` (permission ``admin_reload``)."""
-    return AdminGuard(RELOAD_ROUTE, "reloading the policy")
+    return AdminGuard(RELOAD_ROUTE, "reloading the policy", roles)
 
 
 async def reload_policy(app: web.Application, *, trigger: Trigger) -> int:

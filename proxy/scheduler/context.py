@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
+from typing import Any
 
 from aiohttp import web
 
-from proxy.auth.admin_guard import AdminGuard
+from proxy.chain import Endpoint, Guard
 from proxy.isolation.read_guard import ReadGuard
 from proxy.redis.client import REDIS
+from proxy.routes import RuleName
 from proxy.scheduler.gate import Gate
 from proxy.scheduler.hook import CancelGuard, HoldGuard, ViewGuard
 from proxy.scheduler.keys import GATE
@@ -20,8 +21,6 @@ from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
 from proxy.settings import SETTINGS
 from proxy.state import METRICS, OWNERSHIP, POOL, QUEUE_QUOTA
 
-if TYPE_CHECKING:
-    from proxy.chain import Guard
 ADMIN_SCHEDULER = "admin_scheduler"
 """Permission (``roles.<r>.allow_routes``) and route name of ``GET {base}/admin/scheduler``."""
 
@@ -86,23 +85,23 @@ def add_scheduler_route(app: web.Application, *, base_path: str) -> None:
     )
 
 
-def with_scheduler(
-    guards: Mapping[str, Sequence[Guard]], chain: Sequence[Guard]
-) -> dict[str, tuple[Guard, ...]]:
-    """The guard chains with the gateway queue's guards (``proxy.scheduler.hook``): holding
-    last on ``POST /prompt``; cancelling before isolation on ``POST /queue`` (it must see a
-    ``clear`` before isolation narrows it); views last on queue, jobs and ws; the admin route
-    behind ``chain`` (origin, auth, csrf, role) and an admin guard."""
-    out = {name: tuple(g) for name, g in guards.items()}
-    out["prompt"] = (*out["prompt"], HoldGuard())
-    queue = list(out["queue"])
+def with_scheduler(endpoints: dict[RuleName, Endpoint]) -> None:
+    """The gateway queue's guards (``proxy.scheduler.hook``) in the route table: holding last
+    on ``POST /prompt``; cancelling before isolation on ``POST /queue`` (it must see a
+    ``clear`` before isolation narrows it); views last on queue, jobs and ws."""
+
+    def extend(name: RuleName, *more: Guard) -> None:
+        endpoints[name] = replace(endpoints[name], guards=(*endpoints[name].guards, *more))
+
+    extend("prompt", HoldGuard())
+    queue = list(endpoints["queue"].guards)
     at = next((i for i, g in enumerate(queue) if isinstance(g, ReadGuard)), len(queue))
-    out["queue"] = (*queue[:at], CancelGuard(), *queue[at:])
+    endpoints["queue"] = replace(
+        endpoints["queue"], guards=(*queue[:at], CancelGuard(), *queue[at:])
+    )
     view = ViewGuard()
     for name in ("queue", "jobs", "ws"):
-        out[name] = (*out[name], view)
-    out[ADMIN_SCHEDULER] = (*chain, AdminGuard(ADMIN_SCHEDULER, "listing the gateway queue"))
-    return out
+        extend(name, view)
 
 
 __all__ = ["ADMIN_SCHEDULER", "add_scheduler_route", "scheduler_context", "with_scheduler"]

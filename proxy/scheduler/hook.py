@@ -43,7 +43,7 @@ from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.keys import GATE
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, FrameFilter, RequestContext, ResponseFilter
 from proxy.upstream.forward import build_upstream_headers
 
 log = structlog.get_logger("comfygate.scheduler")
@@ -229,8 +229,6 @@ def _cancelled(gate: Gate, removed: Sequence[str]) -> None:
 
 # -- views -------------------------------------------------------------------------------------
 
-Rewrite = Callable[[int, bytes], Awaitable[bytes]]
-
 
 class ViewGuard:
     """Held prompts in ``GET /queue``, ``/api/jobs`` and ``status`` events (module doc)."""
@@ -244,11 +242,11 @@ class ViewGuard:
         rule = ctx.rule.name
         owner = viewer(request, ctx)
         if rule == "queue" and request.method == hdrs.METH_GET:
-            ctx.rewrite_response = _queue_view(gate, owner, ctx.rewrite_response)
+            ctx.response_filters.append(_queue_view(gate, owner))
         elif rule == "jobs":
             await self._jobs(request, ctx, gate, owner)
         elif rule == "ws":
-            ctx.ws_filter = _status_filter(gate, owner, ctx.ws_filter)
+            ctx.frame_filters.append(_status_filter(gate, owner))
 
     async def _jobs(
         self, request: web.Request, ctx: RequestContext, gate: Gate, owner: str | None
@@ -272,7 +270,7 @@ class ViewGuard:
                 removed = await gate.store.cancel([i for i in ids if isinstance(i, str)], owner)
                 _cancelled(gate, removed)
                 if removed:
-                    ctx.rewrite_response = _force_cancelled(ctx.rewrite_response)
+                    ctx.response_filters.append(_force_cancelled())
             return
         if request.method == hdrs.METH_POST and len(segments) == 2 and segments[1] == "cancel":
             removed = await gate.store.cancel([segments[0]], owner)
@@ -342,10 +340,8 @@ def _shown_extra(body: Mapping[str, Any], held: Held) -> dict[str, Any]:
     return extra
 
 
-def _queue_view(gate: Gate, owner: str | None, previous: Rewrite | None) -> Rewrite:
+def _queue_view(gate: Gate, owner: str | None) -> ResponseFilter:
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             return body
         try:
@@ -419,11 +415,8 @@ def _wrap_jobs_list(
 
         ctx.answer = answer
         return
-    previous = ctx.rewrite_response
 
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         if status != 200:
             return body
         try:
@@ -431,7 +424,7 @@ def _wrap_jobs_list(
         except orjson.JSONDecodeError:
             return body
 
-    ctx.rewrite_response = rewrite
+    ctx.response_filters.append(rewrite)
 
 
 def _kept(response: web.Response) -> dict[str, str]:
@@ -442,28 +435,18 @@ def _kept(response: web.Response) -> dict[str, str]:
     }
 
 
-def _force_cancelled(previous: Rewrite | None) -> Rewrite:
+def _force_cancelled() -> ResponseFilter:
     async def rewrite(status: int, body: bytes) -> bytes:
-        if previous is not None:
-            body = await previous(status, body)
         return orjson.dumps({"cancelled": True}) if status == 200 else body
 
     return rewrite
 
 
-FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
-
-
-def _status_filter(gate: Gate, owner: str | None, inner: FrameFilter | None) -> FrameFilter:
+def _status_filter(gate: Gate, owner: str | None) -> FrameFilter:
     """``status`` frames count what the caller waits for: ComfyUI's queue (at most the room
     the gate gives each instance) plus the caller's held prompts."""
 
     async def status(frame: str | bytes) -> str | bytes | None:
-        if inner is not None:
-            out = await inner(frame)
-            if out is None:
-                return None
-            frame = out
         if not isinstance(frame, str) or '"status"' not in frame:
             return frame
         try:

@@ -81,7 +81,7 @@ def build_upstream_headers(
     if kept:
         headers[hdrs.COOKIE] = "; ".join(kept)
     headers.update(ctx.upstream_headers)
-    if ctx.rewrite_response is not None:
+    if ctx.filters_response:
         # SECURITY: an answer the proxy filters is read, so it is asked for unencoded (a
         # compressed one used to pass unfiltered); what still comes encoded is decoded or refused.
         ask_identity(headers)
@@ -145,7 +145,7 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
         headers[hdrs.CONTENT_LENGTH] = str(len(body))
 
     method = request.method
-    if method == hdrs.METH_HEAD and ctx.rewrite_response is not None:
+    if method == hdrs.METH_HEAD and ctx.filters_response:
         # SECURITY: HEAD is answered as the filtered GET would be (same status, headers and
         # length): ComfyUI's own HEAD would announce the unfiltered body's length.
         method = hdrs.METH_GET
@@ -190,7 +190,7 @@ async def _relay_response(
 ) -> web.StreamResponse:
     headers = client_response_headers(resp.headers)
     length = resp.content_length
-    if ctx.rewrite_response is not None and resp.status not in _NO_BODY_STATUSES:
+    if ctx.filters_response and resp.status not in _NO_BODY_STATUSES:
         # Whatever its content type or encoding: a filtered answer is never passed unread.
         return await _rewritten_response(request, ctx, resp, upstream, headers)
     no_body = request.method == hdrs.METH_HEAD or resp.status in _NO_BODY_STATUSES
@@ -246,8 +246,7 @@ async def _rewritten_response(
     payload = decode(
         raw, resp.headers, limit=limit, upstream=upstream.name, metrics=request.app[METRICS]
     )
-    assert ctx.rewrite_response is not None
-    body = await ctx.rewrite_response(resp.status, payload)
+    body = await ctx.filter_response(resp.status, payload)
     headers.popall(hdrs.CONTENT_ENCODING, None)  # the body is the proxy's own, unencoded
     ctx.bytes_out = 0 if request.method == hdrs.METH_HEAD else len(body)
     response = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)

@@ -114,7 +114,7 @@ class ReadFailover:
         ctx = request[CONTEXT]
         order = [first, *(u for u in pool.reachable() if u.name != first.name)]
         method = request.method
-        if method == hdrs.METH_HEAD and ctx.rewrite_response is not None:
+        if method == hdrs.METH_HEAD and ctx.filters_response:
             method = hdrs.METH_GET  # as forward_http asks: the filtered GET's answer
         for attempt, upstream in enumerate(order):
             headers = build_upstream_headers(request, ctx, upstream)

@@ -36,7 +36,15 @@ from yarl import URL
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import Metrics
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, RequestContext
+from proxy.state import (
+    CONTEXT,
+    LIFECYCLE,
+    METRICS,
+    POOL,
+    FrameFilter,
+    RequestContext,
+    compose_frame_filters,
+)
 from proxy.tasks import task_failed
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
@@ -52,10 +60,6 @@ PREVIEW_TYPES = (1, 4)
 CLOSE_TIMEOUT_SECONDS = 5.0
 _UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire (RFC 6455 7.4)
 SLOW_CLIENT_REASON = "client too slow to receive events"
-
-
-FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
-"""``ctx.ws_filter``: returns the frame to send (possibly rewritten), or None to drop it."""
 
 
 def is_preview(frame: bytes) -> bool:
@@ -456,7 +460,14 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
         await send_frame(upstream_ws, data)
 
     down = asyncio.create_task(
-        pump_down(upstream_ws, queue.put, ctx.ws_filter, upstream.name, metrics, ctx)
+        pump_down(
+            upstream_ws,
+            queue.put,
+            compose_frame_filters(ctx.frame_filters),
+            upstream.name,
+            metrics,
+            ctx,
+        )
     )
     up = asyncio.ensure_future(pump_up(ws, to_upstream, metrics, ctx))
     try:

@@ -116,7 +116,7 @@ class ExtensionListGuard:
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if request.method == hdrs.METH_GET and ctx.path == "/extensions":
-            ctx.rewrite_response = add_extension
+            ctx.response_filters.append(add_extension)
 
 
 async def add_extension(status: int, body: bytes) -> bytes:

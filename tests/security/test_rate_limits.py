@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import build_guards
+from proxy.chain import ROUTE_TABLE
 from proxy.limits.classes import route_class
 from proxy.limits.guard import RateLimitGuard
 from proxy.routes import OTHER, RULES
@@ -122,11 +122,13 @@ async def test_query_and_encodings_share_one_allowance(
     assert len(fake_comfy.received) == 1
 
 
-def test_the_limit_guard_is_wired_on_every_comfyui_rule() -> None:
+async def test_the_limit_guard_is_wired_on_every_comfyui_rule(client: Client) -> None:
     """A rule added later is limited unless someone decides otherwise here."""
-    guards = build_guards(make_settings("http://127.0.0.1:8188"))
+    app = client.app
+    assert app is not None
+    table = app[ROUTE_TABLE]
     for rule in (*RULES, OTHER):
-        assert any(isinstance(g, RateLimitGuard) for g in guards[rule.name]), rule.name
+        assert any(isinstance(g, RateLimitGuard) for g in table[rule.name].guards), rule.name
         for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
             for websocket in (False, True):
                 assert route_class(rule.name, method, websocket=websocket) in ROUTE_CLASSES

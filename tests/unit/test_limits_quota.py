@@ -19,6 +19,7 @@ from proxy.limits.quota.reconciler import QuotaEventObserver, ended_prompt
 from proxy.limits.quota.redis_store import PREFIX, RedisQuotaStore
 from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
 from proxy.settings.limits import RateLimitSettings
+from proxy.state import compose_frame_filters
 
 TTL = 100.0
 
@@ -223,7 +224,7 @@ class _Releases:
         return len(prompt_ids)
 
 
-async def test_observer_releases_once_and_passes_frames_to_the_inner_filter() -> None:
+async def test_observer_releases_once_and_passes_frames_to_the_next_filter() -> None:
     quota = _Releases()
     seen: list[str | bytes] = []
 
@@ -231,7 +232,9 @@ async def test_observer_releases_once_and_passes_frames_to_the_inner_filter() ->
         seen.append(frame)
         return None if frame == b"drop" else frame
 
-    observer = QuotaEventObserver(quota, inner)  # type: ignore[arg-type]
+    # The observer comes first in the socket's filters (it sees frames the next one drops).
+    observer = compose_frame_filters([QuotaEventObserver(quota), inner])  # type: ignore[arg-type]
+    assert observer is not None
     success = '{"type": "execution_success", "data": {"prompt_id": "p1"}}'
     done = '{"type": "executing", "data": {"node": null, "prompt_id": "p1"}}'
     assert await observer(success) == success
@@ -239,5 +242,5 @@ async def test_observer_releases_once_and_passes_frames_to_the_inner_filter() ->
     assert await observer(b"drop") is None
     assert quota.released == ["p1"]
     assert seen == [success, done, b"drop"]
-    bare = QuotaEventObserver(quota, None)  # type: ignore[arg-type]
+    bare = QuotaEventObserver(quota)  # type: ignore[arg-type]
     assert await bare(b"\x00\x00\x00\x01jpeg") == b"\x00\x00\x00\x01jpeg"

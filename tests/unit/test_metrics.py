@@ -25,7 +25,7 @@ from proxy.observability.generation import (
 )
 from proxy.observability.metrics import Metrics, method_label, role_label
 from proxy.observability.users import UserCollector, UserCounter, merged_counts
-from proxy.routes import OTHER, rule
+from proxy.routes import OTHER, RuleName, rule
 from proxy.settings.metrics import MetricsSettings
 from proxy.state import RequestContext
 
@@ -40,7 +40,7 @@ def request(method: str = "GET", **query: str) -> Any:
     return types.SimpleNamespace(method=method, query=query)
 
 
-def context(rule_name: str, **fields: Any) -> RequestContext:
+def context(rule_name: RuleName, **fields: Any) -> RequestContext:
     ctx = RequestContext(request_id="r")
     ctx.rule = rule(rule_name, "/x") if rule_name != "other" else OTHER
     for key, val in fields.items():

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.ownership import MemoryOwnershipStore
-from proxy.multi.fanin import _event_type, _link_filter
+from proxy.multi.fanin import _event_type, _link_filter, _link_filters
 from proxy.multi.lost import LostPrompt, LostStore, QueueWatch, job_items, queue_items
 from proxy.multi.merge import (
     entry_time,
@@ -192,14 +192,9 @@ def test_event_type_sniffing(frame: str, kind: str | None) -> None:
     assert _event_type(frame) == kind
 
 
-class Wrapper:
-    """Another guard's observer around the isolation filter (as the quota guard adds)."""
-
-    def __init__(self, inner: SocketEventFilter) -> None:
-        self._inner = inner
-
-    async def __call__(self, frame: str | bytes) -> str | bytes | None:
-        return await self._inner(frame)
+async def observer(frame: str | bytes) -> str | bytes | None:
+    """Another guard's frame filter next to the isolation filter (as the quota guard adds)."""
+    return frame
 
 
 def test_each_instance_gets_its_own_execution_window() -> None:
@@ -216,8 +211,6 @@ def test_each_instance_gets_its_own_execution_window() -> None:
     assert copy is not base
     assert copy.running is None
     assert base.running == "p1"
-    wrapped = _link_filter(Wrapper(base))
-    assert isinstance(wrapped, Wrapper)
-    assert wrapped._inner is not base
-    assert wrapped._inner.running is None
-    assert _link_filter(None) is None
+    assert _link_filter(observer) is observer  # shared: only isolation's window is per instance
+    assert _link_filters([observer, base]) is not None
+    assert _link_filters([]) is None

@@ -1,12 +1,14 @@
-"""``QueueQuotaGuard``: the queue quota's own guard, last on the ``prompt`` and ``ws`` rules.
+"""The queue quota's own guards, on the ``ws`` and ``prompt`` rules.
 
-- ``ws``: wraps the socket's frame filter (isolation's, if any) in a
-  :class:`~proxy.limits.quota.reconciler.QuotaEventObserver`, so prompt ends seen on the relay
-  free their slots at once.
-- ``POST /prompt`` with ``isolation.enabled = false``: reserves the slot itself (with isolation
-  on, the isolation guard does it once it has rewritten the submission). The prompt id is the
-  client's when it sent one (as ComfyUI would use it), else one minted here and added to the
-  body, so that the prompt's end can be recognised.
+- :class:`SocketQuotaGuard` (``ws``, before isolation): puts a
+  :class:`~proxy.limits.quota.reconciler.QuotaEventObserver` first in the socket's frame
+  filters, so prompt ends seen on the relay free their slots at once (also those isolation
+  does not pass on to this client).
+- :class:`QueueQuotaGuard` (``POST /prompt``, last; wired only with ``isolation.enabled =
+  false``): reserves the slot itself (with isolation on, the isolation guard does it once it
+  has rewritten the submission). The prompt id is the client's when it sent one (as ComfyUI
+  would use it), else one minted here and added to the body, so that the prompt's end can be
+  recognised.
 """
 
 from __future__ import annotations
@@ -17,9 +19,24 @@ from aiohttp import hdrs, web
 
 from proxy.auth.guard import is_websocket
 from proxy.limits.quota.reconciler import QuotaEventObserver
+from proxy.limits.quota.service import QueueQuota
 from proxy.request.prompt import forward_submission, read_prompt
-from proxy.settings import SETTINGS
-from proxy.state import POOL, QUEUE_QUOTA, RequestContext
+from proxy.state import RequestContext
+from proxy.upstream.pool import UpstreamPool
+
+
+class SocketQuotaGuard:
+    """See the module doc. Does nothing while quotas are off or for principals not counted."""
+
+    name = "queue_quota"
+
+    def __init__(self, quota: QueueQuota) -> None:
+        self._quota = quota
+
+    async def check(self, request: web.Request, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        if principal is not None and self._quota.tracks(principal) and is_websocket(request):
+            ctx.frame_filters.append(QuotaEventObserver(self._quota))
 
 
 class QueueQuotaGuard:
@@ -27,23 +44,19 @@ class QueueQuotaGuard:
 
     name = "queue_quota"
 
+    def __init__(self, quota: QueueQuota, pool: UpstreamPool) -> None:
+        self._quota = quota
+        self._pool = pool
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        quota = request.app[QUEUE_QUOTA]
         principal = ctx.principal
-        if principal is None or not quota.tracks(principal):
+        if principal is None or not self._quota.tracks(principal):
             return
-        rule = ctx.rule.name
-        if rule == "ws" and is_websocket(request):
-            ctx.ws_filter = QuotaEventObserver(quota, ctx.ws_filter)
-        elif (
-            rule == "prompt"
-            and request.method == hdrs.METH_POST
-            and not request.app[SETTINGS].isolation.enabled
-        ):
+        if request.method == hdrs.METH_POST:
             prompt_id = await _prompt_id(request, ctx)
             if prompt_id is not None:
-                upstream = ctx.target or request.app[POOL].pick()
-                await quota.reserve(ctx, principal, prompt_id, upstream.name)
+                upstream = ctx.target or self._pool.pick()
+                await self._quota.reserve(ctx, principal, prompt_id, upstream.name)
 
 
 async def _prompt_id(request: web.Request, ctx: RequestContext) -> str | None:
@@ -61,4 +74,4 @@ async def _prompt_id(request: web.Request, ctx: RequestContext) -> str | None:
     return prompt_id
 
 
-__all__ = ["QueueQuotaGuard"]
+__all__ = ["QueueQuotaGuard", "SocketQuotaGuard"]

@@ -52,9 +52,6 @@ SEEN_ENDS: Final = 64
 """Prompt ends remembered per socket (a success is reported twice: no second release)."""
 _END_MARKERS: Final = tuple(f'"{t}"' for t in sorted(END_EVENTS))
 
-FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
-"""``RequestContext.ws_filter``: a frame from ComfyUI in, the frame to relay (or None) out."""
-
 
 def ended_prompt(frame: str) -> str | None:
     """The prompt id a ComfyUI text frame reports ended, else None. Cheap for every other
@@ -76,12 +73,11 @@ def ended_prompt(frame: str) -> str | None:
 
 
 class QuotaEventObserver:
-    """A WebSocket frame filter that releases prompts as their end events go by, then hands the
-    frame to the filter it wraps (isolation's, or none)."""
+    """A WebSocket frame filter that releases prompts as their end events go by and passes
+    every frame on unchanged (first in ``ctx.frame_filters``: it sees what isolation drops)."""
 
-    def __init__(self, quota: QueueQuota, inner: FrameFilter | None) -> None:
+    def __init__(self, quota: QueueQuota) -> None:
         self._quota = quota
-        self._inner = inner
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def __call__(self, frame: str | bytes) -> str | bytes | None:
@@ -91,7 +87,7 @@ class QuotaEventObserver:
             if len(self._seen) > SEEN_ENDS:
                 self._seen.popitem(last=False)
             await self._quota.release([prompt_id], reason="event")
-        return frame if self._inner is None else await self._inner(frame)
+        return frame
 
 
 class QuotaReconciler:

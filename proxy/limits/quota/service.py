@@ -168,7 +168,7 @@ class QueueQuota:
         except StoreFailed as exc:
             return self._failed(exc.kind)
         if reservation.outcome == "reserved":
-            ctx.rewrite_response = self._follow_answer(prompt_id, ctx.rewrite_response)
+            ctx.response_filters.append(self._follow_answer(prompt_id))
             return True
         if reservation.outcome == "duplicate":
             raise BadRequest(
@@ -214,10 +214,8 @@ class QueueQuota:
             headers={"Retry-After": str(self.retry_after)},
         )
 
-    def _follow_answer(self, prompt_id: str, previous: ResponseRewrite | None) -> ResponseRewrite:
+    def _follow_answer(self, prompt_id: str) -> ResponseRewrite:
         async def rewrite(status: int, body: bytes) -> bytes:
-            if previous is not None:
-                body = await previous(status, body)
             if status == 200:
                 self.accept_later(prompt_id)
             else:
