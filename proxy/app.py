@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from aiohttp import WSCloseCode, hdrs, web
 from prometheus_client import CollectorRegistry
 
-from proxy.auth.authenticator import authenticator_context
+from proxy.auth.context import authenticator_context
 from proxy.auth.guard import AuthGuard, CsrfGuard, RoleGuard
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
@@ -55,8 +55,8 @@ from proxy.isolation.submit_guard import SubmitGuard
 from proxy.limits.classes import limited_rule
 from proxy.limits.enforce import rate_limits_context
 from proxy.limits.guard import RateLimitGuard
+from proxy.limits.quota.context import queue_quota_context
 from proxy.limits.quota.guard import QueueQuotaGuard
-from proxy.limits.quota.service import queue_quota_context
 from proxy.multi.admin import (
     ADMIN_UPSTREAM_ROUTES,
     add_upstream_admin_routes,
@@ -74,12 +74,12 @@ from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
 from proxy.observability.context import metrics_context
 from proxy.observability.exposition import add_metrics_route, enable_user_counter
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import CATALOG_RULES, catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
-from proxy.policy.store import PolicyStore
+from proxy.policy.store import POLICY, PolicyStore
 from proxy.redis.client import redis_client
 from proxy.request.bodies import (
     BODY_BUDGET,
@@ -91,19 +91,9 @@ from proxy.request.bodies import (
 from proxy.request.prompt import PromptGuard
 from proxy.routes import OTHER, RULES
 from proxy.settings import SETTINGS, Settings
-from proxy.state import (
-    CONTEXT,
-    HEADER_POLICY,
-    LIFECYCLE,
-    METRICS,
-    POLICY,
-    POOL,
-    RELOAD_HOOKS,
-    HeaderPolicy,
-    Lifecycle,
-)
+from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
 from proxy.upstream.forward import forward_http
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import USERDATA_RULES, serve_userdata, userdata_context
 from proxy.web.frontend import (

@@ -33,9 +33,10 @@ from proxy.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from proxy.observability.metrics import METRICS
 from proxy.routes import RouteRule, classify, rule
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.target import canonical_target, origin_form
 from proxy.upstream.headers import client_address
 from proxy.web.unreachable import is_unreachable, unreachable_page

@@ -16,6 +16,8 @@ from urllib.parse import unquote_plus
 import orjson
 from aiohttp import hdrs, web
 
+from proxy.auth.authenticator import AUTH
+from proxy.auth.comfy_users import COMFY_USERS
 from proxy.auth.identity import COMFY_USER, identity_headers
 from proxy.auth.principal import AMBIENT_SOURCES, Principal
 from proxy.auth.revocation import FAIL_OPEN
@@ -24,7 +26,7 @@ from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS
-from proxy.state import AUTH, COMFY_USERS, RequestContext
+from proxy.state import RequestContext
 from proxy.web.assets import is_public_asset
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

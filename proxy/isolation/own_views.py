@@ -51,7 +51,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.isolation import views
-from proxy.isolation.ownership import OwnershipStore, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore, PromptRecord
 from proxy.multi.dispatch import MULTI, is_multi
 from proxy.multi.merge import (
     Answer,
@@ -61,9 +61,10 @@ from proxy.multi.merge import (
     instance_headers,
     json_response,
 )
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
-from proxy.upstream.pool import Upstream
+from proxy.state import CONTEXT
+from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.isolation.views")
 

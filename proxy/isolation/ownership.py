@@ -460,7 +460,6 @@ class RedisOwnershipStore:
 
 async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
-    from proxy.state import OWNERSHIP  # noqa: PLC0415 - state imports this
 
     isolation = app[SETTINGS].isolation
     retention = isolation.retention_seconds
@@ -511,3 +510,6 @@ def _previews(value: object) -> tuple[str, ...]:
 def _abandoned() -> redis.ConnectionError:
     """What the other claims of a batch get when its sender was cancelled (shutdown)."""
     return redis.ConnectionError("ownership claim abandoned")
+
+
+OWNERSHIP = web.AppKey("comfygate.ownership", OwnershipStore)

@@ -63,14 +63,16 @@ from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
-from proxy.isolation.ownership import FileRef, OwnershipStore
+from proxy.isolation.ownership import OWNERSHIP, FileRef, OwnershipStore
 from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
+from proxy.observability.metrics import METRICS
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 from proxy.upstream.forward import forward_http, map_client_error
+from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.isolation")
 

@@ -49,7 +49,7 @@ from proxy.isolation.files import (
     view_target,
 )
 from proxy.isolation.namespaces import FOLDERS, upstream_client_id
-from proxy.isolation.ownership import OwnershipStore, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore, PromptRecord
 from proxy.isolation.prompt import (
     PromptRejected,
     check_graph,
@@ -57,10 +57,12 @@ from proxy.isolation.prompt import (
     requested_prompt_id,
     rewrite_submission,
 )
+from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.observability.metrics import role_label
 from proxy.request.prompt import forward_submission, read_prompt
 from proxy.settings import SETTINGS
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.state import RequestContext
+from proxy.upstream.pool import POOL
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
 

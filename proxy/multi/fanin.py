@@ -53,10 +53,11 @@ from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, LIFECYCLE, METRICS, POOL, RequestContext
+from proxy.state import CONTEXT, LIFECYCLE, RequestContext
 from proxy.tasks import Wake, supervise
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 from proxy.upstream.websocket import (
     SLOW_CLIENT_REASON,
     ClientSendQueue,

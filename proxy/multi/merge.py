@@ -33,8 +33,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamUnavailable
 from proxy.isolation import views
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, POOL
+from proxy.state import CONTEXT
 from proxy.upstream.encoding import (
     AnswerTooLarge,
     UnreadableAnswer,
@@ -49,7 +50,7 @@ from proxy.upstream.http1 import (
     UpstreamHttpTimeout,
     UpstreamResponse,
 )
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:
     from proxy.multi.dispatch import MultiInstance

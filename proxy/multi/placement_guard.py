@@ -31,8 +31,9 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import Rejection
-from proxy.isolation.ownership import FileRef
+from proxy.isolation.ownership import OWNERSHIP, FileRef
 from proxy.limits.quota.move import move_reservation
+from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import (
     CandidateState,
     Missing,
@@ -43,10 +44,11 @@ from proxy.multi.placement import (
     requirements,
 )
 from proxy.multi.replication import FileCopier, referenced_files
+from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.http1 import (
     UpstreamConnectError,
@@ -54,7 +56,7 @@ from proxy.upstream.http1 import (
     UpstreamHttpTimeout,
     UpstreamResponse,
 )
-from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool, unavailable
 
 log = structlog.get_logger("comfygate.upstream.placement")
 

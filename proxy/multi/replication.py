@@ -45,11 +45,11 @@ from proxy.isolation.files import (
     referenced_file,
 )
 from proxy.isolation.ownership import FileRef
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.settings import SETTINGS
-from proxy.state import METRICS, POOL, RequestContext
+from proxy.state import RequestContext
 from proxy.upstream.http1 import UpstreamHttpError
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.replication")
 

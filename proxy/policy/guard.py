@@ -19,11 +19,13 @@ from aiohttp import hdrs, web
 
 from proxy.comfy.graph import UNKNOWN_NODE, is_ui_format
 from proxy.comfy.violations import Violation
+from proxy.observability.metrics import METRICS
 from proxy.policy.checker import BODY_TOO_LARGE, NODE_NOT_ALLOWED, check_workflow
 from proxy.policy.refusal import PolicyRejected
+from proxy.policy.store import POLICY
 from proxy.request.prompt import read_prompt
 from proxy.settings import SETTINGS
-from proxy.state import METRICS, POLICY, RequestContext
+from proxy.state import RequestContext
 
 log = structlog.get_logger("comfygate.policy")
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.auth.admin_guard import AdminGuard
 from proxy.errors import ProxyError
 from proxy.policy.loader import PolicyError
-from proxy.state import POLICY
+from proxy.policy.store import POLICY
 
 log = structlog.get_logger("comfygate.policy")
 

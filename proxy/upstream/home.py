@@ -34,9 +34,10 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import ServiceUnavailable
-from proxy.state import CONTEXT, METRICS, POOL
+from proxy.observability.metrics import METRICS
+from proxy.state import CONTEXT
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpTimeout, UpstreamResponse
-from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool, unavailable
 
 if TYPE_CHECKING:
     from proxy.multi.placement_guard import Body

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 import structlog
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 from yarl import URL
 
 from proxy.errors import ServiceUnavailable
@@ -522,3 +522,6 @@ def unavailable(message: str, error_type: str, *, retry_after: int) -> ServiceUn
     )
     exc.fields = {"retry_after": retry_after}
     return exc
+
+
+POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)

@@ -20,8 +20,7 @@ import pytest
 
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import PromptRecord
-from proxy.state import OWNERSHIP
+from proxy.isolation.ownership import OWNERSHIP, PromptRecord
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received

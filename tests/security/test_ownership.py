@@ -35,9 +35,8 @@ from proxy.isolation.namespaces import (
     legacy_user_folder,
     user_folder,
 )
-from proxy.isolation.ownership import FileRef
+from proxy.isolation.ownership import OWNERSHIP, FileRef
 from proxy.settings import redacted
-from proxy.state import OWNERSHIP
 from proxy.supervisor import _shared_folder_secret
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
