@@ -17,10 +17,9 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlencode
 
-import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -33,6 +32,7 @@ from proxy.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from proxy.json_errors import json_error
 from proxy.observability.metrics import METRICS
 from proxy.routes import RouteRule, classify, rule
 from proxy.settings import SETTINGS
@@ -162,60 +162,6 @@ def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
     )
 
 
-def error_body(
-    error_type: str,
-    message: str,
-    *,
-    details: str = "",
-    extra: Mapping[str, Any] | None = None,
-    comfy_prompt: bool = False,
-    node_errors: Mapping[str, Any] | None = None,
-    fields: Mapping[str, Any] | None = None,
-) -> bytes:
-    """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``;
-    ``fields`` adds members to the ``error`` object (e.g. ``retry_after``)."""
-    body: dict[str, Any] = {
-        "error": {
-            "type": error_type,
-            "message": message,
-            "details": details,
-            "extra_info": dict(extra or {}),
-            **(fields or {}),
-        }
-    }
-    if comfy_prompt:
-        body["node_errors"] = dict(node_errors or {})
-    return orjson.dumps(body)
-
-
-def json_error(
-    status: int,
-    error_type: str,
-    message: str,
-    *,
-    comfy_prompt: bool = False,
-    details: str = "",
-    extra: Mapping[str, Any] | None = None,
-    headers: Mapping[str, str] | None = None,
-    node_errors: Mapping[str, Any] | None = None,
-    fields: Mapping[str, Any] | None = None,
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=error_body(
-            error_type,
-            message,
-            details=details,
-            extra=extra,
-            comfy_prompt=comfy_prompt,
-            node_errors=node_errors,
-            fields=fields,
-        ),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
 @web.middleware
 async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON response; never a traceback to the client."""
@@ -334,8 +280,6 @@ __all__ = [
     "BadRequest",
     "Guard",
     "add_response_headers",
-    "error_body",
-    "json_error",
     "make_run_guards",
     "observe",
     "render_errors",

@@ -11,17 +11,31 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 from multidict import istr
 
 from proxy.auth.principal import Principal
 from proxy.routes import OTHER, RouteRule
+from proxy.upstream.http1 import UpstreamResponse
 from proxy.upstream.pool import Upstream
 
-if TYPE_CHECKING:
-    from proxy.multi.placement_guard import Failover
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class Failover(Protocol):
+    """What ``forward_http`` calls instead of sending once (``ctx.failover``)."""
+
+    async def send(
+        self, request: web.Request, first: Upstream, body: Body
+    ) -> tuple[UpstreamResponse, Upstream]:
+        """The response head, and the instance that gave it.
+
+        Raises:
+            ProxyError: no instance could be reached (mapped like a single failure).
+        """
+        ...
 
 
 @dataclass(slots=True)

@@ -49,8 +49,8 @@ from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UserRecord, UsersFile
-from proxy.chain import json_error
 from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.json_errors import json_error
 from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
 from proxy.settings import SETTINGS, ServerSettings

@@ -57,13 +57,14 @@ from aiohttp import hdrs, web
 from redis.exceptions import RedisClusterException
 
 from proxy.auth.principal import Principal
+from proxy.comfy import views
+from proxy.comfy.records import FileRef
 from proxy.errors import Forbidden, UpstreamUnavailable
-from proxy.isolation import views
 from proxy.isolation.attribution import attributed_outputs
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
-from proxy.isolation.ownership import OWNERSHIP, FileRef, OwnershipStore
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.multi.dispatch import MULTI, dispatch_multi, is_multi
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.observability.metrics import METRICS

@@ -49,8 +49,8 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 
+from proxy.comfy import views
 from proxy.errors import ProxyError, UpstreamUnavailable
-from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
 from proxy.observability.metrics import METRICS

@@ -8,7 +8,7 @@ Two halves:
   a slow instance degrades a merged answer, it never blocks it.
 * Pure merges of ComfyUI's JSON answers (``GET /history``, ``/queue``, ``/api/jobs``,
   ``/prompt``), table-testable: each instance's answer is in ComfyUI's own shape, and so is the
-  merged one, so the isolation filters (``proxy.isolation.views`` through ``ctx.rewrite_response``)
+  merged one, so the isolation filters (``proxy.comfy.views`` through ``ctx.rewrite_response``)
   apply to it unchanged.
 
 Ordering: ComfyUI's history is in completion order (an entry is inserted when its prompt ends),
@@ -31,8 +31,8 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.comfy import views
 from proxy.errors import UpstreamUnavailable
-from proxy.isolation import views
 from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT

@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.isolation import views
+from proxy.comfy import views
+from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.files import PathRefused, clean_relative, view_target
-from proxy.isolation.ownership import OWNERSHIP, FileRef, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.merge import Answer, Gathered, ask_all, json_response
 from proxy.request.bodies import read_json_body
 from proxy.state import CONTEXT, RequestContext

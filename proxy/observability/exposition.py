@@ -29,8 +29,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from proxy.chain import json_error
 from proxy.errors import ProxyError, SettingsError
+from proxy.json_errors import json_error
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.observability.users import UserCollector, UserCounter
 from proxy.settings.metrics import IPNetwork, MetricsSettings

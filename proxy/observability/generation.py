@@ -45,8 +45,9 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.comfy.records import PromptRecord
 from proxy.errors import UpstreamError
-from proxy.isolation.ownership import OWNERSHIP, OwnershipStore, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.observability.metrics import METRICS, Metrics, role_label
 from proxy.periodic import Periodic
 from proxy.redis.client import REDIS

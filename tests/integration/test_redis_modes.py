@@ -31,7 +31,8 @@ from proxy.auth import cli as auth_cli
 from proxy.auth.authenticator import AUTH
 from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
 from proxy.auth.users import UsersFile
-from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
+from proxy.comfy.records import PromptRecord
+from proxy.isolation.ownership import RedisOwnershipStore
 from proxy.redis.client import REDIS, connect, redis_ready
 from proxy.settings import RedisSettings
 from tests.conftest import JWT_SECRET, ProxyFactory, RedisBackend, bearer, make_settings

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from proxy.comfy.records import PromptRecord
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.fanin import FanInRelay
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
