@@ -32,10 +32,11 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from proxy.errors import ServiceUnavailable
+from proxy.redis.breaker import BreakerState
 from proxy.settings import UpstreamSettings
 from proxy.settings.upstreams import instance_name
 from proxy.tasks import task_failed
-from proxy.upstream.health_checks import Breaker, BreakerState, probe
+from proxy.upstream.health_checks import Breaker, probe
 from proxy.upstream.http1 import Http1Pool
 
 if TYPE_CHECKING:
