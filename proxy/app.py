@@ -40,7 +40,9 @@ from multidict import istr
 from prometheus_client import CollectorRegistry
 
 from proxy.auth.admin_guard import AdminGuard
-from proxy.auth.authenticator import authenticator_context
+from proxy.auth.authenticator import AUTH
+from proxy.auth.comfy_users import COMFY_USERS
+from proxy.auth.context import authenticator_context
 from proxy.auth.guard import (
     AuthGuard,
     ClearRoleGuard,
@@ -70,7 +72,7 @@ from proxy.cors import make_cors
 from proxy.health import healthz, readyz
 from proxy.isolation.namespaces import FOLDERS
 from proxy.isolation.own_views import OwnViews
-from proxy.isolation.ownership import ownership_store
+from proxy.isolation.ownership import OWNERSHIP, ownership_store
 from proxy.isolation.read_guard import (
     HistoryGuard,
     InterruptGuard,
@@ -80,10 +82,11 @@ from proxy.isolation.read_guard import (
     SocketGuard,
 )
 from proxy.isolation.submit_guard import PromptSubmitGuard, SubmitGuard, UploadGuard, ViewGuard
-from proxy.limits.enforce import rate_limits_context
+from proxy.limits.enforce import RATE_LIMITS, rate_limits_context
 from proxy.limits.guard import RateLimitGuard
+from proxy.limits.quota.context import queue_quota_context
 from proxy.limits.quota.guard import QueueQuotaGuard, SocketQuotaGuard
-from proxy.limits.quota.service import QueueQuota, queue_quota_context
+from proxy.limits.quota.service import QUEUE_QUOTA, QueueQuota
 from proxy.multi.admin import (
     ADMIN_UPSTREAM_ROUTES,
     add_upstream_admin_routes,
@@ -107,12 +110,12 @@ from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
 from proxy.observability.context import metrics_context
 from proxy.observability.exposition import add_metrics_route, enable_user_counter
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
-from proxy.policy.store import PolicyStore
+from proxy.policy.store import POLICY, PolicyStore
 from proxy.redis.client import redis_client
 from proxy.request.bodies import (
     BODY_BUDGET,
@@ -139,24 +142,9 @@ from proxy.scheduler.context import (
     with_scheduler,
 )
 from proxy.settings import SETTINGS, Settings
-from proxy.state import (
-    AUTH,
-    COMFY_USERS,
-    CONTEXT,
-    HEADER_POLICY,
-    LIFECYCLE,
-    METRICS,
-    OWNERSHIP,
-    POLICY,
-    POOL,
-    QUEUE_QUOTA,
-    RATE_LIMITS,
-    RELOAD_HOOKS,
-    HeaderPolicy,
-    Lifecycle,
-)
+from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
 from proxy.upstream.forward import forward_http
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import serve_userdata, userdata_context
 from proxy.web.frontend import (

@@ -27,10 +27,9 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlencode
 
-import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -43,9 +42,11 @@ from proxy.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from proxy.json_errors import json_error
+from proxy.observability.metrics import METRICS
 from proxy.routes import OTHER, OWN_RULES, RouteRule, RuleName, classify
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.target import canonical_target, origin_form
 from proxy.upstream.headers import client_address
 from proxy.web.unreachable import is_unreachable, unreachable_page
@@ -217,60 +218,6 @@ def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
     )
 
 
-def error_body(
-    error_type: str,
-    message: str,
-    *,
-    details: str = "",
-    extra: Mapping[str, Any] | None = None,
-    comfy_prompt: bool = False,
-    node_errors: Mapping[str, Any] | None = None,
-    fields: Mapping[str, Any] | None = None,
-) -> bytes:
-    """The JSON error body: ComfyUI's own shape, so the stock frontend shows ``message``;
-    ``fields`` adds members to the ``error`` object (e.g. ``retry_after``)."""
-    body: dict[str, Any] = {
-        "error": {
-            "type": error_type,
-            "message": message,
-            "details": details,
-            "extra_info": dict(extra or {}),
-            **(fields or {}),
-        }
-    }
-    if comfy_prompt:
-        body["node_errors"] = dict(node_errors or {})
-    return orjson.dumps(body)
-
-
-def json_error(
-    status: int,
-    error_type: str,
-    message: str,
-    *,
-    comfy_prompt: bool = False,
-    details: str = "",
-    extra: Mapping[str, Any] | None = None,
-    headers: Mapping[str, str] | None = None,
-    node_errors: Mapping[str, Any] | None = None,
-    fields: Mapping[str, Any] | None = None,
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=error_body(
-            error_type,
-            message,
-            details=details,
-            extra=extra,
-            comfy_prompt=comfy_prompt,
-            node_errors=node_errors,
-            fields=fields,
-        ),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
 @web.middleware
 async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON response; never a traceback to the client."""
@@ -392,8 +339,6 @@ __all__ = [
     "Guard",
     "RouteTable",
     "add_response_headers",
-    "error_body",
-    "json_error",
     "make_run_guards",
     "observe",
     "render_errors",

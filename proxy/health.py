@@ -6,8 +6,10 @@ import asyncio
 
 from aiohttp import web
 
+from proxy.limits.enforce import RATE_LIMITS
 from proxy.redis.client import REDIS, redis_ready
-from proxy.state import LIFECYCLE, POOL, RATE_LIMITS
+from proxy.state import LIFECYCLE
+from proxy.upstream.pool import POOL
 
 
 async def healthz(request: web.Request) -> web.Response:

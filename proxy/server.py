@@ -29,8 +29,10 @@ from proxy.auth.authenticator import BOOTSTRAP_TOKEN
 from proxy.banner import banner, print_banner, warn_unreachable
 from proxy.errors import SettingsError
 from proxy.observability.exposition import exposition_registry, start_metrics_listener
+from proxy.observability.metrics import METRICS
 from proxy.settings import Settings
-from proxy.state import LIFECYCLE, METRICS, POOL, RELOAD_HOOKS
+from proxy.state import LIFECYCLE, RELOAD_HOOKS
+from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate")
 

@@ -11,25 +11,32 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 from multidict import istr
 
 from proxy.auth.principal import Principal
-
-if TYPE_CHECKING:
-    from proxy.auth.authenticator import Authenticator
-    from proxy.auth.comfy_users import ComfyUserDirectory
-    from proxy.isolation.ownership import OwnershipStore
-    from proxy.limits.enforce import RateLimits
-    from proxy.limits.quota.service import QueueQuota
-    from proxy.multi.placement_guard import Failover
-    from proxy.policy.catalog.upstream import Catalog
-    from proxy.policy.store import PolicyStore
-from proxy.observability.metrics import Metrics
 from proxy.routes import OTHER, RouteRule
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.http1 import UpstreamResponse
+from proxy.upstream.pool import Upstream
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class Failover(Protocol):
+    """What ``forward_http`` calls instead of sending once (``ctx.failover``)."""
+
+    async def send(
+        self, request: web.Request, first: Upstream, body: Body
+    ) -> tuple[UpstreamResponse, Upstream]:
+        """The response head, and the instance that gave it.
+
+        Raises:
+            ProxyError: no instance could be reached (mapped like a single failure).
+        """
+        ...
+
 
 ResponseFilter = Callable[[int, bytes], Awaitable[bytes]]
 """A rewrite of an answer: its status and body in, the body to send out."""
@@ -161,21 +168,8 @@ POLICY_VIOLATION = 1008
 
 
 CONTEXT = web.RequestKey("comfygate.context", RequestContext)
-POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)
 HEADER_POLICY = web.AppKey("comfygate.header_policy", HeaderPolicy)
 LIFECYCLE = web.AppKey("comfygate.lifecycle", Lifecycle)
-METRICS = web.AppKey("comfygate.metrics", Metrics)
-AUTH: web.AppKey[Authenticator] = web.AppKey("comfygate.auth")
-OWNERSHIP: web.AppKey[OwnershipStore] = web.AppKey("comfygate.ownership")
-COMFY_USERS: web.AppKey[ComfyUserDirectory] = web.AppKey("comfygate.comfy_users")
 RELOAD_HOOKS: web.AppKey[list[Callable[[], Awaitable[None]]]] = web.AppKey("comfygate.reload")
 """Run on SIGHUP by ``proxy.server`` (in every worker: the supervisor forwards it); append a
 reload coroutine function (e.g. from a ``cleanup_ctx``). A failing hook is logged, not fatal."""
-RATE_LIMITS: web.AppKey[RateLimits] = web.AppKey("comfygate.rate_limits")
-"""Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
-POLICY: web.AppKey[PolicyStore] = web.AppKey("comfygate.policy")
-"""The workflow policy in force (swapped on reload); see ``proxy.policy.store``."""
-CATALOG: web.AppKey[Catalog] = web.AppKey("comfygate.catalog")
-"""``/object_info`` cached per ComfyUI instance, filtered per role (``proxy.policy.catalog``)."""
-QUEUE_QUOTA: web.AppKey[QueueQuota] = web.AppKey("comfygate.queue_quota")
-"""Per-user queue quotas (in Redis when configured, else in memory) and their reconciler."""

@@ -17,9 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import structlog
@@ -36,16 +35,15 @@ from proxy.auth.revocation import (
     cached,
 )
 from proxy.auth.sessions import InvalidSession, Session, SessionCodec
-from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import (
     InvalidToken,
     NoKnownRole,
     TokenVerifier,
-    build_verifier,
     issue_token,
 )
-from proxy.auth.users import UsersFile, UsersFileError
-from proxy.errors import Forbidden, SettingsError, Unauthenticated
+from proxy.auth.users import UsersFile
+from proxy.errors import Forbidden, Unauthenticated
+from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
 from proxy.settings.auth import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings
@@ -285,7 +283,6 @@ BOOTSTRAP_TOKEN = web.AppKey("comfygate.bootstrap_token", str)
 
 
 def build_revocations(app: web.Application) -> RevocationList:
-    from proxy.state import METRICS  # noqa: PLC0415 - state imports auth types
 
     client = app[REDIS]
     if client is None:
@@ -295,84 +292,4 @@ def build_revocations(app: web.Application) -> RevocationList:
     return FailModeRevocations(cached(RedisRevocationList(client), ttl), failed_open.inc)
 
 
-async def authenticator_context(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx``: build the authenticator once Redis and the upstream pool exist."""
-    from proxy.auth.comfy_users import ComfyUserDirectory  # noqa: PLC0415
-    from proxy.auth.guard import cookie_secure  # noqa: PLC0415
-    from proxy.auth.login import LOGIN_PAGE, LoginPage  # noqa: PLC0415
-    from proxy.auth.oidc import OIDC_LOGIN, build_oidc_login  # noqa: PLC0415
-    from proxy.state import AUTH, COMFY_USERS, POOL  # noqa: PLC0415
-
-    settings = app[SETTINGS]
-    revocations = build_revocations(app)
-    jwt_settings, bootstrap = jwt_settings_for_run(settings.auth)
-    verifier = build_verifier(
-        # Its own client session: the pool's is tuned for upstream traffic (no decompression).
-        jwt_settings,
-        settings.roles,
-        session=None,
-        revocations=revocations,
-    )
-    users = None
-    if settings.auth.login.users_file:  # before anything opens (check-config reports it too)
-        users = UsersFile(Path(settings.auth.login.users_file))
-        try:
-            users.load()
-        except UsersFileError as exc:
-            raise SettingsError([f"auth.login.users_file: {exc}"]) from None
-    if bootstrap:
-        # Printed by serve() once the listener is open (a failed start prints no token).
-        app[BOOTSTRAP_TOKEN] = bootstrap_token(jwt_settings, settings.roles) or ""
-    await verifier.start()
-    secret = session_secret(settings.auth)
-    # SSO (docs/sso.md): OpenID providers on the login page, a trusted auth proxy's identity.
-    oidc = build_oidc_login(
-        settings.auth.oidc,
-        settings.roles,
-        base_path=settings.server.base_path,
-        secret=secret,
-        client=app[REDIS],
-    )
-    forward = None
-    if settings.auth.forward_auth.enabled:
-        forward = ForwardAuth(settings.auth.forward_auth, settings.roles)
-    providers = frozenset(settings.auth.oidc.providers)
-    auth = app[AUTH] = Authenticator(
-        settings=settings.auth,
-        roles=settings.roles,
-        verifier=verifier,
-        sessions=SessionCodec(settings.auth.session, secret),
-        revocations=revocations,
-        users=users,
-        forward=forward,
-        oidc_providers=providers,
-    )
-    app[LOGIN_PAGE] = LoginPage(
-        base_path=settings.server.base_path,
-        settings=settings.auth,
-        roles=settings.roles,
-        sessions=auth.sessions,
-        verifier=verifier,
-        revocations=revocations,
-        throttle=LoginThrottle(
-            settings.auth.login.max_failures,
-            settings.auth.login.failure_window_seconds,
-            app[REDIS],
-        ),
-        users=users,
-        cookie_secure=cookie_secure,
-        sso=oidc,
-        oidc_providers=providers,
-    )
-    app[COMFY_USERS] = ComfyUserDirectory(app[POOL], app[REDIS])
-    if oidc is not None:
-        app[OIDC_LOGIN] = oidc
-        await oidc.start()
-    if forward is not None:
-        await forward.start()
-    yield
-    if forward is not None:
-        await forward.close()
-    if oidc is not None:
-        await oidc.close()
-    await verifier.close()
+AUTH = web.AppKey("comfygate.auth", Authenticator)

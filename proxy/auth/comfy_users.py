@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import orjson
 import structlog
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 
 from proxy.errors import UpstreamUnavailable
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
@@ -89,3 +89,6 @@ class ComfyUserDirectory:
             raise UpstreamUnavailable(
                 f"ComfyUI user {name!r} could not be set up ({type(exc).__name__})"
             ) from None
+
+
+COMFY_USERS = web.AppKey("comfygate.comfy_users", ComfyUserDirectory)

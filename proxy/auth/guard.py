@@ -12,8 +12,6 @@ Each is built once per route (``app.build_routes``) with what it needs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections.abc import Mapping
 from http.cookies import SimpleCookie
@@ -30,6 +28,7 @@ from proxy.errors import Forbidden, Unauthenticated
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
 from proxy.request.bodies import read_json_body
+from proxy.request.websocket import is_websocket, is_websocket_handshake
 from proxy.routes import RouteRule
 from proxy.settings import SETTINGS, ServerSettings, Settings
 from proxy.settings.auth import RoleSettings
@@ -51,33 +50,6 @@ ADMIN_RULES = frozenset({"internal", "manager", "assets_admin", "free"})
 PUBLIC = Principal("anonymous", frozenset(), "anonymous")
 """Whoever fetches one of the frontend's public files without a valid credential: no role
 (nothing beyond the file is allowed), rate-limited by client address."""
-
-
-def is_websocket(request: web.Request) -> bool:
-    """The request asks for a WebSocket upgrade (loose: for checks that only get stricter)."""
-    return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
-
-
-def is_websocket_handshake(request: web.Request) -> bool:
-    """A complete WebSocket opening handshake, as aiohttp's ``WebSocketResponse`` (ComfyUI's
-    ``/ws``) would accept it: GET, ``Upgrade: websocket``, ``Connection`` listing ``upgrade``,
-    a supported ``Sec-WebSocket-Version`` and a ``Sec-WebSocket-Key`` of 16 bytes."""
-    headers = request.headers
-    if request.method != hdrs.METH_GET:
-        return False
-    if headers.get(hdrs.UPGRADE, "").lower().strip() != "websocket":
-        return False
-    connection = {
-        t.strip().lower() for v in headers.getall(hdrs.CONNECTION, ()) for t in v.split(",")
-    }
-    if "upgrade" not in connection:
-        return False
-    if headers.get(hdrs.SEC_WEBSOCKET_VERSION, "") not in ("13", "8", "7"):
-        return False
-    try:
-        return len(base64.b64decode(headers.get(hdrs.SEC_WEBSOCKET_KEY, ""), validate=True)) == 16
-    except binascii.Error:
-        return False
 
 
 class AuthGuard:

@@ -49,14 +49,14 @@ from proxy.auth.sessions import InvalidSession, Session, SessionCodec
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UserRecord, UsersFile
-from proxy.chain import json_error
 from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.json_errors import json_error
 from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
 from proxy.settings import SETTINGS, ServerSettings
 from proxy.settings.auth import AuthSettings, RoleSettings
 from proxy.state import CONTEXT, LIFECYCLE
-from proxy.web import PACKAGE, STATIC_DIR, TEMPLATES
+from proxy.web import PACKAGE, PAGE_HEADERS, STATIC_DIR, STATIC_PREFIX, TEMPLATES, TEMPLATES_KEY
 
 log = structlog.get_logger("comfygate.auth")
 
@@ -64,7 +64,6 @@ CSRF_COOKIE = "comfygate_csrf"
 """The double-submit CSRF cookie of the login page (never forwarded to ComfyUI)."""
 CSRF_FIELD = "csrf"
 GENERIC_FAILURE = "Invalid username, password or token."
-STATIC_PREFIX = "/comfygate/static"
 MAX_TOKEN_LENGTH = 16 * 1024
 MAX_NEXT_LENGTH = 2048
 MAX_CONCURRENT_HASHES = 4
@@ -72,8 +71,6 @@ MAX_CONCURRENT_HASHES = 4
 burst of logins must queue rather than exhaust memory."""
 
 _CSRF_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
-
-TEMPLATES_KEY = web.AppKey("comfygate.login_templates", jinja2.Environment)
 
 
 class TokenVerifying(Protocol):
@@ -507,17 +504,6 @@ class LoginPage:
     def _cookie_path(self) -> str:
         return self.base_path or "/"
 
-
-PAGE_HEADERS = {
-    # The page loads only its own stylesheet and posts only to itself; nothing may frame it.
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-}
 
 LOGIN_PAGE = web.AppKey("comfygate.login_page", LoginPage)
 

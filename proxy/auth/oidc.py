@@ -58,11 +58,11 @@ from proxy.auth.login import LOGIN_PAGE, LoginPage, client_ip, safe_next
 from proxy.auth.tokens import check_signature
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.guard import limit_login
+from proxy.observability.metrics import METRICS
 from proxy.origin import browser_origin
 from proxy.settings import SETTINGS
 from proxy.settings.auth import RoleSettings
 from proxy.settings.sso import LOOPBACK_HOSTS, OidcProviderSettings, OidcSettings
-from proxy.state import METRICS
 
 if TYPE_CHECKING:
     from proxy.auth.sessions import Session

@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from proxy.auth.authenticator import AUTH
 from proxy.errors import ServiceUnavailable
+from proxy.observability.metrics import METRICS
 from proxy.periodic import Periodic
 from proxy.settings import SETTINGS
-from proxy.state import AUTH, LIFECYCLE, METRICS, POLICY_VIOLATION
+from proxy.state import LIFECYCLE, POLICY_VIOLATION
 
 log = structlog.get_logger("comfygate.auth")
 

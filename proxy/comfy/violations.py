@@ -12,7 +12,7 @@ from typing import Any
 from proxy.errors import Rejection
 
 FileRef = tuple[str, str, str]
-"""``(type, subfolder, filename)``, as ``proxy.isolation.ownership.FileRef``."""
+"""``(type, subfolder, filename)``, as ``proxy.comfy.records.FileRef``."""
 
 
 @dataclass(frozen=True, slots=True)

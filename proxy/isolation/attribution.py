@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
 
-from proxy.isolation.ownership import FileRef
-from proxy.isolation.views import node_files
+from proxy.comfy.records import FileRef
+from proxy.comfy.views import node_files
 
 PREVIEW_KIND = "temp"
 _PATH_CHARS = frozenset("/\\\0")

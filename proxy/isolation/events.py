@@ -56,8 +56,9 @@ import orjson
 import redis.asyncio as redis
 import structlog
 
+from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.attribution import preview_files
-from proxy.isolation.ownership import FileRef, OwnershipStore, PromptRecord
+from proxy.isolation.ownership import OwnershipStore
 
 if TYPE_CHECKING:
     from proxy.observability.metrics import Metrics

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.isolation.ownership import FileRef
+    from proxy.comfy.records import FileRef
 
 FILE_TYPES = frozenset({"output", "input", "temp"})
 """ComfyUI's file types (``folder_paths.get_directory_by_type``)."""

@@ -9,14 +9,14 @@ runs it. The answer keeps ComfyUI's shape, order and paging:
 
 * ``/history``: entries in completion order (ComfyUI inserts an entry when its prompt ends; the
   order is the entries' last status timestamp, as for merged instances), windowed with
-  ComfyUI's ``max_items``/``offset`` rules (:func:`~proxy.isolation.views.history_window`).
+  ComfyUI's ``max_items``/``offset`` rules (:func:`~proxy.comfy.views.history_window`).
   ``max_items=N`` (newest N) looks up the owner's newest prompts until N finished ones are found;
   ``offset=M`` looks up their oldest until ``M + max(N, 1)`` are found; no paging, all of them.
   Which prompts fill a window is decided in submission order, which is ComfyUI's completion
   order on one instance (it runs its queue in order): a prompt that finished long after newer
   ones (a ``front`` submission, another instance) may be left out of a window it belongs to.
 * ``/api/jobs``: every job of the owner (ComfyUI counts ``total`` over all of them), filtered,
-  sorted and paginated as ComfyUI does (:func:`~proxy.isolation.views.jobs_answer`). Job
+  sorted and paginated as ComfyUI does (:func:`~proxy.comfy.views.jobs_answer`). Job
   details ComfyUI no longer knows (deleted, trimmed, cancelled before running) are dropped from
   the index once seen missing on two requests (once could be a prompt moving from the queue to
   history between ComfyUI's two reads), so the index follows what ComfyUI keeps.
@@ -50,8 +50,9 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.isolation import views
-from proxy.isolation.ownership import OwnershipStore, PromptRecord
+from proxy.comfy import views
+from proxy.comfy.records import PromptRecord
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.multi.dispatch import MULTI, is_multi
 from proxy.multi.merge import (
     Answer,
@@ -61,9 +62,10 @@ from proxy.multi.merge import (
     instance_headers,
     json_response,
 )
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
-from proxy.upstream.pool import Upstream
+from proxy.state import CONTEXT
+from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.isolation.views")
 

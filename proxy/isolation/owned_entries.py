@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.isolation import views
+from proxy.comfy import views
 from proxy.isolation.ownership import OwnershipStore
 
 MAX_KEYS = 16

@@ -29,13 +29,13 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as redis
 from aiohttp import web
 
+from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
 from proxy.redis.client import REDIS
 from proxy.redis.coalesce import Coalescer, ScriptCall, ScriptPipe
@@ -45,37 +45,12 @@ if TYPE_CHECKING:
     from proxy.redis.client import RedisClient
 
 
-@dataclass(frozen=True, slots=True)
-class PromptRecord:
-    prompt_id: str
-    owner: str
-    """The principal's ``comfy_user`` (stable, ComfyUI-safe)."""
-    upstream: str
-    client_id: str
-    """The namespaced client id ComfyUI saw."""
-    created_at: float
-    role: str = ""
-    """The submitter's role label (``metrics.role_label``), for the generation metrics: they
-    read it from here instead of writing a record of their own on every submission."""
-    sent_client_id: str | None = None
-    """The ``client_id`` the client itself sent (``""``: none), shown back to its owner in
-    place of the namespaced one (:func:`proxy.isolation.views.show_client_ids`); None in
-    records written before it was kept (the namespaced id then stays)."""
-    previews: tuple[str, ...] = ()
-    """Ids of the forwarded graph's preview nodes (``isolation.preview_nodes``): the only
-    nodes whose UI output may name files of the submitter outside its folder
-    (:mod:`proxy.isolation.attribution`)."""
-
-
 VIEW_INDEX_MAX = 20_000
 """Ids kept per owner in the view index (the newest). ComfyUI keeps the newest 10,000
 finished prompts of everyone (``MAXIMUM_HISTORY_SIZE``) plus whatever is queued; twice that
 covers a full history of one user's prompts with as many still queued."""
 
 BACKFILLED_CACHE_SIZE = 100_000
-
-FileRef = tuple[str, str, str]
-"""``(type, subfolder, filename)`` as ComfyUI names a file (``type``: output/temp/input)."""
 
 
 class OwnershipStore(Protocol):
@@ -460,7 +435,6 @@ class RedisOwnershipStore:
 
 async def ownership_store(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx``: Redis-backed when Redis is configured, else in memory."""
-    from proxy.state import OWNERSHIP  # noqa: PLC0415 - state imports this
 
     isolation = app[SETTINGS].isolation
     retention = isolation.retention_seconds
@@ -511,3 +485,6 @@ def _previews(value: object) -> tuple[str, ...]:
 def _abandoned() -> redis.ConnectionError:
     """What the other claims of a batch get when its sender was cancelled (shutdown)."""
     return redis.ConnectionError("ownership claim abandoned")
+
+
+OWNERSHIP = web.AppKey("comfygate.ownership", OwnershipStore)

@@ -31,6 +31,7 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
+from proxy.comfy.records import PromptRecord
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
 from proxy.isolation.attribution import preview_node_ids
 from proxy.isolation.files import (
@@ -49,7 +50,7 @@ from proxy.isolation.files import (
     view_target,
 )
 from proxy.isolation.namespaces import FolderNames, upstream_client_id
-from proxy.isolation.ownership import OwnershipStore, PromptRecord
+from proxy.isolation.ownership import OwnershipStore
 from proxy.isolation.prompt import (
     PromptRejected,
     check_graph,

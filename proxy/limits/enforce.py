@@ -31,7 +31,7 @@ from proxy.limits.limiter import (
     MemoryLimiter,
     RedisLimiter,
 )
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS, Settings
 from proxy.settings.auth import RoleSettings
@@ -203,7 +203,6 @@ def in_words(seconds: int) -> str:
 
 def build_rate_limits(app: web.Application) -> RateLimits:
     """The limits of ``app``: in Redis when one is configured, else in this process."""
-    from proxy.state import METRICS  # noqa: PLC0415 - state imports this module
 
     settings: Settings = app[SETTINGS]
     client = app[REDIS]
@@ -219,7 +218,6 @@ async def rate_limits_context(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` (after the Redis client): ``app[RATE_LIMITS]``. When Redis answers, the
     limiter connects and loads the GCRA script now, so the first request does not pay for it
     (else on first use)."""
-    from proxy.state import RATE_LIMITS  # noqa: PLC0415
 
     limits = build_rate_limits(app)
     app[RATE_LIMITS] = limits
@@ -237,8 +235,13 @@ async def rate_limits_context(app: web.Application) -> AsyncIterator[None]:
         await limits.limiter.close()
 
 
+RATE_LIMITS = web.AppKey("comfygate.rate_limits", RateLimits)
+"""Rate limits (in Redis when configured, else in memory); created after :data:`REDIS`."""
+
+
 __all__ = [
     "KEY_PREFIX",
+    "RATE_LIMITS",
     "ClassLimit",
     "RateLimits",
     "build_rate_limits",

@@ -13,11 +13,11 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.auth.guard import is_websocket
 from proxy.limits.classes import route_class
-from proxy.limits.enforce import RateLimits
+from proxy.limits.enforce import RATE_LIMITS, RateLimits
+from proxy.request.websocket import is_websocket
 from proxy.routes import RouteRule
-from proxy.state import CONTEXT, RATE_LIMITS, RequestContext
+from proxy.state import CONTEXT, RequestContext
 
 _SAFE_IP: Final = re.compile(r"[0-9A-Za-z.:%_-]{1,64}")
 

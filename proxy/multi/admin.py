@@ -25,8 +25,7 @@ from aiohttp import web
 from proxy.auth.admin_guard import AdminGuard
 from proxy.errors import NotFound
 from proxy.settings.auth import RoleSettings
-from proxy.state import POOL
-from proxy.upstream.pool import Instance, UpstreamPool
+from proxy.upstream.pool import POOL, Instance, UpstreamPool
 
 ADMIN_UPSTREAMS = "admin_upstreams"
 """Permission (``roles.<r>.allow_routes``) and route name of the listing."""

@@ -29,14 +29,16 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi import merge, sticky
 from proxy.multi.fanin import FanInRegistry, relay_fanin
 from proxy.multi.lost import LostPrompts
+from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL
+from proxy.state import CONTEXT
 from proxy.upstream.forward import forward_http
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 
 @dataclass(slots=True)

@@ -49,22 +49,15 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 
+from proxy.comfy import views
 from proxy.errors import ProxyError, UpstreamUnavailable
-from proxy.isolation import views
 from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import (
-    CONTEXT,
-    LIFECYCLE,
-    METRICS,
-    POOL,
-    FrameFilter,
-    RequestContext,
-    compose_frame_filters,
-)
+from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
 from proxy.tasks import Wake, supervise
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 from proxy.upstream.websocket import (
     SLOW_CLIENT_REASON,
     ClientSendQueue,

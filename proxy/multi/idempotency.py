@@ -36,10 +36,11 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, ProxyError
+from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
 from proxy.settings import SETTINGS
-from proxy.state import METRICS, RequestContext
+from proxy.state import RequestContext
 
 if TYPE_CHECKING:
     from proxy.redis.client import RedisClient

@@ -8,7 +8,7 @@ Two halves:
   a slow instance degrades a merged answer, it never blocks it.
 * Pure merges of ComfyUI's JSON answers (``GET /history``, ``/queue``, ``/api/jobs``,
   ``/prompt``), table-testable: each instance's answer is in ComfyUI's own shape, and so is the
-  merged one, so the isolation filters (``proxy.isolation.views`` through ``ctx.response_filters``)
+  merged one, so the isolation filters (``proxy.comfy.views`` through ``ctx.response_filters``)
   apply to it unchanged.
 
 Ordering: ComfyUI's history is in completion order (an entry is inserted when its prompt ends),
@@ -31,10 +31,11 @@ import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.comfy import views
 from proxy.errors import UpstreamUnavailable
-from proxy.isolation import views
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, METRICS, POOL
+from proxy.state import CONTEXT
 from proxy.upstream.encoding import (
     AnswerTooLarge,
     UnreadableAnswer,
@@ -49,7 +50,7 @@ from proxy.upstream.http1 import (
     UpstreamHttpTimeout,
     UpstreamResponse,
 )
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:
     from proxy.multi.dispatch import MultiInstance

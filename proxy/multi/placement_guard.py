@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.comfy.records import FileRef
 from proxy.errors import Rejection
-from proxy.isolation.ownership import FileRef
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.limits.quota.move import move_reservation
+from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import (
     CandidateState,
     Missing,
@@ -43,11 +44,11 @@ from proxy.multi.placement import (
     requirements,
 )
 from proxy.multi.replication import FileCopier, referenced_files
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.redis.client import REDIS
 from proxy.request.prompt import read_prompt
 from proxy.settings.upstreams import PlacementSettings
-from proxy.state import CONTEXT, METRICS, OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
+from proxy.state import CONTEXT, Body, RequestContext
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.http1 import (
     UpstreamConnectError,
@@ -55,25 +56,9 @@ from proxy.upstream.http1 import (
     UpstreamHttpTimeout,
     UpstreamResponse,
 )
-from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool, unavailable
 
 log = structlog.get_logger("comfygate.upstream.placement")
-
-Body = bytes | AsyncIterator[bytes] | None
-
-
-class Failover(Protocol):
-    """What ``forward_http`` calls instead of sending once (``ctx.failover``)."""
-
-    async def send(
-        self, request: web.Request, first: Upstream, body: Body
-    ) -> tuple[UpstreamResponse, Upstream]:
-        """The response head, and the instance that gave it.
-
-        Raises:
-            ProxyError: no instance could be reached (mapped like a single failure).
-        """
-        ...
 
 
 class PlacementRejected(Rejection):

@@ -29,14 +29,15 @@ from aiohttp import hdrs, web
 
 from proxy.multi.capabilities import CapabilityRefresher, ObjectInfoSource
 from proxy.multi.discovery import DnsDiscovery, Resolver, resolve_dns
+from proxy.observability.metrics import METRICS
 from proxy.observability.upstreams import UPSTREAM_PROBE, probe_wanted
 from proxy.policy.catalog.cache import Snapshot
+from proxy.policy.catalog.upstream import CATALOG
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
-from proxy.state import CATALOG, METRICS, POOL
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.health_checks import HealthChecker
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.registry")
 

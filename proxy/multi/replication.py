@@ -36,6 +36,7 @@ from aiohttp import hdrs, web
 from aiohttp.multipart import parse_content_disposition
 
 from proxy.comfy.graph import Prompt, read_graph, strings_in
+from proxy.comfy.records import FileRef
 from proxy.isolation.files import (
     FILE_TYPES,
     PathRefused,
@@ -44,12 +45,11 @@ from proxy.isolation.files import (
     file_part_head,
     referenced_file,
 )
-from proxy.isolation.ownership import FileRef
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.settings import SETTINGS
-from proxy.state import METRICS, POOL, RequestContext
+from proxy.state import RequestContext
 from proxy.upstream.http1 import UpstreamHttpError
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.replication")
 

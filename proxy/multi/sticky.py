@@ -42,14 +42,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.isolation import views
+from proxy.comfy import views
+from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.files import PathRefused, clean_relative, view_target
-from proxy.isolation.ownership import FileRef, PromptRecord
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.merge import Answer, Gathered, ask_all, json_response
 from proxy.request.bodies import read_json_body
-from proxy.state import CONTEXT, OWNERSHIP, POOL, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.upstream.forward import forward_http
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:
     from proxy.multi.dispatch import MultiInstance

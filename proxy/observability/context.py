@@ -14,11 +14,11 @@ from aiohttp import web
 
 from proxy.observability.exposition import multiprocess_dir
 from proxy.observability.generation import generation_tracker
+from proxy.observability.metrics import METRICS
 from proxy.observability.upstreams import upstream_probe
 
 
 async def metrics_context(app: web.Application) -> AsyncIterator[None]:
-    from proxy.state import METRICS  # noqa: PLC0415 - state imports metrics
 
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(asynccontextmanager(upstream_probe)(app))

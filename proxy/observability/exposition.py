@@ -30,9 +30,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.errors import ProxyError, SettingsError
-from proxy.observability.metrics import Metrics
+from proxy.json_errors import json_error
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.observability.users import UserCollector, UserCounter
 from proxy.settings.metrics import IPNetwork, MetricsSettings
+from proxy.state import CONTEXT
 
 log = structlog.get_logger("comfygate.metrics")
 
@@ -130,7 +132,6 @@ def _refused(reason: str, client_ip: str) -> MetricsRefused:
 
 def metrics_app(settings: MetricsSettings, registry: CollectorRegistry) -> web.Application:
     """The separate metrics listener's application: ``GET settings.path`` only."""
-    from proxy.chain import json_error  # noqa: PLC0415 - chain imports state, which imports us
 
     async def handle(request: web.Request) -> web.Response:
         client_ip = request.remote or ""
@@ -173,7 +174,6 @@ async def start_metrics_listener(
 def add_metrics_route(app: web.Application, settings: MetricsSettings) -> None:
     """``metrics.on_main_port``: serve ``settings.path`` on the main app (a proxy-own route,
     no guard chain; :func:`refusal` is its guard). The registry is built at startup."""
-    from proxy.state import CONTEXT, METRICS  # noqa: PLC0415 - state imports this module
 
     async def handle(request: web.Request) -> web.Response:
         client_ip = request[CONTEXT].client_ip

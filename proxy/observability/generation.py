@@ -45,14 +45,15 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.comfy.records import PromptRecord
 from proxy.errors import UpstreamError
-from proxy.isolation.ownership import OwnershipStore, PromptRecord
-from proxy.observability.metrics import Metrics, role_label
+from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
+from proxy.observability.metrics import METRICS, Metrics, role_label
 from proxy.periodic import Periodic
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.upstream.queue_read import queued_ids
 
 log = structlog.get_logger("comfygate.metrics")
@@ -492,7 +493,6 @@ GENERATION = web.AppKey("comfygate.generation", GenerationTracker)
 
 async def generation_tracker(app: web.Application) -> AsyncIterator[None]:
     """``cleanup_ctx`` (after Redis and the pool): ``app[GENERATION]``."""
-    from proxy.state import METRICS, OWNERSHIP, POOL  # noqa: PLC0415 - cycle
 
     client = app[REDIS]
     stats: PromptStats = RedisPromptStats(client) if client is not None else MemoryPromptStats()

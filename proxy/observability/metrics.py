@@ -22,6 +22,7 @@ import platform
 from typing import TYPE_CHECKING, Final
 
 import orjson
+from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -34,8 +35,6 @@ from proxy import __version__
 from proxy.observability.users import UserCounter
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from proxy.observability.generation import GenerationTracker
     from proxy.state import RequestContext
 
@@ -520,3 +519,6 @@ class Metrics:
             self.csrf_refusals.labels("login_csrf").inc()
         elif status in _LOGIN_FAILURES:
             self.auth_failures.labels(_LOGIN_FAILURES[status]).inc()
+
+
+METRICS = web.AppKey("comfygate.metrics", Metrics)

@@ -26,11 +26,11 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.periodic import Periodic
 from proxy.settings import SETTINGS
 from proxy.upstream.health_checks import ProbeResult, probe
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import POOL, UpstreamPool
 
 log = structlog.get_logger("comfygate.metrics")
 
@@ -114,7 +114,6 @@ async def upstream_probe(app: web.Application) -> AsyncIterator[None]:
     With several instances (or discovery) the registry's health checks already probe each one:
     ``registry_context`` subscribes :meth:`UpstreamProbe.record` to them when
     :func:`probe_wanted` says the gauges are wanted, and no second loop runs here."""
-    from proxy.state import METRICS, POOL  # noqa: PLC0415 - state imports metrics
 
     settings = app[SETTINGS]
     pool = app[POOL]
@@ -135,7 +134,6 @@ async def upstream_probe(app: web.Application) -> AsyncIterator[None]:
 
 def probe_wanted(app: web.Application) -> bool:
     """Whether the upstream gauges are kept (``metrics.upstream_poll_seconds`` 0 = off)."""
-    from proxy.settings import SETTINGS  # noqa: PLC0415 - state imports metrics
 
     settings = app[SETTINGS].metrics
     return settings.enabled and settings.upstream_poll_seconds > 0

@@ -19,8 +19,8 @@ from aiohttp import web
 from proxy.auth.admin_guard import AdminGuard
 from proxy.errors import ProxyError
 from proxy.policy.loader import PolicyError
+from proxy.policy.store import POLICY
 from proxy.settings.auth import RoleSettings
-from proxy.state import POLICY
 
 log = structlog.get_logger("comfygate.policy")
 

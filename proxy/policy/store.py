@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from proxy.auth.principal import Principal
 from proxy.comfy.schemas import NodeSchemas, schemas_from_object_info
 from proxy.policy.loader import PolicySet, load_policy
@@ -130,6 +132,10 @@ class PolicyStore:
                 counts[class_type] = len(outputs)
         self._output_counts = counts
         self._schemas = schemas_from_object_info(object_info)
+
+
+POLICY = web.AppKey("comfygate.policy", PolicyStore)
+"""The workflow policy in force (swapped on reload); see ``proxy.policy.store``."""
 
 
 __all__ = ["PolicyStore"]

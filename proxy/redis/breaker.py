@@ -19,7 +19,9 @@ from enum import IntEnum
 
 
 class BreakerState(IntEnum):
-    """Values of the ``comfygate_redis_breaker_state`` gauge."""
+    """A breaker's state: this one's and each upstream instance's
+    (``proxy.upstream.health_checks.Breaker``); the values of the
+    ``comfygate_redis_breaker_state`` and ``comfygate_upstream_state`` gauges."""
 
     CLOSED = 0
     HALF_OPEN = 1

@@ -48,9 +48,9 @@ from aiohttp.typedefs import Handler
 from proxy.comfy.json_body import JsonRefused, dump_json, parse_json
 from proxy.comfy.json_fast import parse_canonical
 from proxy.errors import BadRequest, PayloadTooLarge, RateLimited, Rejection, ServiceUnavailable
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.settings import SETTINGS, ServerSettings
-from proxy.state import METRICS, RequestContext
+from proxy.state import RequestContext
 
 log = structlog.get_logger("comfygate.bodies")
 

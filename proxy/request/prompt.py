@@ -27,9 +27,13 @@ from proxy.comfy.schemas import NodeSchemas
 from proxy.comfy.submission import Submission, submission_of
 from proxy.comfy.violations import PromptRejected, Violation
 from proxy.errors import ProxyError, ServiceUnavailable
+from proxy.observability.metrics import METRICS
+from proxy.policy.catalog.upstream import CATALOG
+from proxy.policy.store import POLICY
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS
-from proxy.state import CATALOG, METRICS, POLICY, POOL, RequestContext
+from proxy.state import RequestContext
+from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.workflow")
 

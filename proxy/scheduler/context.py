@@ -10,7 +10,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.chain import Endpoint, Guard
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.isolation.read_guard import ReadGuard
+from proxy.limits.quota.service import QUEUE_QUOTA
+from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
 from proxy.routes import RuleName
 from proxy.scheduler.gate import Gate
@@ -19,7 +22,7 @@ from proxy.scheduler.keys import GATE
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
 from proxy.settings import SETTINGS
-from proxy.state import METRICS, OWNERSHIP, POOL, QUEUE_QUOTA
+from proxy.upstream.pool import POOL
 
 ADMIN_SCHEDULER = "admin_scheduler"
 """Permission (``roles.<r>.allow_routes``) and route name of ``GET {base}/admin/scheduler``."""

@@ -34,8 +34,8 @@ import structlog
 from aiohttp import hdrs
 from redis.exceptions import RedisClusterException, RedisError
 
+from proxy.comfy.views import queue_ids
 from proxy.isolation.ownership import OwnershipStore
-from proxy.isolation.views import queue_ids
 from proxy.limits.quota.move import move_reservation
 from proxy.limits.quota.service import QueueQuota
 from proxy.redis.client import RedisClient

@@ -31,7 +31,9 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import BadRequest, ServiceUnavailable
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.isolation.prompt import client_id_of
+from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
@@ -43,8 +45,9 @@ from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.keys import GATE
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
-from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, FrameFilter, RequestContext, ResponseFilter
+from proxy.state import FrameFilter, RequestContext, ResponseFilter
 from proxy.upstream.forward import build_upstream_headers
+from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.scheduler")
 

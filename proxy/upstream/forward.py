@@ -16,8 +16,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, HEADER_POLICY, METRICS, POOL, RequestContext
+from proxy.state import CONTEXT, HEADER_POLICY, RequestContext
 from proxy.upstream.encoding import ask_identity, compress_for_client, decode
 from proxy.upstream.headers import (
     client_response_headers,
@@ -32,7 +33,7 @@ from proxy.upstream.http1 import (
     UpstreamHttpTimeout,
     UpstreamResponse,
 )
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.forward")
 

@@ -24,7 +24,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -34,6 +33,7 @@ from aiohttp import hdrs
 
 from proxy.errors import UpstreamError
 from proxy.periodic import Periodic
+from proxy.redis.breaker import BreakerState
 from proxy.settings.upstreams import HealthSettings
 from proxy.upstream.encoding import IDENTITY, read_client_answer
 
@@ -45,14 +45,6 @@ log = structlog.get_logger("comfygate.upstream.health")
 CHECK_PATH = "/prompt"
 PROBE_LIMIT = 64 * 1024
 """``GET /prompt`` answers a few dozen bytes; a larger answer is not read."""
-
-
-class BreakerState(IntEnum):
-    """Values of the ``comfygate_upstream_state`` gauge."""
-
-    CLOSED = 0
-    HALF_OPEN = 1
-    OPEN = 2
 
 
 class Breaker:

@@ -28,18 +28,14 @@ Each request moved to another instance is counted in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import ServiceUnavailable
-from proxy.state import CONTEXT, METRICS, POOL
+from proxy.observability.metrics import METRICS
+from proxy.state import CONTEXT, Body
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpTimeout, UpstreamResponse
-from proxy.upstream.pool import Upstream, UpstreamPool, unavailable
-
-if TYPE_CHECKING:
-    from proxy.multi.placement_guard import Body
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool, unavailable
 
 log = structlog.get_logger("comfygate.upstream")
 

@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Literal
 
 import aiohttp
 import structlog
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 from yarl import URL
 
 from proxy.errors import ServiceUnavailable
+from proxy.redis.breaker import BreakerState
 from proxy.settings import UpstreamSettings
 from proxy.settings.upstreams import instance_name
 from proxy.tasks import task_failed
-from proxy.upstream.health_checks import Breaker, BreakerState, probe
+from proxy.upstream.health_checks import Breaker, probe
 from proxy.upstream.http1 import Http1Pool
 
 if TYPE_CHECKING:
@@ -522,3 +523,6 @@ def unavailable(message: str, error_type: str, *, retry_after: int) -> ServiceUn
     )
     exc.fields = {"retry_after": retry_after}
     return exc
+
+
+POOL = web.AppKey("comfygate.upstream_pool", UpstreamPool)

@@ -14,8 +14,8 @@ import orjson
 import structlog
 from aiohttp import hdrs
 
+from proxy.comfy.views import queue_ids
 from proxy.errors import UpstreamError
-from proxy.isolation.views import queue_ids
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 

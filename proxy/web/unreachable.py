@@ -13,6 +13,7 @@ from aiohttp import hdrs, web
 
 from proxy.errors import ProxyError, UpstreamError
 from proxy.settings import SETTINGS
+from proxy.web import PAGE_HEADERS, STATIC_PREFIX, TEMPLATES_KEY
 
 RETRY_SECONDS = 5
 TEMPLATE = "unreachable.html"
@@ -26,8 +27,6 @@ def is_unreachable(exc: ProxyError) -> bool:
 
 def unreachable_page(request: web.Request, exc: ProxyError, status: int) -> web.Response:
     """The retrying page, with ``status`` (the JSON answer's) and the login page's headers."""
-    from proxy.auth.login import PAGE_HEADERS, STATIC_PREFIX, TEMPLATES_KEY  # noqa: PLC0415
-
     base = request.app[SETTINGS].server.base_path
     context = {
         "static_url": f"{base}{STATIC_PREFIX}",

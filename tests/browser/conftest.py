@@ -46,9 +46,9 @@ from playwright.async_api import (
 from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
+from proxy.auth.authenticator import AUTH
 from proxy.auth.users import UsersFile
 from proxy.settings import SETTINGS
-from proxy.state import AUTH
 from tests.conftest import IN_CI, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.multi.dispatch import MULTI
 from proxy.multi.lost import LostPrompts
-from proxy.state import METRICS, POOL
-from proxy.upstream.pool import Upstream
+from proxy.observability.metrics import METRICS
+from proxy.upstream.pool import POOL, Upstream
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import Client, Fakes
 

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from proxy.state import METRICS
+from proxy.observability.metrics import METRICS
 
 Client = TestClient[Any, Any]
 _colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached

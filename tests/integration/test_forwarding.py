@@ -14,7 +14,8 @@ from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 from yarl import URL
 
-from proxy.state import AUTH, METRICS
+from proxy.auth.authenticator import AUTH
+from proxy.observability.metrics import METRICS
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.observability.generation import GENERATION, GenerationTracker
-from proxy.state import METRICS
+from proxy.observability.metrics import METRICS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 

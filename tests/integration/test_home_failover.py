@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.multi.registry import REGISTRY
-from proxy.state import POOL
+from proxy.upstream.pool import POOL
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import folder_names, upstream_client_id
-from proxy.state import OWNERSHIP
+from proxy.isolation.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid

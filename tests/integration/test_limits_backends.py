@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.state import QUEUE_QUOTA
+from proxy.limits.quota.service import QUEUE_QUOTA
 from tests.conftest import ProxyFactory, RedisBackend, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import graph

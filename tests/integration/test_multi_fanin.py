@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.state import METRICS
+from proxy.observability.metrics import METRICS
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.multi.dispatch import MULTI
 from proxy.multi.lost import LOST_EXCEPTION_TYPE
-from proxy.state import METRICS, POOL
+from proxy.observability.metrics import METRICS
+from proxy.upstream.pool import POOL
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (
     ALICE,

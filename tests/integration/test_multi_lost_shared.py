@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.isolation.namespaces import upstream_client_id
 from proxy.multi.lost import LOST_EXCEPTION_TYPE
-from proxy.state import POOL
+from proxy.upstream.pool import POOL
 from tests.integration.lost_replicas import Replica, replicas, victim_of
 from tests.integration.multi_support import (
     ALICE,

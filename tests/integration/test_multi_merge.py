@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.state import METRICS, OWNERSHIP
+from proxy.isolation.ownership import OWNERSHIP
+from proxy.observability.metrics import METRICS
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (

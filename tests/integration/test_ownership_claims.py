@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from proxy.isolation.ownership import PromptRecord, RedisOwnershipStore
+from proxy.comfy.records import PromptRecord
+from proxy.isolation.ownership import RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.redis.coalesce import ScriptCall
 from proxy.settings import RedisSettings

@@ -8,12 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
-from proxy.isolation.ownership import (
-    MemoryOwnershipStore,
-    OwnershipStore,
-    PromptRecord,
-    RedisOwnershipStore,
-)
+from proxy.comfy.records import PromptRecord
+from proxy.isolation.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.settings import RedisSettings
 from tests.conftest import RedisBackend

@@ -9,13 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis
 
+from proxy.comfy.records import PromptRecord
 from proxy.isolation import ownership
-from proxy.isolation.ownership import (
-    MemoryOwnershipStore,
-    OwnershipStore,
-    PromptRecord,
-    RedisOwnershipStore,
-)
+from proxy.isolation.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.settings import RedisSettings
 from tests.conftest import RedisBackend

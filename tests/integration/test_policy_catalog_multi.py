@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.multi.merge import DEGRADED_HEADER
+from proxy.policy.catalog.upstream import CATALOG
 from proxy.policy.catalog.view import Catalog
-from proxy.state import CATALOG, POOL
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.nodes import NodeClass

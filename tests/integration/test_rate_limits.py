@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
 from proxy.limits.enforce import limit_key
-from proxy.state import METRICS
+from proxy.observability.metrics import METRICS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import sample

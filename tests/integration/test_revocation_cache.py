@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.auth.authenticator import AUTH
 from proxy.auth.revocation import (
     CachedRevocationList,
     FailModeRevocations,
@@ -24,7 +25,6 @@ from proxy.auth.revocation import (
     cached,
 )
 from proxy.settings import Settings
-from proxy.state import AUTH
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -32,9 +32,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from proxy.auth.authenticator import AUTH
 from proxy.limits.enforce import in_words
 from proxy.settings import SETTINGS
-from proxy.state import AUTH
 from proxy.web.frontend import EXTENSION_URL
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.multi.registry import REGISTRY
-from proxy.state import POOL
+from proxy.upstream.pool import POOL
 from tests.integration.multi_support import A, B, Client, Fakes, fakes, multi_proxy, relayed
 
 __all__ = ["fakes", "multi_proxy"]  # fixtures used by name

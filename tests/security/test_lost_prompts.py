@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.state import POOL
+from proxy.upstream.pool import POOL
 from tests.integration.lost_replicas import replicas
 from tests.integration.multi_support import (
     ALICE,

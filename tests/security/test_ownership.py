@@ -28,6 +28,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth.principal import comfy_user_id
+from proxy.comfy.records import FileRef
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import (
     FOLDERS,
@@ -35,9 +36,8 @@ from proxy.isolation.namespaces import (
     legacy_user_folder,
     user_folder,
 )
-from proxy.isolation.ownership import FileRef
+from proxy.isolation.ownership import OWNERSHIP
 from proxy.settings import redacted
-from proxy.state import OWNERSHIP
 from proxy.supervisor import _shared_folder_secret
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI

@@ -26,12 +26,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.auth import cli as auth_cli
+from proxy.auth.authenticator import AUTH
 from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
 from proxy.auth.sessions import SessionCodec
 from proxy.auth.sweeper import sweep_once
 from proxy.auth.users import UsersFile
 from proxy.settings import SETTINGS
-from proxy.state import AUTH
 from tests.conftest import JWT_SECRET, SESSION_SECRET, ProxyFactory, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 

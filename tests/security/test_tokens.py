@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.state import AUTH
+from proxy.auth.authenticator import AUTH
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange

@@ -23,10 +23,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from proxy.auth.authenticator import AUTH
 from proxy.auth.principal import comfy_user_id
 from proxy.auth.sweeper import sweep_once
 from proxy.isolation.namespaces import upstream_client_id
-from proxy.state import AUTH
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.isolation import views
+from proxy.comfy import views
 from tests.fakes.comfyui.queue import PromptQueue
 
 KEY = b"k" * 32

@@ -10,9 +10,10 @@ import pytest
 from proxy.errors import ServiceUnavailable
 from proxy.multi.capabilities import combo_options, parse_object_info
 from proxy.multi.discovery import DnsDiscovery, NoSuchName, instance_url
+from proxy.redis.breaker import BreakerState
 from proxy.settings import Settings, load_settings
 from proxy.settings.upstreams import HealthSettings
-from proxy.upstream.health_checks import Breaker, BreakerState, queue_remaining
+from proxy.upstream.health_checks import Breaker, queue_remaining
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 

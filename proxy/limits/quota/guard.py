@@ -17,10 +17,10 @@ import uuid
 
 from aiohttp import hdrs, web
 
-from proxy.auth.guard import is_websocket
 from proxy.limits.quota.reconciler import QuotaEventObserver
 from proxy.limits.quota.service import QueueQuota
 from proxy.request.prompt import forward_submission, read_prompt
+from proxy.request.websocket import is_websocket
 from proxy.state import RequestContext
 from proxy.upstream.pool import UpstreamPool
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 import redis.asyncio as redis
@@ -32,11 +32,9 @@ from aiohttp import web
 from proxy.auth.principal import Principal
 from proxy.errors import BadRequest, RateLimited, ServiceUnavailable
 from proxy.limits.guard import ip_identity
-from proxy.limits.quota.model import MemoryQuotaStore, QuotaStore, Reservation, queue_quota_for
-from proxy.limits.quota.redis_store import RedisQuotaStore
+from proxy.limits.quota.model import QuotaStore, Reservation, queue_quota_for
 from proxy.observability.metrics import Metrics
-from proxy.redis.client import REDIS
-from proxy.settings import SETTINGS, Settings
+from proxy.settings import Settings
 from proxy.state import RequestContext
 
 if TYPE_CHECKING:
@@ -319,41 +317,14 @@ class QueueQuota:
         raise StoreFailed(kind)
 
 
-def build_queue_quota(app: web.Application) -> QueueQuota:
-    """The quota of ``app``: in Redis when one is configured, else in this process."""
-    from proxy.state import METRICS, RATE_LIMITS  # noqa: PLC0415 - cycle
-
-    settings: Settings = app[SETTINGS]
-    client = app[REDIS]
-    ttl = settings.rate_limits.quota_entry_ttl_seconds
-    store: QuotaStore = (
-        RedisQuotaStore(client, ttl) if client is not None else MemoryQuotaStore(ttl)
-    )
-    limits = app.get(RATE_LIMITS)
-    degraded = (lambda: limits.degraded) if limits is not None else (lambda: False)
-    return QueueQuota(settings, store, app[METRICS], degraded=degraded)
-
-
-async def queue_quota_context(app: web.Application) -> AsyncIterator[None]:
-    """``cleanup_ctx`` (after Redis, the pool and the rate limits): ``app[QUEUE_QUOTA]`` and,
-    while quotas are on, the reconciler of this process."""
-    from proxy.limits.quota.reconciler import QuotaReconciler  # noqa: PLC0415
-    from proxy.state import POOL, QUEUE_QUOTA  # noqa: PLC0415
-
-    quota = app[QUEUE_QUOTA] = build_queue_quota(app)
-    reconciler = quota.reconciler = QuotaReconciler(quota, app[POOL], app[SETTINGS])
-    if quota.enabled:
-        reconciler.start()
-    yield
-    await reconciler.stop()
-    await quota.settle()  # accepts in flight: a replica's reconciler may rely on them
+QUEUE_QUOTA = web.AppKey("comfygate.queue_quota", QueueQuota)
+"""Per-user queue quotas (in Redis when configured, else in memory) and their reconciler."""
 
 
 __all__ = [
+    "QUEUE_QUOTA",
     "QueueFull",
     "QueueQuota",
     "QuotaUnavailable",
     "StoreFailed",
-    "build_queue_quota",
-    "queue_quota_context",
 ]

@@ -15,16 +15,16 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from proxy.observability.metrics import Metrics
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.policy.catalog.cache import Answer, CatalogNotJson, Miss, ObjectInfoCache, Snapshot
 from proxy.policy.catalog.http import JSON, is_json
 from proxy.policy.catalog.union import UnionView
+from proxy.policy.store import POLICY
 from proxy.settings import SETTINGS, Settings
-from proxy.state import CATALOG, METRICS, POLICY, POOL
 from proxy.upstream.encoding import content_codings, decode
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpError, UpstreamHttpTimeout
-from proxy.upstream.pool import Upstream, UpstreamPool
+from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 OBJECT_INFO_PATHS = ("/api/object_info", "/object_info")
 """Where a background refresh fetches the catalog: the stock frontend's path first, the bare one
@@ -202,3 +202,7 @@ async def catalog_context(app: web.Application) -> AsyncIterator[None]:
     app[CATALOG] = catalog
     yield
     await catalog.close()
+
+
+CATALOG = web.AppKey("comfygate.catalog", Catalog)
+"""``/object_info`` cached per ComfyUI instance, filtered per role (``proxy.policy.catalog``)."""

@@ -71,6 +71,7 @@ from proxy.multi.merge import (
     json_response,
 )
 from proxy.multi.merge import Answer as MergedAnswer
+from proxy.observability.metrics import METRICS
 from proxy.policy.catalog.cache import Answer, CatalogNotJson, Snapshot, render
 from proxy.policy.catalog.filter import (
     allows_model,
@@ -81,14 +82,21 @@ from proxy.policy.catalog.filter import (
 )
 from proxy.policy.catalog.http import answer_response, is_json, send_rendered
 from proxy.policy.catalog.union import Copies, gather_snapshots, union_entries, union_names
-from proxy.policy.catalog.upstream import TRANSPORT_ERRORS, Catalog, catalog_context, fetch_answer
+from proxy.policy.catalog.upstream import (
+    CATALOG,
+    TRANSPORT_ERRORS,
+    Catalog,
+    catalog_context,
+    fetch_answer,
+)
 from proxy.policy.model import RolePolicy
+from proxy.policy.store import POLICY
 from proxy.settings import SETTINGS
-from proxy.state import CATALOG, CONTEXT, METRICS, POLICY, POOL, RequestContext
+from proxy.state import CONTEXT, RequestContext
 from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
 from proxy.upstream.home import home_for
-from proxy.upstream.pool import Upstream
+from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.catalog")
 

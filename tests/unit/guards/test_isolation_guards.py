@@ -10,10 +10,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.comfy.records import PromptRecord
 from proxy.errors import BadRequest
 from proxy.isolation.events import SocketEventFilter
 from proxy.isolation.namespaces import FolderNames, upstream_client_id
-from proxy.isolation.ownership import MemoryOwnershipStore, PromptRecord
+from proxy.isolation.ownership import MemoryOwnershipStore
 from proxy.isolation.read_guard import (
     InterruptGuard,
     JobsGuard,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
-from proxy.isolation.ownership import FileRef, PromptRecord
+from proxy.comfy.records import FileRef, PromptRecord
 
 FILE_TYPES = frozenset({"output", "temp", "input"})
 """The ``type`` values ``/view`` accepts (protocol doc 2.5)."""
