@@ -1,6 +1,6 @@
 # Every target bootstraps its own virtualenv, so a fresh clone needs only python3 >= 3.11.
-# Installs come from the committed, hash-pinned lock files in requirements/ (see README,
-# "Development"): the same versions on every machine until a deliberate `make upgrade` commit.
+# Installs come from the committed, hash-pinned lock files in requirements/ (see
+# docs/development.md): the same versions on every machine until a deliberate `make upgrade` commit.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

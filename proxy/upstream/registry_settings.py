@@ -2,7 +2,7 @@
 ``[upstream.health]`` and ``[upstream.placement]`` (fields of ``proxy.settings.UpstreamSettings``).
 
 ``upstream.urls`` stays the simple form (one instance per URL, weight 1, no tags); the other
-forms add names, weights and tags, or find instances in DNS. See the README, "Multiple GPUs".
+forms add names, weights and tags, or find instances in DNS. See docs/multi-gpu.md.
 """
 
 from __future__ import annotations

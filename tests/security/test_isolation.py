@@ -1,7 +1,7 @@
 """Tenant isolation, route by route, as user B's attacks on user A's work (issue 13, family
 "isolation").
 
-The README's isolation table (history, queue, jobs, interrupt, view, upload, free) is covered
+The isolation table of docs/isolation.md (history, queue, jobs, interrupt, view, upload, free) is covered
 route by route in ``tests/integration/test_isolation_*.py``; this module throws the attacker's
 variants at it: every route form (bare, ``/api``, absolute-form), A's ids re-cased, padded,
 mixed into lists or given as non-strings and as objects whose keys ComfyUI would iterate,
