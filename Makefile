@@ -11,7 +11,7 @@ LOCK   := requirements/dev.txt
 # One resolution for every lock file: all platforms, the oldest supported Python.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes
 
-.PHONY: install run test lint typecheck check bench browser-deps clean lock upgrade test-oldest
+.PHONY: install run test test-unit docs lint typecheck check bench browser-deps clean lock upgrade test-oldest
 
 # Re-runs only when the lock or pyproject.toml changed: an up-to-date venv needs no network.
 # pip checks every hash (--require-hashes is implied by the hashes in the file) and refuses a
@@ -56,6 +56,14 @@ run: $(STAMP)
 ## test: the whole suite (starts its own redis-server, fake ComfyUI and, when installed, Chromium)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## test-unit: the unit tests alone (tests/unit: no server, no Redis, no browser), in seconds
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+## docs: regenerate docs/configuration.md from the settings model (a test fails when it is stale)
+docs: $(STAMP)
+	$(BIN)/python -m proxy.config_reference
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench

@@ -30,7 +30,7 @@ from proxy.upstream.pool import PROBE_TIMEOUT_SECONDS, Upstream
 log = structlog.get_logger("comfygate")
 
 COMFYUI_COMMAND = "python main.py --listen 127.0.0.1 --port 8188 --multi-user"
-"""How the README's quick start and ``comfygate init`` tell people to start ComfyUI behind the proxy."""
+"""How the README and ``comfygate init`` tell people to start ComfyUI behind the proxy."""
 
 
 def comfyui_command(url: str) -> str:

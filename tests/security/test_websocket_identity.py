@@ -1,14 +1,14 @@
 """WebSocket takeover and identity spoofing (issue 13, family "WebSocket/identity").
 
-ComfyUI routes a prompt's events to the socket registered under the prompt's ``client_id`` and
-lets any socket claim any id (protocol doc 4.1); it believes any ``Comfy-User`` header (5).
-The proxy namespaces every socket id and every submitted ``client_id`` per user, filters each
-socket's frames to its user's prompts, and sets the identity headers ComfyUI receives from the
-authenticated principal alone. User B (bob) attacks user A's (alice's) socket: by claiming its
-id in every spelling, by sending frames ComfyUI acts on, by waiting on a socket for A's events
-(JSON, binary previews, progress text), by naming A in identity headers, and by keeping a
-socket open past the end of his credential. Each case asserts on what B got and on what the
-fake ComfyUI registered or received.
+ComfyUI routes a prompt's events to the socket registered under the prompt's ``client_id`` and lets
+any socket claim any id (docs/comfyui-protocol.md#connect-and-clientid-takeover); it believes any
+``Comfy-User`` header (docs/comfyui-protocol.md#multi-user-mode). The proxy namespaces every socket
+id and every submitted ``client_id`` per user, filters each socket's frames to its user's prompts,
+and sets the identity headers ComfyUI receives from the authenticated principal alone. User B (bob)
+attacks user A's (alice's) socket: by claiming its id in every spelling, by sending frames ComfyUI
+acts on, by waiting on a socket for A's events (JSON, binary previews, progress text), by naming A
+in identity headers, and by keeping a socket open past the end of his credential. Each case asserts
+on what B got and on what the fake ComfyUI registered or received.
 """
 
 from __future__ import annotations
