@@ -6,9 +6,10 @@ covered route by route in ``tests/integration/test_isolation_*.py``; this module
 attacker's variants at it: every route form (bare, ``/api``, absolute-form), A's ids re-cased,
 padded, mixed into lists or given as non-strings and as objects whose keys ComfyUI would iterate,
 interrupts of A's running prompt, ``clear`` as B, ``/view`` with subfolder and type variants,
-uploads that try to overwrite A's file, and masks whose ``original_ref`` names A's image.  Each case
-asserts on B's answer (status + error type, never A's data) and on what the fake ComfyUI received or
-still holds: A's history, queue entries and files are untouched.
+uploads that try to overwrite A's file, and masks whose ``original_ref`` names A's image.
+
+Each case asserts on B's answer (status + error type, never A's data) and on what the fake
+ComfyUI received or still holds: A's history, queue entries and files are untouched.
 """
 
 from __future__ import annotations
