@@ -28,6 +28,7 @@ from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 from tests.integration.support import get_json, post
+from tests.support.ws import frames_until
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -382,19 +383,8 @@ MARKER = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining":
 
 
 async def frames_until_marker(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
-    """Every frame up to the marker status (broadcast last: all earlier frames were relayed).
-    Text frames as parsed JSON, binary frames as ``("binary", type)``."""
-    seen: list[Any] = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            seen.append(("binary", int.from_bytes(msg.data[:4], "big")))
-            continue
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
-        if data == MARKER:
-            return seen
-        seen.append(data)
+    """Every frame up to :data:`MARKER` (broadcast last: all earlier frames were relayed)."""
+    return await frames_until(ws, MARKER)
 
 
 async def connect(

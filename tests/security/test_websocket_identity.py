@@ -29,6 +29,7 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.state import AUTH
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.ws import frames_until
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -91,19 +92,8 @@ async def connect(
 
 
 async def frames_until_marker(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
-    """Every frame up to the marker (broadcast last, so everything before it was relayed):
-    text as parsed JSON, binary as ``("binary", type)``."""
-    seen: list[Any] = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            seen.append(("binary", int.from_bytes(msg.data[:4], "big")))
-            continue
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
-        if data == MARKER:
-            return seen
-        seen.append(data)
+    """Every frame up to :data:`MARKER` (broadcast last: all earlier frames were relayed)."""
+    return await frames_until(ws, MARKER)
 
 
 def kinds(frames: list[Any]) -> list[Any]:
