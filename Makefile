@@ -53,9 +53,12 @@ test-oldest:
 run: $(STAMP)
 	$(BIN)/comfygate serve --config $(CONFIG)
 
-## test: the whole suite (starts its own redis-server, fake ComfyUI and, when installed, Chromium)
+## test: the whole suite (starts its own redis-server, fake ComfyUI and, when installed, Chromium),
+## in TEST_WORKERS processes (pytest-xdist; each worker has its own Redis, ports and tmp dirs;
+## a module's tests stay in one worker); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 ## test-unit: the unit tests alone (tests/unit: no server, no Redis, no browser), in seconds
 test-unit: $(STAMP)
