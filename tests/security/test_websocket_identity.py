@@ -29,7 +29,7 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.state import AUTH
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
-from tests.support.ws import frames_until
+from tests.support.ws import frames_until, greeted, kinds, prompt_ids
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -81,31 +81,12 @@ async def connect(
     flags. Returns it and the sid the status message told it."""
     target = "/ws" if query is None else f"/ws?{query}"
     ws = await client.ws_connect(URL(target, encoded=True), headers=who)
-    status = await ws.receive_json(timeout=10)
-    assert status["type"] == "status"
-    if flags:
-        await ws.send_str(
-            json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
-        )
-        assert (await ws.receive_json(timeout=10))["type"] == "feature_flags"
-    return ws, str(status["data"]["sid"])
+    return ws, await greeted(ws, flags=flags)
 
 
 async def frames_until_marker(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
     """Every frame up to :data:`MARKER` (broadcast last: all earlier frames were relayed)."""
     return await frames_until(ws, MARKER)
-
-
-def kinds(frames: list[Any]) -> list[Any]:
-    return [f if isinstance(f, tuple) else f["type"] for f in frames]
-
-
-def prompt_ids(frames: list[Any]) -> set[str]:
-    return {
-        f["data"]["prompt_id"]
-        for f in frames
-        if isinstance(f, dict) and isinstance(f.get("data"), dict) and "prompt_id" in f["data"]
-    }
 
 
 def handshakes(fake: FakeComfyUI) -> list[Any]:
