@@ -1,6 +1,6 @@
 # Every target bootstraps its own virtualenv, so a fresh clone needs only python3 >= 3.11.
-# Installs come from the committed, hash-pinned lock files in requirements/ (see README,
-# "Development"): the same versions on every machine until a deliberate `make upgrade` commit.
+# Installs come from the committed, hash-pinned lock files in requirements/ (see
+# docs/development.md): the same versions on every machine until a deliberate `make upgrade` commit.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ LOCK   := requirements/dev.txt
 # One resolution for every lock file: all platforms, the oldest supported Python.
 UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes
 
-.PHONY: install run test lint typecheck check bench bench-sched browser-deps clean lock upgrade test-oldest
+.PHONY: install run test test-unit docs lint typecheck check bench bench-sched browser-deps clean lock upgrade test-oldest
 
 # Re-runs only when the lock or pyproject.toml changed: an up-to-date venv needs no network.
 # pip checks every hash (--require-hashes is implied by the hashes in the file) and refuses a
@@ -53,9 +53,20 @@ test-oldest:
 run: $(STAMP)
 	$(BIN)/comfygate serve --config $(CONFIG)
 
-## test: the whole suite (starts its own redis-server, fake ComfyUI and, when installed, Chromium)
+## test: the whole suite (starts its own redis-server, fake ComfyUI and, when installed, Chromium),
+## in TEST_WORKERS processes (pytest-xdist; each worker has its own Redis, ports and tmp dirs;
+## a module's tests stay in one worker); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+## test-unit: the unit tests alone (tests/unit: no server, no Redis, no browser), in seconds
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+## docs: regenerate docs/configuration.md from the settings model (a test fails when it is stale)
+docs: $(STAMP)
+	$(BIN)/python -m proxy.config_reference
 
 ## lint: ruff, and the import contract (pyproject.toml [tool.importlinter]: imports only go down
 ## the layers)

@@ -448,7 +448,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     base = settings.server.base_path
     if base:
         # The frontend derives its API base from the page path: it must be served at "/comfy/"
-        # (protocol doc 8.1).
+        # (docs/comfyui-protocol.md#url-building-and-sub-paths).
         async def to_base_dir(request: web.Request) -> web.StreamResponse:
             query = f"?{request.query_string}" if request.query_string else ""
             raise web.HTTPPermanentRedirect(f"{base}/{query}")

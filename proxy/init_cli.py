@@ -87,7 +87,8 @@ secret_file = {session_secret}   # signs browser session cookies
 users_file = {users}
 
 # Roles: viewer, user, power and admin are built in; a [roles.<name>] table adds a role or
-# overrides the keys it sets of a built-in one (config/comfygate.example.toml, README "Roles").
+# overrides the keys it sets of a built-in one (config/comfygate.example.toml,
+# docs/identity.md#roles).
 """
 
 

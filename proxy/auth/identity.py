@@ -1,4 +1,4 @@
-"""Identity toward ComfyUI (protocol doc section 5).
+"""Identity toward ComfyUI (docs/comfyui-protocol.md#multi-user-mode).
 
 ComfyUI believes whatever ``Comfy-User`` a client sends, and ``GET /users`` lists everyone. So
 client-sent identity headers and the proxy's own credentials never reach ComfyUI; the proxy sets

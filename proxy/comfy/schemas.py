@@ -2,7 +2,7 @@
 
 The prompt model types literals and recognises file-reading inputs with this, exactly as the
 instance declares them, never by the value's extension. An input **reads files** when its spec
-(``[type, {extra}]``, protocol doc 2.6) says so:
+(``[type, {extra}]``, docs/comfyui-protocol.md#node-model-and-system-metadata) says so:
 
 - an upload flag: ``image_upload``, ``audio_upload``, ``video_upload``, ``file_upload``,
   ``animated_image_upload``... (any ``*_upload: true``), or ``image_folder``;

@@ -1,9 +1,10 @@
 """Each user's view of ComfyUI's shared queue, history and jobs: pure JSON filters.
 
-Nothing here touches aiohttp or the ownership store: the guard (``read_guard.py``) looks up
-which prompt ids the caller owns and hands them in as a set, so every function is a plain,
-table-testable transformation. Shapes follow the protocol doc (2.2 queue, 2.3 history, 2.4
-jobs); answers that do not have the expected shape fail closed (empty views), never open.
+Nothing here touches aiohttp or the ownership store: the guard (``read_guard.py``) looks up which
+prompt ids the caller owns and hands them in as a set, so every function is a plain, table-testable
+transformation. Shapes follow docs/comfyui-protocol.md#queue-interrupt-memory,
+docs/comfyui-protocol.md#history and docs/comfyui-protocol.md#jobs-api; answers that do not have the
+expected shape fail closed (empty views), never open.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import quote, unquote_plus
 from proxy.comfy.records import FileRef, PromptRecord
 
 FILE_TYPES = frozenset({"output", "temp", "input"})
-"""The ``type`` values ``/view`` accepts (protocol doc 2.5)."""
+"""The ``type`` values ``/view`` accepts (docs/comfyui-protocol.md#files)."""
 EMPTY_QUEUE: dict[str, list[Any]] = {"queue_running": [], "queue_pending": []}
 
 
@@ -328,7 +329,8 @@ def filter_jobs(
 
 JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 JOB_DETAIL_KEYS = ("outputs", "execution_status", "workflow")
-"""What ``GET /api/jobs/{id}`` adds to the list item of the same job (protocol doc 2.4)."""
+"""What ``GET /api/jobs/{id}`` adds to the list item of the same job
+(docs/comfyui-protocol.md#jobs-api)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,8 @@ class PromptRejected(Rejection):
     """A refused prompt, with ComfyUI's ``node_errors`` for each violation.
 
     ``error_type`` is the first violation's type; ``extra`` names its node. ``chain`` renders
-    :attr:`node_errors` as the body's ``node_errors`` (ComfyUI shape, protocol doc 3).
+    :attr:`node_errors` as the body's ``node_errors`` (ComfyUI shape,
+    docs/comfyui-protocol.md#submitting-a-prompt).
     """
 
     status = 400

@@ -1,4 +1,7 @@
-"""Which of ComfyUI's WebSocket frames a tenant's socket may see (protocol doc 4.3, 4.4).
+"""Which of ComfyUI's WebSocket frames a tenant's socket may see.
+
+The frames: docs/comfyui-protocol.md#server-to-client-json-messages and
+docs/comfyui-protocol.md#binary-frames.
 
 One :class:`SocketEventFilter` per relayed socket is appended to ``ctx.frame_filters``; the relay
 passes every frame ComfyUI sends on that socket through it, and a ``None`` drops the frame.

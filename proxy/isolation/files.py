@@ -1,12 +1,13 @@
 """Which files of ComfyUI's shared ``input/``, ``output/`` and ``temp/`` a user may touch (pure).
 
 ComfyUI names a file ``(type, subfolder, filename)`` and confines it to the type's directory only
-with ``os.path.commonpath`` (protocol doc 6.4): any subfolder inside ``output/`` is fair game,
-including other users' ``users/<owner>/``. The proxy therefore decides on a *normalised* relative
-path, refuses anything that could mean something else on another platform (``..``, absolute
-paths, drive letters, backslashes, NUL), and gives each user ``users/<owner>-<tag>/`` plus the
-configured shared input folders. Records in the ownership store can widen this to single files
-(previews in ``temp/`` with an empty subfolder); the guard asks the store, this module does not.
+with ``os.path.commonpath`` (docs/comfyui-protocol.md#path-traversal-protections): any subfolder
+inside ``output/`` is fair game, including other users' ``users/<owner>/``. The proxy therefore
+decides on a *normalised* relative path, refuses anything that could mean something else on another
+platform (``..``, absolute paths, drive letters, backslashes, NUL), and gives each user
+``users/<owner>-<tag>/`` plus the configured shared input folders. Records in the ownership store
+can widen this to single files (previews in ``temp/`` with an empty subfolder); the guard asks the
+store, this module does not.
 
 Nothing here does I/O; :mod:`proxy.isolation.submit_guard` applies it to requests.
 """

@@ -1,9 +1,9 @@
 """Per-user names on the shared ComfyUI: client ids and file folders.
 
-ComfyUI routes a socket's events by the ``clientId`` it connected with and lets any socket claim
-any id (protocol doc 4.1). The upstream therefore only ever sees ids derived from (user, client
-id): one user can never claim another's socket, and a client id chosen by the UI maps to the
-same upstream id on every replica and every reconnect.
+ComfyUI routes a socket's events by the ``clientId`` it connected with and lets any socket claim any
+id (docs/comfyui-protocol.md#connect-and-clientid-takeover). The upstream therefore only ever sees
+ids derived from (user, client id): one user can never claim another's socket, and a client id
+chosen by the UI maps to the same upstream id on every replica and every reconnect.
 
 A user's files live in ``users/<comfy_user>-<tag>/`` of ComfyUI's input/, output/ and temp/,
 where ``<tag>`` is 16 hex digits of an HMAC of the user keyed by ``isolation.folder_secret``.

@@ -1,6 +1,6 @@
 """``POST /prompt`` for one user of a shared ComfyUI: the rewrite and the checks (pure).
 
-What a submitted body becomes (protocol doc 3):
+What a submitted body becomes (docs/comfyui-protocol.md#submitting-a-prompt):
 
 - ``client_id`` is the user's namespaced id, so targeted events reach only the user's socket;
   ComfyUI copies it over ``extra_data.client_id``. A prompt sent without one (nor
@@ -221,7 +221,8 @@ def rewrite_submission(
     """The body ComfyUI receives; every key not named here is kept as sent.
 
     ``client_id`` None: the client named no socket; the prompt goes without one, so ComfyUI
-    broadcasts its events (protocol doc 4.3) and the proxy's filter keeps them in the tenant.
+    broadcasts its events (docs/comfyui-protocol.md#server-to-client-json-messages) and the proxy's
+    filter keeps them in the tenant.
     """
     out = dict(body)
     out["prompt_id"] = prompt_id

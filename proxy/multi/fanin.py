@@ -26,9 +26,9 @@ slow-client rules):
   socket is closed (before another opens under the same ``clientId``: ComfyUI would drop the
   id when the older one closed) and the link starts again with a fresh filter, after the same
   backoff. A frame the filter cannot attribute (Redis down) is dropped, never the link.
-* Takeover (protocol doc 4.1) works as in the direct relay, per instance: a newer socket with
-  the same ``clientId`` closes the older relay's upstream sockets before connecting its own,
-  and the older client stays open and silent.
+* Takeover (docs/comfyui-protocol.md#connect-and-clientid-takeover) works as in the direct relay,
+  per instance: a newer socket with the same ``clientId`` closes the older relay's upstream sockets
+  before connecting its own, and the older client stays open and silent.
 
 With one instance none of this runs: ``app.dispatch`` uses the direct relay.
 """

@@ -77,7 +77,9 @@ class ServerSettings(_Section):
     """The listening side."""
 
     host: str = "127.0.0.1"
+    """Listen address; ``"0.0.0.0"`` for all IPv4 interfaces."""
     port: int = Field(default=8190, ge=1, le=65535)
+    """Listen port (ComfyUI's own default is 8188)."""
     base_path: str = ""
     """Serve under a sub-path such as ``/comfy``; ``/comfy`` redirects to ``/comfy/``."""
     public_url: str = ""
@@ -158,12 +160,16 @@ class UpstreamSettings(_Section):
     ``urls`` left at its default is ignored."""
     discovery: DiscoverySettings = DiscoverySettings()
     urls: tuple[str, ...] = _DEFAULT_UPSTREAM_URLS
+    """ComfyUI instances, the simple form (one instance per URL, named ``host:port``); see
+    ``[[upstream.instances]]`` for names, weights and tags."""
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    """Longest wait for a connection to an instance."""
     read_timeout_seconds: float = Field(default=300.0, gt=0)
     """Longest silence while reading an upstream response (not the total duration)."""
     pool_limit_per_host: int = Field(default=0, ge=0)
     """Open connections per upstream; 0 = unlimited (each WebSocket holds one)."""
     keepalive_seconds: float = Field(default=30.0, ge=0)
+    """How long an idle pooled connection is kept open."""
     preserve_host: bool = False
     """Send the client's Host upstream instead of the upstream's own (Origin is kept consistent)."""
     merge_timeout_seconds: float = Field(default=2.0, gt=0)
@@ -236,10 +242,14 @@ class WebSocketSettings(_Section):
     heartbeat_seconds: float = Field(default=30.0, ge=0)
     """Ping interval toward the client (0 = none); a client that misses a pong is closed."""
     drop_stale_previews: bool = True
+    """A slow client loses superseded binary previews; false: it is closed (1013) instead."""
 
 
 class LoggingSettings(_Section):
+    """What is logged, and how."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
     format: Literal["auto", "json", "console"] = "auto"
     """``auto``: console renderer on a TTY, JSON lines otherwise."""
     access_log: bool = True
@@ -250,6 +260,7 @@ class IsolationSettings(_Section):
     """Each user's private view of a shared ComfyUI (admins see everything)."""
 
     enabled: bool = True
+    """Every user sees only their own prompts, files and events (admins: everything)."""
     retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
     """How long the proxy remembers who owns a prompt or a file (ComfyUI keeps history in
     memory until it restarts, the newest 10,000 entries)."""
@@ -327,6 +338,7 @@ class RedisSettings(_Section):
     ``rate_limits.redis_budget_ms``). Measured on the event loop: a busy process needs slack
     beyond the network round trip, or a load spike reads as a Redis outage."""
     connect_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait for a connection to a Redis server."""
     max_connections: int = Field(default=1024, ge=1)
     """Cap on pooled connections per Redis server (per node in a cluster). Idle ones are
     reused; a command that finds none free at the cap fails like a connection error, so keep

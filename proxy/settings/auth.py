@@ -44,16 +44,21 @@ class JwtSettings(_Section):
     jwks_url: str = ""
     """An identity provider's JWKS endpoint: fetched at startup, cached, refetched on new kid."""
     jwks_max_age_seconds: float = Field(default=600.0, gt=0)
+    """How long a fetched JWKS is used before it is fetched again."""
     jwks_refetch_cooldown_seconds: float = Field(default=30.0, ge=0)
+    """Shortest pause between two refetches caused by unknown ``kid`` values."""
     issuer: str = ""
     """Required ``iss`` value; empty = not checked."""
     audience: tuple[str, ...] = ()
     """Accepted ``aud`` values; empty = ``aud`` not checked."""
     leeway_seconds: float = Field(default=30.0, ge=0)
+    """Clock skew tolerated when checking ``exp``, ``nbf`` and ``iat``."""
     require_exp: bool = True
+    """Refuse tokens without an ``exp`` claim."""
     max_lifetime_seconds: float = Field(default=0.0, ge=0)
     """Refuse tokens whose ``exp - iat`` exceeds this (0 = no limit)."""
     subject_claim: str = "sub"
+    """The claim naming the principal (its stable user id)."""
     roles_claim: str = "roles"
     """Dotted path to the roles (a list or a space/comma separated string), e.g.
     ``realm_access.roles`` for Keycloak or ``groups``."""
@@ -91,6 +96,7 @@ class SessionSettings(_Section):
     secret: str = ""
     """HMAC key for session cookies (``secret_file`` / env). Empty: random per process."""
     cookie_name: str = "comfygate_session"
+    """Name of the session cookie (never forwarded to ComfyUI)."""
     idle_timeout_seconds: float = Field(default=8 * 3600.0, gt=0)
     """Sliding lifetime: a session unused this long expires; use renews it."""
     absolute_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
@@ -117,9 +123,11 @@ class LoginSettings(_Section):
     """TOML file of users with argon2id password hashes (``comfygate user add``); empty = password
     login off (pasting an API token still works)."""
     allow_token_login: bool = True
+    """Accept a pasted API token on the login page."""
     max_failures: int = Field(default=5, ge=1)
     """Failed logins allowed per client IP and per username within ``failure_window_seconds``."""
     failure_window_seconds: float = Field(default=300.0, gt=0)
+    """The window ``max_failures`` counts in."""
     templates_dir: str = ""
     """Directory whose ``login.html`` overrides the built-in page."""
 
@@ -134,6 +142,7 @@ class AuthSettings(_Section):
     a role or overrides the keys it sets of a built-in one. False: only the configured roles
     exist (replacing them all is then explicit)."""
     anonymous_role: str = "admin"
+    """The role of every request when ``enabled`` is false."""
     jwt: JwtSettings = JwtSettings()
     session: SessionSettings = SessionSettings()
     login: LoginSettings = LoginSettings()

@@ -94,6 +94,7 @@ class RateLimitSettings(_Section):
     """``[rate_limits]``: what every role gets unless its own section says otherwise."""
 
     enabled: bool = True
+    """Rate limits and queue quotas on; false switches both off."""
     default: dict[RouteClass, Limit] = Field(default_factory=_default_limits)
     """Per-class limits of a role that does not set the class itself (and of ``login``, which
     is keyed by client IP before anyone is known)."""

@@ -20,13 +20,16 @@ class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    """Serve Prometheus metrics."""
     host: str = "127.0.0.1"
     """Listen address of the separate metrics listener (unused with ``on_main_port``)."""
     port: int = Field(default=9464, ge=1, le=65535)
+    """Port of the separate metrics listener."""
     on_main_port: bool = False
     """Serve ``path`` on the main listener instead of a separate one (needs ``bearer_token`` or
     ``allowed_networks``: the main port faces clients)."""
     path: str = "/metrics"
+    """The path metrics are served at."""
     bearer_token: str = ""
     """A scraper must send ``Authorization: Bearer <token>`` (secret; ``bearer_token_file``)."""
     allowed_networks: tuple[IPNetwork, ...] = ()

@@ -2,7 +2,7 @@
 ``[upstream.health]`` and ``[upstream.placement]`` (fields of ``proxy.settings.UpstreamSettings``).
 
 ``upstream.urls`` stays the simple form (one instance per URL, weight 1, no tags); the other
-forms add names, weights and tags, or find instances in DNS. See the README, "Multiple GPUs".
+forms add names, weights and tags, or find instances in DNS. See docs/multi-gpu.md.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class InstanceSettings(_Section):
     """One ComfyUI instance of the static list (``[[upstream.instances]]``)."""
 
     url: str
+    """The instance's base URL (``http(s)://host:port``, no query)."""
     name: str = ""
     """Label in logs, metrics, ownership records and the admin API; default ``host:port``."""
     weight: float = Field(default=1.0, gt=0)
@@ -64,12 +65,17 @@ class DiscoverySettings(_Section):
     (a Kubernetes headless Service, a Consul name...). Empty ``hostname``: no discovery."""
 
     hostname: str = ""
+    """The DNS name to resolve; ``""`` = no discovery."""
     port: int = Field(default=8188, ge=1, le=65535)
+    """The port of every discovered instance."""
     scheme: Literal["http", "https"] = "http"
+    """The scheme of every discovered instance."""
     interval_seconds: float = Field(default=10.0, gt=0)
     """How often the name is resolved again; instances join and leave between two resolutions."""
     weight: float = Field(default=1.0, gt=0)
+    """The weight of every discovered instance (see ``[[upstream.instances]]``)."""
     tags: tuple[str, ...] = ()
+    """The tags of every discovered instance."""
 
     @field_validator("hostname")
     @classmethod
@@ -86,12 +92,14 @@ class HealthSettings(_Section):
     interval_seconds: float = Field(default=5.0, gt=0)
     """How often every instance gets a ``GET /prompt`` (which also reports its queue size)."""
     timeout_seconds: float = Field(default=2.0, gt=0)
+    """Longest wait for one check's answer."""
     failure_threshold: int = Field(default=3, ge=1)
     """Consecutive failures (refused connections, 5xx, failed checks) that eject an instance."""
     open_seconds: float = Field(default=10.0, gt=0)
     """How long an ejected instance waits before a check may bring it back (half-open); doubles
     after each failed try, up to ``max_open_seconds``."""
     max_open_seconds: float = Field(default=120.0, gt=0)
+    """Upper bound of the doubling ``open_seconds``."""
 
     @model_validator(mode="after")
     def _bounds(self) -> HealthSettings:

@@ -31,8 +31,9 @@ REQUEST_DROPPED: frozenset[istr] = frozenset(
     istr(h)
     for h in (
         hdrs.HOST,  # replaced by the upstream's (or the client's, with preserve_host)
-        # SECURITY: newer ComfyUI answers 403 to `Sec-Fetch-Site: cross-site` (protocol doc 6.1);
-        # the proxy does its own origin/CSRF check, so none of these reach ComfyUI.
+        # SECURITY: newer ComfyUI answers 403 to `Sec-Fetch-Site: cross-site`
+        # (docs/comfyui-protocol.md#origin-and-host-check); the proxy does its own origin/CSRF
+        # check, so none of these reach ComfyUI.
         "Sec-Fetch-Site",
         "Sec-Fetch-Mode",
         "Sec-Fetch-Dest",

@@ -4,7 +4,7 @@ Order matters: the upstream socket is connected first, and only then is the clie
 accepted, so an unreachable ComfyUI is a plain 502 before the handshake (never an accepted socket
 that closes at once). Close codes and reasons travel both ways; when one side ends, the other
 is closed at once, so there are never two upstream sockets for one ``clientId`` (ComfyUI's
-takeover race, protocol doc 4.1).
+takeover race, docs/comfyui-protocol.md#connect-and-clientid-takeover).
 
 Toward the client, frames go through :class:`ClientSendQueue`: ComfyUI writes to its sockets
 one after another, so a relay that waited on a slow client would slow ComfyUI's messages to
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("comfygate.websocket")
 
 PREVIEW_TYPES = (1, 4)
-"""Binary event types that are image previews (protocol doc 4.4); type 3 is progress text."""
+"""Binary event types that are image previews (docs/comfyui-protocol.md#binary-frames); type 3 is
+progress text."""
 CLOSE_TIMEOUT_SECONDS = 5.0
 _UNSENDABLE_CODES = frozenset({1005, 1006, 1015})  # reserved: never put on the wire (RFC 6455 7.4)
 SLOW_CLIENT_REASON = "client too slow to receive events"
@@ -422,12 +423,12 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     max_msg = int(settings.max_message_mb * 1024 * 1024)
 
     lifecycle = app[LIFECYCLE]
-    # ComfyUI's takeover (protocol doc 4.1): a second socket with the same clientId replaces the
-    # first, and the first one's close later unregisters the id altogether. So an older relay
-    # for this clientId drops its upstream socket *before* the new one connects: ComfyUI never
-    # sees two sockets for one id, and the older client, like with ComfyUI, hears nothing more.
-    # The id ComfyUI will see (guards may have namespaced it per user): keying the takeover on
-    # the client's own id would let one user's socket supersede another's.
+    # ComfyUI's takeover (docs/comfyui-protocol.md#connect-and-clientid-takeover): a second socket
+    # with the same clientId replaces the first, and the first one's close later unregisters the id
+    # altogether. So an older relay for this clientId drops its upstream socket *before* the new one
+    # connects: ComfyUI never sees two sockets for one id, and the older client, like with ComfyUI,
+    # hears nothing more. The id ComfyUI will see (guards may have namespaced it per user): keying
+    # the takeover on the client's own id would let one user's socket supersede another's.
     client_id = URL(ctx.upstream_path, encoded=True).query.get("clientId", "")
     takeover_key = (upstream.name, client_id)
     if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:

@@ -47,10 +47,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import create_app
 from proxy.auth.authenticator import AUTH
-from proxy.auth.users import UsersFile
 from proxy.settings import SETTINGS
 from tests.conftest import IN_CI, make_settings
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.users import write_users
 
 CHROMIUM = Path(os.environ.get("COMFYGATE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -443,11 +443,7 @@ StartProxy = Callable[..., Awaitable[ProxyServer]]
 @pytest.fixture
 def users_file(tmp_path: Path) -> Path:
     """A users file with the one user :data:`USERNAME` (password :data:`PASSWORD`)."""
-    path = tmp_path / "users.toml"
-    users = UsersFile(path)
-    users.load(missing_ok=True)
-    users.add(USERNAME, PASSWORD, list(ROLES))
-    return path
+    return write_users(tmp_path / "users.toml", {USERNAME: ROLES}, PASSWORD)
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ KNOWN_404_PATHS = frozenset(
 # (GraphView-*.js: "/assets/images/favicon_progress_16x16/frame_9.png", frame_N while running).
 ROOT_ABSOLUTE_PATHS = ("/assets/images/favicon_progress_16x16/",)
 
-# What the proxy answers itself on ComfyUI's surface, by design (README "Identity toward
+# What the proxy answers itself on ComfyUI's surface, by design (docs/identity.md, "Identity toward
 # ComfyUI"): ``GET /users`` gets the single-user shape, so the stock UI never shows its user
 # picker and ComfyUI's list of users never reaches a browser. (method, path under the base path).
 ANSWERED_BY_PROXY = frozenset(

@@ -329,7 +329,7 @@ async def test_routing_edges(tmp_path: Path, aiohttp_client: AiohttpClient) -> N
 
 
 async def test_jobs_api(tmp_path: Path, aiohttp_client: AiohttpClient) -> None:
-    """Newer ``/api/jobs`` shapes (protocol doc §2.4)."""
+    """Newer ``/api/jobs`` shapes (docs/comfyui-protocol.md#jobs-api)."""
     fake = FakeComfyUI(tmp_path)
     client = await aiohttp_client(fake.app)
     workflow = load("run-empty-preview")["workflow"]

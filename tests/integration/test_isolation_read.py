@@ -30,6 +30,7 @@ from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 from tests.integration.support import get_json, post
+from tests.support.ws import frames_until, greeted, kinds, prompt_ids
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -384,19 +385,8 @@ MARKER = {"type": "status", "data": {"status": {"exec_info": {"queue_remaining":
 
 
 async def frames_until_marker(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
-    """Every frame up to the marker status (broadcast last: all earlier frames were relayed).
-    Text frames as parsed JSON, binary frames as ``("binary", type)``."""
-    seen: list[Any] = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            seen.append(("binary", int.from_bytes(msg.data[:4], "big")))
-            continue
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
-        if data == MARKER:
-            return seen
-        seen.append(data)
+    """Every frame up to :data:`MARKER` (broadcast last: all earlier frames were relayed)."""
+    return await frames_until(ws, MARKER)
 
 
 async def connect(
@@ -405,26 +395,7 @@ async def connect(
     """A socket (with the stock UI's feature flags); returns it and the sid it was told."""
     path = "/ws" if client_id is None else f"/ws?clientId={client_id}"
     ws = await client.ws_connect(path, headers=headers)
-    status = await ws.receive_json(timeout=10)
-    assert status["type"] == "status"
-    if flags:
-        await ws.send_str(
-            json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
-        )
-        assert (await ws.receive_json(timeout=10))["type"] == "feature_flags"
-    return ws, str(status["data"]["sid"])
-
-
-def prompt_ids(frames: list[Any]) -> set[str]:
-    return {
-        f["data"]["prompt_id"]
-        for f in frames
-        if isinstance(f, dict) and isinstance(f.get("data"), dict) and "prompt_id" in f["data"]
-    }
-
-
-def kinds(frames: list[Any]) -> list[Any]:
-    return [f if isinstance(f, tuple) else f["type"] for f in frames]
+    return ws, await greeted(ws, flags=flags)
 
 
 async def test_socket_ids_are_namespaced_and_sid_mapped_back(

@@ -7,7 +7,6 @@ fake ComfyUI received (nothing, unless stated).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import uuid
@@ -25,13 +24,13 @@ from proxy.isolation.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid
+from tests.support.graphs import png, save_graph
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 # The test settings configure no isolation.folder_secret: folders are keyed by this process's key.
 ALICE_NAME = folder_names("").of(ALICE).removeprefix("users/")
 BOB_NAME = folder_names("").of(BOB).removeprefix("users/")
-_colors = itertools.count(0x200000, 7919)  # a new graph every time: nothing is cached
 
 
 A, B, ADMIN = bearer("alice"), bearer("bob"), bearer("admin", ("admin",))
@@ -42,32 +41,12 @@ def client(anonymous_proxy: Client) -> Client:
     return anonymous_proxy
 
 
-def save_graph(prefix: str = "ComfyUI") -> dict[str, Any]:
-    """EmptyImage -> SaveImage (a file in output/)."""
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
-
-
 def load_graph(image: str, prefix: str = "loaded") -> dict[str, Any]:
     """LoadImage -> SaveImage."""
     return {
         "2": {"class_type": "LoadImage", "inputs": {"image": image}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
     }
-
-
-def png() -> bytes:
-    import io  # noqa: PLC0415
-
-    buf = io.BytesIO()
-    solid(8, 8, next(_colors) % 0xFFFFFF).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_bytes(*parts: str) -> bytes:

@@ -9,17 +9,13 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.users import UsersFile
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.users import write_users
 
 
 def users_file(tmp_path: Path) -> str:
-    path = tmp_path / "users.toml"
-    users = UsersFile(path)
-    users.load(missing_ok=True)
-    users.add("alice", "correct horse battery", ["user"])
-    return str(path)
+    return str(write_users(tmp_path / "users.toml", {"alice": ["user"]}, "correct horse battery"))
 
 
 async def login(client: TestClient[Any, Any], **fields: str) -> Any:

@@ -14,6 +14,7 @@ from proxy.multi.lost import LOST_EXCEPTION_TYPE
 from proxy.observability.metrics import METRICS
 from proxy.upstream.pool import POOL
 from tests.fakes.comfyui import FakeComfyUI
+from tests.integration.lost_replicas import holder
 from tests.integration.multi_support import (
     ALICE,
     A,
@@ -44,15 +45,6 @@ def error_of(prompt_id: str) -> Callable[[Any], bool]:
         and f.get("type") == "execution_error"
         and f["data"]["prompt_id"] == prompt_id
     )
-
-
-def holder(fakes: Fakes, prompt_id: str) -> int:
-    """Which fake has ``prompt_id`` queued or running."""
-    for i, fake in enumerate(fakes):
-        running, pending = fake.queue.current_queue()
-        if any(item[1] == prompt_id for item in (*running, *pending)):
-            return i
-    raise AssertionError(f"{prompt_id} is on no instance")
 
 
 async def test_owners_are_told_when_an_instance_dies_mid_run(

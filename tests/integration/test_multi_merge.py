@@ -233,7 +233,7 @@ async def test_end_to_end_with_placement(multi_proxy: Callable[..., Any], fakes:
     submitted: dict[str, list[str]] = {"a": [], "b": []}
     turns = (("a", A, "tab-a"), ("b", B, "tab-b"), ("a", A, "tab-a")) * 2
     for n, (who, headers, tab) in enumerate(turns):
-        # Distinct prefixes: each instance numbers its files on its own (see the README).
+        # Distinct prefixes: each instance numbers its files on its own (see docs/multi-gpu.md).
         body = {"prompt": saving_graph(f"e2e-{n}"), "client_id": tab}
         async with client.post("/prompt", headers=headers, json=body) as resp:
             assert resp.status == 200, await resp.text()

@@ -6,26 +6,19 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as redis
 
 from proxy.comfy.records import PromptRecord
 from proxy.isolation.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.settings import RedisSettings
 from tests.conftest import RedisBackend
+from tests.support.backends import STATES, ownership_store
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STATES)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[OwnershipStore]:
-    if request.param == "memory":
-        yield MemoryOwnershipStore(3600)
-        return
-    url: str = request.getfixturevalue("redis_url")
-    client = redis.Redis.from_url(url)
-    store = RedisOwnershipStore(client, 3600)
-    yield store
-    await store.aclose()
-    await client.aclose()
+    async with ownership_store(request, 3600) as opened:
+        yield opened
 
 
 def record(prompt_id: str, owner: str) -> PromptRecord:

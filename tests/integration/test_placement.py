@@ -28,6 +28,7 @@ from proxy.multi.registry import REGISTRY, Registry
 from proxy.upstream.pool import POOL, UpstreamPool
 from tests.conftest import bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.graphs import png
 
 Client = TestClient[Any, Any]
 ADMIN, ALICE, BOB = bearer("admin", ("admin",)), bearer("alice"), bearer("bob")
@@ -514,16 +515,6 @@ async def test_idempotency_key_in_flight_and_after_a_refusal(
 
 
 # -- uploads and inputs ----------------------------------------------------------------------
-
-
-def png() -> bytes:
-    import io  # noqa: PLC0415
-
-    from tests.fakes.comfyui.images import solid  # noqa: PLC0415
-
-    buf = io.BytesIO()
-    solid(8, 8, next(_colors) % 0xFFFFFF).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def upload(client: Client, data: bytes, name: str, headers: dict[str, str]) -> Any:

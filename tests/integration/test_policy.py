@@ -126,7 +126,7 @@ async def test_allowed_prompt_arrives_as_sent_apart_from_isolation(
     [received] = prompt_posts(fake_comfy)
     arrived = orjson.loads(received)
     answer = await resp.json()
-    # Exactly isolation's rewrites (README, Isolation): ids and the output prefix, nothing else.
+    # Exactly isolation's rewrites (docs/isolation.md): ids and the output prefix, nothing else.
     assert arrived["prompt_id"] == answer["prompt_id"]
     assert arrived["client_id"] == upstream_client_id(comfy_user_id("alice"), "tab-1")
     prefix = arrived["prompt"]["2"]["inputs"].pop("filename_prefix")

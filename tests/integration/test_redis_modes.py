@@ -25,12 +25,10 @@ import jwt
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
-from argon2 import PasswordHasher
 
 from proxy.auth import cli as auth_cli
 from proxy.auth.authenticator import AUTH
 from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
-from proxy.auth.users import UsersFile
 from proxy.comfy.records import PromptRecord
 from proxy.isolation.ownership import RedisOwnershipStore
 from proxy.redis.client import REDIS, connect, redis_ready
@@ -39,6 +37,7 @@ from tests.conftest import JWT_SECRET, ProxyFactory, RedisBackend, bearer, make_
 from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_cluster import wait_until
 from tests.redis_server import find_redis_server, free_port
+from tests.support.users import FAST_HASHER, write_users
 
 Client = TestClient[Any, Any]
 A, B = bearer("alice"), bearer("bob")
@@ -46,9 +45,7 @@ PASSWORD = "correct horse battery"
 
 
 def users_file(tmp_path: Path) -> str:
-    path = tmp_path / "users.toml"
-    users = UsersFile(path, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-    users.add("alice", PASSWORD, ["user"])
+    path = write_users(tmp_path / "users.toml", {"alice": ["user"]}, PASSWORD, hasher=FAST_HASHER)
     return str(path)
 
 

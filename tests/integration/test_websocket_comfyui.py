@@ -76,7 +76,7 @@ async def test_takeover_keeps_one_upstream_socket_per_client_id(
 ) -> None:
     """Two tabs with one clientId: like ComfyUI, the newer one gets the events and the older one
     stays open and silent; unlike a naive relay, the older one closing later does not unregister
-    the id upstream (protocol doc 4.1)."""
+    the id upstream (docs/comfyui-protocol.md#connect-and-clientid-takeover)."""
     older = await transparent.ws_connect("/ws?clientId=tab")
     await older.receive_json()
     newer = await transparent.ws_connect("/ws?clientId=tab")

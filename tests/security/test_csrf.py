@@ -25,9 +25,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.users import UsersFile
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.users import write_users
 
 Client = TestClient[Any, Any]
 COOKIE = "comfygate_session"
@@ -40,10 +40,7 @@ EVIL = "http://evil.test"
 def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """alice and mallory have passwords (hashed once: argon2 is slow on purpose)."""
     path = tmp_path_factory.mktemp("csrf") / "users.toml"
-    users = UsersFile(path)
-    users.add("alice", PASSWORD, ["user"])
-    users.add("mallory", PASSWORD, ["user"])
-    return path
+    return write_users(path, {"alice": ["user"], "mallory": ["user"]}, PASSWORD)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from proxy.upstream.pool import POOL
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import get_json, post
+from tests.support.backends import STATES, proxy_over
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -34,16 +35,11 @@ _colors = itertools.count(0x200000, 7919)
 PAGING = [None, "-3", "-1", "0", "1", "2", "4", "50"]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STATES)
 async def client(
     request: pytest.FixtureRequest, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
 ) -> Client:
-    if request.param == "memory":
-        proxy: Client = await make_proxy(fake_comfy.url, token=None)
-        return proxy
-    url: str = request.getfixturevalue("redis_url")
-    proxy = await make_proxy(fake_comfy.url, token=None, redis={"url": url})
-    return proxy
+    return await proxy_over(request, make_proxy, fake_comfy)
 
 
 @pytest.fixture

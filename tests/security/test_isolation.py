@@ -1,10 +1,10 @@
 """Tenant isolation, route by route, as user B's attacks on user A's work (issue 13, family
 "isolation").
 
-The README's isolation table (history, queue, jobs, interrupt, view, upload, free) is covered
-route by route in ``tests/integration/test_isolation_*.py``; this module throws the attacker's
-variants at it: every route form (bare, ``/api``, absolute-form), A's ids re-cased, padded,
-mixed into lists or given as non-strings and as objects whose keys ComfyUI would iterate,
+The isolation table of docs/isolation.md (history, queue, jobs, interrupt, view, upload, free) is
+covered route by route in ``tests/integration/test_isolation_*.py``; this module throws the
+attacker's variants at it: every route form (bare, ``/api``, absolute-form), A's ids re-cased,
+padded, mixed into lists or given as non-strings and as objects whose keys ComfyUI would iterate,
 interrupts of A's running prompt, ``clear`` as B, ``/view`` with subfolder and type variants,
 uploads that try to overwrite A's file, and masks whose ``original_ref`` names A's image.
 
@@ -14,8 +14,6 @@ ComfyUI received or still holds: A's history, queue entries and files are untouc
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
 import os
 from typing import Any
@@ -27,13 +25,12 @@ from aiohttp.test_utils import TestClient
 from proxy.auth.principal import comfy_user_id
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
-from tests.fakes.comfyui.images import solid
 from tests.security.raw_http import exchange, host_of
+from tests.support.graphs import png, save_graph
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
 A, B = bearer("alice"), bearer("bob")
-_colors = itertools.count(0x400000, 7919)  # a new graph every time: nothing is cached
 
 
 @pytest.fixture
@@ -49,29 +46,12 @@ async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: s
     )
 
 
-def save_graph(prefix: str = "mine") -> dict[str, Any]:
-    color = next(_colors) % 0xFFFFFF
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color},
-        },
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }
-
-
 async def submit(client: Client, who: dict[str, str], client_id: str = "tab") -> str:
     resp = await client.post(
         "/prompt", json={"prompt": save_graph(), "client_id": client_id}, headers=who
     )
     assert resp.status == 200, await resp.text()
     return str((await resp.json())["prompt_id"])
-
-
-def png() -> bytes:
-    buf = io.BytesIO()
-    solid(8, 8, next(_colors) % 0xFFFFFF).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def upload(

@@ -15,7 +15,6 @@ would normally not even know it.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -41,8 +40,8 @@ from proxy.settings import redacted
 from proxy.supervisor import _shared_folder_secret
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
-from tests.fakes.comfyui.images import solid
 from tests.integration.multi_support import Fakes, fakes, multi_proxy
+from tests.support.graphs import png
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -84,12 +83,6 @@ def echo_graph(node: str, item: dict[str, Any], *, wrapped: bool) -> dict[str, A
 
 def prompt_posts(fake: FakeComfyUI) -> list[Any]:
     return [r for r in fake.received if r.method == "POST" and r.path.endswith("/prompt")]
-
-
-def png() -> bytes:
-    buf = io.BytesIO()
-    solid(8, 8, next(_colors) % 0xFFFFFF).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def submit(client: Client, who: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:

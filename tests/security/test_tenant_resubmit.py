@@ -17,6 +17,7 @@ from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import folder_names
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.backends import STATES, proxy_over
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -25,18 +26,13 @@ B_FOLDER = folder_names("").of(BOB)
 A, B = bearer("alice"), bearer("bob")
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STATES)
 async def client(
     request: pytest.FixtureRequest, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
 ) -> Client:
     """The proxy, its ownership records in process or in a real Redis (the record keeps the
     client's own client id)."""
-    if request.param == "memory":
-        proxy: Client = await make_proxy(fake_comfy.url, token=None)
-        return proxy
-    url: str = request.getfixturevalue("redis_url")
-    proxy = await make_proxy(fake_comfy.url, token=None, redis={"url": url})
-    return proxy
+    return await proxy_over(request, make_proxy, fake_comfy)
 
 
 def graph(prefix: str, image: str | None = None, color: int = 0x123456) -> dict[str, Any]:

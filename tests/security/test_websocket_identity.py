@@ -1,14 +1,14 @@
 """WebSocket takeover and identity spoofing (issue 13, family "WebSocket/identity").
 
-ComfyUI routes a prompt's events to the socket registered under the prompt's ``client_id`` and
-lets any socket claim any id (protocol doc 4.1); it believes any ``Comfy-User`` header (5).
-The proxy namespaces every socket id and every submitted ``client_id`` per user, filters each
-socket's frames to its user's prompts, and sets the identity headers ComfyUI receives from the
-authenticated principal alone. User B (bob) attacks user A's (alice's) socket: by claiming its
-id in every spelling, by sending frames ComfyUI acts on, by waiting on a socket for A's events
-(JSON, binary previews, progress text), by naming A in identity headers, and by keeping a
-socket open past the end of his credential. Each case asserts on what B got and on what the
-fake ComfyUI registered or received.
+ComfyUI routes a prompt's events to the socket registered under the prompt's ``client_id`` and lets
+any socket claim any id (docs/comfyui-protocol.md#connect-and-clientid-takeover); it believes any
+``Comfy-User`` header (docs/comfyui-protocol.md#multi-user-mode). The proxy namespaces every socket
+id and every submitted ``client_id`` per user, filters each socket's frames to its user's prompts,
+and sets the identity headers ComfyUI receives from the authenticated principal alone. User B (bob)
+attacks user A's (alice's) socket: by claiming its id in every spelling, by sending frames ComfyUI
+acts on, by waiting on a socket for A's events (JSON, binary previews, progress text), by naming A
+in identity headers, and by keeping a socket open past the end of his credential. Each case asserts
+on what B got and on what the fake ComfyUI registered or received.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from proxy.auth.sweeper import sweep_once
 from proxy.isolation.namespaces import upstream_client_id
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
+from tests.support.ws import frames_until, greeted, kinds, prompt_ids
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -80,42 +81,12 @@ async def connect(
     flags. Returns it and the sid the status message told it."""
     target = "/ws" if query is None else f"/ws?{query}"
     ws = await client.ws_connect(URL(target, encoded=True), headers=who)
-    status = await ws.receive_json(timeout=10)
-    assert status["type"] == "status"
-    if flags:
-        await ws.send_str(
-            json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
-        )
-        assert (await ws.receive_json(timeout=10))["type"] == "feature_flags"
-    return ws, str(status["data"]["sid"])
+    return ws, await greeted(ws, flags=flags)
 
 
 async def frames_until_marker(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
-    """Every frame up to the marker (broadcast last, so everything before it was relayed):
-    text as parsed JSON, binary as ``("binary", type)``."""
-    seen: list[Any] = []
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            seen.append(("binary", int.from_bytes(msg.data[:4], "big")))
-            continue
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
-        if data == MARKER:
-            return seen
-        seen.append(data)
-
-
-def kinds(frames: list[Any]) -> list[Any]:
-    return [f if isinstance(f, tuple) else f["type"] for f in frames]
-
-
-def prompt_ids(frames: list[Any]) -> set[str]:
-    return {
-        f["data"]["prompt_id"]
-        for f in frames
-        if isinstance(f, dict) and isinstance(f.get("data"), dict) and "prompt_id" in f["data"]
-    }
+    """Every frame up to :data:`MARKER` (broadcast last: all earlier frames were relayed)."""
+    return await frames_until(ws, MARKER)
 
 
 def handshakes(fake: FakeComfyUI) -> list[Any]:

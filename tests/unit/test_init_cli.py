@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
 import stat
 from pathlib import Path
@@ -22,15 +21,14 @@ from proxy.cli import main
 from proxy.init_cli import SECRET_FILES
 from proxy.preflight import preflight
 from proxy.settings import load_settings
+from tests.support.env import clear_comfygate_environment
 
 PASSWORD = "correct horse battery"
 
 
 @pytest.fixture(autouse=True)
 def _no_environment_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("COMFYGATE_"):
-            monkeypatch.delenv(name)
+    clear_comfygate_environment(monkeypatch)
     # `user`/`token` point the log at the command's stderr, here capsys' (closed after the
     # test): keep the suite's structlog configuration instead.
     monkeypatch.setattr("proxy.auth.cli.configure_logging", lambda *_a, **_k: None)

@@ -261,9 +261,9 @@ def test_policy_error_reads_like_a_settings_error(tmp_path: Path) -> None:
     assert str(info.value).startswith("invalid workflow policy:\n  ")
 
 
-def test_the_readme_example_loads(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### The policy language", 1)[1]
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    page = (REPO / "docs" / "policy.md").read_text()
+    section = page.split("## The policy language", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     loaded = load(write(tmp_path, "readme.toml", example))
     user, power, viewer = (loaded.roles[r] for r in ("user", "power", "viewer"))

@@ -20,6 +20,7 @@ from proxy.cli import main
 from proxy.preflight import preflight
 from proxy.settings import load_settings
 from tests.redis_server import free_port
+from tests.support.env import clear_comfygate_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_SECRET = "k" * 48
@@ -28,9 +29,7 @@ SERVE_TIMEOUT = 60
 
 @pytest.fixture(autouse=True)
 def _no_environment_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("COMFYGATE_"):
-            monkeypatch.delenv(name)
+    clear_comfygate_environment(monkeypatch)
 
 
 def write(path: Path, text: str) -> str:

@@ -1,5 +1,5 @@
 """``[roles.x]`` adds to or overrides the built-in roles (issue 15): a configuration defining only
-``[roles.operator]`` (the README's own example) used to drop viewer, user, power and admin
+``[roles.operator]`` (docs/identity.md's own example) used to drop viewer, user, power and admin
 without a word. Replacing them all is explicit (``auth.builtin_roles = false``), and
 ``check-config`` prints the effective roles."""
 

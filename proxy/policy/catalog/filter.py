@@ -3,7 +3,8 @@
 No I/O, no aiohttp: the cache (:mod:`proxy.policy.catalog.cache`) and the handlers
 (:mod:`proxy.policy.catalog.view`) call these on parsed JSON.
 
-Two shapes of combo input exist in ``/object_info`` (protocol doc 2.6)::
+Two shapes of combo input exist in ``/object_info``
+(docs/comfyui-protocol.md#node-model-and-system-metadata)::
 
     "ckpt_name":  [["a.safetensors", "b.ckpt"], {"tooltip": ...}]       # legacy: options first
     "unet_name":  ["COMBO", {"options": ["a.safetensors"], ...}]        # newer (V3 schema)

@@ -8,7 +8,8 @@ output) -> ``progress_state`` (finished). A cached output node only replays ``ex
 finished ``progress_state`` (integer values). Then ``execution_success`` /
 ``execution_error`` / ``execution_interrupted``. Targeted events go to ``client_id`` only;
 ``progress``, ``progress_state``, previews and ``execution_interrupted`` are broadcast when the
-prompt has no ``client_id`` (protocol doc §4.3/§4.4, origin-and-ws-edge-cases.json).
+prompt has no ``client_id`` (docs/comfyui-protocol.md#server-to-client-json-messages,
+docs/comfyui-protocol.md#binary-frames, origin-and-ws-edge-cases.json).
 """
 
 from __future__ import annotations

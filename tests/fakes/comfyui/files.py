@@ -1,7 +1,7 @@
 # ruff: noqa: ASYNC240 - small blocking file calls on the loop, as ComfyUI does
 """``/view``, ``/view_metadata/{folder}``, ``/upload/image`` and ``/upload/mask`` as in ComfyUI
-0.3.64 ``server.py`` (protocol doc §2.5; captures/run-empty-save.json, run-empty-preview.json,
-run-upload-scale.json, execution-error.json).
+0.3.64 ``server.py`` (docs/comfyui-protocol.md#files; captures/run-empty-save.json,
+run-empty-preview.json, run-upload-scale.json, execution-error.json).
 
 ``/view`` answers with aiohttp's ``FileResponse`` (so Range -> 206 and If-None-Match -> 304 with
 an ETag, as recorded) plus ``Content-Disposition: filename="..."``; ``preview=`` and ``channel=``

@@ -1,9 +1,9 @@
 """``/api/jobs`` helpers, a condensed port of newer ComfyUI's ``comfy_execution/jobs.py``.
 
-Not in 0.3.64 (the captures' server); the shapes follow protocol doc §2.4: list items with
-``id, status, priority, create_time, execution_start_time, execution_end_time, execution_error,
-outputs_count, previewable_outputs_count, preview_output, workflow_id`` (None pruned), details
-adding ``outputs``, ``execution_status`` and ``workflow``.
+Not in 0.3.64 (the captures' server); the shapes follow docs/comfyui-protocol.md#jobs-api: list
+items with ``id, status, priority, create_time, execution_start_time, execution_end_time,
+execution_error, outputs_count, previewable_outputs_count, preview_output, workflow_id`` (None
+pruned), details adding ``outputs``, ``execution_status`` and ``workflow``.
 """
 
 from __future__ import annotations

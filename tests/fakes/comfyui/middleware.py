@@ -1,4 +1,7 @@
-"""Middlewares of the fake, in ComfyUI's order (protocol doc §1, §2.10, §6.1):
+"""Middlewares of the fake, in ComfyUI's order.
+
+See docs/comfyui-protocol.md#server-architecture, docs/comfyui-protocol.md#static-files and
+docs/comfyui-protocol.md#origin-and-host-check:
 
 ``record`` (fake only: fills :attr:`FakeComfyUI.received`) -> ``cache_control`` (newer
 ``middleware/cache_middleware.py``) -> ``compress_body`` (only with

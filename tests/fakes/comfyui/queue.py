@@ -6,7 +6,7 @@
 * Every change (put, get, task_done, delete, wipe) broadcasts ``status`` with
   ``queue_remaining`` = pending + running.
 * History is insertion ordered; sensitive ``extra_data`` keys are stripped when a prompt finishes
-  (the 0.3.64 queue still shows them, as the protocol doc notes).
+  (the 0.3.64 queue still shows them, as docs/comfyui-protocol.md#queue-interrupt-memory notes).
 * After each prompt: ``task_done`` (status broadcast) then ``executing {node: null}`` to the
   client, as in every run capture.
 

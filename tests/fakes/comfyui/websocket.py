@@ -1,8 +1,10 @@
 """``/ws`` and ``/api/ws``: ComfyUI's socket routing table and binary frame layouts.
 
-Imitates ``PromptServer.websocket_handler`` and ``send``/``send_json``/``send_bytes`` of
-ComfyUI 0.3.64 (protocol doc §4.1, §4.2, §4.4; captures/origin-and-ws-edge-cases.json,
-run-ws-binary.json, run-progress-text.json, run-tiny-model-ksampler.json):
+Imitates ``PromptServer.websocket_handler`` and ``send``/``send_json``/``send_bytes`` of ComfyUI
+0.3.64 (docs/comfyui-protocol.md#connect-and-clientid-takeover,
+docs/comfyui-protocol.md#client-to-server-messages, docs/comfyui-protocol.md#binary-frames;
+captures/origin-and-ws-edge-cases.json, run-ws-binary.json, run-progress-text.json,
+run-tiny-model-ksampler.json):
 
 * ``clientId`` given: any socket registered under that sid is dropped from the table (not
   closed) and the new one takes over; when *any* socket of that sid closes, the sid is removed.

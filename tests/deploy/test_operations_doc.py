@@ -1,4 +1,4 @@
-"""The README's Operations section stays true to deploy/ and to the metrics comfygate exports."""
+"""docs/operations.md stays true to deploy/ and to the metrics comfygate exports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from proxy.observability.metrics import Metrics
 from tests.deploy.files import GRAFANA, PROMETHEUS, ROOT, load_yaml_documents
 
-README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 PREVIEW = GRAFANA / "preview.png"
 MAX_PREVIEW_BYTES = 300 * 1024
 OTHER_PROCESS_METRICS = (
@@ -20,10 +20,9 @@ OTHER_PROCESS_METRICS = (
 
 
 def operations() -> str:
-    text = README.read_text(encoding="utf-8")
-    assert "\n## Operations\n" in text
-    section = text.split("\n## Operations\n", 1)[1]
-    return section.split("\n## ", 1)[0]
+    text = OPERATIONS.read_text(encoding="utf-8")
+    assert text.startswith("# Operations\n")
+    return text
 
 
 def test_every_exported_metric_is_listed() -> None:
@@ -33,7 +32,7 @@ def test_every_exported_metric_is_listed() -> None:
         for family in Metrics(CollectorRegistry()).registry.collect()
     ]
     missing = [n for n in (*names, *OTHER_PROCESS_METRICS) if f"`{n}`" not in section]
-    assert not missing, f"README Operations does not list: {missing}"
+    assert not missing, f"docs/operations.md does not list: {missing}"
 
 
 def test_every_alert_is_listed() -> None:
@@ -48,9 +47,9 @@ def test_dashboard_preview_is_committed_small_and_shown() -> None:
     data = PREVIEW.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) <= MAX_PREVIEW_BYTES
-    assert "(deploy/grafana/preview.png)" in operations()
+    assert "(../deploy/grafana/preview.png)" in operations()
 
 
 def test_paths_named_in_operations_exist() -> None:
     for path in set(re.findall(r"`((?:deploy|tests)/[\w./-]+)`", operations())):
-        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+        assert (ROOT / path).exists(), f"docs/operations.md names {path}, which does not exist"
