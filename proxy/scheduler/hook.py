@@ -45,6 +45,7 @@ from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
 from proxy.state import OWNERSHIP, POOL, QUEUE_QUOTA, RequestContext
 from proxy.upstream.forward import build_upstream_headers
+from proxy.upstream.ws_fast import UNDECIDED, Undecided, quick_through, with_quick
 
 log = structlog.get_logger("comfygate.scheduler")
 
@@ -458,6 +459,12 @@ def _status_filter(gate: Gate, owner: str | None, inner: FrameFilter | None) -> 
     """``status`` frames count what the caller waits for: ComfyUI's queue (at most the room
     the gate gives each instance) plus the caller's held prompts."""
 
+    def quick(frame: str | bytes) -> str | bytes | Undecided | None:
+        out = quick_through(inner, frame)
+        if isinstance(out, str) and '"status"' in out:
+            return UNDECIDED  # counted by the full call
+        return out
+
     async def status(frame: str | bytes) -> str | bytes | None:
         if inner is not None:
             out = await inner(frame)
@@ -480,7 +487,7 @@ def _status_filter(gate: Gate, owner: str | None, inner: FrameFilter | None) -> 
         info["queue_remaining"] = int(info["queue_remaining"]) + held
         return orjson.dumps(message).decode()
 
-    return status
+    return with_quick(status, quick)
 
 
 def _exec_info(message: object) -> dict[str, Any] | None:

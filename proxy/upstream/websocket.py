@@ -41,6 +41,7 @@ from proxy.tasks import task_failed
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 from proxy.upstream.pool import Upstream
+from proxy.upstream.ws_fast import UNDECIDED, DirectWriter, quick_of
 
 if TYPE_CHECKING:
     from proxy.settings import WebSocketSettings
@@ -78,8 +79,12 @@ class ClientSendQueue:
         max_bytes: int,
         drop_stale_previews: bool,
         metrics: Metrics,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._ws = ws
+        # Nothing queued and the transport below its high-water mark: the frame is written at
+        # once (what send_bytes would do), without a writer task (proxy.upstream.ws_fast).
+        self._direct = DirectWriter(ws, transport) if transport is not None else None
         self._max_bytes = max_bytes
         self._drop_previews = drop_stale_previews
         self._metrics = metrics
@@ -88,21 +93,36 @@ class ClientSendQueue:
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
         self.dropped = 0
+        self._closed = False
 
     @classmethod
     def for_client(
-        cls, ws: web.WebSocketResponse, settings: WebSocketSettings, metrics: Metrics
+        cls,
+        ws: web.WebSocketResponse,
+        settings: WebSocketSettings,
+        metrics: Metrics,
+        transport: asyncio.Transport | None = None,
     ) -> ClientSendQueue:
-        """The queue of one relayed client, sized by ``[websocket]``."""
+        """The queue of one relayed client, sized by ``[websocket]``; frames are written
+        directly on ``transport`` (the client's) when nothing waits before them."""
         return cls(
             ws,
             max_bytes=int(settings.send_queue_mb * 1024 * 1024),
             drop_stale_previews=settings.drop_stale_previews,
             metrics=metrics,
+            transport=transport,
         )
 
     def put(self, frame: str | bytes) -> bool:
         """Queue a frame; False when the client cannot keep up and must be closed."""
+        if self._closed:
+            return True  # the relay is closing: frames still arriving go with the connection
+        if self._writer is None and self._direct is not None and not self._frames:
+            try:
+                if self._direct.write(frame):
+                    return True
+            except (ConnectionError, RuntimeError):
+                return True  # the client is gone; the relay notices on its next receive
         size = len(frame)
         if self._bytes + size > self._max_bytes:
             preview = isinstance(frame, bytes) and is_preview(frame)
@@ -161,6 +181,7 @@ class ClientSendQueue:
 
     async def close(self) -> None:
         """Stop the writer (frames still queued are dropped with the connection)."""
+        self._closed = True
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -196,6 +217,9 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
     # Generation metrics read ComfyUI's execution events as they pass (before the filter).
     tracker = metrics.generation
     roles = ctx.principal.roles if ctx.principal is not None else frozenset()
+    # Frames the filter decides from what it knows already (an admin's, a preview of a prompt
+    # whose owner this socket looked up) cost a call, not a coroutine chain (ws_fast).
+    quick = quick_of(frame_filter)
     while True:
         msg = await upstream_ws.receive()
         if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
@@ -225,7 +249,8 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
             ctx.bytes_out += size
             if frame_filter is not None:
                 try:
-                    filtered = await frame_filter(data)
+                    decided = UNDECIDED if quick is None else quick(data)
+                    filtered = await frame_filter(data) if decided is UNDECIDED else decided
                 except Exception:  # noqa: BLE001 - the frame is dropped, the relay goes on
                     task_failed(
                         "ws_relay",
@@ -448,7 +473,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
 
     if client_id:
         lifecycle.relays[takeover_key] = supersede
-    queue = ClientSendQueue.for_client(ws, settings, metrics)
+    queue = ClientSendQueue.for_client(ws, settings, metrics, request.transport)
 
     async def to_upstream(data: str | bytes) -> None:
         if upstream_ws.closed:

@@ -43,6 +43,7 @@ from proxy.periodic import Periodic
 from proxy.settings import Settings
 from proxy.upstream.pool import Upstream, UpstreamPool
 from proxy.upstream.queue_read import queued_ids
+from proxy.upstream.ws_fast import UNDECIDED, Undecided, quick_through
 
 log = structlog.get_logger("comfygate.quota")
 
@@ -59,9 +60,7 @@ FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
 def ended_prompt(frame: str) -> str | None:
     """The prompt id a ComfyUI text frame reports ended, else None. Cheap for every other
     frame: substring tests before any JSON parse."""
-    if not any(m in frame for m in _END_MARKERS) and not (
-        '"executing"' in frame and "null" in frame
-    ):
+    if not _may_end(frame):
         return None
     try:
         message = orjson.loads(frame)
@@ -75,6 +74,11 @@ def ended_prompt(frame: str) -> str | None:
     return prompt_id if ended and isinstance(prompt_id, str) and prompt_id else None
 
 
+def _may_end(frame: str) -> bool:
+    """Substring tests: False proves ``frame`` reports no prompt's end."""
+    return any(m in frame for m in _END_MARKERS) or ('"executing"' in frame and "null" in frame)
+
+
 class QuotaEventObserver:
     """A WebSocket frame filter that releases prompts as their end events go by, then hands the
     frame to the filter it wraps (isolation's, or none)."""
@@ -83,6 +87,12 @@ class QuotaEventObserver:
         self._quota = quota
         self._inner = inner
         self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def quick(self, frame: str | bytes) -> str | bytes | Undecided | None:
+        """Frames that cannot end a prompt are the inner filter's to decide (``ws_fast``)."""
+        if isinstance(frame, str) and _may_end(frame):
+            return UNDECIDED
+        return quick_through(self._inner, frame)
 
     async def __call__(self, frame: str | bytes) -> str | bytes | None:
         prompt_id = ended_prompt(frame) if isinstance(frame, str) else None
