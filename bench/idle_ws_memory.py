@@ -28,6 +28,7 @@ from bench.procs import free_port
 from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
 from bench.user_target import USER_ROLE, user_roles
 from proxy.app import create_app
+from proxy.observability.logging import configure_logging
 from proxy.settings import load_settings
 from tests.redis_server import start_redis
 
@@ -79,7 +80,7 @@ async def _release(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-async def measure(count: int, top: int) -> None:
+async def measure(count: int, top: int, *, trace: bool = True) -> None:
     root = Path(tempfile.mkdtemp(prefix="comfygate-idle-"))
     fake_port = free_port()
     argv, _ = fake_command(fake_port, root)
@@ -95,6 +96,7 @@ async def measure(count: int, top: int) -> None:
             "COMFYGATE_ROLES": user_roles(),
         }
         settings = load_settings(None, environ=env)
+        configure_logging(settings.logging)  # as `comfygate serve` does
         runner = web.AppRunner(create_app(settings), access_log=None)
         await runner.setup()
         port = free_port()
@@ -122,6 +124,8 @@ async def measure(count: int, top: int) -> None:
         print(f"handshake: {(cpu1 - cpu0) / n * 1e6:.0f} us proxy CPU per open", file=out)
         print(f"RSS per pair: {(rss1 - rss0) / n / 1024:.1f} KiB", file=out)
         print(f"tasks per pair: {(tasks1 - tasks0) / n:.2f}", file=out)
+        if not trace:
+            return
         # Phase 2, traced: where the Python allocations of a pair come from.
         await asyncio.sleep(1.0)  # the released sockets' handlers finish
         gc.collect()
@@ -160,6 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.idle_ws_memory", description=__doc__)
     p.add_argument("--sockets", type=int, default=1000)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-trace", action="store_true", help="phase 1 only (for profilers)")
     p.add_argument("--hold", default="", help=argparse.SUPPRESS)
     p.add_argument("--token", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -169,7 +174,7 @@ def main() -> None:
         uvloop.run(hold(args.hold, args.token, args.sockets))
     else:
         os.environ.setdefault("PYTHONHASHSEED", "0")
-        uvloop.run(measure(args.sockets, args.top))
+        uvloop.run(measure(args.sockets, args.top, trace=not args.no_trace))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ header parsed.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,7 @@ class SocketEventFilter:
         self.upstream_client_id = upstream_client_id
         self.admin = admin
         self._ownership = ownership
-        self._passed = frozenset(passed_types) - ADMIN_ONLY_EVENTS
+        self._passed = _passed_set(tuple(passed_types))
         self._owned: dict[str, PromptRecord | None] = {}
         """Prompt id -> its record if it is the caller's, else None."""
         self.running: str | None = None
@@ -305,6 +306,12 @@ class SocketEventFilter:
             prompt_id = self._preview_prompt_id(frame)
             return frame if prompt_id is not None and await self.owns(prompt_id) else None
         return None  # unknown binary types cannot be attributed
+
+
+@functools.lru_cache(maxsize=8)
+def _passed_set(passed_types: tuple[str, ...]) -> frozenset[str]:
+    """The passed event types, one set for every socket (not a copy per idle socket)."""
+    return frozenset(passed_types) - ADMIN_ONLY_EVENTS
 
 
 def _failure_kind(exc: Exception) -> str:

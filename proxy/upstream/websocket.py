@@ -88,7 +88,9 @@ class ClientSendQueue:
         self._max_bytes = max_bytes
         self._drop_previews = drop_stale_previews
         self._metrics = metrics
-        self._frames: deque[str | bytes] = deque()
+        self._frames: deque[str | bytes] | None = None
+        """Created on the first frame that must wait (a deque holds a 760-byte block even
+        empty, and most sockets are idle or written directly)."""
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
@@ -135,6 +137,8 @@ class ClientSendQueue:
                 self.overflowed = True
                 self._metrics.ws_slow_clients.inc()
                 return False
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(frame)
         self._bytes += size
         if self._writer is None:
@@ -143,7 +147,7 @@ class ClientSendQueue:
 
     def _drop_queued_previews(self) -> None:
         kept: deque[str | bytes] = deque()
-        for queued in self._frames:
+        for queued in self._frames or ():
             if isinstance(queued, bytes) and is_preview(queued):
                 self._bytes -= len(queued)
                 self._count_drop()
@@ -160,16 +164,18 @@ class ClientSendQueue:
             while self._frames:
                 frame = self._frames.popleft()
                 self._bytes -= len(frame)
+                if not self._frames:
+                    self._frames = None  # drained: the block goes until frames wait again
                 if isinstance(frame, str):
                     await self._ws.send_str(frame)
                 else:
                     await self._ws.send_bytes(frame)
         except (ConnectionError, RuntimeError):
-            self._frames.clear()  # the client is gone; the relay notices on its next receive
+            self._frames = None  # the client is gone; the relay notices on its next receive
             self._bytes = 0
         except Exception:  # noqa: BLE001 - anything else: logged, counted, the queue starts over
             task_failed("ws_send", self._metrics.task_failures, logger=log)
-            self._frames.clear()
+            self._frames = None
             self._bytes = 0
         finally:
             self._writer = None
@@ -465,10 +471,12 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     upstream_ws = await connect_upstream(request, ctx, upstream, client_protocols(request), max_msg)
     ws = await accept_client(request, upstream_ws.protocol, max_msg, (upstream_ws,))
 
-    superseded = asyncio.Event()
+    superseded = False  # a flag, not an asyncio.Event: nothing waits on it (and an Event
+    # holds a 760-byte deque per idle socket)
 
     async def supersede() -> None:
-        superseded.set()
+        nonlocal superseded
+        superseded = True
         await quietly(upstream_ws.close(code=WSCloseCode.OK, message=b"superseded"))
 
     if client_id:
@@ -486,7 +494,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     up = asyncio.ensure_future(pump_up(ws, to_upstream, metrics, ctx))
     try:
         await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
-        if superseded.is_set() and not up.done():
+        if superseded and not up.done():
             # Taken over: stay open and silent until this client leaves, as ComfyUI does.
             await asyncio.wait((up,))
     finally:
