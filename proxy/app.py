@@ -50,6 +50,8 @@ from proxy.chain import (
 from proxy.cors import make_cors
 from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
+from proxy.jobs.api import ROUTES as JOBS_API_ROUTES
+from proxy.jobs.context import install_jobs_api
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
 from proxy.limits.bodies import (
@@ -153,6 +155,8 @@ def build_guards(settings: Settings) -> Mapping[str, Sequence[Guard]]:
     if settings.auth.enabled:  # the account extension (who is signed in, sign out)
         guards["static"] = (*guards["static"], ExtensionListGuard())
     guards[WHOAMI_ROUTE] = chain[:3]
+    for name in JOBS_API_ROUTES:  # the jobs API: who is calling; its jobs pass the prompt chain
+        guards[name] = chain
     if settings.rate_limits.enabled:
         # After the role guard (a refused request spends nothing), before isolation (whose
         # reads of Redis and bodies a flood must not reach). On every ComfyUI rule.
@@ -284,5 +288,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     add_frontend_routes(app, base_path=base)  # the account extension and whoami
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
+    install_jobs_api(app, settings)  # /comfygate/v1 (proxy.jobs); before the catch-all
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

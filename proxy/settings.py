@@ -46,6 +46,7 @@ from proxy.errors import SettingsError
 from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
 from proxy.limits.settings import RateLimitSettings
 from proxy.observability.settings import MetricsSettings
+from proxy.jobs.settings import JobsSettings
 from proxy.policy.settings import PolicySettings
 from proxy.upstream.registry_settings import (
     DiscoverySettings,
@@ -428,6 +429,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     policy: PolicySettings = PolicySettings()
     metrics: MetricsSettings = MetricsSettings()
+    jobs: JobsSettings = JobsSettings()  # the jobs API (proxy.jobs)
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")

@@ -1,0 +1,54 @@
+"""The jobs API's collectors, registered on the app's registry (``app[METRICS].registry``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.submitted = Counter(
+            "comfygate_jobs_submitted",
+            "Jobs submitted through the jobs API, by kind (template/workflow) and outcome "
+            "(accepted, refused: a guard or ComfyUI said no, cached: a result-cache hit).",
+            ("kind", "outcome"),
+            registry=registry,
+        )
+        self.finished = Counter(
+            "comfygate_jobs_finished",
+            "Jobs seen ending by a waiting request, an event stream or the webhook watch, "
+            "by state (succeeded, failed, cancelled); each job counted once per process.",
+            ("state",),
+            registry=registry,
+        )
+        self.cancels = Counter(
+            "comfygate_jobs_cancel_requests", "DELETE /jobs/{id}, by outcome.", ("outcome",),
+            registry=registry,
+        )
+        self.cache = Counter(
+            "comfygate_jobs_cache",
+            "Result-cache lookups of templates with a cache, by outcome (hit, miss).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            "comfygate_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (delivered, failed, dropped: retries "
+            "exhausted or the destination became refused).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            "comfygate_webhook_delivery_seconds",
+            "Time of one webhook delivery attempt (connect to answer).",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.events_streams = Counter(
+            "comfygate_jobs_event_streams",
+            "GET /jobs/{id}/events streams opened (resumed: with Last-Event-ID).",
+            ("kind",),
+            registry=registry,
+        )
