@@ -140,6 +140,7 @@ async def test_cancel(client: Client, fake_comfy: FakeComfyUI, queued: bool) -> 
     fake_comfy.hold()  # the first prompt starts and stays running
     try:
         running = await (await client.post(f"{V1}/jobs", json=body, headers=A)).json()
+        assert await fake_comfy.wait_held() == running["id"]
         body["params"]["seed"] = 2
         pending = await (await client.post(f"{V1}/jobs", json=body, headers=A)).json()
         job = pending if queued else running
