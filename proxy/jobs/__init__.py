@@ -1,1 +1,1 @@
-"""The jobs API for programs (``/comfygate/v1/``): templates, jobs, events, webhooks."""
+"""The jobs API for programs (``/comfygate/v1/``): templates, jobs, events, result cache."""

@@ -262,7 +262,7 @@ def _refused(answer_status: int, body: bytes, headers: Any) -> web.Response:
 
 
 async def submit_job(request: web.Request) -> web.StreamResponse:
-    """``POST /jobs``: ``{"template", "params"}`` or ``{"workflow"}``, optional ``webhook``."""
+    """``POST /jobs``: ``{"template", "params"}`` or ``{"workflow"}``."""
     principal = _principal(request)
     app = request.app
     jobs = app[JOBS]
@@ -299,7 +299,6 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         if not isinstance(workflow, dict):
             raise BadRequest("workflow must be an API-format object", error_type="invalid_job")
         kind = "workflow"
-    webhook = ""
     owner = principal.comfy_user
     key = ""
     if template is not None and template.cache is not None:
@@ -309,7 +308,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         hit = await jobs.cache.lookup(key)
         jobs.metrics.cache.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
-            return await _cache_hit(request, jobs, principal, template, hit, webhook, wait)
+            return await _cache_hit(request, jobs, principal, template, hit, wait)
     answer = await run_internal(
         request,
         hdrs.METH_POST,
@@ -333,7 +332,6 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
             upstream=upstream,
             created_at=time.time(),
             template=template.name if template is not None else "",
-            webhook=webhook,
             cache_key=key,
         )
         await jobs.store.put(record, jobs.settings.retention_seconds)
@@ -356,7 +354,6 @@ async def _cache_hit(
     principal: Principal,
     template: Template,
     hit: tuple[str, str],
-    webhook: str,
     wait: float,
 ) -> web.Response:
     """A new job whose outputs are an earlier job's (nothing is queued)."""
@@ -369,7 +366,6 @@ async def _cache_hit(
         upstream=upstream,
         created_at=time.time(),
         template=template.name,
-        webhook=webhook,
         cache_hit_of=source,
     )
     await jobs.store.put(record, jobs.settings.retention_seconds)

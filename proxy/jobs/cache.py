@@ -4,8 +4,7 @@ the earlier job's outputs instead of running again.
 The key is a hash of the filled workflow as the proxy serialises it (sorted keys, so two
 spellings of one graph are one key), the template's name and, with ``scope = "user"``, the
 owner: one user's cached result is never another's unless the template says ``shared``. Only
-a job that *succeeded* is stored (by whoever saw it end: a waiting request, an event stream,
-the webhook watch); the entry lives ``ttl_seconds``. A hit is a new job (its own id, marked
+a job that *succeeded* is stored (by whoever saw it end: a waiting request, an event stream); the entry lives ``ttl_seconds``. A hit is a new job (its own id, marked
 ``cache.hit`` with the source job) that queued nothing.
 
 Shared scope means every user allowed the template may fetch the source job's output files

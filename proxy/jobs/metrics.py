@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
-_LATENCY = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class JobMetrics:
@@ -18,7 +17,7 @@ class JobMetrics:
         )
         self.finished = Counter(
             "comfygate_jobs_finished",
-            "Jobs seen ending by a waiting request, an event stream or the webhook watch, "
+            "Jobs seen ending by a waiting request, an event stream or a status read, "
             "by state (succeeded, failed, cancelled); each job counted once per process.",
             ("state",),
             registry=registry,
@@ -31,19 +30,6 @@ class JobMetrics:
             "comfygate_jobs_cache",
             "Result-cache lookups of templates with a cache, by outcome (hit, miss).",
             ("outcome",),
-            registry=registry,
-        )
-        self.webhook_deliveries = Counter(
-            "comfygate_webhook_deliveries",
-            "Webhook delivery attempts, by outcome (delivered, failed, dropped: retries "
-            "exhausted or the destination became refused).",
-            ("outcome",),
-            registry=registry,
-        )
-        self.webhook_latency = Histogram(
-            "comfygate_webhook_delivery_seconds",
-            "Time of one webhook delivery attempt (connect to answer).",
-            buckets=_LATENCY,
             registry=registry,
         )
         self.events_streams = Counter(

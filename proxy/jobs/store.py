@@ -30,7 +30,6 @@ class JobRecord:
     upstream: str
     created_at: float
     template: str = ""
-    webhook: str = ""
     cache_key: str = ""
     cache_hit_of: str = ""
     """A result-cache hit: the earlier job whose outputs this one returns (nothing ran)."""

@@ -4,7 +4,6 @@ A file ``<dir>/<name>.toml`` (the name is its stem: ``[A-Za-z0-9_-]``) holds::
 
     description = "Text to image (SD 1.5)"
     roles = ["user", "power"]          # who may run it (admins always may)
-    webhook = "https://hooks.example.com/done"   # optional: every job of it notifies here
     cache = { scope = "user", ttl_seconds = 3600 }   # optional result cache (user | shared)
 
     [params.prompt]
@@ -48,7 +47,7 @@ PARAM_TYPES: Final[frozenset[str]] = frozenset({"string", "integer", "number", "
 CacheScope = Literal["user", "shared"]
 NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _TEMPLATE_KEYS: Final = frozenset(
-    {"description", "roles", "webhook", "cache", "params", "workflow"}
+    {"description", "roles", "cache", "params", "workflow"}
 )
 _PARAM_KEYS: Final = frozenset(
     {
@@ -188,7 +187,6 @@ class Template:
     params: Mapping[str, Param]
     roles: frozenset[str]
     description: str = ""
-    webhook: str = ""
     cache: CacheSpec | None = None
     source: str = ""
 
@@ -343,10 +341,6 @@ def _read_template(
     if not isinstance(description, str):
         bad("description", "must be a string")
         description = ""
-    webhook = doc.get("webhook", "")
-    if not isinstance(webhook, str):
-        bad("webhook", "must be a URL string")
-        webhook = ""
     cache = _read_cache(doc.get("cache"), bad)
     params: dict[str, Param] = {}
     raw_params = doc.get("params", {})
@@ -365,7 +359,6 @@ def _read_template(
         params=params,
         roles=frozenset(roles),
         description=description,
-        webhook=webhook,
         cache=cache,
         source=source,
     )
