@@ -1,0 +1,68 @@
+"""``GET /jobs/{id}/events``: read by a real SSE client, resumed with Last-Event-ID."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import ProxyFactory, bearer
+from tests.fakes.comfyui import FakeComfyUI
+from tests.jobs.support import V1, Client, jobs_proxy
+
+A = bearer("alice")
+BODY = {"template": "text-to-image", "params": {"prompt": "stream", "steps": 2}}
+
+
+@pytest.fixture
+async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: str) -> Client:
+    return await jobs_proxy(make_proxy, fake_comfy, redis_url)
+
+
+async def read_events(client: Client, path: str, headers: dict[str, str], stop_after: int | None = None) -> list[dict[str, Any]]:
+    """Parse the stream as an EventSource does (id/event/data lines, blank line ends one)."""
+    events: list[dict[str, Any]] = []
+    async with client.get(path, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "event" in current:
+                    events.append(current)
+                    if stop_after is not None and len(events) >= stop_after:
+                        break
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(": ")
+                current[field] = json.loads(value) if field == "data" else value
+    return events
+
+
+async def test_stream_and_resume(client: Client, fake_comfy: FakeComfyUI) -> None:
+    fake_comfy.hold()
+    try:
+        job = await (await client.post(f"{V1}/jobs", json=BODY, headers=A)).json()
+        await fake_comfy.wait_held()
+        first = await read_events(client, f"{V1}/jobs/{job['id']}/events", A, stop_after=2)
+        assert [(e["id"], e["event"]) for e in first] == [("0", "queued"), ("1", "started")]
+    finally:
+        fake_comfy.release()
+    # Reconnect as an EventSource does: only what follows the last id seen.
+    rest = await read_events(client, f"{V1}/jobs/{job['id']}/events", {**A, "Last-Event-ID": "1"})
+    assert [e["event"] for e in rest] == ["output", "done"]
+    assert rest[0]["id"] == "2"
+    assert rest[-1]["data"]["status"] == "succeeded"
+
+
+async def test_stream_of_a_plain_prompt(client: Client) -> None:
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}},
+    }
+    resp = await client.post("/prompt", json={"prompt": workflow}, headers=A)
+    prompt_id = (await resp.json())["prompt_id"]
+    events = await read_events(client, f"{V1}/jobs/{prompt_id}/events", A)
+    assert [e["event"] for e in events] == ["queued", "started", "output", "done"]
