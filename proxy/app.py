@@ -50,10 +50,10 @@ from proxy.chain import (
 from proxy.cors import make_cors
 from proxy.health import healthz, readyz
 from proxy.isolation.ownership import ownership_store
-from proxy.jobs.api import ROUTES as JOBS_API_ROUTES
-from proxy.jobs.context import install_jobs_api
 from proxy.isolation.read_guard import ReadGuard
 from proxy.isolation.submit_guard import SubmitGuard
+from proxy.jobs.api import ROUTES as JOBS_API_ROUTES
+from proxy.jobs.context import install_jobs_api
 from proxy.limits.bodies import (
     BODY_BUDGET,
     INSPECTED_RULES,

@@ -44,9 +44,9 @@ from proxy.auth.settings import (
 )
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import FOLDER_SECRET_MIN_LENGTH
+from proxy.jobs.settings import JobsSettings
 from proxy.limits.settings import RateLimitSettings
 from proxy.observability.settings import MetricsSettings
-from proxy.jobs.settings import JobsSettings
 from proxy.policy.settings import PolicySettings
 from proxy.upstream.registry_settings import (
     DiscoverySettings,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -151,7 +152,9 @@ def _job_view(
         "error": state.error,
         "cache": {
             "hit": bool(record is not None and record.cache_hit_of),
-            "source_job": record.cache_hit_of if record is not None and record.cache_hit_of else None,
+            "source_job": record.cache_hit_of
+            if record is not None and record.cache_hit_of
+            else None,
         },
         "links": {"self": base, "events": f"{base}/events"},
     }
@@ -184,7 +187,9 @@ async def find_job(request: web.Request, job_id: str) -> tuple[JobRecord | None,
     raise JobNotFound()
 
 
-async def current_state(request: web.Request, job_id: str, record: JobRecord | None, upstream: str) -> JobState:
+async def current_state(
+    request: web.Request, job_id: str, record: JobRecord | None, upstream: str
+) -> JobState:
     jobs = request.app[JOBS]
     source = record.cache_hit_of if record is not None and record.cache_hit_of else job_id
     state = await read_state(request.app[POOL], upstream, source, _base(request))
@@ -242,7 +247,9 @@ def _job_response(view: dict[str, Any], *, done: bool) -> web.Response:
 
 async def _read_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise BadRequest("send the job as JSON (Content-Type: application/json)", error_type="invalid_job")
+        raise BadRequest(
+            "send the job as JSON (Content-Type: application/json)", error_type="invalid_job"
+        )
     try:
         raw = await request.read()
         body = orjson.loads(raw)
@@ -255,9 +262,7 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
 
 def _refused(answer_status: int, body: bytes, headers: Any) -> web.Response:
     """A refusal of the prompt chain, passed on as it was (ComfyUI's shape, node_errors)."""
-    kept = {
-        k: v for k, v in headers.items() if k.lower() in ("retry-after", "content-type")
-    }
+    kept = {k: v for k, v in headers.items() if k.lower() in ("retry-after", "content-type")}
     return web.Response(status=answer_status, body=body, headers=kept)
 
 
@@ -277,9 +282,7 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         )
     has_template, has_workflow = "template" in body, "workflow" in body
     if has_template == has_workflow:
-        raise BadRequest(
-            "give either template (with params) or workflow", error_type="invalid_job"
-        )
+        raise BadRequest("give either template (with params) or workflow", error_type="invalid_job")
     template: Template | None = None
     if has_template:
         name = body["template"]
@@ -302,13 +305,11 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     owner = principal.comfy_user
     key = ""
     if template is not None and template.cache is not None:
-        key = cache_key(
-            template, workflow, owner, isolated=app[SETTINGS].isolation.enabled
-        )
+        key = cache_key(template, workflow, owner, isolated=app[SETTINGS].isolation.enabled)
         hit = await jobs.cache.lookup(key)
         jobs.metrics.cache.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
-            return await _cache_hit(request, jobs, principal, template, hit, wait)
+            return await _cache_hit(request, jobs, principal, template, hit)
     answer = await run_internal(
         request,
         hdrs.METH_POST,
@@ -354,11 +355,8 @@ async def _cache_hit(
     principal: Principal,
     template: Template,
     hit: tuple[str, str],
-    wait: float,
 ) -> web.Response:
     """A new job whose outputs are an earlier job's (nothing is queued)."""
-    import uuid  # noqa: PLC0415 - only on a hit
-
     source, upstream = hit
     record = JobRecord(
         id=str(uuid.uuid4()),
@@ -372,7 +370,6 @@ async def _cache_hit(
     jobs.metrics.submitted.labels("template", "cached").inc()
     log.info("job_cache_hit", job=record.id, source=source, user=record.owner)
     state = await current_state(request, record.id, record, upstream)
-    del wait  # a hit is already finished (or its source is gone: then it says so)
     return _job_response(_job_view(request, record.id, record, state), done=True)
 
 
@@ -394,17 +391,17 @@ async def list_jobs(request: web.Request) -> web.Response:
         before_raw = request.query.get("before")
         before = float(before_raw) if before_raw is not None else None
     except ValueError:
-        raise BadRequest("limit must be an integer, before a timestamp", error_type="invalid_page") from None
-    if not 1 <= limit <= jobs.settings.page_size or (before is not None and not math.isfinite(before)):
         raise BadRequest(
-            f"limit must be 1..{jobs.settings.page_size}", error_type="invalid_page"
-        )
+            "limit must be an integer, before a timestamp", error_type="invalid_page"
+        ) from None
+    if not 1 <= limit <= jobs.settings.page_size or (
+        before is not None and not math.isfinite(before)
+    ):
+        raise BadRequest(f"limit must be 1..{jobs.settings.page_size}", error_type="invalid_page")
     records = await jobs.store.page(principal.comfy_user, before, limit + 1)
     more = len(records) > limit
     records = records[:limit]
-    states = await asyncio.gather(
-        *(current_state(request, r.id, r, r.upstream) for r in records)
-    )
+    states = await asyncio.gather(*(current_state(request, r.id, r, r.upstream) for r in records))
     items = [_job_view(request, r.id, r, s) for r, s in zip(records, states, strict=True)]
     return web.json_response(
         {"jobs": items, "next_before": records[-1].created_at if more and records else None},

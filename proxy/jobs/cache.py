@@ -4,8 +4,9 @@ the earlier job's outputs instead of running again.
 The key is a hash of the filled workflow as the proxy serialises it (sorted keys, so two
 spellings of one graph are one key), the template's name and, with ``scope = "user"``, the
 owner: one user's cached result is never another's unless the template says ``shared``. Only
-a job that *succeeded* is stored (by whoever saw it end: a waiting request, an event stream); the entry lives ``ttl_seconds``. A hit is a new job (its own id, marked
-``cache.hit`` with the source job) that queued nothing.
+a job that *succeeded* is stored (seen ending by a waiting ``POST /jobs?wait=``); the entry
+lives ``ttl_seconds``. A hit is a new job (its own id, marked ``cache.hit`` with the source
+job) that queued nothing.
 
 Shared scope means every user allowed the template may fetch the source job's output files
 (the source job's owner's outputs are read for them); that is what "shared" asks for, and it
@@ -30,9 +31,7 @@ KEY_PREFIX = "comfygate:jobcache:"
 MAX_LOCAL = 50_000
 
 
-def cache_key(
-    template: Template, workflow: dict[str, Any], owner: str, *, isolated: bool
-) -> str:
+def cache_key(template: Template, workflow: dict[str, Any], owner: str, *, isolated: bool) -> str:
     """The entry's key. With isolation on, ``shared`` is per user too: another user could not
     read the earlier job's files (``/view`` keeps every user to their own), so sharing them
     would hand out results nobody can fetch; default deny wins over the template's wish."""

@@ -74,5 +74,4 @@ def install_jobs_api(app: web.Application, settings: Settings) -> None:
     add_jobs_routes(app, base_path=settings.server.base_path)
 
 
-
 __all__ = ["TEMPLATES", "install_jobs_api", "reload_templates"]

@@ -50,8 +50,12 @@ def sequence(job_id: str, state: JobState) -> list[tuple[str, dict[str, Any]]]:
         events.append(
             (
                 _ENDS[state.status],
-                {"job": job_id, "status": state.status, "error": state.error,
-                 "outputs": state.outputs},
+                {
+                    "job": job_id,
+                    "status": state.status,
+                    "error": state.error,
+                    "outputs": state.outputs,
+                },
             )
         )
     return events

@@ -122,7 +122,7 @@ async def run_internal(
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     url = URL(target)
-    message = request._message._replace(  # noqa: SLF001 - aiohttp's own clone() does this
+    message = request._message._replace(
         method=method,
         url=url,
         path=target,
@@ -133,7 +133,9 @@ async def run_internal(
     )
     protocol = request.protocol
     # The limit above the body's size: feeding it never pauses the client's connection.
-    payload = StreamReader(protocol, limit=max(2**16, len(raw) + 1), loop=asyncio.get_running_loop())
+    payload = StreamReader(
+        protocol, limit=max(2**16, len(raw) + 1), loop=asyncio.get_running_loop()
+    )
     if raw:
         payload.feed_data(raw)
     payload.feed_eof()
@@ -144,13 +146,13 @@ async def run_internal(
         _NoClientWrites(),
         request.task,
         asyncio.get_running_loop(),
-        client_max_size=request._client_max_size,  # noqa: SLF001
+        client_max_size=request._client_max_size,
         state={},
         scheme=request.scheme,
         host=request.host,
         remote=request.remote,
     )
-    response = await app._handle(inner)  # noqa: SLF001 - the app's own router and middlewares
+    response = await app._handle(inner)
     content = response.body if isinstance(response, web.Response) else None
     data = content if isinstance(content, bytes) else b""
     return Answer(response.status, data, CIMultiDictProxy(response.headers), inner[CONTEXT])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter
 
 
-
 class JobMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.submitted = Counter(
@@ -23,7 +22,9 @@ class JobMetrics:
             registry=registry,
         )
         self.cancels = Counter(
-            "comfygate_jobs_cancel_requests", "DELETE /jobs/{id}, by outcome.", ("outcome",),
+            "comfygate_jobs_cancel_requests",
+            "DELETE /jobs/{id}, by outcome.",
+            ("outcome",),
             registry=registry,
         )
         self.cache = Counter(

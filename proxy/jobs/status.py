@@ -61,7 +61,8 @@ async def _get_json(pool: UpstreamPool, upstream: Upstream, path: str) -> Any:
             )
         return orjson.loads(raw)
     except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError, UpstreamError):
-        log.warning("job_state_unreadable", upstream=upstream.name, path=path.split("?")[0])
+        path_only = path.split("?", maxsplit=1)[0]
+        log.warning("job_state_unreadable", upstream=upstream.name, path=path_only)
         return None
 
 

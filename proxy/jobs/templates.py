@@ -46,9 +46,7 @@ ParamType = Literal["string", "integer", "number", "boolean", "image"]
 PARAM_TYPES: Final[frozenset[str]] = frozenset({"string", "integer", "number", "boolean", "image"})
 CacheScope = Literal["user", "shared"]
 NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_TEMPLATE_KEYS: Final = frozenset(
-    {"description", "roles", "cache", "params", "workflow"}
-)
+_TEMPLATE_KEYS: Final = frozenset({"description", "roles", "cache", "params", "workflow"})
 _PARAM_KEYS: Final = frozenset(
     {
         "type",
@@ -384,9 +382,7 @@ def _read_cache(raw: Any, bad: Any) -> CacheSpec | None:
     return CacheSpec(scope, float(ttl))
 
 
-def _read_param(
-    key: str, name: str, spec: Any, workflow: dict[str, Any], bad: Any
-) -> Param | None:
+def _read_param(key: str, name: str, spec: Any, workflow: dict[str, Any], bad: Any) -> Param | None:
     if not NAME_RE.fullmatch(name):
         bad(key, "a parameter name must be [A-Za-z0-9_-]")
         return None

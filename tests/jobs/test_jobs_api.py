@@ -19,7 +19,9 @@ async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: s
     return await jobs_proxy(make_proxy, fake_comfy, redis_url)
 
 
-async def test_text_to_image_to_bytes_with_one_post(client: Client, fake_comfy: FakeComfyUI) -> None:
+async def test_text_to_image_to_bytes_with_one_post(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
     resp = await client.post(
         f"{V1}/jobs?wait=30",
         json={"template": "text-to-image", "params": {"prompt": "a fox", "seed": 7, "steps": 3}},
@@ -36,7 +38,8 @@ async def test_text_to_image_to_bytes_with_one_post(client: Client, fake_comfy: 
     assert (await image.read()).startswith(b"\x89PNG")
     [sent] = prompts_received(fake_comfy)
     graph = json.loads(sent.body)["prompt"]
-    assert graph["3"]["inputs"]["seed"] == 7 and graph["6"]["inputs"]["text"] == "a fox"
+    assert graph["3"]["inputs"]["seed"] == 7
+    assert graph["6"]["inputs"]["text"] == "a fox"
 
 
 @pytest.mark.parametrize("name", ["image-to-image", "upscale"])
@@ -44,7 +47,9 @@ async def test_image_templates_run(client: Client, name: str) -> None:
     image = await upload(client, A)
     params: dict[str, Any] = {"image": image}
     params.update({"width": 32, "height": 16} if name == "upscale" else {"strength": 0.2})
-    resp = await client.post(f"{V1}/jobs?wait=30", json={"template": name, "params": params}, headers=A)
+    resp = await client.post(
+        f"{V1}/jobs?wait=30", json={"template": name, "params": params}, headers=A
+    )
     job = await resp.json()
     assert resp.status == 200, job
     assert job["status"] == "succeeded", job
@@ -58,7 +63,12 @@ async def test_templates_listed_with_json_schema(client: Client) -> None:
     resp = await client.get(f"{V1}/templates/text-to-image", headers=A)
     schema = (await resp.json())["params"]
     assert schema["required"] == ["prompt"]
-    assert schema["properties"]["steps"] == {"type": "integer", "default": 20, "minimum": 1, "maximum": 50}
+    assert schema["properties"]["steps"] == {
+        "type": "integer",
+        "default": 20,
+        "minimum": 1,
+        "maximum": 50,
+    }
 
 
 async def test_viewer_sees_no_template(client: Client, fake_comfy: FakeComfyUI) -> None:
@@ -95,7 +105,9 @@ async def test_every_parameter_error_at_once(client: Client, fake_comfy: FakeCom
     assert prompts_received(fake_comfy) == []
 
 
-async def test_policy_refusal_comes_back_in_comfyui_shape(client: Client, fake_comfy: FakeComfyUI) -> None:
+async def test_policy_refusal_comes_back_in_comfyui_shape(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
     workflow = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
     resp = await client.post(f"{V1}/jobs", json={"workflow": workflow}, headers=A)
     body = await resp.json()
@@ -106,7 +118,10 @@ async def test_policy_refusal_comes_back_in_comfyui_shape(client: Client, fake_c
 
 async def test_raw_workflow_and_listing(client: Client) -> None:
     workflow = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5},
+        },
         "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "w"}},
     }
     ids = []
@@ -116,7 +131,9 @@ async def test_raw_workflow_and_listing(client: Client) -> None:
         ids.append((await resp.json())["id"])
     page = await (await client.get(f"{V1}/jobs?limit=2", headers=A)).json()
     assert [j["id"] for j in page["jobs"]] == ids[::-1][:2]
-    rest = await (await client.get(f"{V1}/jobs?limit=2&before={page['next_before']}", headers=A)).json()
+    rest = await (
+        await client.get(f"{V1}/jobs?limit=2&before={page['next_before']}", headers=A)
+    ).json()
     assert [j["id"] for j in rest["jobs"]] == ids[:1]
     assert rest["next_before"] is None
     done = await (await client.get(f"{V1}/jobs/{ids[0]}?wait=30", headers=A)).json()
@@ -136,7 +153,7 @@ async def test_idempotency_key_gives_the_same_job(client: Client, fake_comfy: Fa
 @pytest.mark.parametrize("queued", [True, False])
 async def test_cancel(client: Client, fake_comfy: FakeComfyUI, queued: bool) -> None:
     """A running job is interrupted, a queued one deleted from the queue; then it has ended."""
-    body = {"template": "text-to-image", "params": {"prompt": "later", "steps": 1}}
+    body: dict[str, Any] = {"template": "text-to-image", "params": {"prompt": "later", "steps": 1}}
     fake_comfy.hold()  # the first prompt starts and stays running
     try:
         running = await (await client.post(f"{V1}/jobs", json=body, headers=A)).json()

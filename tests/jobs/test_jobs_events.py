@@ -20,7 +20,9 @@ async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: s
     return await jobs_proxy(make_proxy, fake_comfy, redis_url)
 
 
-async def read_events(client: Client, path: str, headers: dict[str, str], stop_after: int | None = None) -> list[dict[str, Any]]:
+async def read_events(
+    client: Client, path: str, headers: dict[str, str], stop_after: int | None = None
+) -> list[dict[str, Any]]:
     """Parse the stream as an EventSource does (id/event/data lines, blank line ends one)."""
     events: list[dict[str, Any]] = []
     async with client.get(path, headers=headers) as resp:
@@ -59,7 +61,10 @@ async def test_stream_and_resume(client: Client, fake_comfy: FakeComfyUI) -> Non
 
 async def test_stream_of_a_plain_prompt(client: Client) -> None:
     workflow = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3},
+        },
         "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}},
     }
     resp = await client.post("/prompt", json={"prompt": workflow}, headers=A)

@@ -64,7 +64,10 @@ async def test_b_cannot_touch_a_job(
 
 async def test_b_cannot_touch_a_plain_prompt(client: Client, fake_comfy: FakeComfyUI) -> None:
     workflow = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
+        },
         "9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}},
     }
     resp = await client.post("/prompt", json={"prompt": workflow}, headers=A)
@@ -111,7 +114,12 @@ async def test_result_cache_is_per_user(client: Client, fake_comfy: FakeComfyUI)
 
 
 async def test_viewer_cannot_submit_a_workflow(client: Client, fake_comfy: FakeComfyUI) -> None:
-    workflow = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}}}
+    workflow = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
+        }
+    }
     resp = await client.post(
         f"{V1}/jobs", json={"workflow": workflow}, headers=bearer("val", ("viewer",))
     )
