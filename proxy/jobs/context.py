@@ -15,6 +15,7 @@ from proxy.jobs.cache import ResultCache
 from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.store import JobStore, MemoryJobStore, RedisJobStore
 from proxy.jobs.templates import TemplateError, TemplateStore
+from proxy.policy.reload import RELOADERS
 from proxy.settings import Settings
 from proxy.state import METRICS, REDIS, RELOAD_HOOKS
 from proxy.state import SETTINGS as SETTINGS_KEY
@@ -48,6 +49,10 @@ def _reload_hook(app: web.Application) -> Callable[[], Awaitable[None]]:
     return hook
 
 
+async def _http_reload(app: web.Application) -> int:
+    return await reload_templates(app, trigger="http")
+
+
 async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Needs Redis (``redis_client`` runs before): records and cache shared by replicas."""
     settings = app[SETTINGS_KEY]
@@ -70,6 +75,8 @@ def install_jobs_api(app: web.Application, settings: Settings) -> None:
         return
     app[TEMPLATES] = TemplateStore(settings.jobs.templates_dir)
     app[RELOAD_HOOKS].append(_reload_hook(app))
+    if settings.jobs.templates_dir:  # POST /admin/reload: answers {"templates": {"version"}}
+        app.setdefault(RELOADERS, {})["templates"] = _http_reload
     app.cleanup_ctx.append(_jobs_context)
     add_jobs_routes(app, base_path=settings.server.base_path)
 
