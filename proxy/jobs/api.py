@@ -27,18 +27,20 @@ from proxy.auth.principal import Principal
 from proxy.errors import BadRequest, NotFound, ProxyError
 from proxy.jobs.cache import ResultCache, cache_key
 from proxy.jobs.internal import run_internal
+from proxy.jobs.live import LiveWatcher
+from proxy.jobs.live_store import LiveJobs
 from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.settings import JobsSettings
 from proxy.jobs.status import TERMINAL, JobState, read_state
 from proxy.jobs.store import JobRecord, JobStore
 from proxy.jobs.templates import Template, TemplateStore
+from proxy.jobs.view import API_PREFIX, job_view
+from proxy.jobs.watcher import JobWatcher
+from proxy.jobs.webhooks.destinations import Destinations, WebhookRefused
 from proxy.state import CONTEXT, OWNERSHIP, POOL, SETTINGS
 
 log = structlog.get_logger("comfygate.jobs")
 
-API_PREFIX: Final = "/comfygate/v1"
-JOBS_CLIENT_ID: Final = "comfygate-jobs"
-"""The ``client_id`` of prompts submitted as jobs (isolation namespaces it per owner)."""
 OPENAPI_ROUTE: Final = "jobs_api_openapi"
 ROUTES: Final = (
     "jobs_api_templates",
@@ -46,9 +48,10 @@ ROUTES: Final = (
     "jobs_api_jobs",
     "jobs_api_job",
     "jobs_api_events",
+    "jobs_api_preview",
 )
 """Route names (and rule names) of the guarded routes: ``app.build_guards`` wires them."""
-_BODY_KEYS: Final = frozenset({"template", "params", "workflow"})
+_BODY_KEYS: Final = frozenset({"template", "params", "workflow", "webhook"})
 
 
 @dataclass(slots=True)
@@ -61,6 +64,12 @@ class Jobs:
     metrics: JobMetrics
     cache: ResultCache
     counted_ends: set[str]
+    """Jobs whose end this process recorded already (saves the watcher's idempotent calls)."""
+    watcher: JobWatcher
+    destinations: Destinations
+    live: LiveJobs
+    """The live event stream's view of running jobs (node, progress, latest preview)."""
+    live_watcher: LiveWatcher
 
 
 JOBS: web.AppKey[Jobs] = web.AppKey("comfygate.jobs")
@@ -128,36 +137,7 @@ async def get_template(request: web.Request) -> web.Response:
 def _job_view(
     request: web.Request, job_id: str, record: JobRecord | None, state: JobState
 ) -> dict[str, Any]:
-    base = f"{_base(request)}{API_PREFIX}/jobs/{job_id}"
-    submitted = record.created_at if record is not None else None
-    timings: dict[str, Any] = {
-        "submitted_at": submitted,
-        "started_at": state.started_at,
-        "finished_at": state.finished_at,
-        "queued_seconds": None,
-        "run_seconds": None,
-    }
-    if submitted is not None and state.started_at is not None:
-        timings["queued_seconds"] = round(max(0.0, state.started_at - submitted), 3)
-    if state.started_at is not None and state.finished_at is not None:
-        timings["run_seconds"] = round(max(0.0, state.finished_at - state.started_at), 3)
-    return {
-        "id": job_id,
-        "status": state.status,
-        "template": record.template if record is not None and record.template else None,
-        "queue_position": state.queue_position,
-        "progress": state.progress,
-        "outputs": state.outputs,
-        "timings": timings,
-        "error": state.error,
-        "cache": {
-            "hit": bool(record is not None and record.cache_hit_of),
-            "source_job": record.cache_hit_of
-            if record is not None and record.cache_hit_of
-            else None,
-        },
-        "links": {"self": base, "events": f"{base}/events"},
-    }
+    return job_view(_base(request), job_id, record, state)
 
 
 async def find_job(request: web.Request, job_id: str) -> tuple[JobRecord | None, str]:
@@ -193,11 +173,14 @@ async def current_state(
     jobs = request.app[JOBS]
     source = record.cache_hit_of if record is not None and record.cache_hit_of else job_id
     state = await read_state(request.app[POOL], upstream, source, _base(request))
-    if state.status in TERMINAL and job_id not in jobs.counted_ends:
+    if state.status in TERMINAL and record is not None and job_id not in jobs.counted_ends:
+        # Seen ending here first: webhook, cache and count now (the watcher would, later).
+        await jobs.watcher.ended(record, state)
         jobs.counted_ends.add(job_id)
         if len(jobs.counted_ends) > 100_000:
-            jobs.counted_ends.clear()  # a bounded memory; a later recount is harmless
-        jobs.metrics.finished.labels(state.status).inc()
+            jobs.counted_ends.clear()  # a bounded memory; ended() again is harmless
+    if state.status == "running":
+        state.progress = await jobs.live.progress(job_id)
     return state
 
 
@@ -303,18 +286,21 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
             raise BadRequest("workflow must be an API-format object", error_type="invalid_job")
         kind = "workflow"
     owner = principal.comfy_user
+    webhook = await _webhook_url(jobs, body.get("webhook"), template)
     key = ""
     if template is not None and template.cache is not None:
         key = cache_key(template, workflow, owner, isolated=app[SETTINGS].isolation.enabled)
         hit = await jobs.cache.lookup(key)
         jobs.metrics.cache.labels("hit" if hit is not None else "miss").inc()
         if hit is not None:
-            return await _cache_hit(request, jobs, principal, template, hit)
+            return await _cache_hit(request, jobs, principal, template, hit, webhook=webhook)
+    # The live sockets first: ComfyUI sends a prompt's events only to a socket already open.
+    await jobs.live_watcher.prepare(owner)
     answer = await run_internal(
         request,
         hdrs.METH_POST,
         "/prompt",
-        {"prompt": workflow, "client_id": JOBS_CLIENT_ID},
+        {"prompt": workflow, "client_id": jobs.live_watcher.client_id},
         idempotency_key=request.headers.get("Idempotency-Key"),
     )
     data = answer.json()
@@ -334,8 +320,11 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
             created_at=time.time(),
             template=template.name if template is not None else "",
             cache_key=key,
+            cache_ttl=template.cache.ttl_seconds if key and template and template.cache else 0.0,
+            webhook=webhook,
         )
         await jobs.store.put(record, jobs.settings.retention_seconds)
+        await jobs.watcher.follow(record)  # its end is recorded with no client waiting
         jobs.metrics.submitted.labels(kind, "accepted").inc()
         log.info("job_submitted", job=prompt_id, user=owner, kind=kind, template=record.template)
     state = (
@@ -343,10 +332,32 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
         if wait
         else JobState("queued")
     )
-    if key and state.status == "succeeded" and template is not None and template.cache is not None:
-        await jobs.cache.store(key, record.id, record.upstream, template.cache.ttl_seconds)
     view = _job_view(request, prompt_id, record, state)
     return _job_response(view, done=state.status in TERMINAL)
+
+
+async def _webhook_url(jobs: Jobs, raw: Any, template: Template | None) -> str:
+    """The job's webhook URL (its own, else its template's; "" for none), checked now: a
+    destination comfygate will not send to is refused before anything is queued (422)."""
+    if raw is None:
+        url: Any = template.webhook if template is not None else ""
+    elif isinstance(raw, dict) and set(raw) == {"url"}:
+        url = raw["url"]
+    else:
+        raise BadRequest('webhook must be {"url": "https://..."}', error_type="invalid_job")
+    if not url:
+        return ""
+    settings = jobs.settings.webhooks
+    try:
+        if not settings.enabled or not settings.secret.get_secret_value():
+            raise WebhookRefused("webhooks are not configured on this server")
+        checked = jobs.destinations.check_url(url)
+        await jobs.destinations.resolve(checked)  # every address it resolves to, now too
+    except WebhookRefused as exc:
+        jobs.metrics.webhook_refused.inc()
+        log.info("webhook_url_refused", reason=exc.message)
+        raise
+    return str(checked)
 
 
 async def _cache_hit(
@@ -355,6 +366,8 @@ async def _cache_hit(
     principal: Principal,
     template: Template,
     hit: tuple[str, str],
+    *,
+    webhook: str,
 ) -> web.Response:
     """A new job whose outputs are an earlier job's (nothing is queued)."""
     source, upstream = hit
@@ -365,6 +378,7 @@ async def _cache_hit(
         created_at=time.time(),
         template=template.name,
         cache_hit_of=source,
+        webhook=webhook,
     )
     await jobs.store.put(record, jobs.settings.retention_seconds)
     jobs.metrics.submitted.labels("template", "cached").inc()
@@ -450,7 +464,7 @@ async def job_item(request: web.Request) -> web.StreamResponse:
 
 def add_jobs_routes(app: web.Application, *, base_path: str) -> None:
     """The jobs API's routes (before the catch-all; guards wired by route name)."""
-    from proxy.jobs.events import job_events  # noqa: PLC0415 - events imports this module
+    from proxy.jobs.events import job_events, job_preview  # noqa: PLC0415 - imports this one
 
     root = f"{base_path}{API_PREFIX}"
     app.router.add_get(f"{root}/openapi.json", openapi, name=OPENAPI_ROUTE)
@@ -459,6 +473,7 @@ def add_jobs_routes(app: web.Application, *, base_path: str) -> None:
     app.router.add_route("*", f"{root}/jobs", jobs_collection, name="jobs_api_jobs")
     app.router.add_route("*", f"{root}/jobs/{{id}}", job_item, name="jobs_api_job")
     app.router.add_get(f"{root}/jobs/{{id}}/events", job_events, name="jobs_api_events")
+    app.router.add_get(f"{root}/jobs/{{id}}/preview", job_preview, name="jobs_api_preview")
 
 
 __all__ = [

@@ -12,13 +12,21 @@ from aiohttp import web
 
 from proxy.jobs.api import JOBS, Jobs, add_jobs_routes
 from proxy.jobs.cache import ResultCache
+from proxy.jobs.leases import MemoryDueSet, RedisDueSet
+from proxy.jobs.live import LiveWatcher
+from proxy.jobs.live_store import LiveJobs
 from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.store import JobStore, MemoryJobStore, RedisJobStore
 from proxy.jobs.templates import TemplateError, TemplateStore
+from proxy.jobs.watcher import JobWatcher
+from proxy.jobs.webhooks.delivery import Dispatcher
+from proxy.jobs.webhooks.destinations import Destinations
+from proxy.jobs.webhooks.outbox import Outbox
 from proxy.policy.reload import RELOADERS
 from proxy.settings import Settings
-from proxy.state import METRICS, REDIS, RELOAD_HOOKS
+from proxy.state import METRICS, POOL, REDIS, RELOAD_HOOKS
 from proxy.state import SETTINGS as SETTINGS_KEY
+from proxy.tasks import Supervised
 
 log = structlog.get_logger("comfygate.jobs")
 
@@ -54,19 +62,74 @@ async def _http_reload(app: web.Application) -> int:
 
 
 async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
-    """Needs Redis (``redis_client`` runs before): records and cache shared by replicas."""
+    """Needs Redis and the pool (both started before): records, cache, outbox and watched
+    jobs shared by replicas; the watcher, the webhook dispatcher and the live sockets run
+    as supervised tasks for the app's lifetime."""
     settings = app[SETTINGS_KEY]
     client = app[REDIS]
+    pool = app[POOL]
+    jobs_settings = settings.jobs
+    hooks = jobs_settings.webhooks
+    metrics = JobMetrics(app[METRICS].registry)
+    failures = app[METRICS].task_failures
     store: JobStore = RedisJobStore(client) if client is not None else MemoryJobStore()
+    cache = ResultCache(client)
+    outbox = Outbox(
+        RedisDueSet(client, "jobs:webhooks") if client is not None else MemoryDueSet(),
+        marker_ttl=jobs_settings.retention_seconds,
+    )
+    destinations = Destinations(hooks)
+    dispatcher = (
+        Dispatcher(hooks, outbox, destinations, metrics)
+        if hooks.enabled and hooks.secret.get_secret_value()
+        else None
+    )
+    watcher = JobWatcher(
+        jobs_settings,
+        base_path=settings.server.base_path,
+        pool=pool,
+        store=store,
+        cache=cache,
+        metrics=metrics,
+        due=RedisDueSet(client, "jobs:watched") if client is not None else MemoryDueSet(),
+        outbox=outbox,
+        dispatcher=dispatcher,
+    )
+    live = LiveJobs(client)
+    live_watcher = LiveWatcher(
+        pool=pool,
+        live=live,
+        watcher=watcher,
+        metrics=metrics,
+        failures=failures,
+        isolation=settings.isolation.enabled,
+        preview_max_bytes=jobs_settings.preview_max_bytes,
+    )
     app[JOBS] = Jobs(
-        settings=settings.jobs,
+        settings=jobs_settings,
         templates=app[TEMPLATES],
         store=store,
-        metrics=JobMetrics(app[METRICS].registry),
-        cache=ResultCache(client),
+        metrics=metrics,
+        cache=cache,
         counted_ends=set(),
+        watcher=watcher,
+        destinations=destinations,
+        live=live,
+        live_watcher=live_watcher,
     )
-    yield
+    tasks = [Supervised(watcher.run, name="jobs_watcher", failures=failures, logger=log)]
+    if dispatcher is not None:
+        tasks.append(
+            Supervised(dispatcher.run, name="jobs_webhooks", failures=failures, logger=log)
+        )
+    for task in tasks:
+        task.start()
+    try:
+        yield
+    finally:
+        for task in tasks:
+            await task.stop()
+        await live_watcher.close()
 
 
 def install_jobs_api(app: web.Application, settings: Settings) -> None:

@@ -7,21 +7,36 @@ is the same on every replica and every reconnection)::
 
 A client that reconnects with ``Last-Event-ID: N`` gets the events after ``N`` only. The
 state is read from ComfyUI (``proxy.jobs.status``) every ``jobs.poll_seconds``; a comment
-line keeps idle connections open. Any job of the caller's works, also one submitted with plain
-``POST /prompt`` (isolation's record says whose it is); another user's is a 404.
+line keeps idle connections open.
+
+While the job runs, *live* events come in between, from the jobs API's own sockets to
+ComfyUI (:mod:`proxy.jobs.live`): ``executing`` (the node now running), ``progress``
+(``{node, value, max}``) and ``preview`` (the latest preview image: a URL the owner can fetch,
+``GET /jobs/{id}/preview``, or with ``?previews=base64`` the image itself). They carry no
+``id`` (the last sequence id stays the one to resume from) and are not replayed: a
+reconnecting client gets the current ones again, not the history.
+
+Any job of the caller's works, also one submitted with plain ``POST /prompt`` (isolation's
+record says whose it is; such a job has the sequence only: its live events go to the
+client's own socket); another user's is a 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
+from proxy.errors import BadRequest, NotFound
 from proxy.jobs.api import JOBS, current_state, find_job
+from proxy.jobs.live_store import LiveJobs
 from proxy.jobs.status import TERMINAL, JobState
+from proxy.jobs.view import API_PREFIX
+from proxy.state import SETTINGS
 
 KEEPALIVE_SECONDS: Final = 15.0
 _ENDS: Final = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}
@@ -61,9 +76,47 @@ def sequence(job_id: str, state: JobState) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+async def live_events(
+    live: LiveJobs,
+    job_id: str,
+    seen: dict[str, Any],
+    *,
+    preview_url: str,
+    inline: bool,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The live events of ``job_id`` that changed since ``seen`` (updated in place)."""
+    now = await live.get(job_id)
+    if now is None:
+        return []
+    events: list[tuple[str, dict[str, Any]]] = []
+    node = now.get("node")
+    if node is not None and node != seen.get("node"):
+        events.append(("executing", {"job": job_id, "node": node}))
+    progress = now.get("progress")
+    if isinstance(progress, dict) and progress != seen.get("progress"):
+        events.append(("progress", {"job": job_id, **progress}))
+    number = now.get("preview", 0)
+    if isinstance(number, int) and number > int(seen.get("preview", 0)):
+        preview: dict[str, Any] = {"job": job_id, "url": f"{preview_url}?n={number}"}
+        if inline:
+            found = await live.preview(job_id)
+            if found is not None:
+                preview["mime"] = found[0]
+                preview["base64"] = base64.b64encode(found[1]).decode()
+        events.append(("preview", preview))
+    seen.update(now)
+    return events
+
+
 async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["id"]
+    previews = request.query.get("previews", "url")
+    if previews not in ("url", "base64"):
+        raise BadRequest("previews must be url or base64", error_type="invalid_previews")
     record, upstream = await find_job(request, job_id)  # another user's job: 404, nothing sent
+    base = request.app[SETTINGS].server.base_path
+    preview_url = f"{base}{API_PREFIX}/jobs/{job_id}/preview"
+    seen: dict[str, Any] = {}
     jobs = request.app[JOBS]
     sent = _last_event_id(request)
     jobs.metrics.events_streams.labels("resumed" if sent >= 0 else "new").inc()
@@ -89,6 +142,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             quiet_since = time.monotonic()
         if state.status in TERMINAL:
             break
+        if state.status == "running":
+            for name, data in await live_events(
+                jobs.live, job_id, seen, preview_url=preview_url, inline=previews == "base64"
+            ):
+                payload = orjson.dumps(data).decode()
+                await response.write(f"event: {name}\ndata: {payload}\n\n".encode())
+                quiet_since = time.monotonic()
         if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
             await response.write(b": keepalive\n\n")
             quiet_since = time.monotonic()
@@ -97,4 +157,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-__all__ = ["job_events", "sequence"]
+async def job_preview(request: web.Request) -> web.Response:
+    """``GET /jobs/{id}/preview``: the job's latest live preview (the owner's only)."""
+    job_id = request.match_info["id"]
+    await find_job(request, job_id)  # another user's job: 404
+    found = await request.app[JOBS].live.preview(job_id)
+    if found is None:
+        raise NotFound("no preview of this job (yet)", error_type="preview_not_found")
+    mime, image = found
+    return web.Response(
+        body=image,
+        content_type=mime if mime.startswith("image/") else "application/octet-stream",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+__all__ = ["job_events", "job_preview", "live_events", "sequence"]

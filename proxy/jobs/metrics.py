@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class JobMetrics:
@@ -37,5 +37,41 @@ class JobMetrics:
             "comfygate_jobs_event_streams",
             "GET /jobs/{id}/events streams opened (resumed: with Last-Event-ID).",
             ("kind",),
+            registry=registry,
+        )
+        self.webhook_attempts = Counter(
+            "comfygate_jobs_webhook_attempts",
+            "Webhook delivery attempts, by outcome (delivered: a 2xx answer, failed: another "
+            "answer or none, retried later; dropped: failed past the retry period; refused: "
+            "the destination is no longer allowed).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.webhook_seconds = Histogram(
+            "comfygate_jobs_webhook_attempt_seconds",
+            "Duration of webhook attempts (resolution, connection, answer).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.webhook_outbox = Gauge(
+            "comfygate_jobs_webhook_outbox",
+            "Webhook messages waiting in the outbox (shared by replicas with Redis), as last "
+            "seen by this process.",
+            registry=registry,
+        )
+        self.webhook_refused = Counter(
+            "comfygate_jobs_webhook_refused",
+            "Webhook URLs refused at submit (allowlist, address, scheme).",
+            registry=registry,
+        )
+        self.live_events = Counter(
+            "comfygate_jobs_live_events",
+            "ComfyUI events of jobs read by the jobs watcher's sockets, by type.",
+            ("type",),
+            registry=registry,
+        )
+        self.watched = Gauge(
+            "comfygate_jobs_watched",
+            "Unfinished jobs the background watcher follows (shared with Redis).",
             registry=registry,
         )

@@ -33,6 +33,10 @@ class JobRecord:
     cache_key: str = ""
     cache_hit_of: str = ""
     """A result-cache hit: the earlier job whose outputs this one returns (nothing ran)."""
+    cache_ttl: float = 0.0
+    """The template's cache TTL when the job was submitted (its result is stored on success)."""
+    webhook: str = ""
+    """The URL notified when the job ends (checked at submit, and again at each attempt)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def dump(self) -> bytes:

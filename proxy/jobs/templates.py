@@ -5,6 +5,7 @@ A file ``<dir>/<name>.toml`` (the name is its stem: ``[A-Za-z0-9_-]``) holds::
     description = "Text to image (SD 1.5)"
     roles = ["user", "power"]          # who may run it (admins always may)
     cache = { scope = "user", ttl_seconds = 3600 }   # optional result cache (user | shared)
+    webhook = { url = "https://hooks.example.com/comfy" }  # optional: notified at each end
 
     [params.prompt]
     type = "string"                    # string | integer | number | boolean | image
@@ -46,7 +47,9 @@ ParamType = Literal["string", "integer", "number", "boolean", "image"]
 PARAM_TYPES: Final[frozenset[str]] = frozenset({"string", "integer", "number", "boolean", "image"})
 CacheScope = Literal["user", "shared"]
 NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_TEMPLATE_KEYS: Final = frozenset({"description", "roles", "cache", "params", "workflow"})
+_TEMPLATE_KEYS: Final = frozenset(
+    {"description", "roles", "cache", "params", "workflow", "webhook"}
+)
 _PARAM_KEYS: Final = frozenset(
     {
         "type",
@@ -187,6 +190,9 @@ class Template:
     description: str = ""
     cache: CacheSpec | None = None
     source: str = ""
+    webhook: str = ""
+    """Notified when a job of this template ends, unless the job names its own (the URL is
+    checked against ``jobs.webhooks`` at each submit: the allowlist may change)."""
 
     def allowed(self, principal: Principal, roles: Mapping[str, RoleSettings]) -> bool:
         return principal.is_admin(roles) or bool(self.roles & principal.roles)
@@ -340,6 +346,14 @@ def _read_template(
         bad("description", "must be a string")
         description = ""
     cache = _read_cache(doc.get("cache"), bad)
+    webhook = doc.get("webhook", {})
+    if (
+        not isinstance(webhook, dict)
+        or set(webhook) - {"url"}
+        or not isinstance(webhook.get("url", ""), str)
+    ):
+        bad("webhook", "must be a table: { url = 'https://...' }")
+        webhook = {}
     params: dict[str, Param] = {}
     raw_params = doc.get("params", {})
     if not isinstance(raw_params, dict):
@@ -359,6 +373,7 @@ def _read_template(
         description=description,
         cache=cache,
         source=source,
+        webhook=str(webhook.get("url", "")),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
-from tests.jobs.support import V1, Client, jobs_proxy
+from tests.fakes.comfyui.websocket import encode_preview
+from tests.jobs.support import V1, Client, jobs_proxy, png, prompts_received
 
 A = bearer("alice")
 BODY = {"template": "text-to-image", "params": {"prompt": "stream", "steps": 2}}
@@ -21,7 +23,11 @@ async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: s
 
 
 async def read_events(
-    client: Client, path: str, headers: dict[str, str], stop_after: int | None = None
+    client: Client,
+    path: str,
+    headers: dict[str, str],
+    stop_after: int | None = None,
+    until: str | None = None,
 ) -> list[dict[str, Any]]:
     """Parse the stream as an EventSource does (id/event/data lines, blank line ends one)."""
     events: list[dict[str, Any]] = []
@@ -35,6 +41,8 @@ async def read_events(
                 if "event" in current:
                     events.append(current)
                     if stop_after is not None and len(events) >= stop_after:
+                        break
+                    if until is not None and current["event"] == until:
                         break
                 current = {}
             elif not line.startswith(":"):
@@ -54,6 +62,8 @@ async def test_stream_and_resume(client: Client, fake_comfy: FakeComfyUI) -> Non
         fake_comfy.release()
     # Reconnect as an EventSource does: only what follows the last id seen.
     rest = await read_events(client, f"{V1}/jobs/{job['id']}/events", {**A, "Last-Event-ID": "1"})
+    # Live events (executing, progress: no id, not replayed) may come in between.
+    rest = [e for e in rest if "id" in e]
     assert [e["event"] for e in rest] == ["output", "done"]
     assert rest[0]["id"] == "2"
     assert rest[-1]["data"]["status"] == "succeeded"
@@ -71,3 +81,48 @@ async def test_stream_of_a_plain_prompt(client: Client) -> None:
     prompt_id = (await resp.json())["prompt_id"]
     events = await read_events(client, f"{V1}/jobs/{prompt_id}/events", A)
     assert [e["event"] for e in events] == ["queued", "started", "output", "done"]
+
+
+async def test_live_progress_executing_and_preview(client: Client, fake_comfy: FakeComfyUI) -> None:
+    """While the job runs, what ComfyUI sends to the jobs API's own socket reaches the job:
+    ``progress`` in ``GET /jobs/{id}``, ``executing``/``progress``/``preview`` events, the
+    preview at ``/preview`` (or inline with ``?previews=base64``)."""
+    fake_comfy.hold()
+    try:
+        job = await (await client.post(f"{V1}/jobs", json=BODY, headers=A)).json()
+        prompt_id = await fake_comfy.wait_held()
+        assert prompt_id == job["id"]
+        # The socket ComfyUI sends the job's events to: the prompt's (namespaced) client id.
+        sid = json.loads(prompts_received(fake_comfy)[0].body)["client_id"]
+        await fake_comfy.wait_socket(sid)
+        image = png()
+        await fake_comfy.send_json(
+            sid, {"type": "executing", "data": {"node": "3", "prompt_id": prompt_id}}
+        )
+        await fake_comfy.send_json(
+            sid,
+            {
+                "type": "progress",
+                "data": {"value": 3, "max": 10, "prompt_id": prompt_id, "node": "3"},
+            },
+        )
+        await fake_comfy.send_binary(sid, encode_preview(image, "PNG"))
+        path = f"{V1}/jobs/{job['id']}/events?previews=base64"
+        events = await read_events(client, path, A, until="preview")
+        names = [e["event"] for e in events]
+        assert names[:2] == ["queued", "started"]
+        live = {e["event"]: e for e in events[2:]}
+        assert "id" not in live["progress"]  # not part of the resumable sequence
+        assert live["executing"]["data"]["node"] == "3"
+        assert live["progress"]["data"] == {"job": job["id"], "node": "3", "value": 3, "max": 10}
+        assert base64.b64decode(live["preview"]["data"]["base64"]) == image
+        assert live["preview"]["data"]["mime"] == "image/png"
+        fetched = await client.get(live["preview"]["data"]["url"], headers=A)
+        assert fetched.status == 200
+        assert fetched.content_type == "image/png"
+        assert await fetched.read() == image
+        view = await (await client.get(f"{V1}/jobs/{job['id']}", headers=A)).json()
+        assert view["status"] == "running"
+        assert view["progress"] == {"node": "3", "value": 3, "max": 10}
+    finally:
+        fake_comfy.release()

@@ -24,10 +24,10 @@ def templates_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def client(
-    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, templates_dir: Path
-) -> Client:
-    return await jobs_proxy(make_proxy, fake_comfy, None, jobs={"templates_dir": str(templates_dir)})
+async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, templates_dir: Path) -> Client:
+    return await jobs_proxy(
+        make_proxy, fake_comfy, None, jobs={"templates_dir": str(templates_dir)}
+    )
 
 
 async def _names(client: Client) -> list[str]:

@@ -40,7 +40,14 @@ async def _not_found(resp: Any) -> None:
 
 @pytest.mark.parametrize(
     ("method", "suffix"),
-    [("GET", ""), ("GET", "?wait=5"), ("DELETE", ""), ("GET", "/events")],
+    [
+        ("GET", ""),
+        ("GET", "?wait=5"),
+        ("DELETE", ""),
+        ("GET", "/events"),
+        ("GET", "/events?previews=base64"),
+        ("GET", "/preview"),
+    ],
 )
 async def test_b_cannot_touch_a_job(
     client: Client, fake_comfy: FakeComfyUI, method: str, suffix: str
