@@ -80,7 +80,7 @@ async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
     )
     destinations = Destinations(hooks)
     dispatcher = (
-        Dispatcher(hooks, outbox, destinations, metrics)
+        Dispatcher(hooks, outbox, destinations, metrics, failures=failures)
         if hooks.enabled and hooks.secret.get_secret_value()
         else None
     )
@@ -127,6 +127,9 @@ async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        watcher.close()
+        if dispatcher is not None:
+            dispatcher.close()
         for task in tasks:
             await task.stop()
         await live_watcher.close()

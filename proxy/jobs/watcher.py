@@ -78,6 +78,7 @@ class JobWatcher:
         self.dispatcher = dispatcher
         self.clock = clock
         self._wake = asyncio.Event()
+        self._closing = False
 
     async def follow(self, record: JobRecord) -> None:
         """Follow a newly accepted job (first look after ``watch_seconds``)."""
@@ -85,13 +86,19 @@ class JobWatcher:
             record.id, record.id.encode(), self.clock() + self.settings.watch_seconds
         )
 
+    def close(self) -> None:
+        """Stop after the current round (see ``Dispatcher.close``: a cancellation can be
+        lost inside the Redis client)."""
+        self._closing = True
+        self._wake.set()
+
     def poke(self) -> None:
         """Something ended (the live stream says so): look at the due jobs now."""
         self._wake.set()
 
     async def run(self) -> None:
         lease = max(30.0, self.settings.watch_seconds * 4)
-        while True:
+        while not self._closing:
             self._wake.clear()
             now = self.clock()
             claimed = await self.due.claim(now, lease, BATCH)
@@ -100,8 +107,11 @@ class JobWatcher:
             self.metrics.watched.set(await self.due.depth())
             if len(claimed) == BATCH:
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation that stops this loop when the event is set at the same moment.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.watch_seconds)
+                async with asyncio.timeout(self.settings.watch_seconds):
+                    await self._wake.wait()
 
     async def end_seen(self, job_id: str) -> None:
         """The live stream saw ``job_id``'s last event: record its end now if ComfyUI's

@@ -37,7 +37,7 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _proxy(make_proxy: ProxyFactory, fake: FakeComfyUI, **hooks: Any) -> Client:
-    settings = webhook_settings(allowed_urls=OPEN_HOSTS, allow_networks=[], **hooks)
+    settings = webhook_settings(**{"allowed_urls": OPEN_HOSTS, "allow_networks": [], **hooks})
     return await jobs_proxy(make_proxy, fake, None, jobs={"webhooks": settings})
 
 

@@ -26,12 +26,14 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import hdrs
+from prometheus_client import Counter
 
 from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.settings import WebhookSettings
 from proxy.jobs.webhooks import signing
 from proxy.jobs.webhooks.destinations import Destinations, PinnedResolver, WebhookRefused
 from proxy.jobs.webhooks.outbox import Message, Outbox
+from proxy.tasks import task_failed
 
 log = structlog.get_logger("comfygate.webhooks")
 
@@ -49,7 +51,8 @@ class Backoff:
     rand: Callable[[], float] = random.random
 
     def delay(self, failures: int) -> float:
-        base = min(self.cap, self.first * 2.0 ** max(0, failures - 1))
+        exponent = min(max(0, failures - 1), 64)  # 2**64 * first is past any cap
+        base = min(self.cap, self.first * 2.0**exponent)
         return float(base * (1 - self.jitter * self.rand()))
 
 
@@ -63,7 +66,9 @@ class Dispatcher:
         *,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
+        failures: Counter | None = None,
     ) -> None:
+        self.failures = failures
         self.settings = settings
         self.outbox = outbox
         self.destinations = destinations
@@ -76,6 +81,7 @@ class Dispatcher:
         self._key = signing.secret_key(secret) if secret else b""
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._settled = asyncio.Condition()
         self._depth: int | None = None
 
@@ -93,11 +99,18 @@ class Dispatcher:
         """A message was just enqueued here: look at the outbox now."""
         self._wake.set()
 
+    def close(self) -> None:
+        """Stop after the current round. Besides cancelling the task: a cancellation that
+        arrives while a Redis command runs can be lost inside the client library, and the
+        loop would go on forever (seen with redis-py's asyncio client)."""
+        self._closing = True
+        self._wake.set()
+
     async def run(self) -> None:
         """Claim and attempt due messages until cancelled (in-flight attempts are cancelled
         too: their leases run out and another replica, or this one restarted, retries)."""
         try:
-            while True:
+            while not self._closing:
                 self._wake.clear()
                 free = self.settings.concurrency - len(self._in_flight)
                 if free > 0:
@@ -105,7 +118,7 @@ class Dispatcher:
                     for message, token in await self.outbox.claim(
                         now, self.settings.lease_seconds, free
                     ):
-                        task = asyncio.create_task(self.attempt(message, token))
+                        task = asyncio.create_task(self._attempt_logged(message, token))
                         self._in_flight.add(task)
                         task.add_done_callback(self._attempt_done)
                 self._depth = await self.outbox.due.depth()
@@ -130,8 +143,17 @@ class Dispatcher:
         if wait <= 0:
             await asyncio.sleep(0)  # due now: go round (yield to the attempts first)
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation
+        # that stops the dispatcher when an attempt's end sets the event at the same moment.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
+
+    async def _attempt_logged(self, message: Message, token: str) -> None:
+        try:
+            await self.attempt(message, token)
+        except Exception:  # noqa: BLE001 - the message is retried when its lease ends
+            task_failed("jobs_webhook_attempt", self.failures, logger=log, id=message.id)
 
     async def attempt(self, message: Message, token: str) -> None:
         started = time.monotonic()
