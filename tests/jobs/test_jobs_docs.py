@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.jobs.support import Client, jobs_proxy
+from tests.jobs.webhook_receiver import SECRET, webhook_settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "jobs-api.md"
 BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
@@ -22,13 +23,15 @@ BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", DOC.read_text(encoding="utf-8
 
 @pytest.fixture
 async def client(make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: str) -> Client:
-    return await jobs_proxy(make_proxy, fake_comfy, redis_url)
+    # The webhook example runs its receiver on loopback: allowed here, as the page says.
+    jobs = {"watch_seconds": 0.05, "webhooks": webhook_settings()}
+    return await jobs_proxy(make_proxy, fake_comfy, redis_url, jobs=jobs)
 
 
 def test_the_page_has_examples() -> None:
     kinds = [kind for kind, _ in BLOCKS]
     assert kinds.count("bash") >= 1
-    assert kinds.count("python") >= 2
+    assert kinds.count("python") >= 3
 
 
 @pytest.mark.parametrize(
@@ -42,6 +45,7 @@ async def test_example_runs(client: Client, tmp_path: Path, kind: str, code: str
         **os.environ,
         "COMFYGATE_URL": f"http://{server.host}:{server.port}",
         "COMFYGATE_TOKEN": make_token("doc-reader", ("user",)),
+        "COMFYGATE_WEBHOOK_SECRET": SECRET,
     }
     argv = (
         ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [sys.executable, "-c", code]
