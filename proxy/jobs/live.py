@@ -216,8 +216,10 @@ class LiveWatcher:
         return upstream_client_id(owner, self.client_id) if self.isolation else self.client_id
 
     async def prepare(self, owner: str) -> None:
-        """A socket under ``owner``'s job id open on every reachable instance (waited for up
-        to ``CONNECT_WAIT_SECONDS``: a submit goes on without, its progress then unknown)."""
+        """A socket under ``owner``'s job id open on every reachable instance. A socket
+        opened now is waited for (up to ``CONNECT_WAIT_SECONDS``: the submit then goes on,
+        its progress unknown); one already there, even reconnecting, is not (a flapping
+        instance must not slow every submit down)."""
         sid = self.sid(owner)
         waits = []
         for upstream in self.pool.reachable():
@@ -225,8 +227,8 @@ class LiveWatcher:
             if sock is None or not sock.handle.running:
                 sock = self._sockets[(upstream.name, sid)] = _Socket(self, upstream, sid)
                 sock.handle.start()
+                waits.append(asyncio.ensure_future(sock.connected.wait()))
             sock.last_used = time.monotonic()
-            waits.append(asyncio.ensure_future(sock.connected.wait()))
         if not waits:
             return
         _, pending = await asyncio.wait(waits, timeout=CONNECT_WAIT_SECONDS)

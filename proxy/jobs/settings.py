@@ -6,7 +6,7 @@ import base64
 import binascii
 import ipaddress
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class WebhookSettings(BaseModel):
@@ -62,6 +62,13 @@ class WebhookSettings(BaseModel):
             if not raw.startswith("whsec_") or not 24 <= len(key) <= 64:
                 raise ValueError("must be whsec_ + base64 of 24..64 bytes")
         return value
+
+    @model_validator(mode="after")
+    def _lease_above_timeout(self) -> WebhookSettings:
+        if self.lease_seconds <= self.timeout_seconds:
+            # A lease that ends mid-attempt lets a second replica send the same attempt.
+            raise ValueError("lease_seconds must be above timeout_seconds")
+        return self
 
     @field_validator("allow_networks")
     @classmethod

@@ -127,13 +127,15 @@ async def test_delivered_after_a_restart(
     """The first comfygate stops with the message undelivered; a new one, on the same Redis,
     delivers it (same id)."""
     receiver.default = 503
-    first = await _proxy(make_proxy, fake_comfy, redis_url, lease_seconds=0.3)
+    first = await _proxy(make_proxy, fake_comfy, redis_url, timeout_seconds=0.25, lease_seconds=0.3)
     await _submit(first, receiver.url())
     await receiver.wait_for(lambda: len(receiver.received) >= 1)
     await first.close()
     tried = len(receiver.received)
     receiver.default = 200
-    second = await _proxy(make_proxy, fake_comfy, redis_url, lease_seconds=0.3)
+    second = await _proxy(
+        make_proxy, fake_comfy, redis_url, timeout_seconds=0.25, lease_seconds=0.3
+    )
     await receiver.wait_for(lambda: len(receiver.received) > tried)
     await _dispatcher(second).wait_settled()
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1

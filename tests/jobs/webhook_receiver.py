@@ -88,6 +88,7 @@ def webhook_settings(**overrides: Any) -> dict[str, Any]:
         "max_retry_seconds": 0.05,
         "jitter": 0,
         "poll_seconds": 0.05,
+        "timeout_seconds": 1,
         "lease_seconds": 2,
         **overrides,
     }
