@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -79,6 +80,8 @@ class JobWatcher:
         self.clock = clock
         self._wake = asyncio.Event()
         self._closing = False
+        self._recent: deque[str] = deque(maxlen=1024)
+        self._ended = asyncio.Condition()
 
     async def follow(self, record: JobRecord) -> None:
         """Follow a newly accepted job (first look after ``watch_seconds``)."""
@@ -160,6 +163,14 @@ class JobWatcher:
         if await self.due.remove(record.id):
             self.metrics.finished.labels(state.status).inc()
             log.info("job_finished", job=record.id, status=state.status, user=record.owner)
+        async with self._ended:
+            self._recent.append(record.id)
+            self._ended.notify_all()
+
+    async def wait_ended(self, job_id: str) -> None:
+        """Until this process recorded ``job_id``'s end (tests; a recent one is remembered)."""
+        async with self._ended:
+            await self._ended.wait_for(lambda: job_id in self._recent)
 
 
 __all__ = ["JobWatcher", "webhook_payload"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
 
 import pytest
 
+from proxy.jobs.api import JOBS
+from proxy.state import METRICS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.websocket import encode_preview
@@ -126,3 +129,45 @@ async def test_live_progress_executing_and_preview(client: Client, fake_comfy: F
         assert view["progress"] == {"node": "3", "value": 3, "max": 10}
     finally:
         fake_comfy.release()
+
+
+async def test_live_socket_survives_being_closed(client: Client, fake_comfy: FakeComfyUI) -> None:
+    """ComfyUI drops the jobs API's socket: the supervised task logs and counts it, opens
+    it again, and live progress flows again."""
+    fake_comfy.hold()
+    try:
+        job = await (await client.post(f"{V1}/jobs", json=BODY, headers=A)).json()
+        prompt_id = await fake_comfy.wait_held()
+        sid = json.loads(prompts_received(fake_comfy)[0].body)["client_id"]
+        await fake_comfy.wait_socket(sid)
+        await fake_comfy.sockets[sid].close()
+        await fake_comfy.wait_socket(sid, gone=True)
+        await fake_comfy.wait_socket(sid)  # reopened by the watcher
+        failures = client.app[METRICS].task_failures.labels("jobs_live")._value.get()
+        assert failures >= 1
+        await fake_comfy.send_json(
+            sid,
+            {
+                "type": "progress",
+                "data": {"value": 1, "max": 4, "prompt_id": prompt_id, "node": "3"},
+            },
+        )
+        events = await read_events(client, f"{V1}/jobs/{job['id']}/events", A, until="progress")
+        assert events[-1]["data"]["value"] == 1
+    finally:
+        fake_comfy.release()
+
+
+async def test_end_recorded_and_cached_with_no_client_waiting(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, redis_url: str
+) -> None:
+    """Nobody waits or polls: the live stream (or the watcher) records the end, and the
+    template's result cache is filled: the same job again is a hit."""
+    client = await jobs_proxy(make_proxy, fake_comfy, redis_url, jobs={"watch_seconds": 0.05})
+    first = await (await client.post(f"{V1}/jobs", json=BODY, headers=A)).json()
+    await asyncio.wait_for(client.app[JOBS].watcher.wait_ended(first["id"]), 30)
+    resp = await client.post(f"{V1}/jobs", json=BODY, headers=A)
+    second = await resp.json()
+    assert resp.status == 200, second
+    assert second["cache"] == {"hit": True, "source_job": first["id"]}
+    assert len(prompts_received(fake_comfy)) == 1
