@@ -82,6 +82,8 @@ from proxy.isolation.read_guard import (
     SocketGuard,
 )
 from proxy.isolation.submit_guard import PromptSubmitGuard, SubmitGuard, UploadGuard, ViewGuard
+from proxy.jobs.api import ROUTES as JOBS_API_ROUTES
+from proxy.jobs.context import install_jobs_api
 from proxy.limits.enforce import RATE_LIMITS, rate_limits_context
 from proxy.limits.guard import RateLimitGuard
 from proxy.limits.quota.context import queue_quota_context
@@ -255,6 +257,14 @@ def build_routes(app: web.Application) -> RouteTable:
             own_guards = (*identity(own_rule), *(g(own_rule, app[RATE_LIMITS]) for g in limited))
         elif own == RELOAD_ROUTE:  # POST /admin/reload: admins only
             own_guards = (*identity(own_rule), RoleGuard(own_rule, roles), reload_guard(roles))
+        elif own in JOBS_API_ROUTES:
+            # The jobs API: who is calling, and the limit; each job's prompt then passes the
+            # whole POST /prompt chain as an internal request (proxy.jobs.internal).
+            own_guards = (
+                *identity(own_rule),
+                RoleGuard(own_rule, roles),
+                *(g(own_rule, app[RATE_LIMITS]) for g in limited),
+            )
         elif own == ADMIN_SCHEDULER:  # GET /admin/scheduler: admins only
             own_guards = (
                 *identity(own_rule),
@@ -461,5 +471,6 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     add_reload_route(app, base_path=base)  # admins only (reload_guard, wired by route name)
     add_upstream_admin_routes(app, base_path=base)  # admins only (wired by route name)
     add_scheduler_route(app, base_path=base)  # admins only (wired by route name)
+    install_jobs_api(app, settings)  # /comfygate/v1 (proxy.jobs); before the catch-all
     app.router.add_route("*", "/{tail:.*}", dispatch, name=FORWARD_ROUTE)
     return app

@@ -59,6 +59,13 @@ OwnRoute = Literal[
     "admin_upstreams_drain",
     "admin_upstreams_undrain",
     "admin_scheduler",
+    "jobs_api_openapi",
+    "jobs_api_templates",
+    "jobs_api_template",
+    "jobs_api_jobs",
+    "jobs_api_job",
+    "jobs_api_events",
+    "jobs_api_preview",
 ]
 """The proxy's own routes (their aiohttp route names, ``app.create_app``)."""
 RuleName = ComfyRule | OwnRoute

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
 
 from proxy.auth.admin_guard import AdminGuard
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, SettingsError
 from proxy.policy.loader import PolicyError
 from proxy.policy.store import POLICY
 from proxy.settings.auth import RoleSettings
@@ -29,6 +29,12 @@ RELOAD_ROUTE = "admin_reload"
 RELOAD_PATH = "/admin/reload"
 
 Trigger = Literal["http", "sighup"]
+
+Reloader = Callable[[web.Application], Awaitable[int]]
+"""Another set of files ``POST /admin/reload`` reloads after the policy (the job templates):
+returns its new version, raises :class:`~proxy.errors.SettingsError` (old set kept)."""
+RELOADERS: web.AppKey[dict[str, Reloader]] = web.AppKey("comfygate.http_reloaders")
+"""Name -> reloader, filled at ``create_app`` by the features that have files of their own."""
 
 
 class PolicyInvalid(ProxyError):
@@ -73,7 +79,20 @@ async def admin_reload(request: web.Request) -> web.Response:
             details="\n".join(exc.problems),
             extra={"problems": exc.problems, "version": store.version},
         ) from None
-    return web.json_response({"reloaded": True, "version": version, "sources": store.sources})
+    answer: dict[str, Any] = {"reloaded": True, "version": version, "sources": store.sources}
+    for name, reloader in request.app.get(RELOADERS, {}).items():
+        try:
+            answer[name] = {"version": await reloader(request.app)}
+        except SettingsError as exc:
+            # The policy above is reloaded; this set keeps the one in force (logged by it).
+            raise ProxyError(
+                f"the {name} files are invalid; the ones in force stay",
+                error_type=f"{name}_invalid",
+                status=422,
+                details="\n".join(exc.problems),
+                extra={"problems": exc.problems, "policy_version": version},
+            ) from None
+    return web.json_response(answer)
 
 
 def add_reload_route(app: web.Application, *, base_path: str) -> None:
@@ -94,9 +113,11 @@ def policy_reload_hook(app: web.Application) -> Callable[[], Awaitable[None]]:
 
 
 __all__ = [
+    "RELOADERS",
     "RELOAD_PATH",
     "RELOAD_ROUTE",
     "PolicyInvalid",
+    "Reloader",
     "add_reload_route",
     "admin_reload",
     "policy_reload_hook",

@@ -44,6 +44,7 @@ from proxy.settings.auth import (
     check_role_references,
     effective_roles,
 )
+from proxy.settings.jobs import JobsSettings
 from proxy.settings.limits import RateLimitSettings
 from proxy.settings.metrics import MetricsSettings
 from proxy.settings.policy import PolicySettings
@@ -447,6 +448,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     metrics: MetricsSettings = MetricsSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    jobs: JobsSettings = JobsSettings()  # the jobs API (proxy.jobs)
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
 
     @model_validator(mode="after")

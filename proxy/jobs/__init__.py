@@ -1,0 +1,1 @@
+"""The jobs API for programs (``/comfygate/v1/``): templates, jobs, events, result cache."""

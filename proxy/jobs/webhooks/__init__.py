@@ -1,0 +1,1 @@
+"""Signed completion notifications of jobs (Standard Webhooks), from a durable outbox."""
