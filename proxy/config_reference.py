@@ -68,7 +68,8 @@ One TOML file, every key overridable by an environment variable, secrets from en
 The sections below list every key: its type, its default and what it does. What the settings
 mean together is explained on the page of each concern ([identity](identity.md),
 [isolation](isolation.md), [policy](policy.md), [rate limits](rate-limits.md),
-[multiple GPUs](multi-gpu.md), [Redis](redis.md), [operations](operations.md)).
+[single sign-on](sso.md), [multiple GPUs](multi-gpu.md), [scheduler](scheduler.md),
+[Redis](redis.md), [operations](operations.md)).
 """
 
 
@@ -117,9 +118,9 @@ def _tables_of(path: str, field: FieldInfo) -> Iterator[Table]:
     if model is not None:
         yield from _section(path, model, _summary(model))
         return
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is dict and len(args) == 2 and _model(args[1]) is not None:
-        yield from _keyed_tables(path, field, args[1])
+    keyed = _dict_of_models(annotation)
+    if keyed is not None:
+        yield from _keyed_tables(path, field, keyed)
         return
     raise UndocumentedKeyError(f"{path}: a top-level key must be a table")
 
@@ -138,6 +139,12 @@ def _section(path: str, model: type[BaseModel], summary: str) -> Iterator[Table]
         if item is not None:
             nested.extend(_array_of_tables(key, model, name, field, item))
             continue
+        keyed = _dict_of_models(field.annotation)
+        # [auth.oidc.providers.<name>]: one table per free-form name. A dict keyed by route
+        # class stays a row: its few keys are listed with their defaults there.
+        if keyed is not None and get_args(field.annotation)[0] is str:
+            nested.extend(_keyed_tables(key, field, keyed))
+            continue
         rows.append(
             Row(name, _type(field.annotation), _default(field), _description(model, name, field))
         )
@@ -153,10 +160,8 @@ def _array_of_tables(
         yield Table("[" + table.header + "]", table.summary, table.rows, table.extra)
 
 
-def _keyed_tables(path: str, field: FieldInfo, value: Any) -> Iterator[Table]:
+def _keyed_tables(path: str, field: FieldInfo, model: type[BaseModel]) -> Iterator[Table]:
     """``[roles.<name>]``: one table per key; the defaults are the built-in entries."""
-    model = _model(value)
-    assert model is not None
     defaults = field.get_default(call_default_factory=True)
     extra = ""
     if isinstance(defaults, Mapping) and defaults:
@@ -204,6 +209,13 @@ def _cell(text: str) -> str:
 def _model(annotation: Any) -> type[BaseModel] | None:
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         return annotation
+    return None
+
+
+def _dict_of_models(annotation: Any) -> type[BaseModel] | None:
+    args = get_args(annotation)
+    if get_origin(annotation) is dict and len(args) == 2:
+        return _model(args[1])
     return None
 
 

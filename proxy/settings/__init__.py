@@ -448,6 +448,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
+    """``[roles.<name>]``: the built-in roles, plus or overridden by the configured ones."""
 
     @model_validator(mode="after")
     def _roles_referenced_exist(self) -> Settings:

@@ -57,6 +57,9 @@ def test_every_key_of_the_model_is_in_the_reference() -> None:
     assert "## `[auth.jwt]`" in page
     assert "## `[[upstream.instances]]`" in page
     assert "## `[roles.<name>]`" in page
+    assert "## `[auth.oidc.providers.<name>]`" in page
+    assert "## `[auth.forward_auth]`" in page
+    assert "## `[scheduler]`" in page
 
 
 def test_an_undocumented_key_fails_the_generator() -> None:
