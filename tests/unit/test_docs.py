@@ -144,6 +144,15 @@ def test_architecture_layout_matches_the_package_tree() -> None:
     assert stale == set(), "docs/architecture.md names no such module"
 
 
+SOURCE_PATH = re.compile(r"(?<![\w/])proxy/(?:\w+/)*\w+(?:\.\w+)?/?")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_source_paths_named_in_docs_exist(page: Path) -> None:
+    named = set(SOURCE_PATH.findall(page.read_text(encoding="utf-8")))
+    assert {n for n in named if not (ROOT / n).exists()} == set(), f"{page.name}: moved or gone"
+
+
 def test_readme_links_every_docs_page() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.partition("## Documentation\n")[2]
