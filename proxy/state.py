@@ -7,11 +7,12 @@ a lifetime in ``cleanup_ctx``); per-request state lives in one :class:`RequestCo
 
 from __future__ import annotations
 
+import enum
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from aiohttp import web
 from multidict import istr
@@ -42,6 +43,41 @@ ResponseFilter = Callable[[int, bytes], Awaitable[bytes]]
 """A rewrite of an answer: its status and body in, the body to send out."""
 FrameFilter = Callable[[str | bytes], Awaitable[str | bytes | None]]
 """A WebSocket frame from ComfyUI in, the frame to relay (or None: dropped) out."""
+
+
+class Undecided(enum.Enum):
+    UNDECIDED = "undecided"
+
+
+UNDECIDED: Final = Undecided.UNDECIDED
+"""A frame filter's ``quick`` answer when the frame needs the filter's full (async) call."""
+Quick = Callable[[str | bytes], "str | bytes | Undecided | None"]
+"""A frame filter's optional synchronous decision (``proxy.upstream.ws_fast``): the frame to
+send, None to drop it, or UNDECIDED. It must be free of effects the full call would repeat."""
+
+
+def quick_of(frame_filter: object) -> Quick | None:
+    """The filter's ``quick`` decision, if it offers one."""
+    quick = getattr(frame_filter, "quick", None)
+    return quick if callable(quick) else None
+
+
+class QuickFilter:
+    """A closure-style frame filter with a ``quick`` decision attached (see :func:`with_quick`)."""
+
+    __slots__ = ("_full", "quick")
+
+    def __init__(self, full: FrameFilter, quick: Quick) -> None:
+        self._full = full
+        self.quick = quick
+
+    def __call__(self, frame: str | bytes) -> Awaitable[str | bytes | None]:
+        return self._full(frame)
+
+
+def with_quick(full: FrameFilter, quick: Quick) -> QuickFilter:
+    """``full`` as a frame filter that also decides quickly with ``quick``."""
+    return QuickFilter(full, quick)
 
 
 @dataclass(slots=True)
@@ -116,12 +152,14 @@ class RequestContext:
 
 def compose_frame_filters(filters: Sequence[FrameFilter]) -> FrameFilter | None:
     """The one place frames are filtered: ``filters`` in order, stopping at a dropped frame;
-    None when there is none (the relay then passes frames untouched)."""
+    None when there is none (the relay then passes frames untouched). The composition decides
+    quickly (``quick``) only when every filter does; else the relay makes the full call."""
     if not filters:
         return None
     if len(filters) == 1:
         return filters[0]
     chain = tuple(filters)
+    quicks = tuple(quick_of(f) for f in chain)
 
     async def filtered(frame: str | bytes) -> str | bytes | None:
         result: str | bytes | None = frame
@@ -132,7 +170,19 @@ def compose_frame_filters(filters: Sequence[FrameFilter]) -> FrameFilter | None:
             frame = result
         return frame
 
-    return filtered
+    if any(q is None for q in quicks):
+        return filtered
+
+    def quick(frame: str | bytes) -> str | bytes | Undecided | None:
+        for decide in quicks:
+            assert decide is not None  # checked above
+            out = decide(frame)
+            if out is None or out is UNDECIDED:
+                return out
+            frame = out
+        return frame
+
+    return with_quick(filtered, quick)
 
 
 @dataclass(slots=True)

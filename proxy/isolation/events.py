@@ -51,6 +51,7 @@ header parsed.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ import structlog
 from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.attribution import preview_files
 from proxy.isolation.ownership import OwnershipStore
+from proxy.upstream.ws_fast import UNDECIDED, Undecided
 
 if TYPE_CHECKING:
     from proxy.observability.metrics import Metrics
@@ -106,7 +108,7 @@ class SocketEventFilter:
         self.upstream_client_id = upstream_client_id
         self.admin = admin
         self._ownership = ownership
-        self._passed = frozenset(passed_types) - ADMIN_ONLY_EVENTS
+        self._passed = _passed_set(tuple(passed_types))
         self._owned: dict[str, PromptRecord | None] = {}
         """Prompt id -> its record if it is the caller's, else None."""
         self.running: str | None = None
@@ -116,6 +118,8 @@ class SocketEventFilter:
         """Store failures since its last answer (0: it answers)."""
         self._unrecorded: list[FileRef] = []
         """The caller's preview files the store failed to record, for a later attempt."""
+        self._last_meta: tuple[bytes, str | None] = (b"", None)
+        """The last type 4 metadata seen and its prompt id (a prompt's previews repeat it)."""
 
     async def __call__(self, frame: str | bytes) -> str | bytes | None:
         if isinstance(frame, str):
@@ -123,6 +127,45 @@ class SocketEventFilter:
         if self.admin:
             return frame
         return await self._binary(frame)
+
+    def quick(self, frame: str | bytes) -> str | bytes | Undecided | None:
+        """The decision for frames that need no lookup and no parse (``proxy.upstream.ws_fast``):
+        an admin's frames without a ``sid``, binary types 1 and 3 (the execution window), type 4
+        previews of a prompt whose owner this socket knows. No effects: the relay may still
+        call the filter in full for the same frame."""
+        if isinstance(frame, str):
+            return frame if self.admin and '"sid"' not in frame else UNDECIDED
+        if self.admin:
+            return frame
+        if len(frame) < 4:
+            return None
+        kind = int.from_bytes(frame[:4], "big")
+        if kind in (PREVIEW_IMAGE, TEXT):
+            return frame if self.running is not None else None
+        if kind != PREVIEW_IMAGE_WITH_METADATA:
+            return None  # unknown binary types cannot be attributed
+        prompt_id = self._preview_prompt_id(frame)
+        if prompt_id is None:
+            return None
+        if prompt_id not in self._owned:
+            return UNDECIDED  # the owner is looked up by the full call
+        return frame if self._owned[prompt_id] is not None else None
+
+    def _preview_prompt_id(self, frame: bytes) -> str | None:
+        """:func:`preview_prompt_id`, with the last metadata remembered: a prompt's previews
+        repeat theirs, so a repeat costs a comparison of a few dozen bytes, not a parse."""
+        if len(frame) < _HEADER.size:
+            return None
+        _, length = _HEADER.unpack_from(frame)
+        end = _HEADER.size + length
+        if end > len(frame):
+            return None
+        metadata = frame[_HEADER.size : end]
+        last, prompt_id = self._last_meta
+        if metadata != last:
+            prompt_id = _metadata_prompt_id(metadata)
+            self._last_meta = (metadata, prompt_id)
+        return prompt_id
 
     # -- ownership ------------------------------------------------------------------------
     async def owns(self, prompt_id: str) -> bool:
@@ -264,9 +307,15 @@ class SocketEventFilter:
             # only frames inside the caller's own execution window are the caller's.
             return frame if self.running is not None else None
         if kind == PREVIEW_IMAGE_WITH_METADATA:
-            prompt_id = preview_prompt_id(frame)
+            prompt_id = self._preview_prompt_id(frame)
             return frame if prompt_id is not None and await self.owns(prompt_id) else None
         return None  # unknown binary types cannot be attributed
+
+
+@functools.lru_cache(maxsize=8)
+def _passed_set(passed_types: tuple[str, ...]) -> frozenset[str]:
+    """The passed event types, one set for every socket (not a copy per idle socket)."""
+    return frozenset(passed_types) - ADMIN_ONLY_EVENTS
 
 
 def _failure_kind(exc: Exception) -> str:
@@ -286,8 +335,12 @@ def preview_prompt_id(frame: bytes) -> str | None:
     end = _HEADER.size + length
     if end > len(frame):
         return None
+    return _metadata_prompt_id(frame[_HEADER.size : end])
+
+
+def _metadata_prompt_id(raw: bytes) -> str | None:
     try:
-        metadata = orjson.loads(frame[_HEADER.size : end])
+        metadata = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
     prompt_id = metadata.get("prompt_id") if isinstance(metadata, dict) else None

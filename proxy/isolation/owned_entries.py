@@ -15,16 +15,19 @@ from typing import Any
 
 from proxy.comfy import views
 from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.record_cache import RecordCache
 
 MAX_KEYS = 16
 """Answers with more entries take the general path (one set read beats many record reads)."""
 
 
 async def own_entries(
-    ownership: OwnershipStore, owner: str, history: object
+    ownership: OwnershipStore, owner: str, history: object, cache: RecordCache | None = None
 ) -> tuple[dict[str, Any], dict[str, str]] | None:
     """The caller's entries of ``history`` (ComfyUI's order) and the client ids to show in them
     (``views.sent_client_ids``); None when ``history`` has too many entries for this path.
+    With ``cache``, records already read for these entries cost no round trip
+    (:mod:`proxy.isolation.record_cache`: ComfyUI answered with these entries).
 
     Raises:
         RedisError (and the store's other errors): the records could not be read; the caller
@@ -37,7 +40,7 @@ async def own_entries(
     ids = list(history)
     if not ids:
         return {}, {}
-    records = await ownership.records(ids)
+    records = await (ownership.records(ids) if cache is None else cache.records(ownership, ids))
     mine = {pid: r for pid, r in zip(ids, records, strict=True) if r and r.owner == owner}
     return views.filter_history(history, mine), views.sent_client_ids(mine.values())
 

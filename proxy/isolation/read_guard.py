@@ -67,6 +67,7 @@ from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.owned_entries import own_entries
 from proxy.isolation.ownership import OwnershipStore
+from proxy.isolation.record_cache import record_cache
 from proxy.multi.dispatch import MULTI
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.observability.metrics import METRICS, Metrics
@@ -181,13 +182,15 @@ class ReadGuard:
             offset = views.parse_int(views.query_value(ctx.upstream_path, "offset"))
             paged = _valid_ints(ctx.upstream_path, HISTORY_PAGING)
 
+        records = record_cache(ownership, request.app[SETTINGS].isolation.retention_seconds)
+
         async def rewrite(status: int, body: bytes) -> bytes:
             if status != 200:
                 return body
             answer = _loads(body)
             try:
                 # A short answer (/history/{id}): its own records decide, one round trip.
-                found = await own_entries(ownership, owner, answer)
+                found = await own_entries(ownership, owner, answer, records)
                 owned = await ownership.prompts_of(owner) if found is None else ()
             except STATE_ERRORS as exc:
                 self._degraded(ctx, "history", exc)

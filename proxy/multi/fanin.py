@@ -523,7 +523,7 @@ async def relay_fanin(request: web.Request, registry: FanInRegistry) -> web.Stre
         request, opened[0][1].protocol, relay.max_msg, (upstream_ws for _, upstream_ws in opened)
     )
     relay.ws = ws
-    relay.queue = ClientSendQueue.for_client(ws, ws_settings, metrics)
+    relay.queue = ClientSendQueue.for_client(ws, ws_settings, metrics, request.transport)
     for upstream in pool.upstreams:
         relay._claim(upstream)
     registry.add(relay)

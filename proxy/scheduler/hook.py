@@ -45,7 +45,14 @@ from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.keys import GATE
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
-from proxy.state import FrameFilter, RequestContext, ResponseFilter
+from proxy.state import (
+    UNDECIDED,
+    FrameFilter,
+    RequestContext,
+    ResponseFilter,
+    Undecided,
+    with_quick,
+)
 from proxy.upstream.forward import build_upstream_headers
 from proxy.upstream.pool import POOL
 
@@ -449,6 +456,11 @@ def _status_filter(gate: Gate, owner: str | None) -> FrameFilter:
     """``status`` frames count what the caller waits for: ComfyUI's queue (at most the room
     the gate gives each instance) plus the caller's held prompts."""
 
+    def quick(frame: str | bytes) -> str | bytes | Undecided | None:
+        if isinstance(frame, str) and '"status"' in frame:
+            return UNDECIDED  # counted by the full call
+        return frame
+
     async def status(frame: str | bytes) -> str | bytes | None:
         if not isinstance(frame, str) or '"status"' not in frame:
             return frame
@@ -466,7 +478,7 @@ def _status_filter(gate: Gate, owner: str | None) -> FrameFilter:
         info["queue_remaining"] = int(info["queue_remaining"]) + held
         return orjson.dumps(message).decode()
 
-    return status
+    return with_quick(status, quick)
 
 
 def _exec_info(message: object) -> dict[str, Any] | None:

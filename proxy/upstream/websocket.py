@@ -41,6 +41,7 @@ from proxy.tasks import task_failed
 from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 from proxy.upstream.pool import POOL, Upstream
+from proxy.upstream.ws_fast import UNDECIDED, DirectWriter, quick_of
 
 if TYPE_CHECKING:
     from proxy.settings import WebSocketSettings
@@ -75,31 +76,52 @@ class ClientSendQueue:
         max_bytes: int,
         drop_stale_previews: bool,
         metrics: Metrics,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self._ws = ws
+        # Nothing queued and the transport below its high-water mark: the frame is written at
+        # once (what send_bytes would do), without a writer task (proxy.upstream.ws_fast).
+        self._direct = DirectWriter(ws, transport) if transport is not None else None
         self._max_bytes = max_bytes
         self._drop_previews = drop_stale_previews
         self._metrics = metrics
-        self._frames: deque[str | bytes] = deque()
+        self._frames: deque[str | bytes] | None = None
+        """Created on the first frame that must wait (a deque holds a 760-byte block even
+        empty, and most sockets are idle or written directly)."""
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self.overflowed = False
         self.dropped = 0
+        self._closed = False
 
     @classmethod
     def for_client(
-        cls, ws: web.WebSocketResponse, settings: WebSocketSettings, metrics: Metrics
+        cls,
+        ws: web.WebSocketResponse,
+        settings: WebSocketSettings,
+        metrics: Metrics,
+        transport: asyncio.Transport | None = None,
     ) -> ClientSendQueue:
-        """The queue of one relayed client, sized by ``[websocket]``."""
+        """The queue of one relayed client, sized by ``[websocket]``; frames are written
+        directly on ``transport`` (the client's) when nothing waits before them."""
         return cls(
             ws,
             max_bytes=int(settings.send_queue_mb * 1024 * 1024),
             drop_stale_previews=settings.drop_stale_previews,
             metrics=metrics,
+            transport=transport,
         )
 
     def put(self, frame: str | bytes) -> bool:
         """Queue a frame; False when the client cannot keep up and must be closed."""
+        if self._closed:
+            return True  # the relay is closing: frames still arriving go with the connection
+        if self._writer is None and self._direct is not None and not self._frames:
+            try:
+                if self._direct.write(frame):
+                    return True
+            except (ConnectionError, RuntimeError):
+                return True  # the client is gone; the relay notices on its next receive
         size = len(frame)
         if self._bytes + size > self._max_bytes:
             preview = isinstance(frame, bytes) and is_preview(frame)
@@ -112,6 +134,8 @@ class ClientSendQueue:
                 self.overflowed = True
                 self._metrics.ws_slow_clients.inc()
                 return False
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(frame)
         self._bytes += size
         if self._writer is None:
@@ -120,7 +144,7 @@ class ClientSendQueue:
 
     def _drop_queued_previews(self) -> None:
         kept: deque[str | bytes] = deque()
-        for queued in self._frames:
+        for queued in self._frames or ():
             if isinstance(queued, bytes) and is_preview(queued):
                 self._bytes -= len(queued)
                 self._count_drop()
@@ -137,16 +161,18 @@ class ClientSendQueue:
             while self._frames:
                 frame = self._frames.popleft()
                 self._bytes -= len(frame)
+                if not self._frames:
+                    self._frames = None  # drained: the block goes until frames wait again
                 if isinstance(frame, str):
                     await self._ws.send_str(frame)
                 else:
                     await self._ws.send_bytes(frame)
         except (ConnectionError, RuntimeError):
-            self._frames.clear()  # the client is gone; the relay notices on its next receive
+            self._frames = None  # the client is gone; the relay notices on its next receive
             self._bytes = 0
         except Exception:  # noqa: BLE001 - anything else: logged, counted, the queue starts over
             task_failed("ws_send", self._metrics.task_failures, logger=log)
-            self._frames.clear()
+            self._frames = None
             self._bytes = 0
         finally:
             self._writer = None
@@ -158,6 +184,7 @@ class ClientSendQueue:
 
     async def close(self) -> None:
         """Stop the writer (frames still queued are dropped with the connection)."""
+        self._closed = True
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -193,6 +220,9 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
     # Generation metrics read ComfyUI's execution events as they pass (before the filter).
     tracker = metrics.generation
     roles = ctx.principal.roles if ctx.principal is not None else frozenset()
+    # Frames the filter decides from what it knows already (an admin's, a preview of a prompt
+    # whose owner this socket looked up) cost a call, not a coroutine chain (ws_fast).
+    quick = quick_of(frame_filter)
     while True:
         msg = await upstream_ws.receive()
         if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
@@ -222,7 +252,8 @@ async def pump_down(  # noqa: PLR0917 - the relay's hot path: plain positional a
             ctx.bytes_out += size
             if frame_filter is not None:
                 try:
-                    filtered = await frame_filter(data)
+                    decided = UNDECIDED if quick is None else quick(data)
+                    filtered = await frame_filter(data) if decided is UNDECIDED else decided
                 except Exception:  # noqa: BLE001 - the frame is dropped, the relay goes on
                     task_failed(
                         "ws_relay",
@@ -437,15 +468,17 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     upstream_ws = await connect_upstream(request, ctx, upstream, client_protocols(request), max_msg)
     ws = await accept_client(request, upstream_ws.protocol, max_msg, (upstream_ws,))
 
-    superseded = asyncio.Event()
+    superseded = False  # a flag, not an asyncio.Event: nothing waits on it (and an Event
+    # holds a 760-byte deque per idle socket)
 
     async def supersede() -> None:
-        superseded.set()
+        nonlocal superseded
+        superseded = True
         await quietly(upstream_ws.close(code=WSCloseCode.OK, message=b"superseded"))
 
     if client_id:
         lifecycle.relays[takeover_key] = supersede
-    queue = ClientSendQueue.for_client(ws, settings, metrics)
+    queue = ClientSendQueue.for_client(ws, settings, metrics, request.transport)
 
     async def to_upstream(data: str | bytes) -> None:
         if upstream_ws.closed:
@@ -465,7 +498,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     up = asyncio.ensure_future(pump_up(ws, to_upstream, metrics, ctx))
     try:
         await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
-        if superseded.is_set() and not up.done():
+        if superseded and not up.done():
             # Taken over: stay open and silent until this client leaves, as ComfyUI does.
             await asyncio.wait((up,))
     finally:

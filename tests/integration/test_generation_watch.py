@@ -130,3 +130,36 @@ async def test_an_end_seen_on_the_socket_is_not_read_again(
     before = len(fake_comfy.received)
     assert await tracker.watch_once() == 0
     assert len(fake_comfy.received) == before  # not even a queue read
+
+
+async def test_prompts_ended_together_are_read_in_one_history_request(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """Five prompts end without a socket: one ``/history?max_items`` read counts them all; a
+    deleted one (not in that answer) is read alone and counted cancelled."""
+    client = await make_proxy(fake_comfy.url, token=None, **QUIET)
+    tracker: GenerationTracker = client.app[GENERATION]
+    fake_comfy.hold()
+    running = await submit(client, 10)
+    assert await fake_comfy.wait_held() == running
+    pending = [await submit(client, 11 + i) for i in range(4)]
+    deleted = await submit(client, 20)
+    resp = await client.post("/queue", json={"delete": [deleted]}, headers=ROOT)
+    assert resp.status == 200
+    fake_comfy.release()
+    await fake_comfy.wait_idle()
+    fake_comfy.reset()
+    assert await tracker.watch_once() == 6
+    await tracker.drain()
+    assert finished(client, "admin", "completed") == 5
+    assert finished(client, "admin", "cancelled") == 1
+    reads = [r.raw_path for r in fake_comfy.received if r.path.startswith("/history")]
+    assert reads == ["/history?max_items=14", f"/history/{deleted}"]
+    assert tracker.watched == 0
+    # Reported again by someone else (the quota reconciler): counted here, nothing read.
+    fake_comfy.reset()
+    for prompt_id in [running, *pending, deleted]:
+        tracker.prompt_left_queue(prompt_id, fake_comfy.url.removeprefix("http://"))
+    await tracker.drain()
+    assert not [r for r in fake_comfy.received if r.path.startswith("/history")]
+    assert finished(client, "admin", "completed") == 5

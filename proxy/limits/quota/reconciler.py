@@ -41,6 +41,7 @@ from proxy.limits.quota.model import Snapshot
 from proxy.limits.quota.service import QueueQuota, StoreFailed
 from proxy.periodic import Periodic
 from proxy.settings import Settings
+from proxy.state import UNDECIDED, Undecided
 from proxy.upstream.pool import Upstream, UpstreamPool
 from proxy.upstream.queue_read import queued_ids
 
@@ -56,9 +57,7 @@ _END_MARKERS: Final = tuple(f'"{t}"' for t in sorted(END_EVENTS))
 def ended_prompt(frame: str) -> str | None:
     """The prompt id a ComfyUI text frame reports ended, else None. Cheap for every other
     frame: substring tests before any JSON parse."""
-    if not any(m in frame for m in _END_MARKERS) and not (
-        '"executing"' in frame and "null" in frame
-    ):
+    if not _may_end(frame):
         return None
     try:
         message = orjson.loads(frame)
@@ -72,6 +71,11 @@ def ended_prompt(frame: str) -> str | None:
     return prompt_id if ended and isinstance(prompt_id, str) and prompt_id else None
 
 
+def _may_end(frame: str) -> bool:
+    """Substring tests: False proves ``frame`` reports no prompt's end."""
+    return any(m in frame for m in _END_MARKERS) or ('"executing"' in frame and "null" in frame)
+
+
 class QuotaEventObserver:
     """A WebSocket frame filter that releases prompts as their end events go by and passes
     every frame on unchanged (first in ``ctx.frame_filters``: it sees what isolation drops)."""
@@ -79,6 +83,12 @@ class QuotaEventObserver:
     def __init__(self, quota: QueueQuota) -> None:
         self._quota = quota
         self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def quick(self, frame: str | bytes) -> str | bytes | Undecided | None:
+        """Frames that cannot end a prompt pass unchanged without the full call (``ws_fast``)."""
+        if isinstance(frame, str) and _may_end(frame):
+            return UNDECIDED
+        return frame
 
     async def __call__(self, frame: str | bytes) -> str | bytes | None:
         prompt_id = ended_prompt(frame) if isinstance(frame, str) else None
