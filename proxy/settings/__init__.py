@@ -450,6 +450,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     jobs: JobsSettings = JobsSettings()  # the jobs API (proxy.jobs)
     roles: dict[str, RoleSettings] = dict(DEFAULT_ROLES)
+    """``[roles.<name>]``: the built-in roles, plus or overridden by the configured ones."""
 
     @model_validator(mode="after")
     def _roles_referenced_exist(self) -> Settings:

@@ -30,7 +30,9 @@ class Limit(_Section):
     ``"unlimited"``) and ``burst`` (requests admitted at once from a full allowance)."""
 
     rate: str
+    """``"<count>/<period>"`` (e.g. ``"5/second"``, ``"100/10minutes"``) or ``"unlimited"``."""
     burst: int = Field(default=1, ge=1)
+    """Requests admitted at once from a full allowance."""
 
     @field_validator("rate")
     @classmethod

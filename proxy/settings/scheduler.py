@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SchedulerSettings(BaseModel):
-    """``[scheduler]``: hold prompts in comfygate and release them fairly."""
+    """The gateway queue: hold prompts in comfygate and release them fairly
+    (docs/scheduler.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

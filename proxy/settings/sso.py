@@ -67,20 +67,25 @@ class OidcProviderSettings(_Section):
     """The provider's issuer URL, exactly as its ID tokens name it (``iss``); its
     ``/.well-known/openid-configuration`` is read from there."""
     client_id: str = Field(min_length=1)
+    """The client ID registered at the provider; ID tokens must name it in ``aud``."""
     client_secret: str = ""
     """The client secret (``client_secret_file`` / env); empty only with
     ``token_auth_method = "none"`` (a public client: PKCE alone protects the code)."""
     token_auth_method: Literal["client_secret_basic", "client_secret_post", "none"] = (
         "client_secret_basic"  # noqa: S105 - the name of a client authentication method
     )
+    """How comfygate authenticates at the token endpoint: ``client_secret_basic``,
+    ``client_secret_post``, or ``none`` (a public client, PKCE only)."""
     label: str = Field(default="", max_length=64)
     """The login page's button text; empty: ``Sign in with <name>``."""
     scopes: tuple[str, ...] = ("openid", "email", "profile")
+    """Scopes asked for at sign-in; must include ``openid``."""
     extra_auth_params: dict[str, str] = {}
     """Added to the authorization request, e.g. Google's ``hd`` or ``prompt``."""
     algorithms: tuple[str, ...] = ("RS256",)
     """The ``alg`` values an ID token may use; anything else is refused."""
     leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew allowed on the ID token's ``exp``/``iat``."""
     roles_claim: str = "groups"
     """Dotted path to the provider's roles/groups (``realm_access.roles`` for Keycloak realm
     roles, ``groups`` for Authentik and Keycloak's group mapper)."""
@@ -101,7 +106,11 @@ class OidcProviderSettings(_Section):
     rp_initiated_logout: bool = True
     """Sign-out also signs out at the provider when it offers an ``end_session_endpoint``."""
     discovery_max_age_seconds: float = Field(default=3600.0, gt=0)
+    """How long the provider's ``/.well-known/openid-configuration`` is cached before it is
+    read again."""
     http_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    """Timeout of each discovery, JWKS and token request to the provider (503
+    ``provider_unavailable`` when it lapses)."""
 
     @field_validator("issuer")
     @classmethod
@@ -141,6 +150,8 @@ class OidcSettings(_Section):
     """OpenID Connect login (``[auth.oidc]``)."""
 
     providers: dict[str, OidcProviderSettings] = {}
+    """One table per provider, ``[auth.oidc.providers.<name>]``: each adds a "Sign in with ..."
+    button and ``/login/oidc/<name>``; none: no OIDC login."""
     flow_timeout_seconds: float = Field(default=600.0, gt=0, le=3600)
     """How long a started sign-in may take at the provider before its callback is refused."""
 
@@ -157,17 +168,22 @@ class ForwardAuthSettings(_Section):
     """Identity from a trusted authenticating proxy (``[auth.forward_auth]``)."""
 
     enabled: bool = False
+    """Believe identity headers from the peers in ``trusted_networks``."""
     trusted_networks: tuple[Network, ...] = ()
     """Peers (the TCP connection's address, never ``X-Forwarded-For``) whose identity headers
     are believed. From anywhere else they are ignored, and never forwarded."""
     user_header: str = "X-Forwarded-User"
+    """Header naming the person (the subject with ``subject_from = "user"``)."""
     email_header: str = "X-Forwarded-Email"
+    """Header carrying the person's e-mail (the subject with ``subject_from = "email"``)."""
     groups_header: str = "X-Forwarded-Groups"
+    """Header listing the person's groups, mapped to roles through ``role_map``."""
     subject_from: Literal["user", "email"] = "user"
     """Which header names the person (with ``assertion_header``: ignored, see subject_claim)."""
     subject_prefix: str = Field(default="forward:", max_length=64)
     """Prepended to the subject, so a forwarded ``alice`` is never the users file's ``alice``."""
     groups_separator: str = ","
+    """Separates the groups in ``groups_header``."""
     role_map: dict[str, str] = {}
     """Forwarded group name -> comfygate role; names equal to a configured role map to it."""
     default_role: str = ""
@@ -177,14 +193,19 @@ class ForwardAuthSettings(_Section):
     ``Cf-Access-Jwt-Assertion``). When set, identity comes from it alone: verified with
     ``assertion_jwks_url``; the plain headers above are ignored."""
     assertion_jwks_url: str = ""
+    """The auth proxy's JWKS URL, which verifies ``assertion_header`` (required with it)."""
     assertion_issuer: str = ""
     """Required ``iss`` of the assertion; empty: not checked."""
     assertion_audience: tuple[str, ...] = ()
     """Accepted ``aud`` values of the assertion; empty: not checked."""
     assertion_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    """The ``alg`` values the assertion may use (asymmetric only); anything else is refused."""
     subject_claim: str = "sub"
+    """The assertion's claim naming the person (prefixed with ``subject_prefix``)."""
     roles_claim: str = "groups"
+    """Dotted path to the assertion's groups, mapped to roles through ``role_map``."""
     leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew allowed on the assertion's ``exp``/``nbf``."""
 
     @field_validator("user_header", "email_header", "groups_header")
     @classmethod

@@ -57,6 +57,9 @@ def test_every_key_of_the_model_is_in_the_reference() -> None:
     assert "## `[auth.jwt]`" in page
     assert "## `[[upstream.instances]]`" in page
     assert "## `[roles.<name>]`" in page
+    assert "## `[auth.oidc.providers.<name>]`" in page
+    assert "## `[auth.forward_auth]`" in page
+    assert "## `[scheduler]`" in page
 
 
 def test_an_undocumented_key_fails_the_generator() -> None:
@@ -97,6 +100,64 @@ def test_protocol_citations_name_existing_sections() -> None:
         for s in (ROOT / "proxy").rglob("*.py")
         if "protocol doc " in s.read_text(encoding="utf-8")
     ], "cite docs/comfyui-protocol.md#<section>, not a 'protocol doc' outside the repository"
+
+
+LAYOUT_ENTRY = re.compile(r"^( *)([\w.]+(?:/|\.py)(?:, [\w.]+(?:/|\.py))*)(?:\s|$)")
+
+
+def layout_names() -> set[str]:
+    """The paths under ``proxy/`` that docs/architecture.md's layout names (``auth/``,
+    ``limits/quota/``, ``app.py``), read from the tree's indentation (two spaces a level)."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    block = re.search(r"^## Layout\n.*?^```\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert block is not None, "docs/architecture.md: no ## Layout with a tree"
+    stack: list[str] = []
+    out = set()
+    for line in block.group(1).splitlines():
+        entry = LAYOUT_ENTRY.match(line)
+        if entry is None:
+            continue  # a description's continuation
+        depth = len(entry.group(1)) // 2
+        del stack[depth:]
+        for name in entry.group(2).split(", "):
+            if stack[:1] == ["proxy/"]:
+                out.add("".join(stack[1:]) + name)
+        if entry.group(2).endswith("/"):
+            stack.append(entry.group(2))
+    return out
+
+
+def test_architecture_layout_matches_the_package_tree() -> None:
+    proxy = ROOT / "proxy"
+    packages = {
+        d.relative_to(proxy).as_posix() + "/"
+        for d in proxy.rglob("*")
+        if d.is_dir() and (d / "__init__.py").is_file()
+    }
+    modules = {m.name for m in proxy.glob("*.py") if m.name != "__init__.py"}
+    named = layout_names()
+    named_packages = {n for n in named if n.endswith("/")}
+    assert packages - named_packages == set(), "packages missing from docs/architecture.md"
+    assert named_packages - packages == set(), "docs/architecture.md names no such package"
+    assert modules - named == set(), "top-level modules missing from docs/architecture.md"
+    stale = {n for n in named if n.endswith(".py") and not (proxy / n).is_file()}
+    assert stale == set(), "docs/architecture.md names no such module"
+
+
+SOURCE_PATH = re.compile(r"(?<![\w/])proxy/(?:\w+/)*\w+(?:\.\w+)?/?")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_source_paths_named_in_docs_exist(page: Path) -> None:
+    named = set(SOURCE_PATH.findall(page.read_text(encoding="utf-8")))
+    assert {n for n in named if not (ROOT / n).exists()} == set(), f"{page.name}: moved or gone"
+
+
+def test_readme_links_every_docs_page() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.partition("## Documentation\n")[2]
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", table))
+    assert {p.name for p in DOCS.glob("*.md")} - linked == set(), "README's Documentation table"
 
 
 def test_readme_is_a_first_screen() -> None:
