@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -250,6 +250,8 @@ def _type(annotation: Any) -> str:
         return "number"
     if annotation is str:
         return "string"
+    if annotation is SecretStr:
+        return "string (secret)"
     if _model(annotation) is not None:
         return "table (" + ", ".join(f"`{k}`" for k in annotation.model_fields) + ")"
     if "Network" in getattr(annotation, "__name__", ""):

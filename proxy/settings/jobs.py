@@ -18,6 +18,7 @@ class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    """Send webhooks at all. False: a job asking for one is refused (422)."""
     secret: SecretStr = SecretStr("")
     """The signing secret, ``whsec_`` + base64 of 24..64 random bytes (``secret_file`` /
     ``COMFYGATE_JOBS__WEBHOOKS__SECRET``). Empty: webhooks are refused (422)."""
@@ -100,6 +101,8 @@ class JobsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    """Serve the jobs API under ``{base}/comfygate/v1/``. False: those paths go to ComfyUI
+    like any other (and are refused there)."""
     templates_dir: str = ""
     """A directory whose ``*.toml`` files are job templates (name = file stem); reloaded with
     the policy (``POST /admin/reload``, SIGHUP). Empty: no templates (raw workflows only)."""
@@ -121,3 +124,4 @@ class JobsSettings(BaseModel):
     preview_max_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
     """Largest live preview kept for a job (``GET /jobs/{id}/preview``); 0: none kept."""
     webhooks: WebhookSettings = WebhookSettings()
+    """``[jobs.webhooks]``: signed completion notifications."""
