@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import aiohttp
 import orjson
@@ -192,7 +192,7 @@ class Gate:
         for _ in range(CLAIM_ATTEMPTS):
             started = time.perf_counter()
             view = await self.store.view(PER_USER)
-            choice = self._choose(view, upstream.name)
+            choice = self._choose_now(view, upstream.name)
             if choice is None:
                 return False
             until = time.time() + self.settings.lease_seconds
@@ -203,6 +203,15 @@ class Gate:
                 await self._send(choice.item.prompt_id, body, upstream, first=True)
                 return True
         return False
+
+    def _choose_now(self, view: View, instance: str) -> Choice | None:
+        """:meth:`_choose` with each held prompt's cost the current estimate for that
+        instance (the one fixed when it was queued may predate any measurement)."""
+        queues = {
+            owner: [replace(h, cost=self.estimates.seconds(h.shape, instance)) for h in items]
+            for owner, items in view.queues.items()
+        }
+        return self._choose(replace(view, queues=queues), instance)
 
     @staticmethod
     def _choose(view: View, instance: str) -> Choice | None:
@@ -291,7 +300,7 @@ class Gate:
         if record is None or record.upstream == upstream.name:
             return
         await self.ownership.forget_prompt(pid)
-        await self.ownership.record_prompt(dataclasses.replace(record, upstream=upstream.name))
+        await self.ownership.record_prompt(replace(record, upstream=upstream.name))
 
     async def _recover(self, flight: Flight, upstream: Upstream, listed: set[str]) -> None:
         """A lapsed release lease, now this gate's: released already, or sent again."""
@@ -314,16 +323,33 @@ class Gate:
         began = self._started.pop(pid, None)
         self._released_at.pop(pid, None)
         if began is None:
-            return  # never seen running here (another replica fed it, or it was too quick)
+            # Never seen running here (another replica fed it, or it was too quick): charged
+            # what such a run is now known to take, if anything is known yet.
+            known = self.estimates.values.get(self.estimates.key(flight.instance, flight.shape))
+            if known is not None:
+                await self._settle(flight, known)
+            return
         seconds = time.monotonic() - began
         self.metrics.ran(flight.owner, seconds)
         changed = self.estimates.observe(flight.instance, flight.shape, seconds)
+        await self._settle(flight, seconds)
         with contextlib.suppress(*STORE_ERRORS):
             await self.store.put_estimates(changed)
 
+    async def _settle(self, flight: Flight, seconds: float) -> None:
+        """The owner's finish tag charged the run's measured time instead of the estimate it
+        was released on. Without this, the prompts released before the first measurement
+        (the default estimate: 10 s for a 0.1 s run) would skew every later choice by the
+        difference, in favour of whichever weight paid less for them."""
+        if flight.cost <= 0 or flight.credit <= 0:
+            return
+        delta = flight.credit * (seconds / flight.cost - 1.0)
+        if abs(delta) > 1e-9:
+            await self.store.charge(flight.owner, delta)
+
     async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
         view = await self.store.view(PER_USER)
-        choice = self._choose(view, upstream.name)
+        choice = self._choose_now(view, upstream.name)
         if choice is None:
             return
         ours = {f.prompt_id: f for f in view.flights if f.state == "released"}

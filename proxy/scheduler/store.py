@@ -126,6 +126,11 @@ class SchedulerStore(Protocol):
         ...
 
     async def finish(self, prompt_id: str) -> None: ...
+    async def charge(self, owner: str, delta: float) -> None:
+        """Add ``delta`` to ``owner``'s finish tag (a run's measured time replacing its
+        estimate)."""
+        ...
+
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         """Remove held prompts (``None``: all of ``owner``'s; ``owner`` None: anyone's)."""
         ...
@@ -239,6 +244,9 @@ class MemoryStore:
     async def finish(self, prompt_id: str) -> None:
         self._flight.pop(prompt_id, None)
         self._entries.pop(prompt_id, None)
+
+    async def charge(self, owner: str, delta: float) -> None:
+        self._tags[owner] = self._tags.get(owner, 0.0) + delta
 
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         removed: list[str] = []
@@ -503,6 +511,9 @@ class RedisStore:
 
     async def finish(self, prompt_id: str) -> None:
         await self._eval(_FINISH, [self.flight, self.items, self.bodies], prompt_id)
+
+    async def charge(self, owner: str, delta: float) -> None:
+        await self.client.hincrbyfloat(self.tags, owner, delta)
 
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         if prompt_ids is None:
