@@ -16,6 +16,7 @@ from proxy.scheduler.gate import Gate
 from proxy.scheduler.hook import CancelGuard, HoldGuard, ViewGuard
 from proxy.scheduler.keys import GATE
 from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.notify import Notifier
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
 from proxy.settings import SETTINGS
 from proxy.state import METRICS, OWNERSHIP, POOL, QUEUE_QUOTA
@@ -46,6 +47,7 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
         quota=quota,
         redis=client,
     )
+    gate.notifier = Notifier(app)
     app[GATE] = gate
     if quota is not None and quota.reconciler is not None:
         quota.reconciler.also_live = gate.live_ids
@@ -99,7 +101,7 @@ def with_scheduler(
     at = next((i for i, g in enumerate(queue) if isinstance(g, ReadGuard)), len(queue))
     out["queue"] = (*queue[:at], CancelGuard(), *queue[at:])
     view = ViewGuard()
-    for name in ("queue", "jobs", "ws"):
+    for name in ("queue", "jobs", "ws", "history"):
         out[name] = (*out[name], view)
     out[ADMIN_SCHEDULER] = (*chain, AdminGuard(ADMIN_SCHEDULER, "listing the gateway queue"))
     return out

@@ -42,6 +42,7 @@ from proxy.redis.client import RedisClient
 from proxy.scheduler.estimates import Estimates
 from proxy.scheduler.fair import Choice, expected_wait, pick, should_pull_back, virtual_time
 from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
 from proxy.settings.scheduler import SchedulerSettings
 from proxy.tasks import task_failed
@@ -89,6 +90,8 @@ class Gate:
         self._released_at: dict[str, float] = {}
         self.ticks = 0
         self._tick_done = asyncio.Condition()
+        self.notifier: Notifier | None = None
+        """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
 
     # -- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +165,8 @@ class Gate:
         if listed is None:
             return  # unreadable: nothing is decided on a guess
         running, pending = listed
+        if self.notifier is not None and len(self.instances()) == 1:
+            self.notifier.comfy_remaining = len(running) + len(pending)
         name = upstream.name
         view = await self.store.view(PER_USER)
         now = time.time()
@@ -273,13 +278,23 @@ class Gate:
             self.metrics.releases.labels("unreachable").inc()
             log.warning("scheduler_release_failed", upstream=upstream.name, status=status)
             return
-        # ComfyUI refused it (its own validation): not queued; the owner's record and count go.
+        # ComfyUI refused it (its own validation): not queued; the quota count goes, and the
+        # owner learns it as ComfyUI tells of a failed prompt: an execution_error, a failed
+        # history entry kept by the gateway queue (ComfyUI has none).
+        error = execution_error(held, answer, status)
+        with contextlib.suppress(orjson.JSONDecodeError):
+            sent = orjson.loads(body)
+            failed = failed_entry(held, held.seq, sent if isinstance(sent, dict) else {}, error)
+            await self.store.record_failed(held.owner, prompt_id, failed)
         await self.store.finish(prompt_id)
         self.metrics.releases.labels("refused").inc()
-        if self.ownership is not None:
-            await self.ownership.forget_prompt(prompt_id)
+        # The ownership record stays: it keeps the failed entry its owner's (isolation lets
+        # the owner, and only the owner, ask for it).
         if self.quota is not None:
             await self.quota.release([prompt_id], reason="refused")
+        if self.notifier is not None:
+            await self.notifier.refused(held, error)
+            await self.notifier.status(held.owner, self.store.count)
         log.warning(
             "scheduler_release_refused",
             prompt_id=prompt_id,
