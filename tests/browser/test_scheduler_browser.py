@@ -82,7 +82,8 @@ async def test_queue_panel_shows_held_prompts(
     # own: ComfyUI's queue did not change).
     await page.evaluate(
         """async (id) => { await fetch('/api/queue', {method: 'POST',
-            body: JSON.stringify({delete: [id]}), headers: {'Content-Type': 'application/json'}}); }""",
+            body: JSON.stringify({delete: [id]}),
+            headers: {'Content-Type': 'application/json'}}); }""",
         ids[3],
     )
     await expect(queue_tab.locator(".p-badge")).to_have_text("3", timeout=DEFAULT_TIMEOUT_MS)
