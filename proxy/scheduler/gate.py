@@ -184,7 +184,7 @@ class Gate:
             if pid in running:
                 self._started.setdefault(pid, time.monotonic())
             elif pid not in pending:
-                await self._ended(flight)
+                await self._ended(flight, view)
         room = self.capacity - busy
         for _ in range(max(0, room)):
             if not await self._release_next(upstream):
@@ -332,7 +332,7 @@ class Gate:
         log.info("scheduler_release_resent", prompt_id=pid, upstream=upstream.name)
         await self._send(pid, entry.body, upstream, first=False)
 
-    async def _ended(self, flight: Flight) -> None:
+    async def _ended(self, flight: Flight, view: View) -> None:
         pid = flight.prompt_id
         await self.store.finish(pid)
         began = self._started.pop(pid, None)
@@ -342,25 +342,35 @@ class Gate:
             # what such a run is now known to take, if anything is known yet.
             known = self.estimates.values.get(self.estimates.key(flight.instance, flight.shape))
             if known is not None:
-                await self._settle(flight, known)
+                await self._settle(flight, known, view)
             return
         seconds = time.monotonic() - began
         self.metrics.ran(flight.owner, seconds)
         changed = self.estimates.observe(flight.instance, flight.shape, seconds)
-        await self._settle(flight, seconds)
+        await self._settle(flight, seconds, view)
         with contextlib.suppress(*STORE_ERRORS):
             await self.store.put_estimates(changed)
 
-    async def _settle(self, flight: Flight, seconds: float) -> None:
+    async def _settle(self, flight: Flight, seconds: float, view: View) -> None:
         """The owner's finish tag charged the run's measured time instead of the estimate it
         was released on. Without this, the prompts released before the first measurement
         (the default estimate: 10 s for a 0.1 s run) would skew every later choice by the
-        difference, in favour of whichever weight paid less for them."""
+        difference, in favour of whichever weight paid less for them. The tag never drops
+        below the virtual time plus the owner's work still in service (re-estimated): a user
+        with a prompt running is never as entitled as one with nothing running."""
         if flight.cost <= 0 or flight.credit <= 0:
             return
-        delta = flight.credit * (seconds / flight.cost - 1.0)
-        if abs(delta) > 1e-9:
-            await self.store.charge(flight.owner, delta)
+        current = view.finish.get(flight.owner, 0.0)
+        others = [f for f in view.flights if f.prompt_id != flight.prompt_id]
+        vtime = virtual_time((f.in_flight for f in others), view.last_start)
+        floor = vtime + sum(
+            f.credit * self.estimates.seconds(f.shape, f.instance) / f.cost
+            for f in others
+            if f.owner == flight.owner and f.cost > 0
+        )
+        target = max(current + flight.credit * (seconds / flight.cost - 1.0), floor)
+        if abs(target - current) > 1e-9:
+            await self.store.charge(flight.owner, target - current)
 
     async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
         view = await self.store.view(PER_USER)
