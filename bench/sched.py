@@ -42,6 +42,8 @@ from tests.redis_server import RedisServer, start_redis
 
 SECRET = "bench-sched-secret-0123456789abcdef0123456789abcdef"
 EXEC_SECONDS = 0.1
+DEADLINE_SECONDS = 120.0
+"""A scenario whose prompts have not all ended by then fails, naming them (never a hang)."""
 
 
 def token(user: str, role: str = "user") -> dict[str, str]:
@@ -135,7 +137,12 @@ async def scenario(
                 await asyncio.sleep(0.01)
             await submit(after)
         total = len(submissions) + len(after)
+        deadline = time.monotonic() + DEADLINE_SECONDS
         while sum(len(f.queue.ended) for f in fakes) < total:  # noqa: ASYNC110
+            if time.monotonic() > deadline:
+                ended_ids = {p for f in fakes for p, _ in f.queue.ended}
+                missing = sorted(set(owner_of) - ended_ids)
+                raise RuntimeError(f"{name}: prompts never ran to the end: {missing}")
             await asyncio.sleep(0.05)
     count = summed = 0.0
     for app in apps:
