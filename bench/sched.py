@@ -138,7 +138,7 @@ async def scenario(
             await submit(after)
         total = len(submissions) + len(after)
         deadline = time.monotonic() + DEADLINE_SECONDS
-        while sum(len(f.queue.ended) for f in fakes) < total:  # noqa: ASYNC110
+        while sum(len(f.queue.ended) for f in fakes) < total:
             if time.monotonic() > deadline:
                 ended_ids = {p for f in fakes for p, _ in f.queue.ended}
                 missing = sorted(set(owner_of) - ended_ids)
