@@ -20,6 +20,7 @@ from proxy.scheduler.gate import Gate
 from proxy.scheduler.hook import CancelGuard, HoldGuard, ViewGuard
 from proxy.scheduler.keys import GATE
 from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.notify import Notifier
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
 from proxy.settings import SETTINGS
 from proxy.upstream.pool import POOL
@@ -48,6 +49,7 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
         quota=quota,
         redis=client,
     )
+    gate.notifier = Notifier(app)
     app[GATE] = gate
     if quota is not None and quota.reconciler is not None:
         quota.reconciler.also_live = gate.live_ids
@@ -103,7 +105,7 @@ def with_scheduler(endpoints: dict[RuleName, Endpoint]) -> None:
         endpoints["queue"], guards=(*queue[:at], CancelGuard(), *queue[at:])
     )
     view = ViewGuard()
-    for name in ("queue", "jobs", "ws"):
+    for name in ("queue", "jobs", "ws", "history"):
         extend(name, view)
 
 

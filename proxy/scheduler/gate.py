@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import aiohttp
 import orjson
@@ -42,6 +42,7 @@ from proxy.redis.client import RedisClient
 from proxy.scheduler.estimates import Estimates
 from proxy.scheduler.fair import Choice, expected_wait, pick, should_pull_back, virtual_time
 from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
 from proxy.settings.scheduler import SchedulerSettings
 from proxy.tasks import task_failed
@@ -89,6 +90,8 @@ class Gate:
         self._released_at: dict[str, float] = {}
         self.ticks = 0
         self._tick_done = asyncio.Condition()
+        self.notifier: Notifier | None = None
+        """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
 
     # -- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +165,8 @@ class Gate:
         if listed is None:
             return  # unreadable: nothing is decided on a guess
         running, pending = listed
+        if self.notifier is not None and len(self.instances()) == 1:
+            self.notifier.comfy_remaining = len(running) + len(pending)
         name = upstream.name
         view = await self.store.view(PER_USER)
         now = time.time()
@@ -179,7 +184,7 @@ class Gate:
             if pid in running:
                 self._started.setdefault(pid, time.monotonic())
             elif pid not in pending:
-                await self._ended(flight)
+                await self._ended(flight, view)
         room = self.capacity - busy
         for _ in range(max(0, room)):
             if not await self._release_next(upstream):
@@ -192,7 +197,7 @@ class Gate:
         for _ in range(CLAIM_ATTEMPTS):
             started = time.perf_counter()
             view = await self.store.view(PER_USER)
-            choice = self._choose(view, upstream.name)
+            choice = self._choose_now(view, upstream.name)
             if choice is None:
                 return False
             until = time.time() + self.settings.lease_seconds
@@ -203,6 +208,15 @@ class Gate:
                 await self._send(choice.item.prompt_id, body, upstream, first=True)
                 return True
         return False
+
+    def _choose_now(self, view: View, instance: str) -> Choice | None:
+        """:meth:`_choose` with each held prompt's cost the current estimate for that
+        instance (the one fixed when it was queued may predate any measurement)."""
+        queues = {
+            owner: [replace(h, cost=self.estimates.seconds(h.shape, instance)) for h in items]
+            for owner, items in view.queues.items()
+        }
+        return self._choose(replace(view, queues=queues), instance)
 
     @staticmethod
     def _choose(view: View, instance: str) -> Choice | None:
@@ -264,13 +278,23 @@ class Gate:
             self.metrics.releases.labels("unreachable").inc()
             log.warning("scheduler_release_failed", upstream=upstream.name, status=status)
             return
-        # ComfyUI refused it (its own validation): not queued; the owner's record and count go.
+        # ComfyUI refused it (its own validation): not queued; the quota count goes, and the
+        # owner learns it as ComfyUI tells of a failed prompt: an execution_error, a failed
+        # history entry kept by the gateway queue (ComfyUI has none).
+        error = execution_error(held, answer, status)
+        with contextlib.suppress(orjson.JSONDecodeError):
+            sent = orjson.loads(body)
+            failed = failed_entry(held, held.seq, sent if isinstance(sent, dict) else {}, error)
+            await self.store.record_failed(held.owner, prompt_id, failed)
         await self.store.finish(prompt_id)
         self.metrics.releases.labels("refused").inc()
-        if self.ownership is not None:
-            await self.ownership.forget_prompt(prompt_id)
+        # The ownership record stays: it keeps the failed entry its owner's (isolation lets
+        # the owner, and only the owner, ask for it).
         if self.quota is not None:
             await self.quota.release([prompt_id], reason="refused")
+        if self.notifier is not None:
+            await self.notifier.refused(held, error)
+            await self.notifier.status(held.owner, self.store.count)
         log.warning(
             "scheduler_release_refused",
             prompt_id=prompt_id,
@@ -291,7 +315,7 @@ class Gate:
         if record is None or record.upstream == upstream.name:
             return
         await self.ownership.forget_prompt(pid)
-        await self.ownership.record_prompt(dataclasses.replace(record, upstream=upstream.name))
+        await self.ownership.record_prompt(replace(record, upstream=upstream.name))
 
     async def _recover(self, flight: Flight, upstream: Upstream, listed: set[str]) -> None:
         """A lapsed release lease, now this gate's: released already, or sent again."""
@@ -308,22 +332,49 @@ class Gate:
         log.info("scheduler_release_resent", prompt_id=pid, upstream=upstream.name)
         await self._send(pid, entry.body, upstream, first=False)
 
-    async def _ended(self, flight: Flight) -> None:
+    async def _ended(self, flight: Flight, view: View) -> None:
         pid = flight.prompt_id
         await self.store.finish(pid)
         began = self._started.pop(pid, None)
         self._released_at.pop(pid, None)
         if began is None:
-            return  # never seen running here (another replica fed it, or it was too quick)
+            # Never seen running here (another replica fed it, or it was too quick): charged
+            # what such a run is now known to take, if anything is known yet.
+            known = self.estimates.values.get(self.estimates.key(flight.instance, flight.shape))
+            if known is not None:
+                await self._settle(flight, known, view)
+            return
         seconds = time.monotonic() - began
         self.metrics.ran(flight.owner, seconds)
         changed = self.estimates.observe(flight.instance, flight.shape, seconds)
+        await self._settle(flight, seconds, view)
         with contextlib.suppress(*STORE_ERRORS):
             await self.store.put_estimates(changed)
 
+    async def _settle(self, flight: Flight, seconds: float, view: View) -> None:
+        """The owner's finish tag charged the run's measured time instead of the estimate it
+        was released on. Without this, the prompts released before the first measurement
+        (the default estimate: 10 s for a 0.1 s run) would skew every later choice by the
+        difference, in favour of whichever weight paid less for them. The tag never drops
+        below the virtual time plus the owner's work still in service (re-estimated): a user
+        with a prompt running is never as entitled as one with nothing running."""
+        if flight.cost <= 0 or flight.credit <= 0:
+            return
+        current = view.finish.get(flight.owner, 0.0)
+        others = [f for f in view.flights if f.prompt_id != flight.prompt_id]
+        vtime = virtual_time((f.in_flight for f in others), view.last_start)
+        floor = vtime + sum(
+            f.credit * self.estimates.seconds(f.shape, f.instance) / f.cost
+            for f in others
+            if f.owner == flight.owner and f.cost > 0
+        )
+        target = max(current + flight.credit * (seconds / flight.cost - 1.0), floor)
+        if abs(target - current) > 1e-9:
+            await self.store.charge(flight.owner, target - current)
+
     async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
         view = await self.store.view(PER_USER)
-        choice = self._choose(view, upstream.name)
+        choice = self._choose_now(view, upstream.name)
         if choice is None:
             return
         ours = {f.prompt_id: f for f in view.flights if f.state == "released"}

@@ -43,6 +43,7 @@ from proxy.scheduler.estimates import shape_of
 from proxy.scheduler.fair import Held
 from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.keys import GATE
+from proxy.scheduler.notify import failed_job
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
 from proxy.state import (
@@ -164,6 +165,7 @@ class HoldGuard:
                 headers={hdrs.RETRY_AFTER: "1"},
             ) from None
         gate.wake()
+        await _push_status(gate, owner)
         answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
 
         async def respond(request: web.Request) -> web.StreamResponse:
@@ -227,14 +229,26 @@ class CancelGuard:
             removed = await gate.store.cancel([i for i in ids if isinstance(i, str)], owner)
         else:
             return
-        _cancelled(gate, removed)
+        await _cancelled(gate, removed, owner)
 
 
-def _cancelled(gate: Gate, removed: Sequence[str]) -> None:
+async def _cancelled(gate: Gate, removed: Sequence[str], owner: str | None) -> None:
     if removed:
         gate.metrics.releases.labels("cancelled").inc(len(removed))
         log.info("scheduler_cancelled", count=len(removed))
         gate.wake()
+        await _push_status(gate, owner)
+
+
+async def _push_status(gate: Gate, owner: str | None) -> None:
+    """The owner's sockets here hear the change of what they wait for (ComfyUI's queue did
+    not change: it sends nothing)."""
+    if gate.notifier is None:
+        return
+    try:
+        await gate.notifier.status(owner, gate.store.count)
+    except STORE_ERRORS:
+        log.warning("scheduler_status_push_failed")
 
 
 # -- views -------------------------------------------------------------------------------------
@@ -255,6 +269,8 @@ class ViewGuard:
             ctx.response_filters.append(_queue_view(gate, owner))
         elif rule == "jobs":
             await self._jobs(request, ctx, gate, owner)
+        elif rule == "history" and request.method == hdrs.METH_GET:
+            await _history(ctx, gate, owner)
         elif rule == "ws":
             ctx.frame_filters.append(_status_filter(gate, owner))
 
@@ -270,6 +286,8 @@ class ViewGuard:
             if held is not None:
                 job = _job(held, detail=True) | await _detail(gate, held)
                 ctx.answer = _static(job)
+            elif (failed := (await gate.store.failed(owner)).get(segments[0])) is not None:
+                ctx.answer = _static(failed_job(segments[0], failed, detail=True))
             return
         if request.method == hdrs.METH_POST and segments == ["cancel"]:
             try:
@@ -278,13 +296,13 @@ class ViewGuard:
                 return
             if isinstance(ids, list):
                 removed = await gate.store.cancel([i for i in ids if isinstance(i, str)], owner)
-                _cancelled(gate, removed)
+                await _cancelled(gate, removed, owner)
                 if removed:
                     ctx.response_filters.append(_force_cancelled())
             return
         if request.method == hdrs.METH_POST and len(segments) == 2 and segments[1] == "cancel":
             removed = await gate.store.cancel([segments[0]], owner)
-            _cancelled(gate, removed)
+            await _cancelled(gate, removed, owner)
             if removed:
                 ctx.answer = _static({"cancelled": True})
 
@@ -386,27 +404,27 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _wrap_jobs_list(
-    ctx: RequestContext, gate: Gate, owner: str | None, query: Mapping[str, str]
-) -> None:
-    wanted = query.get("status")
-    if wanted and "pending" not in {s.strip() for s in wanted.split(",")}:
+async def _history(ctx: RequestContext, gate: Gate, owner: str | None) -> None:
+    """Prompts ComfyUI refused at release time, as the failed entries ComfyUI keeps for
+    prompts that failed: ``/history/{id}`` answers the entry, ``/history`` lists them too."""
+    failed = await gate.store.failed(owner)
+    if not failed:
         return
-    if query.get("offset", "0") not in ("", "0"):
-        return  # held jobs are the newest: on the first page only
+    segments = ctx.path.split("/")[2:]
+    if len(segments) == 1:
+        if segments[0] in failed:
+            ctx.answer = _static({segments[0]: failed[segments[0]]})
+        return
 
     async def add(payload: object) -> object:
-        if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
-            return payload
-        held = [_job(h) for h in await gate.store.held(owner)]
-        if not held:
-            return payload
-        payload["jobs"] = [*held, *payload["jobs"]]
-        page = payload.get("pagination")
-        if isinstance(page, dict) and isinstance(page.get("total"), int):
-            page["total"] += len(held)
-        return payload
+        return {**payload, **failed} if isinstance(payload, dict) else payload
 
+    _wrap_json(ctx, add)
+
+
+def _wrap_json(ctx: RequestContext, add: Callable[[object], Awaitable[object]]) -> None:
+    """``add`` applied to the JSON a 200 answer carries, whether a guard answers (isolation's
+    own views) or ComfyUI does."""
     inner_answer = ctx.answer
     if inner_answer is not None:
 
@@ -435,6 +453,42 @@ def _wrap_jobs_list(
             return body
 
     ctx.response_filters.append(rewrite)
+
+
+def _wrap_jobs_list(
+    ctx: RequestContext, gate: Gate, owner: str | None, query: Mapping[str, str]
+) -> None:
+    wanted = {s.strip() for s in query.get("status", "").split(",") if s.strip()}
+    if wanted and not wanted & {"pending", "failed"}:
+        return
+    if query.get("offset", "0") not in ("", "0"):
+        return  # held jobs are the newest: on the first page only
+
+    async def add(payload: object) -> object:
+        if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
+            return payload
+        held = [_job(h) for h in await gate.store.held(owner)] if _wants(wanted, "pending") else []
+        if _wants(wanted, "failed"):
+            listed = {j.get("id") for j in payload["jobs"] if isinstance(j, dict)}
+            failed = await gate.store.failed(owner)
+            held += [
+                failed_job(p, e, detail=False)
+                for p, e in reversed(failed.items())
+                if p not in listed
+            ]
+        if not held:
+            return payload
+        payload["jobs"] = [*held, *payload["jobs"]]
+        page = payload.get("pagination")
+        if isinstance(page, dict) and isinstance(page.get("total"), int):
+            page["total"] += len(held)
+        return payload
+
+    _wrap_json(ctx, add)
+
+
+def _wants(wanted: set[str], status: str) -> bool:
+    return not wanted or status in wanted
 
 
 def _kept(response: web.Response) -> dict[str, str]:
@@ -471,6 +525,8 @@ def _status_filter(gate: Gate, owner: str | None) -> FrameFilter:
         info = _exec_info(message)
         if info is None:
             return frame
+        if gate.notifier is not None:
+            gate.notifier.comfy_remaining = int(info["queue_remaining"])
         try:
             held = await gate.store.count(owner)
         except STORE_ERRORS:

@@ -15,6 +15,9 @@ several of them on a cluster; ``P`` = ``comfygate:sched:{q}``):
                             ``until``, then ``released`` until it is seen to end
 ``P:feed:<instance>``       the replica feeding that instance (``SET NX PX``, renewed)
 ``P:est``                   hash ``instance|shape`` -> execution-time estimate
+``P:failed``                hash ``prompt_id`` -> a prompt ComfyUI refused at release time
+                            (owner + its failed history entry); ``P:failedq`` keeps the
+                            newest :data:`FAILED_KEEP` ids
 ==========================  ==================================================================
 
 The lease protocol (exactly one release per prompt, none lost):
@@ -51,6 +54,8 @@ from proxy.scheduler.fair import Choice, Held, InFlight, run_order
 FRONT_OFFSET = 1e15
 """Score offset of ``front`` prompts in an owner's queue (they run before the others)."""
 LAST = "\x00last"
+FAILED_KEEP = 1000
+"""Refused prompts remembered (their failed history entries), newest first."""
 
 State = Literal["releasing", "released"]
 
@@ -126,6 +131,11 @@ class SchedulerStore(Protocol):
         ...
 
     async def finish(self, prompt_id: str) -> None: ...
+    async def charge(self, owner: str, delta: float) -> None:
+        """Add ``delta`` to ``owner``'s finish tag (a run's measured time replacing its
+        estimate)."""
+        ...
+
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         """Remove held prompts (``None``: all of ``owner``'s; ``owner`` None: anyone's)."""
         ...
@@ -144,6 +154,13 @@ class SchedulerStore(Protocol):
 
     async def estimates(self) -> dict[str, float]: ...
     async def put_estimates(self, values: dict[str, float]) -> None: ...
+    async def record_failed(self, owner: str, prompt_id: str, entry: dict[str, Any]) -> None:
+        """Remember a refused prompt's failed history entry (the newest FAILED_KEEP)."""
+        ...
+
+    async def failed(self, owner: str | None) -> dict[str, dict[str, Any]]:
+        """Failed entries by prompt id, oldest first (``None``: everyone's)."""
+        ...
 
 
 def _score(held: Held) -> float:
@@ -180,6 +197,7 @@ class MemoryStore:
         self._flight: dict[str, Flight] = {}
         self._feed: dict[str, tuple[str, float]] = {}
         self._est: dict[str, float] = {}
+        self._failed: dict[str, tuple[str, dict[str, Any]]] = {}
 
     async def next_seq(self) -> int:
         self._seq += 1
@@ -240,6 +258,9 @@ class MemoryStore:
         self._flight.pop(prompt_id, None)
         self._entries.pop(prompt_id, None)
 
+    async def charge(self, owner: str, delta: float) -> None:
+        self._tags[owner] = self._tags.get(owner, 0.0) + delta
+
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         removed: list[str] = []
         if prompt_ids is None:
@@ -286,6 +307,14 @@ class MemoryStore:
 
     async def put_estimates(self, values: dict[str, float]) -> None:
         self._est.update(values)
+
+    async def record_failed(self, owner: str, prompt_id: str, entry: dict[str, Any]) -> None:
+        self._failed[prompt_id] = (owner, entry)
+        while len(self._failed) > FAILED_KEEP:
+            del self._failed[next(iter(self._failed))]
+
+    async def failed(self, owner: str | None) -> dict[str, dict[str, Any]]:
+        return {p: e for p, (o, e) in self._failed.items() if owner is None or o == owner}
 
 
 def _flight(choice: Choice, instance: str, replica: str, until: float) -> Flight:
@@ -404,6 +433,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
+_FAILED = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do
+  redis.call('HDEL', KEYS[1], redis.call('LPOP', KEYS[2]))
+end
+return 1
+"""
+
 _FINISH = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -504,6 +542,9 @@ class RedisStore:
     async def finish(self, prompt_id: str) -> None:
         await self._eval(_FINISH, [self.flight, self.items, self.bodies], prompt_id)
 
+    async def charge(self, owner: str, delta: float) -> None:
+        await self.client.hincrbyfloat(self.tags, owner, delta)
+
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         if prompt_ids is None:
             prompt_ids = [h.prompt_id for h in await self.held(owner)]
@@ -559,6 +600,25 @@ class RedisStore:
     async def estimates(self) -> dict[str, float]:
         raw = await self.client.hgetall(self.est)
         return {_s(k): float(v) for k, v in raw.items()}
+
+    async def record_failed(self, owner: str, prompt_id: str, entry: dict[str, Any]) -> None:
+        keys = [f"{self.p}:failed", f"{self.p}:failedq"]
+        record = orjson.dumps({"owner": owner, "entry": entry})
+        await self._eval(_FAILED, keys, prompt_id, record, FAILED_KEEP)
+
+    async def failed(self, owner: str | None) -> dict[str, dict[str, Any]]:
+        ids = [_s(i) for i in await self.client.lrange(f"{self.p}:failedq", 0, -1)]
+        if not ids:
+            return {}
+        raws = await self.client.hmget(f"{self.p}:failed", ids)
+        out: dict[str, dict[str, Any]] = {}
+        for pid, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                continue
+            record = orjson.loads(raw)
+            if owner is None or record.get("owner") == owner:
+                out[pid] = record["entry"]
+        return out
 
     async def put_estimates(self, values: dict[str, float]) -> None:
         if values:

@@ -138,3 +138,38 @@ async def test_plain_user_cannot_list_the_gateway_queue(
         assert resp.status == 403
         assert (await resp.json())["error"]["type"] == "forbidden_role"
     fake_comfy.release()
+
+
+async def test_b_learns_nothing_of_a_prompt_refused_at_release(
+    client: Client, fake_comfy: FakeComfyUI
+) -> None:
+    """A's prompt ComfyUI refuses at release time becomes a failed entry for A alone: B's
+    socket hears no ``execution_error`` for it, and B's history and jobs views do not have it,
+    by id or in lists; ComfyUI got it once (the refused release) and runs nothing for it."""
+    fake_comfy.release()
+    async with client.ws_connect("/ws?clientId=b-tab", headers=B) as b_socket:
+        body = {"prompt": saved(image(width=0)), "client_id": "a-tab"}  # below the minimum
+        async with client.post("/prompt", json=body, headers=A) as resp:
+            assert resp.status == 200
+            pid = (await resp.json())["prompt_id"]
+        gate = gate_of(client)
+        while pid not in (await gate.store.failed(None)):
+            gate.wake()
+            await gate.wait_ticks(1)
+        await gate.wait_ticks(1)  # the refusing round has ended: its frames are sent
+        await b_socket.close()
+        frames = [m.data for m in [m async for m in b_socket] if isinstance(m.data, str)]
+    assert not any(pid in frame for frame in frames)
+    async with client.get(f"/history/{pid}", headers=B) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {}
+    async with client.get("/history", headers=B) as resp:
+        assert pid not in await resp.json()
+    async with client.get(f"/api/jobs/{pid}", headers=B) as resp:
+        assert resp.status == 404
+    async with client.get("/api/jobs?status=failed", headers=B) as resp:
+        assert pid not in [j["id"] for j in (await resp.json())["jobs"]]
+    async with client.get(f"/history/{pid}", headers=A) as resp:
+        assert (await resp.json())[pid]["status"]["status_str"] == "error"
+    assert prompts_received(fake_comfy) == 1
+    assert fake_comfy.queue.started == []

@@ -246,6 +246,11 @@ class PromptQueue:
             assert self._held is not None
             return self._held
 
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate`` holds (checked at each queue change: put, start, end, delete)."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
     async def wait_idle(self) -> None:
         """Until nothing is pending or running and the last prompt's messages are sent."""
         async with self._changed:

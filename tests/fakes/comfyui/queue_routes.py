@@ -85,7 +85,10 @@ def add_routes(fake: FakeComfyUI, routes: web.RouteTableDef) -> None:
             extra_data["client_id"] = json_data["client_id"]
         if not valid[0]:
             return web.json_response({"error": valid[1], "node_errors": valid[3]}, status=400)
+        if not await fake.submit_hold.at("before_queue", prompt_id):
+            raise web.HTTPServiceUnavailable  # fake-only: dropped, as if never received
         await queue.put((number, prompt_id, prompt, extra_data, valid[2]))
+        await fake.submit_hold.at("after_queue", prompt_id)
         return web.json_response(
             {"prompt_id": prompt_id, "number": number, "node_errors": valid[3]}
         )

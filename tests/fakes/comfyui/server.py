@@ -6,7 +6,8 @@ Routes are registered like ``PromptServer.add_routes``: every route twice (``/x`
 capture in ``/work/shared/captures`` it was checked against.
 
 Fake-only additions: the request log (:attr:`received`, :attr:`ws_received`), the
-:meth:`hold`/:meth:`release`/:meth:`wait_held`/:meth:`wait_idle` test hooks, and the
+:meth:`hold`/:meth:`release`/:meth:`wait_held`/:meth:`wait_idle` test hooks,
+:attr:`submit_hold` (a ``POST /prompt`` stopped until the test lets it go), and the
 ``/__fake__/`` control API used by the benchmark (``ws_stream``, ``reset``).
 """
 
@@ -42,6 +43,7 @@ from .middleware import (
 from .nodes import NodeRegistry
 from .paths import Paths
 from .queue import PromptQueue
+from .submit_hold import SubmitHold
 from .websocket import (
     PREVIEW_IMAGE,
     PREVIEW_IMAGE_WITH_METADATA,
@@ -97,6 +99,8 @@ class FakeComfyUI:
         """Fake-only: the next N ``POST /prompt`` answer 500 before anything is queued."""
         self.fail_status: int | None = None
         """Fake-only: every request answers this status (an instance that is sick)."""
+        self.submit_hold = SubmitHold()
+        """Fake-only: stop the next ``POST /prompt`` until the test lets it go."""
         self.socket_table = SocketTable()
         self.executor = Executor(
             self.registry, self.paths, self.socket_table, preview_method=preview_method
