@@ -87,6 +87,8 @@ from proxy.limits.guard import RateLimitGuard
 from proxy.limits.quota.context import queue_quota_context
 from proxy.limits.quota.guard import QueueQuotaGuard, SocketQuotaGuard
 from proxy.limits.quota.service import QUEUE_QUOTA, QueueQuota
+from proxy.monitoring.context import metrics_context
+from proxy.monitoring.exposition import add_metrics_route, enable_user_counter
 from proxy.multi.admin import (
     ADMIN_UPSTREAM_ROUTES,
     add_upstream_admin_routes,
@@ -108,8 +110,6 @@ from proxy.multi.idempotency import IdempotencyGuard, idempotency_context, idemp
 from proxy.multi.placement_guard import PlacementGuard
 from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
-from proxy.observability.context import metrics_context
-from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import catalog_context, serve_catalog

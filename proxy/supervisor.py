@@ -49,7 +49,7 @@ from proxy.auth.authenticator import bootstrap_token, jwt_settings_for_run, sess
 from proxy.banner import banner, print_banner, probe_urls, warn_unreachable
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
-from proxy.observability.exposition import (
+from proxy.monitoring.exposition import (
     MULTIPROC_ENV,
     exposition_registry,
     start_metrics_listener,

@@ -27,10 +27,10 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.monitoring.upstreams import UPSTREAM_PROBE, probe_wanted
 from proxy.multi.capabilities import CapabilityRefresher, ObjectInfoSource
 from proxy.multi.discovery import DnsDiscovery, Resolver, resolve_dns
 from proxy.observability.metrics import METRICS
-from proxy.observability.upstreams import UPSTREAM_PROBE, probe_wanted
 from proxy.policy.catalog.cache import Snapshot
 from proxy.policy.catalog.upstream import CATALOG
 from proxy.redis.client import REDIS

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
 from proxy.auth.principal import Principal
-from proxy.observability.exposition import in_networks, refusal
-from proxy.observability.generation import (
+from proxy.monitoring.exposition import in_networks, refusal
+from proxy.monitoring.generation import (
     GenerationTracker,
     MemoryPromptStats,
     history_outcome,
