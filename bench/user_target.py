@@ -22,8 +22,8 @@ import orjson
 
 from bench.fixtures import HISTORY_TARGET, VIEW_FILE, api_graph
 from bench.targets import BENCH_JWT_SECRET, RunningTarget, TargetSpec, bench_token
-from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
 from proxy.settings.limits import ROUTE_CLASSES
 
 USER_ROLE = "bench_user"

@@ -117,6 +117,8 @@ from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
 from proxy.policy.store import POLICY, PolicyStore
 from proxy.redis.client import redis_client
+from proxy.relay.forward import forward_http
+from proxy.relay.websocket import relay_websocket
 from proxy.request.bodies import (
     BODY_BUDGET,
     INSPECTED_RULES,
@@ -143,9 +145,7 @@ from proxy.scheduler.context import (
 )
 from proxy.settings import SETTINGS, Settings
 from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
-from proxy.upstream.forward import forward_http
 from proxy.upstream.pool import POOL, UpstreamPool
-from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import serve_userdata, userdata_context
 from proxy.web.frontend import (
     WHOAMI_ROUTE,

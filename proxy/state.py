@@ -16,7 +16,7 @@ from typing import Protocol
 from aiohttp import web
 from multidict import istr
 
-from proxy.auth.principal import Principal
+from proxy.principal import Principal
 from proxy.routes import OTHER, RouteRule
 from proxy.upstream.http1 import UpstreamResponse
 from proxy.upstream.pool import Upstream

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from proxy.auth.principal import comfy_user_id
 from proxy.isolation.namespaces import folder_names, legacy_user_folder
+from proxy.principal import comfy_user_id
 from proxy.settings import Settings
 
 

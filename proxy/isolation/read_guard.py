@@ -57,7 +57,6 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisClusterException
 
-from proxy.auth.principal import Principal
 from proxy.comfy import views
 from proxy.comfy.records import FileRef
 from proxy.errors import Forbidden, UpstreamUnavailable
@@ -70,12 +69,13 @@ from proxy.isolation.ownership import OwnershipStore
 from proxy.multi.dispatch import MULTI
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.observability.metrics import METRICS, Metrics
+from proxy.principal import Principal
+from proxy.relay.forward import map_client_error
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS, IsolationSettings
 from proxy.settings.auth import RoleSettings
 from proxy.state import CONTEXT, RequestContext
 from proxy.upstream.encoding import IDENTITY, read_client_answer
-from proxy.upstream.forward import map_client_error
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.isolation")

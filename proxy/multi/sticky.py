@@ -47,9 +47,9 @@ from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.files import PathRefused, clean_relative, view_target
 from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.merge import Answer, Gathered, ask_all, json_response
+from proxy.relay.forward import forward_http
 from proxy.request.bodies import read_json_body
 from proxy.state import CONTEXT, RequestContext
-from proxy.upstream.forward import forward_http
 from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:

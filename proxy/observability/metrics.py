@@ -37,7 +37,7 @@ from proxy.routes import RouteRule
 
 
 class Caller(Protocol):
-    """Who made a request, as counted (``proxy.auth.principal.Principal``)."""
+    """Who made a request, as counted (``proxy.principal.Principal``)."""
 
     @property
     def subject(self) -> str: ...

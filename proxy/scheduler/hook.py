@@ -37,6 +37,7 @@ from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
+from proxy.relay.forward import build_upstream_headers
 from proxy.request.bodies import read_json_body
 from proxy.request.prompt import forward_submission, read_prompt
 from proxy.scheduler.estimates import shape_of
@@ -46,7 +47,6 @@ from proxy.scheduler.keys import GATE
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
 from proxy.state import FrameFilter, RequestContext, ResponseFilter
-from proxy.upstream.forward import build_upstream_headers
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.scheduler")

@@ -21,7 +21,7 @@ import pytest
 from playwright.async_api import BrowserContext
 from yarl import URL
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from proxy.routes import classify, normalise_path
 from proxy.target import canonical_target
 from proxy.userdata.handler import parse_call, upstream_target

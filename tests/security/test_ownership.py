@@ -26,7 +26,6 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
 from proxy.comfy.records import FileRef
 from proxy.errors import SettingsError
 from proxy.isolation.namespaces import (
@@ -36,6 +35,7 @@ from proxy.isolation.namespaces import (
     user_folder,
 )
 from proxy.isolation.ownership import OWNERSHIP
+from proxy.principal import comfy_user_id
 from proxy.settings import redacted
 from proxy.supervisor import _shared_folder_secret
 from tests.conftest import ProxyFactory, bearer, make_settings

@@ -16,7 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from proxy.auth.principal import Principal
 from proxy.monitoring.exposition import in_networks, refusal
 from proxy.monitoring.generation import (
     GenerationTracker,
@@ -25,6 +24,7 @@ from proxy.monitoring.generation import (
 )
 from proxy.observability.metrics import Metrics, method_label, role_label
 from proxy.observability.users import UserCollector, UserCounter, merged_counts
+from proxy.principal import Principal
 from proxy.routes import OTHER, RuleName, rule
 from proxy.settings.metrics import MetricsSettings
 from proxy.state import RequestContext

@@ -104,7 +104,7 @@ class ReadFailover:
         self, request: web.Request, first: Upstream, body: Body
     ) -> tuple[UpstreamResponse, Upstream]:
         # Imported here: forward imports this module.
-        from proxy.upstream.forward import build_upstream_headers, map_client_error  # noqa: PLC0415
+        from proxy.relay.forward import build_upstream_headers, map_client_error  # noqa: PLC0415
 
         pool = request.app[POOL]
         ctx = request[CONTEXT]

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from proxy.observability.metrics import METRICS
+from proxy.relay.home import home_for, read_failover
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, HEADER_POLICY, RequestContext
 from proxy.upstream.encoding import ask_identity, compress_for_client, decode
@@ -26,7 +27,6 @@ from proxy.upstream.headers import (
     strip_cookies,
     upstream_request_headers,
 )
-from proxy.upstream.home import home_for, read_failover
 from proxy.upstream.http1 import (
     UpstreamConnectError,
     UpstreamHttpError,
@@ -152,7 +152,7 @@ async def forward_http(request: web.Request) -> web.StreamResponse:
         method = hdrs.METH_GET
     started = time.perf_counter()
     # Placement: a refused submission moves to another instance; a read of the home
-    # instance's that any instance answers alike moves too (proxy.upstream.home).
+    # instance's that any instance answers alike moves too (proxy.relay.home).
     failover = ctx.failover or read_failover(request, body)
     try:
         if failover is not None:
