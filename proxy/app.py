@@ -115,6 +115,7 @@ from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
+from proxy.policy.schema_source import PolicySchemas
 from proxy.policy.store import POLICY, PolicyStore
 from proxy.redis.client import redis_client
 from proxy.relay.forward import forward_http
@@ -126,7 +127,7 @@ from proxy.request.bodies import (
     BodyGuard,
     release_inspected_bodies,
 )
-from proxy.request.prompt import PromptGuard
+from proxy.request.prompt import NODE_SCHEMAS, PromptGuard
 from proxy.routes import (
     COMFY_RULES,
     OTHER,
@@ -416,6 +417,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[HEADER_POLICY] = build_header_policy(settings)
     app[RELOAD_HOOKS] = []  # run on SIGHUP (proxy/server.py)
     app[POLICY] = PolicyStore(settings.policy, settings.roles)  # a bad policy file fails here
+    app[NODE_SCHEMAS] = PolicySchemas(app)  # what prompts are read with (its catalog, its store)
     app[RELOAD_HOOKS].append(policy_reload_hook(app))
     # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
     app.cleanup_ctx.extend(
