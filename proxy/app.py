@@ -55,6 +55,7 @@ from proxy.auth.guard import (
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
 from proxy.auth.oidc import FLOW_COOKIE, add_oidc_routes
+from proxy.auth.origin_guard import OriginGuard
 from proxy.auth.sweeper import relay_sweeper
 from proxy.chain import (
     FORWARD_ROUTE,
@@ -69,6 +70,13 @@ from proxy.chain import (
     resolve_route,
 )
 from proxy.cors import make_cors
+from proxy.frontend import (
+    WHOAMI_ROUTE,
+    AdminStubGuard,
+    ExtensionListGuard,
+    add_frontend_routes,
+    local_answers,
+)
 from proxy.health import healthz, readyz
 from proxy.isolation.namespaces import FOLDERS
 from proxy.isolation.own_views import OwnViews
@@ -111,7 +119,6 @@ from proxy.multi.placement_guard import PlacementGuard
 from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
 from proxy.observability.metrics import METRICS, Metrics
-from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
@@ -148,13 +155,6 @@ from proxy.settings import SETTINGS, Settings
 from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
 from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.userdata.handler import serve_userdata, userdata_context
-from proxy.web.frontend import (
-    WHOAMI_ROUTE,
-    AdminStubGuard,
-    ExtensionListGuard,
-    add_frontend_routes,
-    local_answers,
-)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -234,7 +234,7 @@ def build_routes(app: web.Application) -> RouteTable:
         guards: list[Guard] = [*identity(rule)]
         if name == "internal":
             # The stock frontend's own calls to /internal/*: an empty answer for those the
-            # role guard would refuse (proxy.web.frontend); after auth and CSRF.
+            # role guard would refuse (proxy.frontend); after auth and CSRF.
             guards.append(AdminStubGuard())
         guards.append(RoleGuard(rule, roles))  # admin-only families
         guards.extend(_role_checks(name, rule, settings))

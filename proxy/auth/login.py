@@ -217,7 +217,7 @@ class LoginPage:
 
     def sign_out_form(self, request: web.Request, response: web.StreamResponse) -> dict[str, str]:
         """What a page of the UI needs to post the sign-out form itself (the frontend extension,
-        ``proxy.web.frontend``): the form's URL and its CSRF value, whose cookie is set on
+        ``proxy.frontend``): the form's URL and its CSRF value, whose cookie is set on
         ``response`` when the browser has none yet."""
         csrf, new = self._csrf_token(request)
         if new:

@@ -59,6 +59,7 @@ import orjson
 import redis.asyncio as redis
 import structlog
 
+from proxy.comfy.frames import END_EVENTS
 from proxy.comfy.records import FileRef, PromptRecord
 from proxy.isolation.attribution import preview_files
 from proxy.isolation.ownership import OwnershipStore
@@ -72,8 +73,6 @@ PREVIEW_IMAGE = 1
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 _HEADER = struct.Struct(">II")
-END_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
-"""Events that end a prompt's execution (besides the final ``executing {node: null}``)."""
 WINDOW_EVENTS = frozenset({"execution_start", "executing", "progress", "progress_state"})
 """Events of a prompt that is executing now (``executing`` with a node)."""
 ADMIN_ONLY_EVENTS = frozenset({"logs"})

@@ -50,8 +50,9 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from proxy.comfy import views
+from proxy.comfy.frames import END_EVENTS
 from proxy.errors import ProxyError, UpstreamUnavailable
-from proxy.isolation.events import END_EVENTS, SocketEventFilter
+from proxy.isolation.events import SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
 from proxy.observability.metrics import METRICS
 from proxy.relay.websocket import (

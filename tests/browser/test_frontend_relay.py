@@ -68,7 +68,7 @@ ANSWERED_BY_PROXY = frozenset(
     {
         ("GET", "/api/users"),
         ("GET", "/users"),
-        # The proxy's account extension (proxy.web.frontend): its script and who is signed in.
+        # The proxy's account extension (proxy.frontend): its script and who is signed in.
         ("GET", "/extensions/comfygate/account.js"),
         ("GET", "/comfygate/whoami"),
     }
