@@ -78,9 +78,7 @@ from proxy.frontend import (
     local_answers,
 )
 from proxy.health import healthz, readyz
-from proxy.isolation.namespaces import FOLDERS
 from proxy.isolation.own_views import OwnViews
-from proxy.isolation.ownership import OWNERSHIP, ownership_store
 from proxy.isolation.read_guard import (
     HistoryGuard,
     InterruptGuard,
@@ -153,6 +151,8 @@ from proxy.scheduler.context import (
 )
 from proxy.settings import SETTINGS, Settings
 from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
+from proxy.tenancy.namespaces import FOLDERS
+from proxy.tenancy.ownership import OWNERSHIP, ownership_store
 from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.userdata.handler import serve_userdata, userdata_context
 

@@ -48,7 +48,6 @@ from prometheus_client.registry import Collector
 from proxy.auth.authenticator import bootstrap_token, jwt_settings_for_run, session_secret
 from proxy.banner import banner, print_banner, probe_urls, warn_unreachable
 from proxy.errors import SettingsError
-from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
 from proxy.monitoring.exposition import (
     MULTIPROC_ENV,
     exposition_registry,
@@ -56,6 +55,7 @@ from proxy.monitoring.exposition import (
 )
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
+from proxy.tenancy.namespaces import folder_names, generated_secret, warn_if_unstable
 
 log = structlog.get_logger("comfygate.supervisor")
 

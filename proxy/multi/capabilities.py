@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from aiohttp import web
 
 from proxy.comfy.capabilities import parse_object_info
 from proxy.periodic import Periodic
@@ -30,6 +31,12 @@ log = structlog.get_logger("comfygate.upstream.capabilities")
 ObjectInfoSource = Callable[[str], Awaitable[tuple[object, Mapping[str, Any]] | None]]
 """Given an instance name: ``(version, document)`` of its current ``/object_info``, or None
 when it could not be read."""
+
+
+OBJECT_INFO: web.AppKey[ObjectInfoSource] = web.AppKey("comfygate.object_info_source")
+"""Optional: how capabilities read an instance's ``/object_info`` when something shares the
+fetch (set by ``proxy.policy.catalog.upstream.catalog_context``: its per-instance cache also
+answers clients); without it, the registry fetches directly."""
 
 
 class CapabilityRefresher:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi import merge, sticky
 from proxy.multi.fanin import FanInRegistry, relay_fanin
 from proxy.multi.lost import LostPrompts
@@ -38,6 +37,7 @@ from proxy.redis.client import REDIS
 from proxy.relay.forward import forward_http
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 

@@ -52,7 +52,6 @@ from aiohttp import WSCloseCode, web
 from proxy.comfy import views
 from proxy.comfy.frames import END_EVENTS
 from proxy.errors import ProxyError, UpstreamUnavailable
-from proxy.isolation.events import SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
 from proxy.observability.metrics import METRICS
 from proxy.relay.websocket import (
@@ -72,6 +71,7 @@ from proxy.relay.websocket import (
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
 from proxy.tasks import Wake, supervise
+from proxy.tenancy.events import SocketEventFilter
 from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:

@@ -31,7 +31,6 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import BadRequest, ServiceUnavailable
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.isolation.prompt import client_id_of
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
@@ -47,6 +46,7 @@ from proxy.scheduler.keys import GATE
 from proxy.scheduler.store import Entry
 from proxy.settings import SETTINGS
 from proxy.state import FrameFilter, RequestContext, ResponseFilter
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.scheduler")

@@ -10,7 +10,7 @@ Rules, for a non-admin caller:
 
 * JSON events carrying ``data.prompt_id`` pass iff the prompt is the caller's (an ownership
   lookup, cached per socket). Of an ``executed`` output only the previews of the prompt's own
-  preview nodes are recorded as the caller's files (:mod:`proxy.isolation.attribution`): the
+  preview nodes are recorded as the caller's files (:mod:`proxy.tenancy.attribution`): the
   output is the node's to write, and a node may echo any file name it was given.
 * ``status`` passes, its connect-time ``sid`` (the namespaced id ComfyUI saw) mapped back to the
   client's own id; the types in ``isolation.passed_event_types`` pass; so does the connect-time
@@ -61,8 +61,8 @@ import structlog
 
 from proxy.comfy.frames import END_EVENTS
 from proxy.comfy.records import FileRef, PromptRecord
-from proxy.isolation.attribution import preview_files
-from proxy.isolation.ownership import OwnershipStore
+from proxy.tenancy.attribution import preview_files
+from proxy.tenancy.ownership import OwnershipStore
 
 if TYPE_CHECKING:
     from proxy.observability.metrics import Metrics
@@ -192,7 +192,7 @@ class SocketEventFilter:
         self._track(kind, data, prompt_id)
         if kind == "executed":
             # SECURITY: never every file dict of the output (Preview3D echoes its inputs):
-            # only what the prompt's own preview nodes wrote (proxy.isolation.attribution).
+            # only what the prompt's own preview nodes wrote (proxy.tenancy.attribution).
             files = preview_files(data.get("node"), data.get("output"), record.previews)
             if files or self._unrecorded:
                 await self._record(files)
