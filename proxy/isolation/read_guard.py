@@ -66,7 +66,7 @@ from proxy.multi.dispatch import MULTI
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.principal import Principal
-from proxy.relay.forward import map_client_error
+from proxy.relay.outgoing import map_client_error
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS, IsolationSettings
 from proxy.settings.auth import RoleSettings

@@ -34,7 +34,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.comfy import views
 from proxy.errors import UpstreamUnavailable
 from proxy.observability.metrics import METRICS
-from proxy.relay.forward import build_upstream_headers, forward_http
+from proxy.relay.forward import forward_http
+from proxy.relay.outgoing import build_upstream_headers
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT
 from proxy.upstream.encoding import (

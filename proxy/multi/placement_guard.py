@@ -45,7 +45,7 @@ from proxy.multi.placement import (
 from proxy.multi.replication import FileCopier, referenced_files
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.redis.client import REDIS
-from proxy.relay.forward import build_upstream_headers, map_client_error
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.request.prompt import read_prompt
 from proxy.settings.upstreams import PlacementSettings
 from proxy.state import CONTEXT, Body, RequestContext

@@ -35,7 +35,7 @@ from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import METRICS, Metrics
-from proxy.relay.forward import build_upstream_headers, map_client_error
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
 from proxy.tasks import task_failed

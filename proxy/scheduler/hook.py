@@ -36,7 +36,7 @@ from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
-from proxy.relay.forward import build_upstream_headers
+from proxy.relay.outgoing import build_upstream_headers
 from proxy.request.bodies import read_json_body
 from proxy.request.prompt import forward_submission, read_prompt
 from proxy.scheduler.estimates import shape_of

@@ -42,8 +42,9 @@ from yarl import URL
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
-from proxy.relay.forward import build_upstream_headers, forward_http, map_client_error
+from proxy.relay.forward import forward_http
 from proxy.relay.home import home_for
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.request.bodies import read_body
 from proxy.routes import normalise_path
 from proxy.settings import SETTINGS
