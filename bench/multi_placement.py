@@ -31,7 +31,7 @@ import orjson
 from bench.fixtures import api_graph
 from bench.procs import ProcessGroup, free_port, wait_http
 from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
-from proxy.multi.capabilities import parse_object_info
+from proxy.comfy.capabilities import parse_object_info
 from proxy.multi.placement import CandidateState, decide, requirements
 
 INSTANCES = 4

@@ -21,9 +21,9 @@ from typing import Literal
 import jwt
 
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
 from proxy.settings.limits import ROUTE_CLASSES
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.redis_server import start_redis
 
 REPO = Path(__file__).resolve().parent.parent

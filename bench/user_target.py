@@ -22,9 +22,9 @@ import orjson
 
 from bench.fixtures import HISTORY_TARGET, VIEW_FILE, api_graph
 from bench.targets import BENCH_JWT_SECRET, RunningTarget, TargetSpec, bench_token
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
 from proxy.settings.limits import ROUTE_CLASSES
+from proxy.tenancy.namespaces import upstream_client_id
 
 USER_ROLE = "bench_user"
 PREVIEW_WITH_METADATA = 4  # BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA

@@ -10,7 +10,7 @@ which hold on a shared machine:
         .venv/bin/python -m bench.ws_relay_micro --frames 2000 --path direct
 
 and the same with ``--frames 0`` (start-up only); the difference over the frames is the cost of
-one frame. ``--path queued --no-quick`` is the relay before ``proxy.upstream.ws_fast``:
+one frame. ``--path queued --no-quick`` is the relay before ``proxy.relay.ws_fast``:
 ``--path queued`` takes the send queue's writer task and aiohttp's ``send_bytes``
 (what every frame took before the direct writes); ``--admin`` relays as an admin.
 """
@@ -29,10 +29,10 @@ from aiohttp._websocket.writer import WebSocketWriter
 from aiohttp.base_protocol import BaseProtocol
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.events import SocketEventFilter
-from proxy.isolation.ownership import MemoryOwnershipStore
 from proxy.observability.metrics import Metrics
-from proxy.upstream.websocket import ClientSendQueue, pump_down
+from proxy.relay.websocket import ClientSendQueue, pump_down
+from proxy.tenancy.events import SocketEventFilter
+from proxy.tenancy.ownership import MemoryOwnershipStore
 
 PROMPT = "00000000-0000-4000-8000-000000000000"
 OWNER = "bench_user"

@@ -55,6 +55,7 @@ from proxy.auth.guard import (
 from proxy.auth.identity import IDENTITY_HEADERS, users_endpoint
 from proxy.auth.login import CSRF_COOKIE, add_login_routes
 from proxy.auth.oidc import FLOW_COOKIE, add_oidc_routes
+from proxy.auth.origin_guard import OriginGuard
 from proxy.auth.sweeper import relay_sweeper
 from proxy.chain import (
     FORWARD_ROUTE,
@@ -69,10 +70,15 @@ from proxy.chain import (
     resolve_route,
 )
 from proxy.cors import make_cors
+from proxy.frontend import (
+    WHOAMI_ROUTE,
+    AdminStubGuard,
+    ExtensionListGuard,
+    add_frontend_routes,
+    local_answers,
+)
 from proxy.health import healthz, readyz
-from proxy.isolation.namespaces import FOLDERS
 from proxy.isolation.own_views import OwnViews
-from proxy.isolation.ownership import OWNERSHIP, ownership_store
 from proxy.isolation.read_guard import (
     HistoryGuard,
     InterruptGuard,
@@ -89,6 +95,8 @@ from proxy.limits.guard import RateLimitGuard
 from proxy.limits.quota.context import queue_quota_context
 from proxy.limits.quota.guard import QueueQuotaGuard, SocketQuotaGuard
 from proxy.limits.quota.service import QUEUE_QUOTA, QueueQuota
+from proxy.monitoring.context import metrics_context
+from proxy.monitoring.exposition import add_metrics_route, enable_user_counter
 from proxy.multi.admin import (
     ADMIN_UPSTREAM_ROUTES,
     add_upstream_admin_routes,
@@ -110,15 +118,15 @@ from proxy.multi.idempotency import IdempotencyGuard, idempotency_context, idemp
 from proxy.multi.placement_guard import PlacementGuard
 from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
-from proxy.observability.context import metrics_context
-from proxy.observability.exposition import add_metrics_route, enable_user_counter
 from proxy.observability.metrics import METRICS, Metrics
-from proxy.origin import OriginGuard
 from proxy.policy.catalog.view import catalog_context, serve_catalog
 from proxy.policy.guard import PolicyGuard
 from proxy.policy.reload import RELOAD_ROUTE, add_reload_route, policy_reload_hook, reload_guard
+from proxy.policy.schema_source import PolicySchemas
 from proxy.policy.store import POLICY, PolicyStore
 from proxy.redis.client import redis_client
+from proxy.relay.forward import forward_http
+from proxy.relay.websocket import relay_websocket
 from proxy.request.bodies import (
     BODY_BUDGET,
     INSPECTED_RULES,
@@ -126,7 +134,7 @@ from proxy.request.bodies import (
     BodyGuard,
     release_inspected_bodies,
 )
-from proxy.request.prompt import PromptGuard
+from proxy.request.prompt import NODE_SCHEMAS, PromptGuard
 from proxy.routes import (
     COMFY_RULES,
     OTHER,
@@ -145,17 +153,10 @@ from proxy.scheduler.context import (
 )
 from proxy.settings import SETTINGS, Settings
 from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
-from proxy.upstream.forward import forward_http
+from proxy.tenancy.namespaces import FOLDERS
+from proxy.tenancy.ownership import OWNERSHIP, ownership_store
 from proxy.upstream.pool import POOL, UpstreamPool
-from proxy.upstream.websocket import relay_websocket
 from proxy.userdata.handler import serve_userdata, userdata_context
-from proxy.web.frontend import (
-    WHOAMI_ROUTE,
-    AdminStubGuard,
-    ExtensionListGuard,
-    add_frontend_routes,
-    local_answers,
-)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -235,7 +236,7 @@ def build_routes(app: web.Application) -> RouteTable:
         guards: list[Guard] = [*identity(rule)]
         if name == "internal":
             # The stock frontend's own calls to /internal/*: an empty answer for those the
-            # role guard would refuse (proxy.web.frontend); after auth and CSRF.
+            # role guard would refuse (proxy.frontend); after auth and CSRF.
             guards.append(AdminStubGuard())
         guards.append(RoleGuard(rule, roles))  # admin-only families
         guards.extend(_role_checks(name, rule, settings))
@@ -426,6 +427,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[HEADER_POLICY] = build_header_policy(settings)
     app[RELOAD_HOOKS] = []  # run on SIGHUP (proxy/server.py)
     app[POLICY] = PolicyStore(settings.policy, settings.roles)  # a bad policy file fails here
+    app[NODE_SCHEMAS] = PolicySchemas(app)  # what prompts are read with (its catalog, its store)
     app[RELOAD_HOOKS].append(policy_reload_hook(app))
     # Order: the authenticator needs Redis (revocations) and the pool's session (JWKS).
     app.cleanup_ctx.extend(

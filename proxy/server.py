@@ -28,7 +28,7 @@ from proxy.app import create_app
 from proxy.auth.authenticator import BOOTSTRAP_TOKEN
 from proxy.banner import banner, print_banner, warn_unreachable
 from proxy.errors import SettingsError
-from proxy.observability.exposition import exposition_registry, start_metrics_listener
+from proxy.monitoring.exposition import exposition_registry, start_metrics_listener
 from proxy.observability.metrics import METRICS
 from proxy.settings import Settings
 from proxy.state import LIFECYCLE, RELOAD_HOOKS

@@ -17,7 +17,7 @@ from typing import Final, Protocol
 from aiohttp import web
 from multidict import istr
 
-from proxy.auth.principal import Principal
+from proxy.principal import Principal
 from proxy.routes import OTHER, RouteRule
 from proxy.upstream.http1 import UpstreamResponse
 from proxy.upstream.pool import Upstream
@@ -52,7 +52,7 @@ class Undecided(enum.Enum):
 UNDECIDED: Final = Undecided.UNDECIDED
 """A frame filter's ``quick`` answer when the frame needs the filter's full (async) call."""
 Quick = Callable[[str | bytes], "str | bytes | Undecided | None"]
-"""A frame filter's optional synchronous decision (``proxy.upstream.ws_fast``): the frame to
+"""A frame filter's optional synchronous decision (``proxy.relay.ws_fast``): the frame to
 send, None to drop it, or UNDECIDED. It must be free of effects the full call would repeat."""
 
 

@@ -48,14 +48,14 @@ from prometheus_client.registry import Collector
 from proxy.auth.authenticator import bootstrap_token, jwt_settings_for_run, session_secret
 from proxy.banner import banner, print_banner, probe_urls, warn_unreachable
 from proxy.errors import SettingsError
-from proxy.isolation.namespaces import folder_names, generated_secret, warn_if_unstable
-from proxy.observability.exposition import (
+from proxy.monitoring.exposition import (
     MULTIPROC_ENV,
     exposition_registry,
     start_metrics_listener,
 )
 from proxy.observability.logging import configure_logging
 from proxy.settings import Settings
+from proxy.tenancy.namespaces import folder_names, generated_secret, warn_if_unstable
 
 log = structlog.get_logger("comfygate.supervisor")
 

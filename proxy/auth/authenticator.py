@@ -26,7 +26,6 @@ from aiohttp import hdrs, web
 
 from proxy.auth.forward_auth import ForwardAuth, presents_forwarded_identity
 from proxy.auth.liveness import MESSAGES, SessionLiveness
-from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import (
     FailModeRevocations,
     MemoryRevocationList,
@@ -34,7 +33,7 @@ from proxy.auth.revocation import (
     RevocationList,
     cached,
 )
-from proxy.auth.sessions import InvalidSession, Session, SessionCodec
+from proxy.auth.sessions import InvalidSession, SessionCodec
 from proxy.auth.tokens import (
     InvalidToken,
     NoKnownRole,
@@ -44,6 +43,7 @@ from proxy.auth.tokens import (
 from proxy.auth.users import UsersFile
 from proxy.errors import Forbidden, Unauthenticated
 from proxy.observability.metrics import METRICS
+from proxy.principal import Principal, Session, Source
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
 from proxy.settings.auth import SYMMETRIC, AuthSettings, JwtSettings, RoleSettings

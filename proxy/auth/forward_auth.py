@@ -34,9 +34,9 @@ import structlog
 from aiohttp import web
 
 from proxy.auth.keys import JwksKeys, KeySource, key_fits
-from proxy.auth.principal import Principal
 from proxy.auth.tokens import check_signature
 from proxy.errors import Forbidden, Unauthenticated
+from proxy.principal import Principal
 from proxy.settings.auth import RoleSettings
 from proxy.settings.sso import ForwardAuthSettings
 

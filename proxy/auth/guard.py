@@ -22,11 +22,11 @@ import orjson
 from aiohttp import hdrs, web
 
 from proxy.auth.identity import COMFY_USER, identity_headers
-from proxy.auth.principal import AMBIENT_SOURCES, Principal
 from proxy.auth.revocation import FAIL_OPEN
 from proxy.errors import Forbidden, Unauthenticated
 from proxy.limits.classes import route_class
 from proxy.origin import browser_origin, is_own_origin
+from proxy.principal import AMBIENT_SOURCES, Principal
 from proxy.request.bodies import read_json_body
 from proxy.request.websocket import is_websocket, is_websocket_handshake
 from proxy.routes import RouteRule

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 from multidict import istr
 
-from proxy.auth.principal import Principal
+from proxy.principal import Principal
 
 COMFY_USER = "Comfy-User"
 

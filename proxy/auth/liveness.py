@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from proxy.auth.sessions import Session, SessionCodec
+from proxy.auth.sessions import SessionCodec
 from proxy.auth.users import UsersFile
+from proxy.principal import Session
 
 
 class Denylist(Protocol):

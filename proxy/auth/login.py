@@ -44,8 +44,7 @@ from aiohttp import hdrs, web
 from multidict import MultiDictProxy
 
 from proxy.auth.liveness import SessionLiveness
-from proxy.auth.principal import Principal, Source
-from proxy.auth.sessions import InvalidSession, Session, SessionCodec
+from proxy.auth.sessions import InvalidSession, SessionCodec
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import InvalidToken, NoKnownRole
 from proxy.auth.users import UserRecord, UsersFile
@@ -53,6 +52,7 @@ from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.json_errors import json_error
 from proxy.limits.guard import limit_login
 from proxy.origin import is_own_origin
+from proxy.principal import Principal, Session, Source
 from proxy.settings import SETTINGS, ServerSettings
 from proxy.settings.auth import AuthSettings, RoleSettings
 from proxy.state import CONTEXT, LIFECYCLE
@@ -217,7 +217,7 @@ class LoginPage:
 
     def sign_out_form(self, request: web.Request, response: web.StreamResponse) -> dict[str, str]:
         """What a page of the UI needs to post the sign-out form itself (the frontend extension,
-        ``proxy.web.frontend``): the form's URL and its CSRF value, whose cookie is set on
+        ``proxy.frontend``): the form's URL and its CSRF value, whose cookie is set on
         ``response`` when the browser has none yet."""
         csrf, new = self._csrf_token(request)
         if new:

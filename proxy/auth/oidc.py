@@ -65,7 +65,7 @@ from proxy.settings.auth import RoleSettings
 from proxy.settings.sso import LOOPBACK_HOSTS, OidcProviderSettings, OidcSettings
 
 if TYPE_CHECKING:
-    from proxy.auth.sessions import Session
+    from proxy.principal import Session
     from proxy.redis.client import RedisClient
 
 log = structlog.get_logger("comfygate.auth.oidc")

@@ -27,16 +27,14 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import jwt
 
+from proxy.principal import Session, SessionSource
 from proxy.settings.auth import SESSION_SECRET_MIN_BYTES, SessionSettings
 
 SESSION_TYPE = "comfygate-session"
 ALGORITHM = "HS256"
-SessionSource = Literal["password", "token", "oidc"]
 
 
 class InvalidSession(Exception):
@@ -45,28 +43,6 @@ class InvalidSession(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    subject: str
-    roles: tuple[str, ...]
-    session_id: str
-    issued_at: float
-    """Login time: the absolute timeout counts from here."""
-    expires_at: float
-    """Idle expiry of this cookie."""
-    absolute_expires_at: float
-    source: SessionSource = "token"
-    """The credential the session was made from (the login page's method)."""
-    token_id: str | None = None
-    """``source == "token"``: the pasted token's ``jti`` (None if it had none); revoking it ends
-    the session."""
-    user_generation: str | None = None
-    """``source == "password"``: :meth:`SessionCodec.user_generation` of the user's entry at
-    login; the session ends when the entry no longer has it."""
-    provider: str | None = None
-    """``source == "oidc"``: the name of the provider the person signed in with."""
 
 
 class SessionCodec:

@@ -1,4 +1,4 @@
-"""Bearer-token verification: a JWT in, a :class:`~proxy.auth.principal.Principal` out.
+"""Bearer-token verification: a JWT in, a :class:`~proxy.principal.Principal` out.
 
 Order of checks, cheapest and safest first::
 
@@ -41,10 +41,10 @@ from proxy.auth.keys import (
     load_private_key,
     load_public_key,
 )
-from proxy.auth.principal import Principal, Source
 from proxy.auth.revocation import MAX_TOKEN_ID_LENGTH, RevocationList
 from proxy.auth.sessions import SESSION_TYPE
 from proxy.errors import SettingsError
+from proxy.principal import Principal, Source
 from proxy.settings.auth import SYMMETRIC, JwtSettings, RoleSettings
 
 log = structlog.get_logger("comfygate.auth.tokens")

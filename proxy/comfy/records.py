@@ -1,6 +1,6 @@
 """What the proxy knows of a prompt it forwarded, and how ComfyUI names a file: the vocabulary
 the history, queue and jobs views (:mod:`proxy.comfy.views`) filter by, and the ownership
-store (:mod:`proxy.isolation.ownership`) keeps."""
+store (:mod:`proxy.tenancy.ownership`) keeps."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class PromptRecord:
     previews: tuple[str, ...] = ()
     """Ids of the forwarded graph's preview nodes (``isolation.preview_nodes``): the only
     nodes whose UI output may name files of the submitter outside its folder
-    (:mod:`proxy.isolation.attribution`)."""
+    (:mod:`proxy.tenancy.attribution`)."""
 
 
 __all__ = ["FileRef", "PromptRecord"]

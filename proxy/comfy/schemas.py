@@ -34,7 +34,7 @@ STRUCTURED_TYPES = frozenset({"LOAD_3D", "LOAD_3D_ANIMATION", "LOAD3D_CAMERA"})
 """Widget types whose literal is an object (``{"image": ..., "mask": ..., "camera_info":
 {...}}``; ``LOAD3D_CAMERA``: the camera state ``Preview3D`` takes and echoes, which names no
 file the node reads): the only inputs where a plain JSON object is accepted. What a node
-echoes back is never taken as the user's file (:mod:`proxy.isolation.attribution`)."""
+echoes back is never taken as the user's file (:mod:`proxy.tenancy.attribution`)."""
 COMBO = "COMBO"
 _FILE_LIST_ROUTE = "/internal/files"
 _FILE_NAME_ENDINGS = tuple(dict.fromkeys((*MEDIA_EXTENSIONS, ".latent")))

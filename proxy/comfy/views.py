@@ -135,7 +135,7 @@ def node_files(node_output: object) -> Iterator[FileRef]:
     """The files one node's UI output names (the ``output`` of an ``executed`` event).
 
     What the node *says*: a node may name any file (``Preview3D`` echoes its inputs), so this
-    is where files are (sticky routing), never whose they are (:mod:`proxy.isolation.attribution`).
+    is where files are (sticky routing), never whose they are (:mod:`proxy.tenancy.attribution`).
     """
     if not isinstance(node_output, dict):
         return

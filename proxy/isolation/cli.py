@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import folder_names, legacy_user_folder
+from proxy.principal import comfy_user_id
 from proxy.settings import Settings
+from proxy.tenancy.namespaces import folder_names, legacy_user_folder
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

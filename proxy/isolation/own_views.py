@@ -2,7 +2,7 @@
 
 ComfyUI has no per-user listing: filtering its whole history on every poll costs every user
 everyone's history (a fetch and a parse of up to 10,000 entries per instance). Instead the read
-guard pages through the owner's view index (:mod:`proxy.isolation.ownership`: their prompt ids
+guard pages through the owner's view index (:mod:`proxy.tenancy.ownership`: their prompt ids
 in submission order) and asks ComfyUI for those prompts one by one, ``GET /history/{id}`` or
 ``GET /api/jobs/{id}``, at most :data:`LOOKUP_CONCURRENCY` at once, each at the instance that
 runs it. The answer keeps ComfyUI's shape, order and paging:
@@ -52,7 +52,6 @@ from multidict import CIMultiDict
 
 from proxy.comfy import views
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.multi.dispatch import MULTI, is_multi
 from proxy.multi.merge import (
     Answer,
@@ -65,6 +64,7 @@ from proxy.multi.merge import (
 from proxy.observability.metrics import METRICS
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT
+from proxy.tenancy.ownership import OWNERSHIP, OwnershipStore
 from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.isolation.views")

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.comfy import views
-from proxy.isolation.ownership import OwnershipStore
 from proxy.isolation.record_cache import RecordCache
+from proxy.tenancy.ownership import OwnershipStore
 
 MAX_KEYS = 16
 """Answers with more entries take the general path (one set read beats many record reads)."""

@@ -5,7 +5,7 @@ What a submitted body becomes (docs/comfyui-protocol.md#submitting-a-prompt):
 - ``client_id`` is the user's namespaced id, so targeted events reach only the user's socket;
   ComfyUI copies it over ``extra_data.client_id``. A prompt sent without one (nor
   ``extra_data.client_id``) goes without, as ComfyUI expects: its events are broadcast, and the
-  WebSocket filter (:mod:`proxy.isolation.events`) delivers them to every socket of the
+  WebSocket filter (:mod:`proxy.tenancy.events`) delivers them to every socket of the
   submitter and of nobody else (a broadcast within the tenant).
 - ``prompt_id`` is the proxy's (the guard decides whether the client's own may be kept).
 - ``front`` and ``number`` are dropped unless the user's role may jump the queue.
@@ -46,8 +46,8 @@ from proxy.comfy.violations import (
     describe_violation,
     node_errors,
 )
-from proxy.isolation.files import FileScope, FileTarget, PathRefused, clean_relative
-from proxy.isolation.files import referenced_file as _referenced_file
+from proxy.tenancy.files import FileScope, FileTarget, PathRefused, clean_relative
+from proxy.tenancy.files import referenced_file as _referenced_file
 
 SENSITIVE_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
 """Comfy.org credentials for partner nodes: forwarded, never logged, stored or echoed."""

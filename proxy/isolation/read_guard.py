@@ -26,7 +26,7 @@ Per route, for a non-admin caller (``owner`` = ``principal.comfy_user``):
                                             no-op when what runs is not the caller's
 ``/ws``                                     upstream ``clientId`` = ``upstream_client_id(owner,
                                             client id)`` (minted when absent); frames filtered
-                                            by :class:`~proxy.isolation.events.SocketEventFilter`
+                                            by :class:`~proxy.tenancy.events.SocketEventFilter`
 ==========================================  ================================================
 
 In the caller's own history entries, queue items and job details, ``extra_data.client_id``
@@ -35,7 +35,7 @@ In the caller's own history entries, queue items and job details, ``extra_data.c
 
 History and job-detail answers also record the previews of the caller's prompts as the caller's
 files (so ``/view`` of temp previews works for API clients that never had a socket); only what
-:mod:`proxy.isolation.attribution` attributes, never every file a node's output names.
+:mod:`proxy.tenancy.attribution` attributes, never every file a node's output names.
 
 Answers the guard gives itself (no-ops, "not found") are raised as :class:`LocalAnswer`, shaped
 exactly as ComfyUI would answer for an unknown id.
@@ -57,26 +57,26 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisClusterException
 
-from proxy.auth.principal import Principal
 from proxy.comfy import views
 from proxy.comfy.records import FileRef
 from proxy.errors import Forbidden, UpstreamUnavailable
-from proxy.isolation.attribution import attributed_outputs
-from proxy.isolation.events import SocketEventFilter
-from proxy.isolation.namespaces import upstream_client_id
 from proxy.isolation.own_views import OwnViews
 from proxy.isolation.owned_entries import own_entries
-from proxy.isolation.ownership import OwnershipStore
 from proxy.isolation.record_cache import record_cache
 from proxy.multi.dispatch import MULTI
 from proxy.multi.merge import DEGRADED_HEADER, fetch_merged_queue, parsed_answer
 from proxy.observability.metrics import METRICS, Metrics
+from proxy.principal import Principal
+from proxy.relay.outgoing import map_client_error
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS, IsolationSettings
 from proxy.settings.auth import RoleSettings
 from proxy.state import CONTEXT, RequestContext
+from proxy.tenancy.attribution import attributed_outputs
+from proxy.tenancy.events import SocketEventFilter
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.encoding import IDENTITY, read_client_answer
-from proxy.upstream.forward import map_client_error
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.isolation")
@@ -259,7 +259,7 @@ class ReadGuard:
 
         SECURITY: only files of the prompt's own preview nodes, as its record (written from the
         forwarded graph) names them; every other file dict of an entry is the node's word
-        (``Preview3D`` echoes its inputs) and never the caller's (proxy.isolation.attribution).
+        (``Preview3D`` echoes its inputs) and never the caller's (proxy.tenancy.attribution).
         """
         files: list[FileRef] = []
         for prompt_id, entry in history.items():

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import OwnershipStore
+from proxy.tenancy.ownership import OwnershipStore
 
 MAX_ENTRIES: Final = 16_384
 MAX_AGE_SECONDS: Final = 300.0

@@ -11,7 +11,7 @@ every request passes.
   quota first (:mod:`proxy.limits.quota.service`; over it: 429 ``queue_full``).
 - ``POST /upload/image|mask``: the multipart body is rebuilt while it streams (the file part is
   never buffered) so the file lands in the caller's folder of input/ (``users/<owner>-<tag>/``,
-  :mod:`proxy.isolation.namespaces`); the stored file is recorded as
+  :mod:`proxy.tenancy.namespaces`); the stored file is recorded as
   the caller's from ComfyUI's answer.
 - ``GET /view``: only the caller's folder, shared input folders and files recorded as the
   caller's; anything else is a 404 that looks like a missing file. ``/view_metadata`` and the
@@ -33,8 +33,21 @@ from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 
 from proxy.comfy.records import PromptRecord
 from proxy.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, ProxyError
-from proxy.isolation.attribution import preview_node_ids
-from proxy.isolation.files import (
+from proxy.isolation.prompt import (
+    PromptRejected,
+    check_graph,
+    client_id_of,
+    requested_prompt_id,
+    rewrite_submission,
+)
+from proxy.limits.quota.service import QueueQuota
+from proxy.observability.metrics import role_label
+from proxy.request.prompt import forward_submission, read_prompt
+from proxy.settings import IsolationSettings
+from proxy.settings.auth import RoleSettings
+from proxy.state import RequestContext
+from proxy.tenancy.attribution import preview_node_ids
+from proxy.tenancy.files import (
     FileScope,
     FileTarget,
     PathRefused,
@@ -49,21 +62,8 @@ from proxy.isolation.files import (
     upload_subfolder,
     view_target,
 )
-from proxy.isolation.namespaces import FolderNames, upstream_client_id
-from proxy.isolation.ownership import OwnershipStore
-from proxy.isolation.prompt import (
-    PromptRejected,
-    check_graph,
-    client_id_of,
-    requested_prompt_id,
-    rewrite_submission,
-)
-from proxy.limits.quota.service import QueueQuota
-from proxy.observability.metrics import role_label
-from proxy.request.prompt import forward_submission, read_prompt
-from proxy.settings import IsolationSettings
-from proxy.settings.auth import RoleSettings
-from proxy.state import RequestContext
+from proxy.tenancy.namespaces import FolderNames, upstream_client_id
+from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.pool import UpstreamPool
 
 ResponseRewrite = Callable[[int, bytes], Awaitable[bytes]]
@@ -208,7 +208,7 @@ async def _submit_prompt(
         created_at=time.time(),
         role=role_label(principal.roles) if principal is not None else "",
         # The nodes whose temp/ previews may become the caller's: read from the graph that is
-        # forwarded, never from what ComfyUI later reports (proxy.isolation.attribution).
+        # forwarded, never from what ComfyUI later reports (proxy.tenancy.attribution).
         previews=preview_node_ids(
             ((n.id, n.class_type) for n in submission.prompt.nodes.values()),
             guard.isolation.preview_nodes,

@@ -23,9 +23,7 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.auth.principal import Principal
 from proxy.errors import BadRequest, NotFound, ProxyError
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.jobs.cache import ResultCache, cache_key
 from proxy.jobs.internal import run_internal
 from proxy.jobs.live import LiveWatcher
@@ -37,9 +35,11 @@ from proxy.jobs.templates import Template, TemplateStore
 from proxy.jobs.view import API_PREFIX, job_view
 from proxy.jobs.watcher import JobWatcher
 from proxy.jobs.webhooks.destinations import Destinations, WebhookRefused
+from proxy.principal import Principal
 from proxy.settings import SETTINGS
 from proxy.settings.jobs import JobsSettings
 from proxy.state import CONTEXT
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.jobs")

@@ -38,12 +38,12 @@ import structlog
 from aiohttp import WSMsgType, hdrs
 from prometheus_client import Counter
 
-from proxy.isolation.events import PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA
-from proxy.isolation.namespaces import upstream_client_id
 from proxy.jobs.live_store import LiveJobs
 from proxy.jobs.metrics import JobMetrics
 from proxy.jobs.watcher import JobWatcher
 from proxy.tasks import Supervised
+from proxy.tenancy.events import PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA
+from proxy.tenancy.namespaces import upstream_client_id
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.jobs")

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from proxy.auth.principal import Principal
 from proxy.errors import ProxyError, SettingsError
+from proxy.principal import Principal
 from proxy.settings.auth import RoleSettings
 
 ParamType = Literal["string", "integer", "number", "boolean", "image"]

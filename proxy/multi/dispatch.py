@@ -17,7 +17,7 @@ everything else                                        the instance a guard chos
 =====================================================  ========================================
 
 While the home instance is down, its read-only routes go to another instance and settings and
-user data answer 503 (:mod:`proxy.upstream.home`).
+user data answer 503 (:mod:`proxy.relay.home`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi import merge, sticky
 from proxy.multi.fanin import FanInRegistry, relay_fanin
 from proxy.multi.lost import LostPrompts
 from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
+from proxy.relay.forward import forward_http
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT
-from proxy.upstream.forward import forward_http
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 
 

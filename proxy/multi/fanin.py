@@ -3,7 +3,7 @@
 With several instances, a prompt's events come from the instance that runs it, addressed to the
 ``clientId`` the prompt was submitted with. So each client socket is relayed to one socket per
 instance, all under the same (namespaced) ``clientId``, and their frames are merged into the
-client's single send queue (:class:`~proxy.upstream.websocket.ClientSendQueue`, with its
+client's single send queue (:class:`~proxy.relay.websocket.ClientSendQueue`, with its
 slow-client rules):
 
 * The upstream sockets are connected first (in parallel); the client's upgrade is accepted
@@ -50,15 +50,11 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from proxy.comfy import views
+from proxy.comfy.frames import END_EVENTS
 from proxy.errors import ProxyError, UpstreamUnavailable
-from proxy.isolation.events import END_EVENTS, SocketEventFilter
 from proxy.multi.merge import MERGED, queue_remaining
 from proxy.observability.metrics import METRICS
-from proxy.settings import SETTINGS
-from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
-from proxy.tasks import Wake, supervise
-from proxy.upstream.pool import POOL, Upstream
-from proxy.upstream.websocket import (
+from proxy.relay.websocket import (
     SLOW_CLIENT_REASON,
     ClientSendQueue,
     Ended,
@@ -72,6 +68,11 @@ from proxy.upstream.websocket import (
     relay_outcome,
     send_frame,
 )
+from proxy.settings import SETTINGS
+from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
+from proxy.tasks import Wake, supervise
+from proxy.tenancy.events import SocketEventFilter
+from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:
     from proxy.multi.sticky import FileLocations

@@ -53,10 +53,10 @@ import structlog
 from aiohttp import hdrs
 
 from proxy.errors import UpstreamError
-from proxy.isolation.ownership import OwnershipStore
 from proxy.observability.metrics import Metrics
 from proxy.redis.client import RedisClient
 from proxy.tasks import supervise
+from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 

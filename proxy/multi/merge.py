@@ -34,6 +34,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.comfy import views
 from proxy.errors import UpstreamUnavailable
 from proxy.observability.metrics import METRICS
+from proxy.relay.forward import forward_http
+from proxy.relay.outgoing import build_upstream_headers
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT
 from proxy.upstream.encoding import (
@@ -43,7 +45,6 @@ from proxy.upstream.encoding import (
     compress_for_client,
     decode,
 )
-from proxy.upstream.forward import build_upstream_headers, forward_http
 from proxy.upstream.http1 import (
     UpstreamConnectError,
     UpstreamHttpError,

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.comfy.capabilities import Capabilities
 from proxy.comfy.graph import Prompt, read_graph
 from proxy.comfy.names import is_model_input
-from proxy.multi.capabilities import Capabilities
 
 CHECKPOINT_INPUTS = frozenset({"ckpt_name", "unet_name"})
 """Inputs naming the base model a workflow loads: what model affinity compares."""

@@ -31,7 +31,6 @@ from aiohttp import hdrs, web
 
 from proxy.comfy.records import FileRef
 from proxy.errors import Rejection
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.limits.quota.move import move_reservation
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import (
@@ -46,10 +45,11 @@ from proxy.multi.placement import (
 from proxy.multi.replication import FileCopier, referenced_files
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.redis.client import REDIS
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.request.prompt import read_prompt
 from proxy.settings.upstreams import PlacementSettings
 from proxy.state import CONTEXT, Body, RequestContext
-from proxy.upstream.forward import build_upstream_headers, map_client_error
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.http1 import (
     UpstreamConnectError,
     UpstreamHttpError,

@@ -27,12 +27,10 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from proxy.multi.capabilities import CapabilityRefresher, ObjectInfoSource
+from proxy.monitoring.upstreams import UPSTREAM_PROBE, probe_wanted
+from proxy.multi.capabilities import OBJECT_INFO, CapabilityRefresher, ObjectInfoSource
 from proxy.multi.discovery import DnsDiscovery, Resolver, resolve_dns
 from proxy.observability.metrics import METRICS
-from proxy.observability.upstreams import UPSTREAM_PROBE, probe_wanted
-from proxy.policy.catalog.cache import Snapshot
-from proxy.policy.catalog.upstream import CATALOG
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
@@ -60,21 +58,19 @@ RESOLVER: web.AppKey[Resolver] = web.AppKey("comfygate.discovery_resolver")
 
 
 def catalog_source(app: web.Application) -> ObjectInfoSource:
-    """``/object_info`` through the policy catalog's per-instance cache: one fetch serves the
-    clients' ``/object_info`` and placement. Without the catalog, a direct fetch."""
+    """``/object_info`` through the policy catalog's per-instance cache (``OBJECT_INFO``): one
+    fetch serves the clients' ``/object_info`` and placement. Without the catalog, a direct
+    fetch."""
     pool = app[POOL]
 
     async def from_catalog(name: str) -> tuple[object, Mapping[str, Any]] | None:
         upstream = pool.get(name)
-        catalog = app.get(CATALOG)
+        shared = app.get(OBJECT_INFO)
         if upstream is None:
             return None
-        if catalog is None:
+        if shared is None:
             return await fetch_object_info(pool, upstream)
-        current = await catalog.cache(upstream).current()
-        if not isinstance(current, Snapshot):
-            return None  # ComfyUI answered an error: keep what we knew
-        return (current.generation, current.info)
+        return await shared(name)
 
     return from_catalog
 

@@ -37,7 +37,10 @@ from aiohttp.multipart import parse_content_disposition
 
 from proxy.comfy.graph import Prompt, read_graph, strings_in
 from proxy.comfy.records import FileRef
-from proxy.isolation.files import (
+from proxy.observability.metrics import METRICS, Metrics
+from proxy.settings import SETTINGS
+from proxy.state import RequestContext
+from proxy.tenancy.files import (
     FILE_TYPES,
     PathRefused,
     closing,
@@ -45,9 +48,6 @@ from proxy.isolation.files import (
     file_part_head,
     referenced_file,
 )
-from proxy.observability.metrics import METRICS, Metrics
-from proxy.settings import SETTINGS
-from proxy.state import RequestContext
 from proxy.upstream.http1 import UpstreamHttpError
 from proxy.upstream.pool import POOL, Upstream, UpstreamPool
 

@@ -44,12 +44,12 @@ from aiohttp import web
 
 from proxy.comfy import views
 from proxy.comfy.records import FileRef, PromptRecord
-from proxy.isolation.files import PathRefused, clean_relative, view_target
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.merge import Answer, Gathered, ask_all, json_response
+from proxy.relay.forward import forward_http
 from proxy.request.bodies import read_json_body
 from proxy.state import CONTEXT, RequestContext
-from proxy.upstream.forward import forward_http
+from proxy.tenancy.files import PathRefused, clean_relative, view_target
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL, Upstream
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ of :mod:`proxy.observability.users` aside).
 Several worker processes (``comfygate serve --workers N``): the supervisor sets
 ``PROMETHEUS_MULTIPROC_DIR`` before any worker imports ``prometheus_client``, so every value
 below is kept in that directory's memory-mapped files whatever registry it is attached to, and
-the one ``/metrics`` listener reads them all (:mod:`proxy.observability.exposition`). Each gauge
+the one ``/metrics`` listener reads them all (:mod:`proxy.monitoring.exposition`). Each gauge
 therefore says how the workers' values combine (``multiprocess_mode``); ``Info`` does not work
 in that mode, so build information is a gauge.
 
@@ -19,7 +19,7 @@ lookup does not.
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import orjson
 from aiohttp import web
@@ -33,10 +33,54 @@ from prometheus_client import (
 
 from proxy import __version__
 from proxy.observability.users import UserCounter
+from proxy.routes import RouteRule
 
-if TYPE_CHECKING:
-    from proxy.observability.generation import GenerationTracker
-    from proxy.state import RequestContext
+
+class Caller(Protocol):
+    """Who made a request, as counted (``proxy.principal.Principal``)."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def roles(self) -> frozenset[str]: ...
+
+
+class FinishedRequest(Protocol):
+    """What a finished request counts for: the fields of ``proxy.state.RequestContext`` read
+    here (a protocol, so metrics sit below the request context every layer imports)."""
+
+    @property
+    def rule(self) -> RouteRule: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def upstream(self) -> str: ...
+    @property
+    def upstream_seconds(self) -> float: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def rejected_by(self) -> str: ...
+    @property
+    def error_type(self) -> str: ...
+    @property
+    def principal(self) -> Caller | None: ...
+    @property
+    def body(self) -> bytes | None: ...
+    @property
+    def parsed_body(self) -> tuple[bytes, object] | None: ...
+
+
+class GenerationWatcher(Protocol):
+    """What the request path and the relays tell generation tracking
+    (``proxy.monitoring.generation.GenerationTracker``, installed by the app)."""
+
+    def submitted(self, prompt_id: str | None, roles: frozenset[str], upstream: str) -> None: ...
+    def observe_frame(self, frame: str, roles: frozenset[str], upstream: str) -> None: ...
+    def prompt_left_queue(self, prompt_id: str, upstream: str) -> None: ...
+
 
 # ``_created`` series double the exposition and Prometheus' text-format scrape stores them as
 # separate gauges nobody queries.
@@ -59,7 +103,7 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
 
 
-def submitted_prompt_id(ctx: RequestContext) -> str | None:
+def submitted_prompt_id(ctx: FinishedRequest) -> str | None:
     """The id of a prompt ComfyUI accepted, from the body the proxy forwarded (the isolation
     guard, or the quota guard, puts one in; a client-chosen id otherwise). Parsed only for
     accepted submissions, reusing the guards' parse when it is still current."""
@@ -440,12 +484,12 @@ class Metrics:
         self._roles: dict[frozenset[str], Counter] = {}
         self.user_counter: UserCounter | None = None
         """Set by the app when ``metrics.per_user_top_n`` is on."""
-        self.generation: GenerationTracker | None = None
+        self.generation: GenerationWatcher | None = None
         """Set by the app's ``generation_tracker`` context (submissions are counted there)."""
 
     # -- the request path ------------------------------------------------------------------
     def request_finished(
-        self, request: web.Request, ctx: RequestContext, status: int, duration: float
+        self, request: web.Request, ctx: FinishedRequest, status: int, duration: float
     ) -> None:
         """Everything one finished request counts for (called once, from ``chain.observe``)."""
         rule = ctx.rule.name
@@ -502,7 +546,7 @@ class Metrics:
         elif guard == "isolation":
             self.isolation_refusals.labels(reason).inc()
 
-    def _submitted(self, ctx: RequestContext) -> None:
+    def _submitted(self, ctx: FinishedRequest) -> None:
         roles = ctx.principal.roles if ctx.principal is not None else frozenset()
         if self.generation is not None:
             self.generation.submitted(submitted_prompt_id(ctx), roles, ctx.upstream)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proxy.isolation.prompt import PromptRejected, Violation, describe_violation
+from proxy.comfy.violations import PromptRejected, Violation, describe_violation
 
 HEADLINE = "Prompt refused by the workflow policy"
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.auth.principal import Principal
 from proxy.comfy.schemas import NodeSchemas, schemas_from_object_info
 from proxy.policy.loader import PolicySet, load_policy
 from proxy.policy.model import RolePolicy
+from proxy.principal import Principal
 from proxy.settings.auth import RoleSettings
 from proxy.settings.policy import PolicySettings
 

@@ -19,6 +19,8 @@ object literals kept for ComfyUI to read.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import structlog
 from aiohttp import hdrs, web
 
@@ -28,17 +30,41 @@ from proxy.comfy.submission import Submission, submission_of
 from proxy.comfy.violations import PromptRejected, Violation
 from proxy.errors import ProxyError, ServiceUnavailable
 from proxy.observability.metrics import METRICS
-from proxy.policy.catalog.upstream import CATALOG
-from proxy.policy.store import POLICY
+from proxy.principal import Principal
 from proxy.request.bodies import read_json_body
 from proxy.settings import SETTINGS
 from proxy.state import RequestContext
-from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.workflow")
 
 CATALOG_UNAVAILABLE = "catalog_unavailable"
 _RETRY_SECONDS = 5
+
+
+class SchemaSource(Protocol):
+    """Where prompts get their node schemas and who must be judged on them: the workflow
+    policy's store, filled from the instances' ``/object_info`` by the catalog
+    (``proxy.policy.schema_source.PolicySchemas``, installed by the app)."""
+
+    def restricts(self, principal: Principal) -> bool:
+        """Whether the workflow policy restricts ``principal``."""
+        ...
+
+    def known(self) -> NodeSchemas | None:
+        """The schemas known now (None until a copy of ``/object_info`` was read)."""
+        ...
+
+    async def refresh(self, *, fetch: bool) -> None:
+        """Bring the copy up to date: a stale cached copy starts a refresh (not waited for);
+        with ``fetch``, a missing one is fetched now.
+
+        Raises:
+            ProxyError: ComfyUI could not be reached for it.
+        """
+        ...
+
+
+NODE_SCHEMAS: web.AppKey[SchemaSource] = web.AppKey("comfygate.node_schemas")
 
 
 def is_prompt_submission(request: web.Request, ctx: RequestContext) -> bool:
@@ -98,8 +124,7 @@ def schemas_required(request: web.Request, ctx: RequestContext) -> bool:
     settings = request.app[SETTINGS]
     if settings.isolation.enabled and not principal.is_admin(settings.roles):
         return True
-    store = request.app[POLICY]
-    return store.enabled and not store.for_principal(principal).unrestricted
+    return request.app[NODE_SCHEMAS].restricts(principal)
 
 
 async def node_schemas(
@@ -112,25 +137,20 @@ async def node_schemas(
         ServiceUnavailable: ``required`` and no copy could be fetched.
         ProxyError: ComfyUI could not be reached for it.
     """
-    store = request.app[POLICY]
-    schemas = store.schemas
-    app = request.app
-    pool = app[POOL]
-    routable = pool.routable()
-    upstream = routable[0] if routable else pool.home()
-    cache = app[CATALOG].cache(upstream)
+    source = request.app[NODE_SCHEMAS]
+    schemas = source.known()
     if schemas is not None:
-        if required and cache.snapshot is not None:
-            await cache.current(store.version)  # a stale copy starts a refresh, not waited for
+        if required:
+            await source.refresh(fetch=False)  # a stale copy starts a refresh, not waited for
         return schemas
     if not required:
         return None
     try:
-        await cache.current(store.version)
+        await source.refresh(fetch=True)
     except ProxyError as exc:
         log.warning("catalog_unavailable", request_id=ctx.request_id, error=exc.error_type)
         raise _unavailable() from None
-    schemas = store.schemas
+    schemas = source.known()
     if schemas is None:
         log.warning("catalog_unavailable", request_id=ctx.request_id, error="no_catalog")
         raise _unavailable()
@@ -182,7 +202,9 @@ class PromptGuard:
 
 __all__ = [
     "CATALOG_UNAVAILABLE",
+    "NODE_SCHEMAS",
     "PromptGuard",
+    "SchemaSource",
     "forward_submission",
     "is_prompt_submission",
     "node_schemas",

@@ -10,7 +10,6 @@ from typing import Any
 from aiohttp import web
 
 from proxy.chain import Endpoint, Guard
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.isolation.read_guard import ReadGuard
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.observability.metrics import METRICS
@@ -23,6 +22,7 @@ from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
 from proxy.settings import SETTINGS
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 
 ADMIN_SCHEDULER = "admin_scheduler"

@@ -35,7 +35,6 @@ from aiohttp import hdrs
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.comfy.views import queue_ids
-from proxy.isolation.ownership import OwnershipStore
 from proxy.limits.quota.move import move_reservation
 from proxy.limits.quota.service import QueueQuota
 from proxy.redis.client import RedisClient
@@ -46,6 +45,7 @@ from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
 from proxy.settings.scheduler import SchedulerSettings
 from proxy.tasks import task_failed
+from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.scheduler")

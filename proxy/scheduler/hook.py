@@ -31,12 +31,12 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.errors import BadRequest, ServiceUnavailable
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.isolation.prompt import client_id_of
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
+from proxy.relay.outgoing import build_upstream_headers
 from proxy.request.bodies import read_json_body
 from proxy.request.prompt import forward_submission, read_prompt
 from proxy.scheduler.estimates import shape_of
@@ -54,7 +54,7 @@ from proxy.state import (
     Undecided,
     with_quick,
 )
-from proxy.upstream.forward import build_upstream_headers
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 
 log = structlog.get_logger("comfygate.scheduler")

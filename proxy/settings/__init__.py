@@ -66,7 +66,7 @@ _BOOL = TypeAdapter(bool)
 
 
 FOLDER_SECRET_MIN_LENGTH = 32
-"""Shortest ``isolation.folder_secret`` accepted (``proxy.isolation.namespaces`` keys the
+"""Shortest ``isolation.folder_secret`` accepted (``proxy.tenancy.namespaces`` keys the
 folder tags with it)."""
 
 

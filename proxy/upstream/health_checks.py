@@ -15,7 +15,7 @@ eject a healthy instance. Each failed probe doubles the wait, up to ``max_open_s
 ``upstream.health.interval_seconds``. ComfyUI answers it from memory (``queue_remaining``), so
 it is the cheapest call there is, and its answer feeds placement (the instance's queue length)
 and, through :meth:`HealthChecker.subscribe`, the metrics' up/latency/queue gauges
-(``proxy.observability.upstreams``), so each instance gets one probe, not two.
+(``proxy.monitoring.upstreams``), so each instance gets one probe, not two.
 """
 
 from __future__ import annotations

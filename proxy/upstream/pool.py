@@ -40,7 +40,7 @@ from proxy.upstream.health_checks import Breaker, probe
 from proxy.upstream.http1 import Http1Pool
 
 if TYPE_CHECKING:
-    from proxy.multi.capabilities import Capabilities
+    from proxy.comfy.capabilities import Capabilities
     from proxy.observability.metrics import Metrics
     from proxy.redis.client import RedisClient
 

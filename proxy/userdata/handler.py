@@ -42,13 +42,14 @@ from yarl import URL
 from proxy.errors import BadRequest, Forbidden, NotFound, ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
+from proxy.relay.forward import forward_http
+from proxy.relay.home import home_for
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.request.bodies import read_body
 from proxy.routes import normalise_path
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, RequestContext
-from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
-from proxy.upstream.home import home_for
 from proxy.upstream.http1 import UpstreamHttpError
 from proxy.upstream.pool import POOL, Upstream
 from proxy.userdata.mode import UserModes

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.async_api import Page, Response, expect
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from proxy.web.assets import PUBLIC_ASSET
 from tests.browser.conftest import (
     DEFAULT_TIMEOUT_MS,
@@ -235,7 +235,7 @@ def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) 
 
 def upstream_sid(sid: str, username: str = "alice") -> str:
     """The client id ComfyUI sees for the page's ``sid`` (isolation namespaces it per user)."""
-    from proxy.auth.principal import comfy_user_id  # noqa: PLC0415
-    from proxy.isolation.namespaces import upstream_client_id  # noqa: PLC0415
+    from proxy.principal import comfy_user_id  # noqa: PLC0415
+    from proxy.tenancy.namespaces import upstream_client_id  # noqa: PLC0415
 
     return upstream_client_id(comfy_user_id(username), sid)

@@ -21,7 +21,7 @@ import pytest
 from playwright.async_api import BrowserContext
 from yarl import URL
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from proxy.routes import classify, normalise_path
 from proxy.target import canonical_target
 from proxy.userdata.handler import parse_call, upstream_target
@@ -68,7 +68,7 @@ ANSWERED_BY_PROXY = frozenset(
     {
         ("GET", "/api/users"),
         ("GET", "/users"),
-        # The proxy's account extension (proxy.web.frontend): its script and who is signed in.
+        # The proxy's account extension (proxy.frontend): its script and who is signed in.
         ("GET", "/extensions/comfygate/account.js"),
         ("GET", "/comfygate/whoami"),
     }

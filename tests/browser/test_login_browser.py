@@ -15,7 +15,7 @@ import pytest
 from playwright.async_api import BrowserContext, Cookie, Page, Response, expect
 
 from proxy.auth.login import GENERIC_FAILURE
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.browser.conftest import (
     PASSWORD,
     USERNAME,

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import BrowserContext, expect
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.browser.conftest import FakeUpstream, PageRecorder, StartProxy
 from tests.browser.frontend import (
     assert_reached_as,

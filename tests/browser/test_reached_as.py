@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from multidict import CIMultiDict, MultiDict
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.browser.conftest import FakeUpstream, ProxyServer
 from tests.browser.frontend import assert_reached_as, is_catalog_fetch
 from tests.fakes.comfyui.middleware import Received

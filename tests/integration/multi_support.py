@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth.principal import comfy_user_id
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received

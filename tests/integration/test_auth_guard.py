@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.auth.authenticator import AUTH
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
 from proxy.state import LIFECYCLE
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.conftest import JWT_SECRET, ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -17,7 +17,7 @@ import redis.asyncio as redis
 
 from proxy.limits.quota.redis_store import PREFIX
 from proxy.limits.quota.service import QUEUE_QUOTA
-from proxy.observability.generation import GENERATION
+from proxy.monitoring.generation import GENERATION
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import graph, sample

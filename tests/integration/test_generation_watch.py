@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.observability.generation import GENERATION, GenerationTracker
+from proxy.monitoring.generation import GENERATION, GenerationTracker
 from proxy.observability.metrics import METRICS
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI

@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import folder_names, upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import folder_names, upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid

@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from proxy.limits.quota.service import QUEUE_QUOTA
+from proxy.monitoring.generation import GENERATION
+from proxy.monitoring.upstreams import UPSTREAM_PROBE, ProbeResult
 from proxy.multi.registry import REGISTRY
-from proxy.observability.generation import GENERATION
 from proxy.observability.metrics import METRICS
-from proxy.observability.upstreams import UPSTREAM_PROBE, ProbeResult
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import run_until_done, sample

@@ -10,8 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from proxy.isolation.namespaces import upstream_client_id
 from proxy.observability.metrics import METRICS
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

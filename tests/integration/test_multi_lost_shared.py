@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.isolation.namespaces import upstream_client_id
 from proxy.multi.lost import LOST_EXCEPTION_TYPE
+from proxy.tenancy.namespaces import upstream_client_id
 from proxy.upstream.pool import POOL
 from tests.integration.lost_replicas import Replica, replicas, victim_of
 from tests.integration.multi_support import (

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.observability.metrics import METRICS
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.conftest import bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (

@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.isolation.namespaces import FOLDERS
 from proxy.multi.dispatch import MULTI
 from proxy.multi.sticky import FileLocations
+from proxy.tenancy.namespaces import FOLDERS
 from tests.integration.multi_support import (
     ADMIN,
     ALICE,

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as redis
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.redis.coalesce import ScriptCall
 from proxy.settings import RedisSettings
+from proxy.tenancy.ownership import RedisOwnershipStore
 from tests.redis_server import RedisServer
 
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation import ownership
-from proxy.isolation.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 from proxy.redis.client import connect
 from proxy.settings import RedisSettings
+from proxy.tenancy import ownership
+from proxy.tenancy.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 from tests.conftest import RedisBackend
 from tests.support.backends import STATES, ownership_store
 

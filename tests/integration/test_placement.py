@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpClient
 
 from proxy.app import create_app
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.idempotency import IDEMPOTENCY, Claimed
 from proxy.multi.registry import REGISTRY, Registry
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL, UpstreamPool
 from tests.conftest import bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI

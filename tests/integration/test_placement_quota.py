@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from proxy.auth.principal import comfy_user_id
 from proxy.limits.quota.model import MemoryQuotaStore
 from proxy.limits.quota.move import RedisQuotaMover, quota_mover
 from proxy.limits.quota.redis_store import RedisQuotaStore
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.observability.metrics import METRICS
+from proxy.principal import comfy_user_id
 from proxy.redis.client import REDIS
 from tests.integration.multi_support import A, Client, Fakes, fakes, graph, multi_proxy
 

@@ -15,10 +15,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import upstream_client_id
 from proxy.observability.metrics import METRICS
 from proxy.policy.store import POLICY
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.proxy_process import proxy_process

@@ -20,14 +20,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.limits.quota.model import MemoryQuotaStore
 from proxy.limits.quota.redis_store import RedisQuotaStore
 from proxy.limits.quota.service import QUEUE_QUOTA, QueueQuota
 from proxy.observability.metrics import METRICS
+from proxy.principal import comfy_user_id
 from proxy.redis.client import connect
 from proxy.settings import RedisSettings
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import graph

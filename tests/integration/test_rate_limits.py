@@ -16,9 +16,9 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
 from proxy.limits.enforce import limit_key
 from proxy.observability.metrics import METRICS
+from proxy.principal import comfy_user_id
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import sample

@@ -30,9 +30,9 @@ from proxy.auth import cli as auth_cli
 from proxy.auth.authenticator import AUTH
 from proxy.auth.revocation import CachedRevocationList, FailModeRevocations
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import RedisOwnershipStore
 from proxy.redis.client import REDIS, connect, redis_ready
 from proxy.settings import RedisSettings
+from proxy.tenancy.ownership import RedisOwnershipStore
 from tests.conftest import JWT_SECRET, ProxyFactory, RedisBackend, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.redis_cluster import wait_until

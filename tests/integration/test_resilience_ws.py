@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.multi.fanin import FanInRelay
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import (

@@ -22,7 +22,7 @@ import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from proxy.redis.client import REDIS
 from proxy.userdata.handler import USERDATA
 from proxy.userdata.paths import PREFIX_ROOT

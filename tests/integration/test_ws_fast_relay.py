@@ -1,4 +1,4 @@
-"""The relay's direct writes (``proxy.upstream.ws_fast.DirectWriter``): every payload length
+"""The relay's direct writes (``proxy.relay.ws_fast.DirectWriter``): every payload length
 class of RFC 6455's header, text and binary, in order with frames that took the queued path."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 from aiohttp import WSMsgType
 
-from proxy.upstream.ws_fast import DirectWriter, frame_header
+from proxy.relay.ws_fast import DirectWriter, frame_header
 from tests.conftest import ProxyFactory
 from tests.integration.test_websocket_relay import (  # noqa: F401 - fixtures
     ScriptedUpstream,

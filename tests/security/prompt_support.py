@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import user_folder
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import user_folder
 from tests.conftest import bearer
 from tests.fakes.comfyui import FakeComfyUI
 

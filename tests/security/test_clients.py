@@ -33,9 +33,9 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from proxy.auth.authenticator import AUTH
+from proxy.frontend import EXTENSION_URL
 from proxy.limits.enforce import in_words
 from proxy.settings import SETTINGS
-from proxy.web.frontend import EXTENSION_URL
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange

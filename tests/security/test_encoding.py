@@ -28,10 +28,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from multidict import CIMultiDictProxy
 
-from proxy.auth.principal import comfy_user_id
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.encoding import MIN_COMPRESSED_BYTES
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI, Received

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -14,13 +14,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
 from proxy.comfy import views
 from proxy.comfy.records import PromptRecord
 from proxy.isolation import own_views
-from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
 from proxy.observability.metrics import METRICS
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange, host_of

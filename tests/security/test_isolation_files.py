@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from proxy.isolation.namespaces import user_folder
+from proxy.tenancy.namespaces import user_folder
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.prompt_support import (

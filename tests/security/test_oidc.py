@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from proxy.auth.oidc import FLOW_COOKIE, NO_SUCH_PROVIDER, NOT_ALLOWED, NOT_VERIFIED, RETRY
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.oidc_provider import MockProvider, running_provider

@@ -26,18 +26,18 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
 from proxy.comfy.records import FileRef
 from proxy.errors import SettingsError
-from proxy.isolation.namespaces import (
+from proxy.principal import comfy_user_id
+from proxy.settings import redacted
+from proxy.supervisor import _shared_folder_secret
+from proxy.tenancy.namespaces import (
     FOLDERS,
     TAG_HEX_DIGITS,
     legacy_user_folder,
     user_folder,
 )
-from proxy.isolation.ownership import OWNERSHIP
-from proxy.settings import redacted
-from proxy.supervisor import _shared_folder_secret
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import Fakes, fakes, multi_proxy

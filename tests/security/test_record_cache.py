@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.isolation.record_cache import MAX_AGE_SECONDS, RecordCache
+from proxy.tenancy.ownership import OWNERSHIP, OwnershipStore
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import get_json
 from tests.security.test_history_views import (  # noqa: F401 - fixtures

@@ -25,8 +25,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
 from proxy.errors import SettingsError
+from proxy.principal import comfy_user_id
 from proxy.request.bodies import BODY_BUDGET, BodyBudget
 from tests.conftest import ProxyFactory, bearer, make_settings
 from tests.fakes.comfyui import FakeComfyUI

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import ALICE, BOB, A, B, Client, connect, receive_until
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.auth.principal import comfy_user_id
-from proxy.isolation.namespaces import folder_names
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import folder_names
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 

@@ -21,7 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 from yarl import URL
 
-from proxy.auth.principal import comfy_user_id
+from proxy.principal import comfy_user_id
 from proxy.userdata import mode as mode_module
 from proxy.userdata.handler import USERDATA
 from proxy.userdata.paths import PREFIX_ROOT

@@ -24,9 +24,9 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.auth.authenticator import AUTH
-from proxy.auth.principal import comfy_user_id
 from proxy.auth.sweeper import sweep_once
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.principal import comfy_user_id
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.support.ws import frames_until, greeted, kinds, prompt_ids

@@ -1,4 +1,4 @@
-"""The relay's fast path (``proxy.upstream.ws_fast``) decides from per-socket caches: B attacks
+"""The relay's fast path (``proxy.relay.ws_fast``) decides from per-socket caches: B attacks
 A by receiving A's previews once the cache has seen them (family "WebSocket/identity").
 
 B's socket looks A's prompt up once and caches "not B's"; every later preview of it (sent to
@@ -9,7 +9,7 @@ one that sent the frames, to B's registered (namespaced) id.
 
 from __future__ import annotations
 
-from proxy.isolation.namespaces import upstream_client_id
+from proxy.tenancy.namespaces import upstream_client_id
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.server import stream_frame
 from tests.security.test_websocket_identity import (  # noqa: F401 - fixture

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.namespaces import upstream_client_id
-from proxy.isolation.ownership import OWNERSHIP
+from proxy.tenancy.namespaces import upstream_client_id
+from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.multi_support import ALICE, BOB, A, B, Client, connect, receive_until

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 
-from proxy.isolation.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
+from proxy.tenancy.ownership import MemoryOwnershipStore, OwnershipStore, RedisOwnershipStore
 
 if TYPE_CHECKING:
     from tests.conftest import ProxyFactory

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from proxy.auth.principal import Principal, comfy_user_id
+from proxy.principal import Principal, comfy_user_id
 from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
 
 ROLES = {

@@ -31,7 +31,6 @@ from proxy.auth.keys import (
     key_fits,
     load_public_key,
 )
-from proxy.auth.principal import Principal
 from proxy.auth.revocation import MemoryRevocationList
 from proxy.auth.tokens import (
     MAX_TOKEN_LENGTH,
@@ -44,6 +43,7 @@ from proxy.auth.tokens import (
     issue_token,
 )
 from proxy.errors import SettingsError
+from proxy.principal import Principal
 from proxy.settings.auth import ALGORITHMS, DEFAULT_ROLES, JwtSettings, RoleSettings
 from tests.redis_server import free_port
 

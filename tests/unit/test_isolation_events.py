@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.events import SocketEventFilter, preview_prompt_id
-from proxy.isolation.ownership import MemoryOwnershipStore
+from proxy.tenancy.events import SocketEventFilter, preview_prompt_id
+from proxy.tenancy.ownership import MemoryOwnershipStore
 
 MINE, THEIRS, UNKNOWN = "p-mine", "p-theirs", "p-unknown"
 

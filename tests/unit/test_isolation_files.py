@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.isolation.files import (
+from proxy.tenancy.files import (
     FileScope,
     FileTarget,
     PathRefused,

@@ -6,11 +6,11 @@ import io
 
 import pytest
 
-from proxy.auth.principal import comfy_user_id
 from proxy.cli import main
 from proxy.isolation import cli as isolation_cli
-from proxy.isolation.files import FileScope
-from proxy.isolation.namespaces import folder_names, user_folder
+from proxy.principal import comfy_user_id
+from proxy.tenancy.files import FileScope
+from proxy.tenancy.namespaces import folder_names, user_folder
 from tests.conftest import make_settings
 
 SECRET = "unit-test-folder-secret-0123456789abcdef0123"

@@ -8,7 +8,6 @@ import pytest
 
 from proxy.comfy.graph import BAD_LINK, INVALID_NODE, UNSUPPORTED_LITERAL, read_graph
 from proxy.comfy.json_body import parse_json
-from proxy.isolation.files import FileScope, PathRefused
 from proxy.isolation.prompt import (
     FILENAME_PREFIX_INVALID,
     INPUT_FILE_FORBIDDEN,
@@ -23,6 +22,7 @@ from proxy.isolation.prompt import (
     rewrite_submission,
     scoped_prefix,
 )
+from proxy.tenancy.files import FileScope, PathRefused
 
 SCOPE = FileScope("alice-1", "users/alice-1", ("shared",))
 OWN = "users/alice-1"

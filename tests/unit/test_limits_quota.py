@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from proxy.auth.principal import Principal
 from proxy.limits.quota.model import MemoryQuotaStore, QuotaStore, queue_quota_for
 from proxy.limits.quota.reconciler import QuotaEventObserver, ended_prompt
 from proxy.limits.quota.redis_store import PREFIX, RedisQuotaStore
+from proxy.principal import Principal
 from proxy.settings.auth import DEFAULT_ROLES, RoleSettings
 from proxy.settings.limits import RateLimitSettings
 from proxy.state import compose_frame_filters

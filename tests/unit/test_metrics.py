@@ -16,15 +16,15 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 
-from proxy.auth.principal import Principal
-from proxy.observability.exposition import in_networks, refusal
-from proxy.observability.generation import (
+from proxy.monitoring.exposition import in_networks, refusal
+from proxy.monitoring.generation import (
     GenerationTracker,
     MemoryPromptStats,
     history_outcome,
 )
 from proxy.observability.metrics import Metrics, method_label, role_label
 from proxy.observability.users import UserCollector, UserCounter, merged_counts
+from proxy.principal import Principal
 from proxy.routes import OTHER, RuleName, rule
 from proxy.settings.metrics import MetricsSettings
 from proxy.state import RequestContext

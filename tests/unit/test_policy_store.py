@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth.principal import Principal
 from proxy.policy.loader import PolicyError
 from proxy.policy.store import PolicyStore
+from proxy.principal import Principal
 from proxy.settings.auth import DEFAULT_ROLES
 from proxy.settings.policy import PolicySettings
 

@@ -8,8 +8,6 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.isolation.events import SocketEventFilter
-from proxy.isolation.ownership import MemoryOwnershipStore
 from proxy.multi.fanin import _event_type, _link_filter, _link_filters
 from proxy.multi.lost import LostPrompt, LostStore, QueueWatch, job_items, queue_items
 from proxy.multi.merge import (
@@ -21,6 +19,8 @@ from proxy.multi.merge import (
     merge_queue,
 )
 from proxy.multi.sticky import FileLocations
+from proxy.tenancy.events import SocketEventFilter
+from proxy.tenancy.ownership import MemoryOwnershipStore
 
 
 def entry(*stamps: int) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.multi.capabilities import Capabilities
+from proxy.comfy.capabilities import Capabilities
 from proxy.multi.placement import (
     CandidateState,
     Missing,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from proxy.comfy.capabilities import combo_options, parse_object_info
 from proxy.errors import ServiceUnavailable
-from proxy.multi.capabilities import combo_options, parse_object_info
 from proxy.multi.discovery import DnsDiscovery, NoSuchName, instance_url
 from proxy.redis.breaker import BreakerState
 from proxy.settings import Settings, load_settings

@@ -1,4 +1,4 @@
-"""Quick decisions (``proxy.upstream.ws_fast``) never contradict the filters' full calls."""
+"""Quick decisions (``proxy.relay.ws_fast``) never contradict the filters' full calls."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.comfy.records import PromptRecord
-from proxy.isolation.ownership import MemoryOwnershipStore
 from proxy.limits.quota.reconciler import QuotaEventObserver
 from proxy.state import UNDECIDED, compose_frame_filters, quick_of
+from proxy.tenancy.ownership import MemoryOwnershipStore
 from tests.unit.test_isolation_events import (
     MINE,
     TEXT3,

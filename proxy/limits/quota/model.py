@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from proxy.auth.principal import Principal
+from proxy.principal import Principal
 from proxy.settings.auth import RoleSettings
 from proxy.settings.limits import RateLimitSettings
 

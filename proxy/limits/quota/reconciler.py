@@ -36,7 +36,7 @@ from typing import Final
 import orjson
 import structlog
 
-from proxy.isolation.events import END_EVENTS
+from proxy.comfy.frames import END_EVENTS
 from proxy.limits.quota.model import Snapshot
 from proxy.limits.quota.service import QueueQuota, StoreFailed
 from proxy.periodic import Periodic

@@ -29,11 +29,11 @@ import redis.asyncio as redis
 import structlog
 from aiohttp import web
 
-from proxy.auth.principal import Principal
 from proxy.errors import BadRequest, RateLimited, ServiceUnavailable
 from proxy.limits.guard import ip_identity
 from proxy.limits.quota.model import QuotaStore, Reservation, queue_quota_for
 from proxy.observability.metrics import Metrics
+from proxy.principal import Principal
 from proxy.settings import Settings
 from proxy.state import RequestContext
 

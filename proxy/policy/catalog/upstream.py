@@ -15,6 +15,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.multi.capabilities import OBJECT_INFO
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.policy.catalog.cache import Answer, CatalogNotJson, Miss, ObjectInfoCache, Snapshot
 from proxy.policy.catalog.http import JSON, is_json
@@ -57,6 +58,18 @@ class Catalog:
         self._caches: dict[str, ObjectInfoCache] = {}
         self.union = UnionView()
         """The union of several instances' copies (``catalog_union``)."""
+
+    async def object_info(self, name: str) -> tuple[object, Mapping[str, Any]] | None:
+        """Instance ``name``'s current ``/object_info`` through its cache, for placement
+        (``proxy.multi.capabilities.OBJECT_INFO``: one fetch serves the clients and placement);
+        None for an unknown instance, or when ComfyUI answered an error (keep what was known)."""
+        upstream = self._pool.get(name)
+        if upstream is None:
+            return None
+        current = await self.cache(upstream).current()
+        if not isinstance(current, Snapshot):
+            return None
+        return (current.generation, current.info)
 
     def cache(self, upstream: Upstream) -> ObjectInfoCache:
         """The cache of one instance (created on first use: instances may join at runtime)."""
@@ -200,6 +213,7 @@ async def catalog_context(app: web.Application) -> AsyncIterator[None]:
         policy_version=policy_version,
     )
     app[CATALOG] = catalog
+    app[OBJECT_INFO] = catalog.object_info
     yield
     await catalog.close()
 

@@ -91,11 +91,12 @@ from proxy.policy.catalog.upstream import (
 )
 from proxy.policy.model import RolePolicy
 from proxy.policy.store import POLICY
+from proxy.relay.forward import forward_http
+from proxy.relay.home import home_for
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, RequestContext
-from proxy.upstream.forward import build_upstream_headers, forward_http, map_client_error
 from proxy.upstream.headers import client_response_headers
-from proxy.upstream.home import home_for
 from proxy.upstream.pool import POOL, Upstream
 
 log = structlog.get_logger("comfygate.catalog")

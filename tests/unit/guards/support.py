@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from proxy.auth.principal import Principal
+from proxy.principal import Principal
 from proxy.routes import OTHER, RULES, RouteRule, RuleName
 from proxy.settings import Settings
 from proxy.state import CONTEXT, RequestContext

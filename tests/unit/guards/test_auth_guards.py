@@ -19,8 +19,8 @@ from proxy.auth.guard import (
     SubmitRoleGuard,
     UsersReadOnlyGuard,
 )
-from proxy.auth.principal import Principal
 from proxy.errors import Forbidden, Unauthenticated
+from proxy.principal import Principal
 from proxy.settings.auth import DEFAULT_ROLES
 from tests.unit.guards.support import principal, request, rule_named, settings
 

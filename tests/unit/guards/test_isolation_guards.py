@@ -12,9 +12,6 @@ from prometheus_client import CollectorRegistry
 
 from proxy.comfy.records import PromptRecord
 from proxy.errors import BadRequest
-from proxy.isolation.events import SocketEventFilter
-from proxy.isolation.namespaces import FolderNames, upstream_client_id
-from proxy.isolation.ownership import MemoryOwnershipStore
 from proxy.isolation.read_guard import (
     InterruptGuard,
     JobsGuard,
@@ -24,6 +21,9 @@ from proxy.isolation.read_guard import (
 )
 from proxy.isolation.submit_guard import HiddenNotFound, SubmitGuard, UploadGuard, ViewGuard
 from proxy.observability.metrics import Metrics
+from proxy.tenancy.events import SocketEventFilter
+from proxy.tenancy.namespaces import FolderNames, upstream_client_id
+from proxy.tenancy.ownership import MemoryOwnershipStore
 from proxy.upstream.pool import UpstreamPool
 from tests.unit.guards.support import principal, request, settings
 

@@ -33,6 +33,7 @@ from aiohttp import hdrs, web
 
 from proxy.errors import ServiceUnavailable
 from proxy.observability.metrics import METRICS
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
 from proxy.state import CONTEXT, Body
 from proxy.upstream.http1 import UpstreamConnectError, UpstreamHttpTimeout, UpstreamResponse
 from proxy.upstream.pool import POOL, Upstream, UpstreamPool, unavailable
@@ -103,9 +104,6 @@ class ReadFailover:
     async def send(
         self, request: web.Request, first: Upstream, body: Body
     ) -> tuple[UpstreamResponse, Upstream]:
-        # Imported here: forward imports this module.
-        from proxy.upstream.forward import build_upstream_headers, map_client_error  # noqa: PLC0415
-
         pool = request.app[POOL]
         ctx = request[CONTEXT]
         order = [first, *(u for u in pool.reachable() if u.name != first.name)]

@@ -10,7 +10,7 @@ proxy attributes files by what it knows itself:
   with no record: uploads are moved into it by the proxy, and every ``filename_prefix`` of the
   user's prompts is rewritten into it, so every output of a prefix the proxy wrote is there
   (``get_save_image_path`` keeps the prefix's directories as the subfolder). That is
-  :meth:`~proxy.isolation.files.FileScope.may_read`; nothing is recorded for it.
+  :meth:`~proxy.tenancy.files.FileScope.may_read`; nothing is recorded for it.
 * Previews that ComfyUI names itself (``PreviewImage`` writes
   ``temp/ComfyUI_temp_<random>_00001_.png``, with no input of the user's in the name) cannot be
   moved into the folder: no input names them. They are recorded as the user's only when they

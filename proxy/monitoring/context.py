@@ -12,10 +12,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
-from proxy.observability.exposition import multiprocess_dir
-from proxy.observability.generation import generation_tracker
+from proxy.monitoring.exposition import multiprocess_dir
+from proxy.monitoring.generation import generation_tracker
+from proxy.monitoring.upstreams import upstream_probe
 from proxy.observability.metrics import METRICS
-from proxy.observability.upstreams import upstream_probe
 
 
 async def metrics_context(app: web.Application) -> AsyncIterator[None]:

@@ -4,7 +4,7 @@ Shared by all proxy replicas through Redis; in process memory when no Redis is c
 Entries expire after ``isolation.retention_seconds``, aligned with how long ComfyUI keeps
 history (it keeps the newest 10,000 entries in memory until it restarts).
 
-Files are recorded only as :mod:`proxy.isolation.attribution` decides (previews ComfyUI named
+Files are recorded only as :mod:`proxy.tenancy.attribution` decides (previews ComfyUI named
 itself, from a preview node of the owner's prompt; a user's folder needs no record), and the
 first claim of a name wins: a node's UI output can never take a file from its owner.
 
@@ -36,10 +36,10 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from proxy.comfy.records import FileRef, PromptRecord
-from proxy.isolation.namespaces import FOLDERS, folder_names, warn_if_unstable
 from proxy.redis.client import REDIS
 from proxy.redis.coalesce import Coalescer, ScriptCall, ScriptPipe
 from proxy.settings import SETTINGS
+from proxy.tenancy.namespaces import FOLDERS, folder_names, warn_if_unstable
 
 if TYPE_CHECKING:
     from proxy.redis.client import RedisClient

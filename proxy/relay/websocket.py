@@ -35,13 +35,13 @@ from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import METRICS, Metrics
+from proxy.relay.outgoing import build_upstream_headers, map_client_error
+from proxy.relay.ws_fast import UNDECIDED, DirectWriter, quick_of
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
 from proxy.tasks import task_failed
-from proxy.upstream.forward import build_upstream_headers, map_client_error
 from proxy.upstream.headers import WEBSOCKET_HANDSHAKE
 from proxy.upstream.pool import POOL, Upstream
-from proxy.upstream.ws_fast import UNDECIDED, DirectWriter, quick_of
 
 if TYPE_CHECKING:
     from proxy.settings import WebSocketSettings
@@ -80,7 +80,7 @@ class ClientSendQueue:
     ) -> None:
         self._ws = ws
         # Nothing queued and the transport below its high-water mark: the frame is written at
-        # once (what send_bytes would do), without a writer task (proxy.upstream.ws_fast).
+        # once (what send_bytes would do), without a writer task (proxy.relay.ws_fast).
         self._direct = DirectWriter(ws, transport) if transport is not None else None
         self._max_bytes = max_bytes
         self._drop_previews = drop_stale_previews

@@ -52,11 +52,11 @@ from aiohttp import hdrs, web
 
 from proxy.comfy.records import PromptRecord
 from proxy.errors import UpstreamError
-from proxy.isolation.ownership import OWNERSHIP, OwnershipStore
 from proxy.observability.metrics import METRICS, Metrics, role_label
 from proxy.periodic import Periodic
 from proxy.redis.client import REDIS
 from proxy.settings import SETTINGS
+from proxy.tenancy.ownership import OWNERSHIP, OwnershipStore
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import POOL, UpstreamPool
 from proxy.upstream.queue_read import queued_ids

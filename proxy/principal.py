@@ -1,4 +1,5 @@
-"""Who is calling: the authenticated principal every guard after authentication reads."""
+"""Who is calling: the authenticated principal every guard after authentication reads, and the
+login session it may come from (vocabulary below every concern; ``proxy.auth`` makes them)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,9 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from proxy.settings.auth import RoleSettings
-
-if TYPE_CHECKING:
-    from proxy.auth.sessions import Session
 
 Source = Literal["bearer", "basic", "cookie", "query", "forward", "anonymous"]
 """Where the credential came from. ``cookie``, ``basic`` and ``forward`` (an authenticating proxy
@@ -20,6 +18,31 @@ with any request the browser makes, so requests authenticated by them get the or
 checks."""
 AMBIENT_SOURCES: frozenset[Source] = frozenset({"cookie", "basic", "forward"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+SessionSource = Literal["password", "token", "oidc"]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    subject: str
+    roles: tuple[str, ...]
+    session_id: str
+    issued_at: float
+    """Login time: the absolute timeout counts from here."""
+    expires_at: float
+    """Idle expiry of this cookie."""
+    absolute_expires_at: float
+    source: SessionSource = "token"
+    """The credential the session was made from (the login page's method)."""
+    token_id: str | None = None
+    """``source == "token"``: the pasted token's ``jti`` (None if it had none); revoking it ends
+    the session."""
+    user_generation: str | None = None
+    """``source == "password"``: ``proxy.auth.sessions.SessionCodec.user_generation`` of the
+    user's entry at login; the session ends when the entry no longer has it."""
+    provider: str | None = None
+    """``source == "oidc"``: the name of the provider the person signed in with."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ class FileScope:
     owner: str
     """The principal's ``comfy_user``."""
     folder: str
-    """``users/<owner>-<tag>`` (:func:`proxy.isolation.namespaces.user_folder`): the user's
+    """``users/<owner>-<tag>`` (:func:`proxy.tenancy.namespaces.user_folder`): the user's
     subfolder of input/, output/ and temp/."""
     shared_input_folders: tuple[str, ...] = ()
 

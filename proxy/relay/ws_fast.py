@@ -1,6 +1,6 @@
 """The WebSocket relay's fast path: frames decided without a coroutine, written without a task.
 
-Two parts, both used by :mod:`proxy.upstream.websocket` (the relay that applies the frame
+Two parts, both used by :mod:`proxy.relay.websocket` (the relay that applies the frame
 filters, so the filters keep their interface: a frame in, the frame / a replacement / ``None``
 out):
 

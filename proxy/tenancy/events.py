@@ -10,7 +10,7 @@ Rules, for a non-admin caller:
 
 * JSON events carrying ``data.prompt_id`` pass iff the prompt is the caller's (an ownership
   lookup, cached per socket). Of an ``executed`` output only the previews of the prompt's own
-  preview nodes are recorded as the caller's files (:mod:`proxy.isolation.attribution`): the
+  preview nodes are recorded as the caller's files (:mod:`proxy.tenancy.attribution`): the
   output is the node's to write, and a node may echo any file name it was given.
 * ``status`` passes, its connect-time ``sid`` (the namespaced id ComfyUI saw) mapped back to the
   client's own id; the types in ``isolation.passed_event_types`` pass; so does the connect-time
@@ -60,10 +60,11 @@ import orjson
 import redis.asyncio as redis
 import structlog
 
+from proxy.comfy.frames import END_EVENTS
 from proxy.comfy.records import FileRef, PromptRecord
-from proxy.isolation.attribution import preview_files
-from proxy.isolation.ownership import OwnershipStore
-from proxy.upstream.ws_fast import UNDECIDED, Undecided
+from proxy.relay.ws_fast import UNDECIDED, Undecided
+from proxy.tenancy.attribution import preview_files
+from proxy.tenancy.ownership import OwnershipStore
 
 if TYPE_CHECKING:
     from proxy.observability.metrics import Metrics
@@ -74,8 +75,6 @@ PREVIEW_IMAGE = 1
 TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 _HEADER = struct.Struct(">II")
-END_EVENTS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
-"""Events that end a prompt's execution (besides the final ``executing {node: null}``)."""
 WINDOW_EVENTS = frozenset({"execution_start", "executing", "progress", "progress_state"})
 """Events of a prompt that is executing now (``executing`` with a node)."""
 ADMIN_ONLY_EVENTS = frozenset({"logs"})
@@ -129,7 +128,7 @@ class SocketEventFilter:
         return await self._binary(frame)
 
     def quick(self, frame: str | bytes) -> str | bytes | Undecided | None:
-        """The decision for frames that need no lookup and no parse (``proxy.upstream.ws_fast``):
+        """The decision for frames that need no lookup and no parse (``proxy.relay.ws_fast``):
         an admin's frames without a ``sid``, binary types 1 and 3 (the execution window), type 4
         previews of a prompt whose owner this socket knows. No effects: the relay may still
         call the filter in full for the same frame."""
@@ -236,7 +235,7 @@ class SocketEventFilter:
         self._track(kind, data, prompt_id)
         if kind == "executed":
             # SECURITY: never every file dict of the output (Preview3D echoes its inputs):
-            # only what the prompt's own preview nodes wrote (proxy.isolation.attribution).
+            # only what the prompt's own preview nodes wrote (proxy.tenancy.attribution).
             files = preview_files(data.get("node"), data.get("output"), record.previews)
             if files or self._unrecorded:
                 await self._record(files)
