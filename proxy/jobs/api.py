@@ -465,27 +465,12 @@ async def job_item(request: web.Request) -> web.StreamResponse:
     raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE"])
 
 
-def add_jobs_routes(app: web.Application, *, base_path: str) -> None:
-    """The jobs API's routes (before the catch-all; guards wired by route name)."""
-    from proxy.jobs.events import job_events, job_preview  # noqa: PLC0415 - imports this one
-
-    root = f"{base_path}{API_PREFIX}"
-    app.router.add_get(f"{root}/openapi.json", openapi, name=OPENAPI_ROUTE)
-    app.router.add_get(f"{root}/templates", list_templates, name="jobs_api_templates")
-    app.router.add_get(f"{root}/templates/{{name}}", get_template, name="jobs_api_template")
-    app.router.add_route("*", f"{root}/jobs", jobs_collection, name="jobs_api_jobs")
-    app.router.add_route("*", f"{root}/jobs/{{id}}", job_item, name="jobs_api_job")
-    app.router.add_get(f"{root}/jobs/{{id}}/events", job_events, name="jobs_api_events")
-    app.router.add_get(f"{root}/jobs/{{id}}/preview", job_preview, name="jobs_api_preview")
-
-
 __all__ = [
     "API_PREFIX",
     "JOBS",
     "ROUTES",
     "JobNotFound",
     "Jobs",
-    "add_jobs_routes",
     "current_state",
     "find_job",
 ]

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from proxy.jobs.api import JOBS, Jobs, add_jobs_routes
+from proxy.jobs import api
+from proxy.jobs.api import JOBS, Jobs
 from proxy.jobs.cache import ResultCache
+from proxy.jobs.events import job_events, job_preview
 from proxy.jobs.leases import MemoryDueSet, RedisDueSet
 from proxy.jobs.live import LiveWatcher
 from proxy.jobs.live_store import LiveJobs
@@ -136,6 +138,18 @@ async def _jobs_context(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             await task.stop()
         await live_watcher.close()
+
+
+def add_jobs_routes(app: web.Application, *, base_path: str) -> None:
+    """The jobs API's routes (before the catch-all; guards wired by route name)."""
+    root = f"{base_path}{api.API_PREFIX}"
+    app.router.add_get(f"{root}/openapi.json", api.openapi, name=api.OPENAPI_ROUTE)
+    app.router.add_get(f"{root}/templates", api.list_templates, name="jobs_api_templates")
+    app.router.add_get(f"{root}/templates/{{name}}", api.get_template, name="jobs_api_template")
+    app.router.add_route("*", f"{root}/jobs", api.jobs_collection, name="jobs_api_jobs")
+    app.router.add_route("*", f"{root}/jobs/{{id}}", api.job_item, name="jobs_api_job")
+    app.router.add_get(f"{root}/jobs/{{id}}/events", job_events, name="jobs_api_events")
+    app.router.add_get(f"{root}/jobs/{{id}}/preview", job_preview, name="jobs_api_preview")
 
 
 def install_jobs_api(app: web.Application, settings: Settings) -> None:
