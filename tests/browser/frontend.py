@@ -179,6 +179,19 @@ def is_user_mode_check(rec: Received) -> bool:
     )
 
 
+def is_background_queue_read(rec: Received) -> bool:
+    """The proxy's own ``GET /queue`` (the queue quota's reconciler, the lost-prompt and
+    generation watchers): no one's identity, credentials or request id; under load one can land
+    while the browser works."""
+    return (
+        rec.method == "GET"
+        and rec.raw_path == "/queue"
+        and not any(
+            h in rec.headers for h in ("Comfy-User", "Authorization", "Cookie", "X-Request-ID")
+        )
+    )
+
+
 def is_public_fetch(rec: Received) -> bool:
     """A fetch of one of the frontend's public files (``proxy.web.assets``) without identity."""
     return (
@@ -205,6 +218,8 @@ def assert_reached_as(upstream: FakeUpstream, proxy: ProxyServer, subject: str) 
     # The proxy's own check of whether ComfyUI runs with --multi-user (proxy.userdata.mode) is
     # the other request of no one's: GET /users without identity, credentials or request id.
     received = [r for r in upstream.fake.received if not is_user_mode_check(r)]
+    # So are its background reads of the queue (is_background_queue_read).
+    received = [r for r in received if not is_background_queue_read(r)]
     # The frontend's bundled files fetched without cookies (the web app manifest) are public
     # (proxy.web.assets) and reach ComfyUI with no identity at all - never another user's.
     received = [r for r in received if not is_public_fetch(r)]
