@@ -19,6 +19,8 @@ object literals kept for ComfyUI to read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 from aiohttp import hdrs, web
 
@@ -27,18 +29,39 @@ from proxy.comfy.schemas import NodeSchemas
 from proxy.comfy.submission import Submission, submission_of
 from proxy.comfy.violations import PromptRejected, Violation
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.observability.metrics import METRICS
-from proxy.policy.catalog.upstream import CATALOG
-from proxy.policy.store import POLICY
-from proxy.request.bodies import read_json_body
-from proxy.settings import SETTINGS
+from proxy.observability.metrics import METRICS, Metrics
+from proxy.policy.catalog.upstream import CATALOG, Catalog
+from proxy.policy.store import POLICY, PolicyStore
+from proxy.request.bodies import BodyReader, read_json_body
+from proxy.settings import SETTINGS, Settings
 from proxy.state import RequestContext
-from proxy.upstream.pool import POOL
+from proxy.upstream.pool import POOL, UpstreamPool
 
 log = structlog.get_logger("comfygate.workflow")
 
 CATALOG_UNAVAILABLE = "catalog_unavailable"
 _RETRY_SECONDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PromptReader:
+    """What reading ``POST /prompt`` needs: who is judged on the schemas (``settings``'
+    isolation and roles, the ``policy``), where the schemas come from (``policy``,
+    ``catalog`` through ``pool``), the body reader and the metrics. The guards get one when
+    the route table is built; :func:`read_prompt` finds the app's (:meth:`of`) without one."""
+
+    settings: Settings
+    policy: PolicyStore
+    catalog: Catalog
+    pool: UpstreamPool
+    metrics: Metrics
+    bodies: BodyReader
+
+    @classmethod
+    def of(cls, app: web.Application) -> PromptReader:
+        return cls(
+            app[SETTINGS], app[POLICY], app[CATALOG], app[POOL], app[METRICS], BodyReader.of(app)
+        )
 
 
 def is_prompt_submission(request: web.Request, ctx: RequestContext) -> bool:
@@ -47,13 +70,18 @@ def is_prompt_submission(request: web.Request, ctx: RequestContext) -> bool:
 
 
 async def read_prompt(
-    request: web.Request, ctx: RequestContext, *, refuse_problems: bool = True
+    request: web.Request,
+    ctx: RequestContext,
+    *,
+    refuse_problems: bool = True,
+    reader: PromptReader | None = None,
 ) -> Submission:
     """The submission of this request, read once (cached on ``ctx`` with the body it was read
     from) and forwarded as the proxy serialises it.
 
     ``refuse_problems``: raise when the graph is malformed (the workflow policy asks for the
-    problems instead, to report them with its own findings at once).
+    problems instead, to report them with its own findings at once). ``reader``: the
+    collaborators (the app's when None).
 
     Raises:
         BadRequest: an unreadable body (``invalid_prompt``, :func:`read_json_body`).
@@ -66,18 +94,20 @@ async def read_prompt(
     if cached is not None and cached[0] is ctx.body and isinstance(cached[1], Submission):
         submission = cached[1]
     else:
+        reader = reader or PromptReader.of(request.app)
         # The one bounded, strict reader of every inspected body (charset, encoding, size,
         # JSON, object): unreadable bodies are refused there as ComfyUI's invalid_prompt.
-        body = await read_json_body(request, ctx)
-        required = schemas_required(request, ctx)
-        schemas = await node_schemas(request, ctx, required=required)
+        body = await read_json_body(request, ctx, reader.bodies)
+        required = schemas_required(reader, ctx)
+        schemas = await node_schemas(reader, ctx, required=required)
         submission = submission_of(body, schemas, judged=required)
         if required and submission.prompt is not None:
             _add_unknown(submission.prompt)
         forward_submission(ctx, submission)
     prompt = submission.prompt
     if refuse_problems and prompt is not None and prompt.problems:
-        _refused(request, ctx, prompt.problems[0].error_type)
+        metrics = reader.metrics if reader is not None else request.app[METRICS]
+        _refused(metrics, ctx, prompt.problems[0].error_type)
         raise PromptRejected(prompt.problems)
     return submission
 
@@ -89,21 +119,21 @@ def forward_submission(ctx: RequestContext, submission: Submission) -> None:
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
 
 
-def schemas_required(request: web.Request, ctx: RequestContext) -> bool:
+def schemas_required(reader: PromptReader, ctx: RequestContext) -> bool:
     """Whether this principal's prompt is judged on the schemas (policy-restricted, or
     confined by isolation)."""
     principal = ctx.principal
     if principal is None:
         return False
-    settings = request.app[SETTINGS]
+    settings = reader.settings
     if settings.isolation.enabled and not principal.is_admin(settings.roles):
         return True
-    store = request.app[POLICY]
+    store = reader.policy
     return store.enabled and not store.for_principal(principal).unrestricted
 
 
 async def node_schemas(
-    request: web.Request, ctx: RequestContext, *, required: bool
+    reader: PromptReader, ctx: RequestContext, *, required: bool
 ) -> NodeSchemas | None:
     """The node schemas known from the instances' ``/object_info`` (kept fresh by the catalog's
     TTL); fetched now when ``required`` and none is known yet.
@@ -112,13 +142,12 @@ async def node_schemas(
         ServiceUnavailable: ``required`` and no copy could be fetched.
         ProxyError: ComfyUI could not be reached for it.
     """
-    store = request.app[POLICY]
+    store = reader.policy
     schemas = store.schemas
-    app = request.app
-    pool = app[POOL]
+    pool = reader.pool
     routable = pool.routable()
     upstream = routable[0] if routable else pool.home()
-    cache = app[CATALOG].cache(upstream)
+    cache = reader.catalog.cache(upstream)
     if schemas is not None:
         if required and cache.snapshot is not None:
             await cache.current(store.version)  # a stale copy starts a refresh, not waited for
@@ -159,8 +188,8 @@ def _add_unknown(prompt: Prompt) -> None:
         )
 
 
-def _refused(request: web.Request, ctx: RequestContext, reason: str) -> None:
-    request.app[METRICS].prompt_refusals.labels(reason).inc()
+def _refused(metrics: Metrics, ctx: RequestContext, reason: str) -> None:
+    metrics.prompt_refusals.labels(reason).inc()
     principal = ctx.principal
     log.warning(
         "prompt_malformed",
@@ -175,14 +204,18 @@ class PromptGuard:
 
     name = "prompt"
 
+    def __init__(self, reader: PromptReader) -> None:
+        self._reader = reader
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if is_prompt_submission(request, ctx):
-            await read_prompt(request, ctx)
+            await read_prompt(request, ctx, reader=self._reader)
 
 
 __all__ = [
     "CATALOG_UNAVAILABLE",
     "PromptGuard",
+    "PromptReader",
     "forward_submission",
     "is_prompt_submission",
     "node_schemas",
