@@ -21,6 +21,7 @@ from proxy.multi.idempotency import (
 )
 from proxy.multi.replication import ReplicationGuard
 from proxy.observability.metrics import Metrics
+from proxy.settings import Settings
 from proxy.state import RequestContext
 from proxy.upstream.pool import UpstreamPool
 from tests.support.graphs import save_graph
