@@ -114,7 +114,12 @@ from proxy.multi.dispatch import (
     multi_view,
     relay_websocket_multi,
 )
-from proxy.multi.idempotency import IdempotencyGuard, idempotency_context, idempotency_finish
+from proxy.multi.idempotency import (
+    IDEMPOTENCY,
+    IdempotencyGuard,
+    idempotency_context,
+    idempotency_finish,
+)
 from proxy.multi.placement_guard import PlacementGuard
 from proxy.multi.registry import registry_context
 from proxy.multi.replication import ReplicationGuard
@@ -134,7 +139,7 @@ from proxy.request.bodies import (
     BodyGuard,
     release_inspected_bodies,
 )
-from proxy.request.prompt import NODE_SCHEMAS, PromptGuard
+from proxy.request.prompt import NODE_SCHEMAS, PromptGuard, PromptReader
 from proxy.routes import (
     COMFY_RULES,
     OTHER,
@@ -151,6 +156,7 @@ from proxy.scheduler.context import (
     scheduler_context,
     with_scheduler,
 )
+from proxy.scheduler.keys import GATE
 from proxy.settings import SETTINGS, Settings
 from proxy.state import CONTEXT, HEADER_POLICY, LIFECYCLE, RELOAD_HOOKS, HeaderPolicy, Lifecycle
 from proxy.tenancy.namespaces import FOLDERS
@@ -226,7 +232,8 @@ def build_routes(app: web.Application) -> RouteTable:
         single = _socket(relay_websocket, forward_http) if rule == "ws" else forward_http
         return single, _MULTI_HANDLERS.get(rule, dispatch_multi)
 
-    body, limited = BodyGuard(), (RateLimitGuard,) if rate_limited else ()
+    prompts = PromptReader.of(app)  # how POST /prompt and the inspected bodies are read
+    body, limited = BodyGuard(prompts.bodies), (RateLimitGuard,) if rate_limited else ()
     endpoints: dict[RuleName, Endpoint] = {}
     for rule in (*RULES, OTHER):
         name = rule.name
@@ -237,7 +244,7 @@ def build_routes(app: web.Application) -> RouteTable:
         if name == "internal":
             # The stock frontend's own calls to /internal/*: an empty answer for those the
             # role guard would refuse (proxy.frontend); after auth and CSRF.
-            guards.append(AdminStubGuard())
+            guards.append(AdminStubGuard(roles))
         guards.append(RoleGuard(rule, roles))  # admin-only families
         guards.extend(_role_checks(name, rule, settings))
         if name == "static" and settings.auth.enabled:  # the account extension
@@ -249,7 +256,7 @@ def build_routes(app: web.Application) -> RouteTable:
             # Every inspected body read, bounded and checked once, after the rate limit,
             # before every guard that rewrites or records it (POST /prompt: see below).
             guards.append(body)
-        guards.extend(_family_guards(app, name, forward, quota))
+        guards.extend(_family_guards(app, name, forward, quota, prompts))
         endpoints[name] = Endpoint(rule, tuple(guards), single, several)
     for own in OWN_ROUTES:
         own_rule = OWN_RULES[own]
@@ -280,7 +287,7 @@ def build_routes(app: web.Application) -> RouteTable:
             )
         endpoints[own] = Endpoint(own_rule, own_guards)
     if settings.scheduler.enabled:  # the gateway queue (docs/scheduler.md)
-        with_scheduler(endpoints)
+        with_scheduler(endpoints, app[GATE], settings, prompts)
     return RouteTable(endpoints, multi=multi)
 
 
@@ -300,7 +307,11 @@ def _role_checks(name: ComfyRule, rule: RouteRule, settings: Settings) -> tuple[
 
 
 def _family_guards(
-    app: web.Application, name: ComfyRule, forward: Handler, quota: QueueQuota | None
+    app: web.Application,
+    name: ComfyRule,
+    forward: Handler,
+    quota: QueueQuota | None,
+    prompts: PromptReader,
 ) -> tuple[Guard, ...]:
     """The guards of one family after the rate limit and the body guard: the policy and the
     prompt's reading, idempotency and placement, then isolation (it narrows what an allowed
@@ -339,8 +350,8 @@ def _family_guards(
         # Idempotency-Key is answered from memory, placement chooses the instance (several
         # instances), under whose name isolation records the prompt.
         guards += [
-            PromptGuard(),
-            IdempotencyGuard(),
+            PromptGuard(prompts),
+            IdempotencyGuard(app[IDEMPOTENCY], settings.upstream, app[METRICS], prompts),
             PlacementGuard(app[POOL], app[METRICS], settings.upstream.placement),
             submit(PromptSubmitGuard),
         ]
@@ -355,7 +366,8 @@ def _family_guards(
         return (*observer, read(SocketGuard))
     if name == "upload":
         # Several instances: an upload goes to every healthy one (after isolation rewrote it).
-        return (submit(UploadGuard), ReplicationGuard())
+        replication = ReplicationGuard(app[POOL], settings.upstream.placement, app[METRICS])
+        return (submit(UploadGuard), replication)
     if name == "view":
         return (submit(ViewGuard),)
     read_guards: Mapping[ComfyRule, type[ReadGuard]] = {

@@ -33,12 +33,15 @@ non-admins. ``/free`` is called only when a user clicks "Unload models": a 403 t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.auth.login import LOGIN_PAGE
 from proxy.settings import SETTINGS
+from proxy.settings.auth import RoleSettings
 from proxy.state import CONTEXT, RequestContext
 from proxy.web import STATIC_DIR
 
@@ -100,9 +103,12 @@ class AdminStubGuard:
 
     name = "admin_stub"
 
+    def __init__(self, roles: Mapping[str, RoleSettings]) -> None:
+        self._roles = roles
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         principal = ctx.principal
-        if principal is None or principal.may_use(ctx.rule.name, request.app[SETTINGS].roles):
+        if principal is None or principal.may_use(ctx.rule.name, self._roles):
             return  # admins (and roles allowed "internal") reach ComfyUI's real answer
         answer = stub_answer(request.method, ctx.path)
         if answer is not None:

@@ -15,6 +15,7 @@ from typing import Final, Literal, get_args
 from yarl import URL
 
 from proxy.errors import BadRequest, NotFound
+from proxy.settings.limits import RouteClass
 
 API_PREFIX = "/api"
 
@@ -86,6 +87,12 @@ class RouteRule:
     websocket: bool = False
     api_only: bool = False
     """Exists upstream only under ``/api`` (assets); the bare path is a static file there."""
+    limit: RouteClass | None = "read"
+    """The rate-limit class its requests spend (``proxy.limits.classes``); None: not limited."""
+    limit_post: RouteClass | None = None
+    """The class a ``POST`` spends instead (``submit`` on ``/prompt``); None: ``limit``."""
+    limit_upgrade: RouteClass | None = None
+    """The class a WebSocket upgrade spends instead (``ws_connect``); None: ``limit``."""
     _regexes: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
 
     def matches(self, method: str, path: str) -> bool:
@@ -110,8 +117,12 @@ def rule(
     methods: str | None = None,
     websocket: bool = False,
     api_only: bool = False,
+    limit: RouteClass | None = "read",
+    limit_post: RouteClass | None = None,
+    limit_upgrade: RouteClass | None = None,
 ) -> RouteRule:
-    """Build a rule; ``methods`` is a space-separated list (GET implies HEAD, as in aiohttp)."""
+    """Build a rule; ``methods`` is a space-separated list (GET implies HEAD, as in aiohttp);
+    ``limit*``: its rate-limit classes (:class:`RouteRule`)."""
     method_set = None
     if methods is not None:
         method_set = frozenset(methods.split())
@@ -123,20 +134,24 @@ def rule(
         methods=method_set,
         websocket=websocket,
         api_only=api_only,
+        limit=limit,
+        limit_post=limit_post,
+        limit_upgrade=limit_upgrade,
         _regexes=tuple(_compile(p) for p in patterns),
     )
 
 
 # First match wins; patterns are normalised paths (percent-decoded, every /api prefix removed).
+# Rate-limit classes (proxy.limits.classes): "read" unless a rule says otherwise.
 RULES: tuple[RouteRule, ...] = (
-    rule("ws", "/ws", methods="GET", websocket=True),
-    rule("prompt", "/prompt"),
+    rule("ws", "/ws", methods="GET", websocket=True, limit_upgrade="ws_connect"),
+    rule("prompt", "/prompt", limit_post="submit"),  # queues GPU work: the scarcest thing
     rule("queue", "/queue"),
     rule("interrupt", "/interrupt"),
     rule("history", "/history", "/history/{id}"),
     rule("jobs", "/jobs", "/jobs/*"),
-    rule("view", "/view", "/view_metadata/*"),
-    rule("upload", "/upload/image", "/upload/mask"),
+    rule("view", "/view", "/view_metadata/*", limit="view"),
+    rule("upload", "/upload/image", "/upload/mask", limit="upload"),
     rule("object_info", "/object_info", "/object_info/*"),
     rule("models", "/models", "/models/*", "/embeddings", "/experiment/models/*"),
     rule("system_stats", "/system_stats", "/features"),
@@ -170,11 +185,29 @@ RULES: tuple[RouteRule, ...] = (
         "/v2/externalmodel/*",
         "/v2/comfyui_manager/*",
     ),
-    rule("static", "/", "/extensions/*", "/templates/*", "/scripts/*", "/assets/*", "/docs/*"),
+    rule(
+        "static",
+        *("/", "/extensions/*", "/templates/*", "/scripts/*", "/assets/*", "/docs/*"),
+        limit="static",  # the stock UI loads hundreds of files at start
+    ),
 )
 OTHER = rule("other", "/*")
-OWN_RULES: Final[dict[str, RouteRule]] = {name: rule(name) for name in OWN_ROUTES}
+_UNLIMITED_OWN: Final[frozenset[OwnRoute]] = frozenset(
+    {"healthz", "readyz", "logout", "login_static", "base_redirect", "metrics"}
+)
+"""The proxy's own routes no request of which is limited: nothing of them reaches ComfyUI."""
+OWN_RULES: Final[dict[str, RouteRule]] = {
+    name: rule(
+        name,
+        # The login form is limited per client address (nobody is known yet), only its POST.
+        limit=None if name in _UNLIMITED_OWN or name == "login" else "read",
+        limit_post="login" if name == "login" else None,
+    )
+    for name in OWN_ROUTES
+}
 """The rule of each of the proxy's own routes, by aiohttp route name."""
+RULES_BY_NAME: Final[dict[str, RouteRule]] = {r.name: r for r in (*RULES, OTHER)} | OWN_RULES
+"""Every rule by its name."""
 
 # Lookup tables, so classifying costs a dict lookup and at most a few regex matches:
 # exact paths, and the rules whose patterns start with a given first segment (in RULES order).

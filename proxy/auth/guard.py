@@ -113,7 +113,7 @@ class AuthGuard:
     def _fails_open(self, method: str, *, websocket: bool) -> bool:
         if self._rule.name == "static":  # the frontend's own files
             return True
-        cls = route_class(self._rule.name, method, websocket=websocket)
+        cls = route_class(self._rule, method, websocket=websocket)
         return cls is not None and self._limits.fail_mode(cls) == "open"
 
 

@@ -26,35 +26,36 @@ not limited: nothing of them reaches ComfyUI.
 
 from __future__ import annotations
 
-from typing import Final
-
+from proxy.routes import RULES_BY_NAME, RouteRule
 from proxy.settings.limits import RouteClass
 
-_BY_RULE: Final[dict[str, RouteClass]] = {"view": "view", "upload": "upload", "static": "static"}
+
+def route_class(
+    rule: RouteRule | str, method: str, *, websocket: bool = False
+) -> RouteClass | None:
+    """The class a request spends, or None when it is not limited (the proxy's own routes).
+
+    The classes of each rule are set where the rules are (``proxy.routes``); a name is
+    looked up there (an unknown one spends ``read``, as every path no rule names).
+    """
+    if isinstance(rule, str):
+        found = RULES_BY_NAME.get(rule)
+        if found is None:
+            return "read"
+        rule = found
+    if websocket and rule.limit_upgrade is not None:
+        return rule.limit_upgrade
+    if method == "POST" and rule.limit_post is not None:
+        return rule.limit_post
+    return rule.limit
 
 
-def route_class(rule: str, method: str, *, websocket: bool = False) -> RouteClass | None:
-    """The class a request spends, or None when it is not limited (the proxy's own routes)."""
-    if rule == "prompt":
-        return "submit" if method == "POST" else "read"
-    if rule == "ws":
-        return "ws_connect" if websocket else "read"
-    if rule == "login":
-        return "login" if method == "POST" else None
-    if rule in _OWN_RULES:
-        return None
-    return _BY_RULE.get(rule, "read")
-
-
-_OWN_RULES: Final = frozenset(
-    {"healthz", "readyz", "logout", "login_static", "base_redirect", "metrics"}
-)
-"""The proxy's own routes (see ``app.create_app``): not ComfyUI's, never limited."""
-
-
-def limited_rule(rule: str) -> bool:
+def limited_rule(rule: RouteRule | str) -> bool:
     """Whether any request of this rule can spend a class (the guard is wired only there)."""
-    return rule not in _OWN_RULES
+    found = RULES_BY_NAME.get(rule) if isinstance(rule, str) else rule
+    if found is None:
+        return True
+    return any(c is not None for c in (found.limit, found.limit_post, found.limit_upgrade))
 
 
 __all__ = ["limited_rule", "route_class"]

@@ -37,7 +37,7 @@ class RateLimitGuard:
     name = "ratelimit"
 
     def __init__(self, rule: RouteRule, limits: RateLimits) -> None:
-        self._rule = rule.name
+        self._rule = rule
         self._limits = limits
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:

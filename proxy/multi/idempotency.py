@@ -36,10 +36,10 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, ProxyError
-from proxy.observability.metrics import METRICS
+from proxy.observability.metrics import Metrics
 from proxy.redis.client import REDIS
-from proxy.request.prompt import read_prompt
-from proxy.settings import SETTINGS
+from proxy.request.prompt import PromptReader, read_prompt
+from proxy.settings import SETTINGS, UpstreamSettings
 from proxy.state import RequestContext
 
 if TYPE_CHECKING:
@@ -191,6 +191,24 @@ class IdempotencyGuard:
 
     name = "idempotency"
 
+    def __init__(
+        self,
+        store: IdempotencyStore,
+        upstream: UpstreamSettings,
+        metrics: Metrics,
+        prompts: PromptReader,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._prompts = prompts
+        # A claim outlives the longest submission (every placement attempt's connect, then
+        # the read), plus a margin.
+        self._pending_ttl = (
+            upstream.connect_timeout_seconds * upstream.placement.max_attempts
+            + upstream.read_timeout_seconds
+            + PENDING_MARGIN_SECONDS
+        )
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         raw_key = request.headers.get(HEADER)
         if raw_key is None or request.method != hdrs.METH_POST or ctx.path != "/prompt":
@@ -202,20 +220,13 @@ class IdempotencyGuard:
             )
         principal = ctx.principal
         subject = principal.subject if principal is not None else ""
-        await read_prompt(request, ctx)  # the canonical body: its bytes are fingerprinted
+        await read_prompt(request, ctx, reader=self._prompts)  # its bytes are fingerprinted
         # SECURITY: the key is scoped to the principal; nobody replays someone else's answer.
         key = hashlib.sha256(f"{subject}\0{raw_key}".encode()).hexdigest()
         fingerprint = hashlib.sha256(ctx.body or b"").hexdigest()
-        app = request.app
-        store = app[IDEMPOTENCY]
-        upstream = app[SETTINGS].upstream
-        pending_ttl = (
-            upstream.connect_timeout_seconds * upstream.placement.max_attempts
-            + upstream.read_timeout_seconds
-            + PENDING_MARGIN_SECONDS
-        )
-        outcome = await store.claim(key, fingerprint, pending_ttl)
-        metrics = app[METRICS]
+        store = self._store
+        outcome = await store.claim(key, fingerprint, self._pending_ttl)
+        metrics = self._metrics
         if isinstance(outcome, Claimed):
             metrics.idempotency.labels("first").inc()
             request[CLAIM] = Claim(store, key, fingerprint, outcome.token)

@@ -37,8 +37,8 @@ from aiohttp.multipart import parse_content_disposition
 
 from proxy.comfy.graph import Prompt, read_graph, strings_in
 from proxy.comfy.records import FileRef
-from proxy.observability.metrics import METRICS, Metrics
-from proxy.settings import SETTINGS
+from proxy.observability.metrics import Metrics
+from proxy.settings.upstreams import PlacementSettings
 from proxy.state import RequestContext
 from proxy.tenancy.files import (
     FILE_TYPES,
@@ -49,7 +49,7 @@ from proxy.tenancy.files import (
     referenced_file,
 )
 from proxy.upstream.http1 import UpstreamHttpError
-from proxy.upstream.pool import POOL, Upstream, UpstreamPool
+from proxy.upstream.pool import Upstream, UpstreamPool
 
 log = structlog.get_logger("comfygate.upstream.replication")
 
@@ -333,14 +333,18 @@ class ReplicationGuard:
 
     name = "replication"
 
+    def __init__(self, pool: UpstreamPool, placement: PlacementSettings, metrics: Metrics) -> None:
+        self._pool = pool
+        self._replicate = placement.replicate_uploads
+        self._copier = FileCopier(pool, metrics)
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        pool = request.app[POOL]
-        settings = request.app[SETTINGS].upstream.placement
-        if request.method != hdrs.METH_POST or not pool.managed or not settings.replicate_uploads:
+        pool = self._pool
+        if request.method != hdrs.METH_POST or not pool.managed or not self._replicate:
             return
         first = ctx.target or _first_healthy(pool)
         ctx.target = first
-        copier = FileCopier(pool, request.app[METRICS])
+        copier = self._copier
         mask = ctx.path == "/upload/mask"
         spool: Spool | None = None
         if not mask:

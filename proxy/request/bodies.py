@@ -149,6 +149,24 @@ class BodyBudget:
 BODY_BUDGET = web.AppKey("comfygate.body_budget", BodyBudget)
 
 
+@dataclass(frozen=True, slots=True)
+class BodyReader:
+    """What reading an inspected body needs: the process's budget, the largest body read and
+    the metrics its refusals count in. Guards get one when the route table is built; the
+    module functions find the app's (:meth:`of`) when none is given."""
+
+    budget: BodyBudget
+    limit: int
+    """Largest body read, in bytes (``server.max_inspected_body_mb``)."""
+    metrics: Metrics
+
+    @classmethod
+    def of(cls, app: web.Application) -> BodyReader:
+        return cls(
+            app[BODY_BUDGET], int(app[SETTINGS].server.max_inspected_body_mb * MB), app[METRICS]
+        )
+
+
 @dataclass(slots=True)
 class _Lease:
     """What one request holds of the budget; given back once, when the request ends."""
@@ -192,14 +210,14 @@ def _principal_key(ctx: RequestContext) -> str:
     return f"u:{principal.comfy_user}"  # per user, not per token: more tokens buy nothing
 
 
-def _lease(request: web.Request, ctx: RequestContext) -> _Lease:
+def _lease(request: web.Request, ctx: RequestContext, reader: BodyReader) -> _Lease:
     lease = request.get(_LEASE)
     if lease is None:
-        lease = request[_LEASE] = _Lease(request.app[BODY_BUDGET], _principal_key(ctx))
+        lease = request[_LEASE] = _Lease(reader.budget, _principal_key(ctx))
     return lease
 
 
-def _hold(request: web.Request, ctx: RequestContext, lease: _Lease, size: int) -> None:
+def _hold(reader: BodyReader, ctx: RequestContext, lease: _Lease, size: int) -> None:
     """Hold ``size`` more bytes, or refuse the request (429 over the principal's bound, 503
     over the process's)."""
     refused = lease.take(size)
@@ -207,7 +225,7 @@ def _hold(request: web.Request, ctx: RequestContext, lease: _Lease, size: int) -
         return
     budget = lease.budget
     _refused(
-        request,
+        reader,
         ctx,
         refused,
         size=size,
@@ -230,9 +248,9 @@ def _hold(request: web.Request, ctx: RequestContext, lease: _Lease, size: int) -
     raise exc
 
 
-def _refused(request: web.Request, ctx: RequestContext, reason: str, **fields: object) -> None:
+def _refused(reader: BodyReader, ctx: RequestContext, reason: str, **fields: object) -> None:
     """The metric and the log line of every refusal made here."""
-    request.app[METRICS].inspected_refusals.labels(reason).inc()
+    reader.metrics.inspected_refusals.labels(reason).inc()
     principal = ctx.principal
     log.warning(
         "inspected_body_refused",
@@ -247,7 +265,9 @@ def _refused(request: web.Request, ctx: RequestContext, reason: str, **fields: o
 # -- reading -----------------------------------------------------------------------------------
 
 
-async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
+async def read_body(
+    request: web.Request, ctx: RequestContext, reader: BodyReader | None = None
+) -> bytes:
     """The request body, read once and kept in ``ctx.body`` for forwarding; not parsed (see
     :func:`read_json_body` for the parse every inspected route goes through).
 
@@ -259,6 +279,7 @@ async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
     """
     if ctx.body is not None:
         return ctx.body
+    reader = reader or BodyReader.of(request.app)
     encodings = [
         token.strip().lower()
         for value in request.headers.getall(hdrs.CONTENT_ENCODING, ())
@@ -268,30 +289,30 @@ async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
         # SECURITY: aiohttp would inflate it as it arrives, so neither the Content-Length nor
         # the bound would describe what is held (a 30 KB gzip body inflates to 32 MB).
         raise _unreadable(
-            request,
+            reader,
             ctx,
             inspected_rule(request.method, ctx) or OBJECT_BODY,
             "content_encoding",
             message="compressed request bodies are not accepted here; send the JSON uncompressed",
             details=f"Content-Encoding: {', '.join(encodings)}",
         )
-    limit = int(request.app[SETTINGS].server.max_inspected_body_mb * MB)
+    limit = reader.limit
     length = request.content_length
     if length is not None and length > limit:
-        raise _too_large(request, ctx, limit)
-    lease = _lease(request, ctx)
+        raise _too_large(reader, ctx, limit)
+    lease = _lease(request, ctx, reader)
     accounted = 0
     if length is not None:
-        _hold(request, ctx, lease, length)  # before a byte of it is read
+        _hold(reader, ctx, lease, length)  # before a byte of it is read
         accounted = length
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise _too_large(request, ctx, limit)
+            raise _too_large(reader, ctx, limit)
         if size > accounted:  # chunked: as it arrives
-            _hold(request, ctx, lease, size - accounted)
+            _hold(reader, ctx, lease, size - accounted)
             accounted = size
         chunks.append(chunk)
     ctx.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -299,15 +320,17 @@ async def read_body(request: web.Request, ctx: RequestContext) -> bytes:
     return ctx.body
 
 
-def _too_large(request: web.Request, ctx: RequestContext, limit: int) -> PayloadTooLarge:
-    _refused(request, ctx, "too_large", limit=limit)
+def _too_large(reader: BodyReader, ctx: RequestContext, limit: int) -> PayloadTooLarge:
+    _refused(reader, ctx, "too_large", limit=limit)
     return PayloadTooLarge(
         f"the request body is over {limit} bytes, the largest the proxy reads",
         details="server.max_inspected_body_mb",
     )
 
 
-async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str, Any]:
+async def read_json_body(
+    request: web.Request, ctx: RequestContext, reader: BodyReader | None = None
+) -> dict[str, Any]:
     """The body of an inspected route as ComfyUI reads it: always a JSON object.
 
     The first call reads, checks and parses it (:func:`proxy.comfy.json_body.parse_json`,
@@ -322,18 +345,19 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
     cached = ctx.parsed_body
     if cached is not None and cached[0] is ctx.body and isinstance(cached[1], dict):
         return cached[1]
+    reader = reader or BodyReader.of(request.app)
     rule = inspected_rule(request.method, ctx) or OBJECT_BODY
     charset = request.charset
     if charset is not None and not _text_codec(charset):
         raise _unreadable(
-            request,
+            reader,
             ctx,
             rule,
             "charset",
             message="the request body's charset is unknown; send UTF-8 JSON",
             details=f"charset={charset}",
         )
-    raw = await read_body(request, ctx)
+    raw = await read_body(request, ctx, reader)
     value: object
     fast: tuple[Any, bytes] | None = None
     if not raw and rule.empty_is_object:
@@ -344,7 +368,7 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
             value = parse_json(raw, charset) if fast is None else fast[0]
         except JsonRefused as exc:
             raise _unreadable(
-                request,
+                reader,
                 ctx,
                 rule,
                 "not_json",
@@ -353,7 +377,7 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
             ) from None
     if not isinstance(value, dict):
         raise _unreadable(
-            request,
+            reader,
             ctx,
             rule,
             "wrong_type",
@@ -362,9 +386,9 @@ async def read_json_body(request: web.Request, ctx: RequestContext) -> dict[str,
         )
     # parse_json only accepts what JSON writes back; the fast path has written it already.
     body = fast[1] if fast is not None and fast[0] is value else dump_json(value)
-    lease = _lease(request, ctx)
+    lease = _lease(request, ctx, reader)
     if len(body) > lease.held:  # escaped characters: the canonical form can be the larger
-        _hold(request, ctx, lease, len(body) - lease.held)
+        _hold(reader, ctx, lease, len(body) - lease.held)
     ctx.body = body
     ctx.parsed_body = (body, value)
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
@@ -396,7 +420,7 @@ def _json_type(value: object) -> str:
 
 
 def _unreadable(
-    request: web.Request,
+    reader: BodyReader,
     ctx: RequestContext,
     rule: BodyRule,
     reason: str,
@@ -404,7 +428,7 @@ def _unreadable(
     message: str,
     details: str,
 ) -> Rejection:
-    _refused(request, ctx, reason)
+    _refused(reader, ctx, reason)
     return BadRequest(message, error_type=rule.error_type, details=details)
 
 
@@ -415,9 +439,12 @@ class BodyGuard:
 
     name = "body"
 
+    def __init__(self, reader: BodyReader) -> None:
+        self._reader = reader
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if inspected_rule(request.method, ctx) is not None:
-            await read_json_body(request, ctx)
+            await read_json_body(request, ctx, self._reader)
 
 
 __all__ = [
@@ -425,6 +452,7 @@ __all__ = [
     "INSPECTED_RULES",
     "BodyBudget",
     "BodyGuard",
+    "BodyReader",
     "BodyRule",
     "inspected_rule",
     "read_body",

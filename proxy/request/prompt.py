@@ -19,6 +19,7 @@ object literals kept for ComfyUI to read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -29,10 +30,10 @@ from proxy.comfy.schemas import NodeSchemas
 from proxy.comfy.submission import Submission, submission_of
 from proxy.comfy.violations import PromptRejected, Violation
 from proxy.errors import ProxyError, ServiceUnavailable
-from proxy.observability.metrics import METRICS
+from proxy.observability.metrics import METRICS, Metrics
 from proxy.principal import Principal
-from proxy.request.bodies import read_json_body
-from proxy.settings import SETTINGS
+from proxy.request.bodies import BodyReader, read_json_body
+from proxy.settings import SETTINGS, Settings
 from proxy.state import RequestContext
 
 log = structlog.get_logger("comfygate.workflow")
@@ -67,19 +68,41 @@ class SchemaSource(Protocol):
 NODE_SCHEMAS: web.AppKey[SchemaSource] = web.AppKey("comfygate.node_schemas")
 
 
+@dataclass(frozen=True, slots=True)
+class PromptReader:
+    """What reading ``POST /prompt`` needs: who is judged on the schemas (``settings``'
+    isolation and roles, the schema source), where the schemas come from (the app's
+    :class:`SchemaSource`), the body reader and the metrics. The guards get one when
+    the route table is built; :func:`read_prompt` finds the app's (:meth:`of`) without one."""
+
+    settings: Settings
+    schemas: SchemaSource
+    metrics: Metrics
+    bodies: BodyReader
+
+    @classmethod
+    def of(cls, app: web.Application) -> PromptReader:
+        return cls(app[SETTINGS], app[NODE_SCHEMAS], app[METRICS], BodyReader.of(app))
+
+
 def is_prompt_submission(request: web.Request, ctx: RequestContext) -> bool:
     """A ``POST /prompt`` (or ``/api/prompt``): the requests this module reads."""
     return request.method == hdrs.METH_POST and ctx.path == "/prompt"
 
 
 async def read_prompt(
-    request: web.Request, ctx: RequestContext, *, refuse_problems: bool = True
+    request: web.Request,
+    ctx: RequestContext,
+    *,
+    refuse_problems: bool = True,
+    reader: PromptReader | None = None,
 ) -> Submission:
     """The submission of this request, read once (cached on ``ctx`` with the body it was read
     from) and forwarded as the proxy serialises it.
 
     ``refuse_problems``: raise when the graph is malformed (the workflow policy asks for the
-    problems instead, to report them with its own findings at once).
+    problems instead, to report them with its own findings at once). ``reader``: the
+    collaborators (the app's when None).
 
     Raises:
         BadRequest: an unreadable body (``invalid_prompt``, :func:`read_json_body`).
@@ -92,18 +115,20 @@ async def read_prompt(
     if cached is not None and cached[0] is ctx.body and isinstance(cached[1], Submission):
         submission = cached[1]
     else:
+        reader = reader or PromptReader.of(request.app)
         # The one bounded, strict reader of every inspected body (charset, encoding, size,
         # JSON, object): unreadable bodies are refused there as ComfyUI's invalid_prompt.
-        body = await read_json_body(request, ctx)
-        required = schemas_required(request, ctx)
-        schemas = await node_schemas(request, ctx, required=required)
+        body = await read_json_body(request, ctx, reader.bodies)
+        required = schemas_required(reader, ctx)
+        schemas = await node_schemas(reader, ctx, required=required)
         submission = submission_of(body, schemas, judged=required)
         if required and submission.prompt is not None:
             _add_unknown(submission.prompt)
         forward_submission(ctx, submission)
     prompt = submission.prompt
     if refuse_problems and prompt is not None and prompt.problems:
-        _refused(request, ctx, prompt.problems[0].error_type)
+        metrics = reader.metrics if reader is not None else request.app[METRICS]
+        _refused(metrics, ctx, prompt.problems[0].error_type)
         raise PromptRejected(prompt.problems)
     return submission
 
@@ -115,20 +140,20 @@ def forward_submission(ctx: RequestContext, submission: Submission) -> None:
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
 
 
-def schemas_required(request: web.Request, ctx: RequestContext) -> bool:
+def schemas_required(reader: PromptReader, ctx: RequestContext) -> bool:
     """Whether this principal's prompt is judged on the schemas (policy-restricted, or
     confined by isolation)."""
     principal = ctx.principal
     if principal is None:
         return False
-    settings = request.app[SETTINGS]
+    settings = reader.settings
     if settings.isolation.enabled and not principal.is_admin(settings.roles):
         return True
-    return request.app[NODE_SCHEMAS].restricts(principal)
+    return reader.schemas.restricts(principal)
 
 
 async def node_schemas(
-    request: web.Request, ctx: RequestContext, *, required: bool
+    reader: PromptReader, ctx: RequestContext, *, required: bool
 ) -> NodeSchemas | None:
     """The node schemas known from the instances' ``/object_info`` (kept fresh by the catalog's
     TTL); fetched now when ``required`` and none is known yet.
@@ -137,7 +162,7 @@ async def node_schemas(
         ServiceUnavailable: ``required`` and no copy could be fetched.
         ProxyError: ComfyUI could not be reached for it.
     """
-    source = request.app[NODE_SCHEMAS]
+    source = reader.schemas
     schemas = source.known()
     if schemas is not None:
         if required:
@@ -179,8 +204,8 @@ def _add_unknown(prompt: Prompt) -> None:
         )
 
 
-def _refused(request: web.Request, ctx: RequestContext, reason: str) -> None:
-    request.app[METRICS].prompt_refusals.labels(reason).inc()
+def _refused(metrics: Metrics, ctx: RequestContext, reason: str) -> None:
+    metrics.prompt_refusals.labels(reason).inc()
     principal = ctx.principal
     log.warning(
         "prompt_malformed",
@@ -195,15 +220,19 @@ class PromptGuard:
 
     name = "prompt"
 
+    def __init__(self, reader: PromptReader) -> None:
+        self._reader = reader
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if is_prompt_submission(request, ctx):
-            await read_prompt(request, ctx)
+            await read_prompt(request, ctx, reader=self._reader)
 
 
 __all__ = [
     "CATALOG_UNAVAILABLE",
     "NODE_SCHEMAS",
     "PromptGuard",
+    "PromptReader",
     "SchemaSource",
     "forward_submission",
     "is_prompt_submission",

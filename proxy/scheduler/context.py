@@ -14,6 +14,7 @@ from proxy.isolation.read_guard import ReadGuard
 from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.observability.metrics import METRICS
 from proxy.redis.client import REDIS
+from proxy.request.prompt import PromptReader
 from proxy.routes import RuleName
 from proxy.scheduler.gate import Gate
 from proxy.scheduler.hook import CancelGuard, HoldGuard, ViewGuard
@@ -21,7 +22,7 @@ from proxy.scheduler.keys import GATE
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
-from proxy.settings import SETTINGS
+from proxy.settings import SETTINGS, Settings
 from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
 
@@ -90,21 +91,23 @@ def add_scheduler_route(app: web.Application, *, base_path: str) -> None:
     )
 
 
-def with_scheduler(endpoints: dict[RuleName, Endpoint]) -> None:
+def with_scheduler(
+    endpoints: dict[RuleName, Endpoint], gate: Gate, settings: Settings, prompts: PromptReader
+) -> None:
     """The gateway queue's guards (``proxy.scheduler.hook``) in the route table: holding last
     on ``POST /prompt``; cancelling before isolation on ``POST /queue`` (it must see a
-    ``clear`` before isolation narrows it); views last on queue, jobs and ws."""
+    ``clear`` before isolation narrows it); views last on queue, jobs and ws. Each is built
+    with ``gate`` (``app[GATE]``, set by :func:`scheduler_context`)."""
 
     def extend(name: RuleName, *more: Guard) -> None:
         endpoints[name] = replace(endpoints[name], guards=(*endpoints[name].guards, *more))
 
-    extend("prompt", HoldGuard())
+    extend("prompt", HoldGuard(gate, prompts))
     queue = list(endpoints["queue"].guards)
     at = next((i for i, g in enumerate(queue) if isinstance(g, ReadGuard)), len(queue))
-    endpoints["queue"] = replace(
-        endpoints["queue"], guards=(*queue[:at], CancelGuard(), *queue[at:])
-    )
-    view = ViewGuard()
+    cancel = CancelGuard(gate, settings, prompts.bodies)
+    endpoints["queue"] = replace(endpoints["queue"], guards=(*queue[:at], cancel, *queue[at:]))
+    view = ViewGuard(gate, settings)
     for name in ("queue", "jobs", "ws", "history"):
         extend(name, view)
 

@@ -32,20 +32,18 @@ from aiohttp import hdrs, web
 
 from proxy.errors import BadRequest, ServiceUnavailable
 from proxy.isolation.prompt import client_id_of
-from proxy.limits.quota.service import QUEUE_QUOTA
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
 from proxy.relay.outgoing import build_upstream_headers
-from proxy.request.bodies import read_json_body
-from proxy.request.prompt import forward_submission, read_prompt
+from proxy.request.bodies import BodyReader, read_json_body
+from proxy.request.prompt import PromptReader, forward_submission, read_prompt
 from proxy.scheduler.estimates import shape_of
 from proxy.scheduler.fair import Held
 from proxy.scheduler.gate import STORE_ERRORS, Gate
-from proxy.scheduler.keys import GATE
 from proxy.scheduler.notify import failed_job
 from proxy.scheduler.store import Entry
-from proxy.settings import SETTINGS
+from proxy.settings import Settings
 from proxy.state import (
     UNDECIDED,
     FrameFilter,
@@ -54,8 +52,7 @@ from proxy.state import (
     Undecided,
     with_quick,
 )
-from proxy.tenancy.ownership import OWNERSHIP
-from proxy.upstream.pool import POOL
+from proxy.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("comfygate.scheduler")
 
@@ -78,18 +75,17 @@ _NOT_KEPT = frozenset(
 )
 
 
-def viewer(request: web.Request, ctx: RequestContext) -> str | None:
+def viewer(settings: Settings, ctx: RequestContext) -> str | None:
     """Whose held prompts the caller sees: theirs (isolation on, not an admin), or everyone's
     (None)."""
-    settings = request.app[SETTINGS]
     principal = ctx.principal
     if not settings.isolation.enabled or principal is None:
         return None
     return None if principal.is_admin(settings.roles) else principal.comfy_user
 
 
-def _weight(request: web.Request, ctx: RequestContext) -> float:
-    weights = request.app[SETTINGS].scheduler.weights
+def _weight(gate: Gate, ctx: RequestContext) -> float:
+    weights = gate.settings.weights
     roles = ctx.principal.roles if ctx.principal is not None else frozenset()
     return max((weights.get(r, 1.0) for r in roles), default=1.0)
 
@@ -102,13 +98,15 @@ class HoldGuard:
 
     name = "scheduler"
 
+    def __init__(self, gate: Gate, prompts: PromptReader) -> None:
+        self._gate = gate
+        self._prompts = prompts
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if request.method != hdrs.METH_POST or ctx.path != "/prompt":
             return
-        gate = request.app.get(GATE)
-        if gate is None:
-            return
-        submission = await read_prompt(request, ctx)
+        gate = self._gate
+        submission = await read_prompt(request, ctx, reader=self._prompts)
         if submission.prompt is None:
             return  # ComfyUI answers no_prompt at once
         body = submission.body
@@ -122,7 +120,7 @@ class HoldGuard:
         assert ctx.body is not None  # forward_submission set it
         principal = ctx.principal
         owner = principal.comfy_user if principal is not None else "anonymous"
-        weight = _weight(request, ctx)
+        weight = _weight(gate, ctx)
         shape = shape_of(n.class_type for n in submission.prompt.nodes.values())
         held = Held(
             prompt_id=prompt_id,
@@ -133,11 +131,11 @@ class HoldGuard:
             weight=weight,
             front=bool(submission.body.get("front")),
             created=time.time(),
-            candidates=_candidates(request, submission.prompt),
+            candidates=_candidates(gate.pool, submission.prompt),
             shape=shape,
-            client_id=await _sent_client_id(request, prompt_id, body),
+            client_id=await _sent_client_id(gate, prompt_id, body),
         )
-        upstream = ctx.target or request.app[POOL].home()
+        upstream = ctx.target or gate.pool.home()
         headers = tuple(
             (k, v)
             for k, v in build_upstream_headers(request, ctx, upstream).items()
@@ -154,10 +152,10 @@ class HoldGuard:
             wait = await gate.expected_wait(owner, weight, shape)
         except STORE_ERRORS as exc:
             gate.metrics.unavailable.labels("hold").inc()
-            if request.app[SETTINGS].scheduler.redis_fail_mode == "pass_through":
+            if gate.settings.redis_fail_mode == "pass_through":
                 log.warning("scheduler_unavailable", fail_mode="pass_through", error=str(exc))
                 return  # forwarded at once, unscheduled
-            await _undo(request, prompt_id)
+            await _undo(gate, prompt_id)
             log.warning("scheduler_unavailable", fail_mode="closed", error=type(exc).__name__)
             raise ServiceUnavailable(
                 "the gateway queue (Redis) is unavailable; try again shortly",
@@ -178,31 +176,30 @@ def _with_seq(held: Held, seq: int) -> Held:
     return replace(held, seq=seq)
 
 
-def _candidates(request: web.Request, graph: Any) -> tuple[str, ...]:
+def _candidates(pool: UpstreamPool, graph: Any) -> tuple[str, ...]:
     """The instances able to run the graph (several instances); () when any can."""
-    pool = request.app[POOL]
     if not pool.managed:
         return ()
     req = requirements(graph)
     return tuple(c.name for c in candidate_states(pool) if not missing_on(req, c.capabilities))
 
 
-async def _sent_client_id(request: web.Request, prompt_id: str, body: Mapping[str, Any]) -> str:
+async def _sent_client_id(gate: Gate, prompt_id: str, body: Mapping[str, Any]) -> str:
     """The client id the client sent (isolation forwards a namespaced one, recorded)."""
-    if request.app[SETTINGS].isolation.enabled:
-        record = await request.app[OWNERSHIP].prompt(prompt_id)
+    if gate.ownership is not None:  # isolation on (scheduler_context)
+        record = await gate.ownership.prompt(prompt_id)
         if record is not None:
             return record.sent_client_id or ""
     sent = client_id_of(body)
     return sent if isinstance(sent, str) else ""
 
 
-async def _undo(request: web.Request, prompt_id: str) -> None:
+async def _undo(gate: Gate, prompt_id: str) -> None:
     """A prompt that cannot be held is not queued: its record and count go (best effort)."""
     try:
-        if request.app[SETTINGS].isolation.enabled:
-            await request.app[OWNERSHIP].forget_prompt(prompt_id)
-        quota = request.app.get(QUEUE_QUOTA)
+        if gate.ownership is not None:  # isolation on (scheduler_context)
+            await gate.ownership.forget_prompt(prompt_id)
+        quota = gate.quota
         if quota is not None:
             await quota.release([prompt_id], reason="refused")
     except STORE_ERRORS:
@@ -217,12 +214,17 @@ class CancelGuard:
 
     name = "scheduler"
 
+    def __init__(self, gate: Gate, settings: Settings, bodies: BodyReader) -> None:
+        self._gate = gate
+        self._settings = settings
+        self._bodies = bodies
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        gate = request.app.get(GATE)
-        if gate is None or request.method != hdrs.METH_POST or ctx.path != "/queue":
+        gate = self._gate
+        if request.method != hdrs.METH_POST or ctx.path != "/queue":
             return
-        body = await read_json_body(request, ctx)
-        owner = viewer(request, ctx)
+        body = await read_json_body(request, ctx, self._bodies)
+        owner = viewer(self._settings, ctx)
         if body.get("clear"):
             removed = await gate.store.cancel(None, owner)
         elif isinstance(ids := body.get("delete"), list):
@@ -259,12 +261,14 @@ class ViewGuard:
 
     name = "scheduler"
 
+    def __init__(self, gate: Gate, settings: Settings) -> None:
+        self._gate = gate
+        self._settings = settings
+
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
-        gate = request.app.get(GATE)
-        if gate is None:
-            return
+        gate = self._gate
         rule = ctx.rule.name
-        owner = viewer(request, ctx)
+        owner = viewer(self._settings, ctx)
         if rule == "queue" and request.method == hdrs.METH_GET:
             ctx.response_filters.append(_queue_view(gate, owner))
         elif rule == "jobs":
