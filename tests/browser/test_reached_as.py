@@ -16,8 +16,10 @@ from tests.browser.frontend import assert_reached_as, is_catalog_fetch
 from tests.fakes.comfyui.middleware import Received
 
 
-def received(method: str, path: str, user: str | None) -> Received:
+def received(method: str, path: str, user: str | None, *, relayed: bool = True) -> Received:
     headers: CIMultiDict[str] = CIMultiDict()
+    if relayed:  # what the proxy relays carries the request's id (proxy.upstream.headers)
+        headers["X-Request-ID"] = "r1"
     if user is not None:
         headers["Comfy-User"] = comfy_user_id(user)
     return Received(method, path, path, MultiDict(), headers)
@@ -39,6 +41,10 @@ def test_catalog_paths() -> None:
 @pytest.mark.parametrize("catalog_user", ["alice", None])
 def test_the_catalog_is_the_users_miss_or_the_proxys_refresh(catalog_user: str | None) -> None:
     check(received("GET", "/queue", "alice"), received("GET", "/api/object_info", catalog_user))
+
+
+def test_the_proxys_own_queue_read_is_no_ones() -> None:
+    check(received("GET", "/prompt", "alice"), received("GET", "/queue", None, relayed=False))
 
 
 @pytest.mark.parametrize(
