@@ -506,18 +506,9 @@ class OidcLogin:
         page = request.config_dict[LOGIN_PAGE]
         next_path = safe_next(request.query.get("next"), self.base_path)
         name = request.match_info["provider"]
-        refused = await self._rate_limited(request, page, next_path, name)
-        if refused is not None:
-            return refused
-        provider = self.providers.get(name)
-        if provider is None:
-            return self._refuse(
-                request,
-                page,
-                next_path,
-                name,
-                LoginRefused("unknown_provider", 404, NO_SUCH_PROVIDER),
-            )
+        provider = await self._admit(request, page, next_path, name)
+        if isinstance(provider, web.Response):
+            return provider
         try:
             discovery = await provider.discovery()
         except ProviderUnavailable as exc:
@@ -546,18 +537,9 @@ class OidcLogin:
         name = request.match_info["provider"]
         flow = self._read_flow(request)
         next_path = flow.next_path if flow is not None else safe_next(None, self.base_path)
-        refused = await self._rate_limited(request, page, next_path, name)
-        if refused is not None:
-            return refused
-        provider = self.providers.get(name)
-        if provider is None:
-            return self._refuse(
-                request,
-                page,
-                next_path,
-                name,
-                LoginRefused("unknown_provider", 404, NO_SUCH_PROVIDER),
-            )
+        provider = await self._admit(request, page, next_path, name)
+        if isinstance(provider, web.Response):
+            return provider
         error = request.query.get("error")
         if error is not None:
             # The person cancelled, or the provider refused them (access_denied, ...).
@@ -723,6 +705,20 @@ class OidcLogin:
         if not all(isinstance(v, str) for v in (state, provider, next_path)):
             return None
         return Flow(state, provider, safe_next(next_path, self.base_path))
+
+    async def _admit(
+        self, request: web.Request, page: LoginPage, next_path: str, name: str
+    ) -> OidcProvider | web.Response:
+        """Both routes' first steps: the login rate limit, then the provider named in the path
+        (an unknown one is a 404 page, never a redirect anywhere)."""
+        refused = await self._rate_limited(request, page, next_path, name)
+        if refused is not None:
+            return refused
+        provider = self.providers.get(name)
+        if provider is None:
+            unknown = LoginRefused("unknown_provider", 404, NO_SUCH_PROVIDER)
+            return self._refuse(request, page, next_path, name, unknown)
+        return provider
 
     async def _rate_limited(
         self, request: web.Request, page: LoginPage, next_path: str, name: str
