@@ -540,58 +540,8 @@ class OidcLogin:
         provider = await self._admit(request, page, next_path, name)
         if isinstance(provider, web.Response):
             return provider
-        error = request.query.get("error")
-        if error is not None:
-            # The person cancelled, or the provider refused them (access_denied, ...).
-            reason = "provider_error:" + "".join(c for c in error[:40] if c.isalnum() or c == "_")
-            return self._refuse(
-                request,
-                page,
-                next_path,
-                name,
-                LoginRefused(
-                    reason, 401, f"{provider.label} did not sign you in. Please try again."
-                ),
-            )
-        if flow is None:
-            return self._refuse(
-                request, page, next_path, name, LoginRefused("flow_missing", 400, RETRY)
-            )
-        state = request.query.get("state", "")
-        if flow.provider != name:
-            return self._refuse(
-                request, page, next_path, name, LoginRefused("provider_mismatch", 400, RETRY)
-            )
-        # SECURITY: the state in the URL must be the one this browser's flow cookie holds.
-        if not hmac.compare_digest(state.encode(), flow.state.encode()):
-            return self._refuse(
-                request, page, next_path, name, LoginRefused("state_mismatch", 400, RETRY)
-            )
-        code = request.query.get("code", "")
-        if not code or len(code) > MAX_PARAM_LENGTH:
-            return self._refuse(
-                request, page, next_path, name, LoginRefused("code_missing", 400, RETRY)
-            )
         try:
-            first = await self._store.claim(flow.state, self.settings.flow_timeout_seconds)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("oidc_login_unavailable", provider=name, error=type(exc).__name__)
-            return self._refuse(
-                request,
-                page,
-                next_path,
-                name,
-                LoginRefused(
-                    "store_unavailable",
-                    503,
-                    "Sign-in is temporarily unavailable. Please try again shortly.",
-                ),
-            )
-        if not first:
-            return self._refuse(
-                request, page, next_path, name, LoginRefused("flow_replayed", 400, RETRY)
-            )
-        try:
+            flow, code = await self._checked_callback(request, name, provider, flow)
             id_token = await provider.exchange(
                 code, self._redirect_uri(request, name), self._derive("pkce", flow.state)
             )
@@ -625,6 +575,46 @@ class OidcLogin:
         return response
 
     # --------------------------------------------------------------------------- helpers
+
+    async def _checked_callback(
+        self, request: web.Request, name: str, provider: OidcProvider, flow: Flow | None
+    ) -> tuple[Flow, str]:
+        """The callback's own checks, in order: the provider's error, this browser's flow and
+        its state, the code, then the state's single use. Returns the flow and the code.
+
+        Raises:
+            LoginRefused: the first check that fails.
+        """
+        error = request.query.get("error")
+        if error is not None:
+            # The person cancelled, or the provider refused them (access_denied, ...).
+            reason = "provider_error:" + "".join(c for c in error[:40] if c.isalnum() or c == "_")
+            raise LoginRefused(
+                reason, 401, f"{provider.label} did not sign you in. Please try again."
+            )
+        if flow is None:
+            raise LoginRefused("flow_missing", 400, RETRY)
+        state = request.query.get("state", "")
+        if flow.provider != name:
+            raise LoginRefused("provider_mismatch", 400, RETRY)
+        # SECURITY: the state in the URL must be the one this browser's flow cookie holds.
+        if not hmac.compare_digest(state.encode(), flow.state.encode()):
+            raise LoginRefused("state_mismatch", 400, RETRY)
+        code = request.query.get("code", "")
+        if not code or len(code) > MAX_PARAM_LENGTH:
+            raise LoginRefused("code_missing", 400, RETRY)
+        try:
+            first = await self._store.claim(flow.state, self.settings.flow_timeout_seconds)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("oidc_login_unavailable", provider=name, error=type(exc).__name__)
+            raise LoginRefused(
+                "store_unavailable",
+                503,
+                "Sign-in is temporarily unavailable. Please try again shortly.",
+            ) from None
+        if not first:
+            raise LoginRefused("flow_replayed", 400, RETRY)
+        return flow, code
 
     def _derive(self, purpose: str, state: str) -> str:
         """The flow's PKCE verifier or nonce (43 characters of base64url: RFC 7636 4.1)."""
