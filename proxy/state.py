@@ -25,6 +25,12 @@ from proxy.upstream.pool import Upstream
 Body = bytes | AsyncIterator[bytes] | None
 
 
+class Serialisable(Protocol):
+    """A parsed request body that writes its own serialisation (``Submission``)."""
+
+    def dump(self) -> bytes: ...
+
+
 class Failover(Protocol):
     """What ``forward_http`` calls instead of sending once (``ctx.failover``)."""
 
@@ -102,12 +108,16 @@ class RequestContext:
     error_type: str = ""
     principal: Principal | None = None
     """Set by the auth guard; None only on the proxy's own public routes."""
-    body: bytes | None = None
-    """The request body when a guard had to read it; forwarded instead of the stream."""
+    _body: bytes | None = None
+    _due: Serialisable | None = None
+    """A parse whose serialisation is due (:meth:`serialise_later`); ``body`` writes it."""
+    _sealed: bool = False
+    """The due serialisation was written and read: no guard may change the parse any more."""
     parsed_body: tuple[bytes, object] | None = None
     """``(body, parsed)``: ``body`` parsed once for every guard that inspects it (on
     ``POST /prompt`` a ``proxy.comfy.submission.Submission``, see
-    ``proxy.request.prompt.read_prompt``); stale as soon as ``body`` is replaced."""
+    ``proxy.request.prompt.read_prompt``); stale as soon as ``body`` is replaced. Read it
+    through :meth:`current_parse` (which also sees a parse whose serialisation is due)."""
     body_stream: AsyncIterator[bytes] | None = None
     """A rewritten request body too large to hold (a re-encoded upload); streamed upstream with
     chunked framing (its Content-Type goes in ``upstream_headers``)."""
@@ -137,6 +147,52 @@ class RequestContext:
     """How the forward sends (set once), by placement on ``POST /prompt``: sends the
     submission, moving it to the next candidate instance when one refuses it
     (``proxy.multi.placement_guard``)."""
+
+    @property
+    def body(self) -> bytes | None:
+        """The request body when a guard had to read it; forwarded instead of the stream.
+
+        A parse handed to :meth:`serialise_later` is serialised here, on the first read, once:
+        whoever reads the bytes (a guard, the forwarder) gets the serialisation of the parse as
+        the guards left it, and from then on the parse is sealed (module doc of
+        ``proxy.request.prompt``)."""
+        due = self._due
+        if due is not None:
+            body = due.dump()
+            self._due = None
+            self._body = body
+            self._sealed = True
+            self.parsed_body = (body, due)
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes | None) -> None:
+        self._due = None
+        self._sealed = False
+        self._body = value
+
+    def serialise_later(self, parsed: Serialisable) -> None:
+        """Make ``parsed`` what is forwarded, serialised when ``body`` is first read (after the
+        last guard that edits it, so a request is serialised once however many guards edit it).
+
+        Raises:
+            RuntimeError: the serialisation of the current parse was already read (a guard
+                decided on bytes that would no longer be forwarded): a bug, never forwarded.
+        """
+        if self._sealed:
+            raise RuntimeError("the request body was read before a guard changed it")
+        self._due = parsed
+        self._body = None
+        self.parsed_body = None
+
+    def current_parse(self) -> object | None:
+        """The parse of what is forwarded (due or written), without writing it; None when the
+        body was replaced since it was parsed."""
+        due = self._due
+        if due is not None:
+            return due
+        parsed = self.parsed_body
+        return parsed[1] if parsed is not None and parsed[0] is self._body else None
 
     @property
     def filters_response(self) -> bool:

@@ -220,10 +220,12 @@ class IdempotencyGuard:
             )
         principal = ctx.principal
         subject = principal.subject if principal is not None else ""
-        await read_prompt(request, ctx, reader=self._prompts)  # its bytes are fingerprinted
+        submission = await read_prompt(request, ctx, reader=self._prompts)
         # SECURITY: the key is scoped to the principal; nobody replays someone else's answer.
         key = hashlib.sha256(f"{subject}\0{raw_key}".encode()).hexdigest()
-        fingerprint = hashlib.sha256(ctx.body or b"").hexdigest()
+        # The submission as read, before isolation mints ids into it (a repeat must match):
+        # its own serialisation, not ctx.body (written once, after the last guard).
+        fingerprint = hashlib.sha256(submission.dump()).hexdigest()
         store = self._store
         outcome = await store.claim(key, fingerprint, self._pending_ttl)
         metrics = self._metrics

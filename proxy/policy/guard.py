@@ -72,7 +72,7 @@ class PolicyGuard:
             workflow,
             policy,
             prompt=submission.prompt if workflow is body.get("prompt") else None,
-            body_size=ctx.bytes_in or len(ctx.body or b""),  # as received, not as re-serialised
+            body_size=ctx.bytes_in,  # as received, not as re-serialised
             isolation_checks_files=self._isolation,
         )
         if violations:

@@ -342,9 +342,9 @@ async def read_json_body(
         PayloadTooLarge, RateLimited, ServiceUnavailable: see :func:`read_body` (which also
             refuses a ``Content-Encoding``).
     """
-    cached = ctx.parsed_body
-    if cached is not None and cached[0] is ctx.body and isinstance(cached[1], dict):
-        return cached[1]
+    cached = ctx.current_parse()
+    if isinstance(cached, dict):
+        return cached
     reader = reader or BodyReader.of(request.app)
     rule = inspected_rule(request.method, ctx) or OBJECT_BODY
     charset = request.charset

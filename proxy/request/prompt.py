@@ -3,7 +3,16 @@
 Every guard of the ``prompt`` rule (policy, placement, isolation, queue quota) calls
 :func:`read_prompt` and decides on the :class:`~proxy.comfy.submission.Submission` it
 returns; a guard that changes it calls :func:`forward_submission`, so ``ctx.body`` is always
-the proxy's serialisation of what was decided on, never the client's bytes. The
+the proxy's serialisation of what was decided on, never the client's bytes.
+
+One serialisation (issue 17): guards edit the one parsed submission and
+:func:`forward_submission` only marks it due; ``ctx.body`` writes it on its first read, which
+on this route is the forwarder's (or the scheduler's hold, the last guard), so every edit is
+in the one serialisation ComfyUI receives. SECURITY: whoever reads ``ctx.body`` gets exactly
+the bytes that are forwarded - once they have been read, the submission is sealed and a later
+:func:`forward_submission` is refused (``RequestContext.serialise_later``), so no guard can
+decide on bytes that differ from what ComfyUI receives. Guards that need a digest of the
+submission before the others edit it (idempotency) take :meth:`Submission.dump` themselves. The
 :class:`PromptGuard` runs on every ``POST /prompt`` (admins' too), so a body no other guard
 needed to read is still read, checked and re-serialised.
 
@@ -111,9 +120,9 @@ async def read_prompt(
         ServiceUnavailable: schemas are required and no ``/object_info`` can be had.
         PayloadTooLarge: over ``server.max_inspected_body_mb`` (``read_body``).
     """
-    cached = ctx.parsed_body
-    if cached is not None and cached[0] is ctx.body and isinstance(cached[1], Submission):
-        submission = cached[1]
+    cached = ctx.current_parse()
+    if isinstance(cached, Submission):
+        submission = cached
     else:
         reader = reader or PromptReader.of(request.app)
         # The one bounded, strict reader of every inspected body (charset, encoding, size,
@@ -134,9 +143,13 @@ async def read_prompt(
 
 
 def forward_submission(ctx: RequestContext, submission: Submission) -> None:
-    """Make ``submission`` what ComfyUI receives (``ctx.body``, JSON content type)."""
-    ctx.body = submission.dump()
-    ctx.parsed_body = (ctx.body, submission)
+    """Make ``submission`` what ComfyUI receives (JSON content type): serialised once, when
+    ``ctx.body`` is first read (after the last guard that edits it; see the module doc).
+
+    Raises:
+        RuntimeError: the bytes were read already (a guard decided on them): a bug.
+    """
+    ctx.serialise_later(submission)
     ctx.upstream_headers[hdrs.CONTENT_TYPE] = "application/json"
 
 

@@ -167,9 +167,10 @@ async def test_prompt_guard_reads_every_submission_into_the_model() -> None:
     body = orjson.dumps({"prompt": save_graph(), "extra_data": {"x": 1}})
     req, ctx = request("POST", "/prompt", rule="prompt", who=ALICE, payload=body)
     await guard.check(req, ctx)
-    assert ctx.parsed_body is not None
-    assert isinstance(ctx.parsed_body[1], Submission)
+    parsed = ctx.current_parse()  # serialised on the first read of ctx.body, not before
+    assert isinstance(parsed, Submission)
     assert orjson.loads(ctx.body or b"") == orjson.loads(body)
+    assert ctx.parsed_body == (ctx.body, parsed)
     req, ctx = request("GET", "/prompt", rule="prompt", who=ALICE)
     await guard.check(req, ctx)  # a read of the queue's state: nothing read
     assert ctx.body is None
