@@ -46,6 +46,8 @@ HIGH_WATER = 256 * 1024
 """Buffered response-body bytes above which the socket stops being read."""
 LOW_WATER = 64 * 1024
 """Buffered response-body bytes below which reading resumes."""
+_JOINED_BELOW = 64 * 1024
+"""A buffered body read at least this large is handed out alone (``read_chunk``), not joined."""
 SMALL_BODY = 64 * 1024
 """Bytes bodies up to this size are concatenated with the head: one write, one segment."""
 MAX_STATUS_LINE = 8 * 1024
@@ -154,6 +156,7 @@ class _Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_body_seen",
         "_buffered",
         "_chunked",
         "_chunks",
@@ -172,6 +175,7 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_pool",
         "_raw_headers",
+        "_raw_left",
         "_reading_paused",
         "_reason",
         "_received",
@@ -225,6 +229,9 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._content_length: int | None = None
         self._chunked = False
+        self._body_seen = 0
+        self._raw_left = 0
+        """Body bytes still due, taken off the socket without the parser (:meth:`_raw_body`)."""
         self._raw_headers.clear()
         self._chunks.clear()
         self._buffered = 0
@@ -242,6 +249,9 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamHttpError("unsolicited data from upstream on an idle connection"))
             return
         self._got_bytes = True
+        if self._raw_left:
+            self._raw_body(data)
+            return
         if not self._headers_done:
             self._received += len(data)
         try:
@@ -249,6 +259,8 @@ class _Connection(asyncio.Protocol):
                 self._feed_head_only(data)
             else:
                 self._parser.feed_data(data)
+                if self._headers_done and not self._done and self._exc is None:
+                    self._raw_left = self._raw_body_left()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamHttpError("upstream switched protocols on a plain request"))
         except httptools.HttpParserError as exc:
@@ -335,6 +347,11 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._done:
             return
+        self._body_seen += len(body)
+        self._take(body)
+
+    def _take(self, body: bytes) -> None:
+        """Body bytes for the reader; reading pauses while too many are buffered."""
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._reading_paused:
@@ -375,6 +392,38 @@ class _Connection(asyncio.Protocol):
             self.dead = True
         self._head_buf = None
         self._parser = httptools.HttpResponseParser(self)
+        self._done = True
+        self._wake()
+
+    def _raw_body_left(self) -> int:
+        """After a read that ended inside a body framed by Content-Length: the bytes still due,
+        which then bypass the parser (0: the parser goes on).
+
+        The rest of such a body is plain bytes up to a known count, so each later read is
+        handed to the reader as the very object the transport gave (no parse, no copy by
+        llhttp's body callback). Chunked and close-delimited bodies, and everything after the
+        body, go through the parser as before."""
+        length = self._content_length
+        if length is None or self._chunked or self._interim:
+            return 0
+        return max(length - self._body_seen, 0)
+
+    def _raw_body(self, data: bytes) -> None:
+        """A read while a Content-Length body is due (:meth:`_raw_body_left`)."""
+        left = self._raw_left
+        if len(data) < left:
+            self._raw_left = left - len(data)
+            self._take(data)
+            return
+        self._raw_left = 0
+        self._take(data if len(data) == left else data[:left])
+        # The parser still expects this body: the next exchange gets a fresh one.
+        self._parser = httptools.HttpResponseParser(self)
+        if len(data) > left:
+            # Bytes after the response: the server is out of sync with us (as on_message_begin
+            # decides when the parser sees them).
+            self.dead = True
+            self._keep_alive = False
         self._done = True
         self._wake()
 
@@ -528,9 +577,14 @@ class UpstreamResponse:
         chunks = conn._chunks
         while True:
             if chunks:
-                # Hand out everything buffered at once: fewer, larger writes downstream.
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
+                if len(chunks) == 1 or len(chunks[0]) >= _JOINED_BELOW:
+                    # A large read is handed out as the transport gave it: joining it with
+                    # the next would copy it for nothing (one more write costs less).
+                    data = chunks.popleft()
+                else:
+                    # Small pieces buffered: at once, for fewer, larger writes downstream.
+                    data = b"".join(chunks)
+                    chunks.clear()
                 conn.consumed(len(data))
                 return data
             if conn._done:
