@@ -28,6 +28,7 @@ from proxy.app import create_app
 from proxy.auth.authenticator import BOOTSTRAP_TOKEN
 from proxy.banner import banner, print_banner, warn_unreachable
 from proxy.errors import SettingsError
+from proxy.gc_tuning import tune_collector
 from proxy.monitoring.exposition import exposition_registry, start_metrics_listener
 from proxy.observability.metrics import METRICS
 from proxy.settings import Settings
@@ -93,6 +94,7 @@ async def serve(
         await runner.cleanup()
         loop.remove_signal_handler(signal.SIGHUP)
         raise
+    tune_collector()  # after startup: what it built is frozen (proxy.gc_tuning)
     metrics_runner: web.AppRunner | None = None
     try:
         site = await _listen(runner, settings, sock, reuse_port=worker is not None)
