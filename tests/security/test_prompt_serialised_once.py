@@ -132,7 +132,8 @@ async def test_b_gets_exactly_the_form_the_guards_left_forwarded(
     sent = json.loads(posts[0].body)
     assert sent["prompt_id"] == prompt_id != "NOT-A-UUID"
     assert sent["client_id"] == upstream_client_id(BOB, A_SOCKET) != A_SOCKET
-    assert "front" not in sent and "number" not in sent
+    assert "front" not in sent
+    assert "number" not in sent
     prefix = sent["prompt"]["9"]["inputs"]["filename_prefix"]
     assert prefix.startswith(f"{B_FOLDER}/")
     assert sent["extra_data"]["extra_pnginfo"]["note"] == 'x":"y'
