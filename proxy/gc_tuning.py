@@ -18,6 +18,8 @@ them. Cycles are still collected, later (at most some megabytes of them wait).
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 YOUNG_THRESHOLD: Final = 50_000
@@ -36,4 +38,29 @@ def tune_collector() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, MIDDLE_THRESHOLD, OLD_THRESHOLD)
 
 
-__all__ = ["MIDDLE_THRESHOLD", "OLD_THRESHOLD", "YOUNG_THRESHOLD", "tune_collector"]
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No collection inside: for a large parse whose tree is dropped before the block ends
+    (the proxy's own reads of ComfyUI's queue and history, megabytes of graphs for a few ids).
+
+    Collecting while such a tree is being built only scans it and promotes it towards a full
+    collection, though reference counting frees it when the block ends. Synchronous code only
+    (no ``await`` inside: nothing else may run while the collector is off).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+__all__ = [
+    "MIDDLE_THRESHOLD",
+    "OLD_THRESHOLD",
+    "YOUNG_THRESHOLD",
+    "collector_paused",
+    "tune_collector",
+]

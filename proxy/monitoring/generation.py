@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -52,6 +52,7 @@ from aiohttp import hdrs, web
 
 from proxy.comfy.records import PromptRecord
 from proxy.errors import UpstreamError
+from proxy.gc_tuning import collector_paused
 from proxy.observability.metrics import METRICS, Metrics, role_label
 from proxy.periodic import Periodic
 from proxy.redis.client import REDIS
@@ -363,19 +364,24 @@ class GenerationTracker:
             if len(chunk) == 1:
                 await self._from_history(chunk[0], upstream)
                 continue
-            body = await self._read_history(
-                upstream, f"/history?max_items={len(chunk) + HISTORY_BATCH_SLACK}"
+            entries = await self._read_history(
+                upstream, f"/history?max_items={len(chunk) + HISTORY_BATCH_SLACK}", chunk
             )
             for prompt_id in chunk:
-                entry = body.get(prompt_id) if isinstance(body, dict) else None
-                if isinstance(entry, dict):
+                entry = entries.get(prompt_id) if entries is not None else None
+                if entry is not None:
                     await self._count_history(prompt_id, entry, upstream)
                 else:
                     await self._from_history(prompt_id, upstream)
 
-    async def _read_history(self, upstream: str, path: str) -> object:
-        """ComfyUI's answer to ``GET path`` on ``upstream``, parsed; None when it cannot be
-        had (the end stays uncounted; never worth a retry storm)."""
+    async def _read_history(
+        self, upstream: str, path: str, ids: Sequence[str]
+    ) -> dict[str, dict[str, Any]] | None:
+        """The entries of ``ids`` in ComfyUI's answer to ``GET path`` on ``upstream`` (those it
+        has); None when it cannot be had (the end stays uncounted; never worth a retry storm).
+
+        The answer holds every entry's whole graph: it is parsed with the collector paused and
+        only the wanted entries are kept (``proxy.gc_tuning.collector_paused``)."""
         if self._pool is None:
             return None
         target = next((u for u in self._pool.upstreams if u.name == upstream), None)
@@ -396,16 +402,22 @@ class GenerationTracker:
                 raw = await read_client_answer(
                     resp, limit=BACKGROUND_LIMIT, upstream=target.name, metrics=self._metrics
                 )
-                return orjson.loads(raw)
+                with collector_paused():
+                    body = orjson.loads(raw)
+                    kept = {}
+                    if isinstance(body, dict):
+                        kept = {i: e for i in ids if isinstance(e := body.get(i), dict)}
+                    del body  # the rest freed before the collector is back
+                return kept
         except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError, UpstreamError):
             return None
 
     async def _from_history(self, prompt_id: str, upstream: str) -> None:
-        body = await self._read_history(upstream, f"/history/{prompt_id}")
-        if body is None:
+        entries = await self._read_history(upstream, f"/history/{prompt_id}", (prompt_id,))
+        if entries is None:
             return  # unreadable: the end stays uncounted
-        entry = body.get(prompt_id) if isinstance(body, dict) else None
-        if not isinstance(entry, dict):
+        entry = entries.get(prompt_id)
+        if entry is None:
             await self._ended(prompt_id, "cancelled", None, upstream, None)
             return
         await self._count_history(prompt_id, entry, upstream)

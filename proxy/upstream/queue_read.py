@@ -16,6 +16,7 @@ from aiohttp import hdrs
 
 from proxy.comfy.views import queue_ids
 from proxy.errors import UpstreamError
+from proxy.gc_tuning import collector_paused
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -51,17 +52,24 @@ async def queued_ids(pool: UpstreamPool, upstream: Upstream, *, reader: str) -> 
     if status != 200:
         log.warning("queue_read_refused", reader=reader, upstream=upstream.name, status=status)
         return None
-    try:
-        queue = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        queue = None
-    if not isinstance(queue, dict) or not all(
-        isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
-    ):
-        # SECURITY: an answer we cannot read must not release every counted prompt.
-        log.warning("queue_read_unexpected", reader=reader, upstream=upstream.name)
-        return None
-    return {*queue_ids(queue, "queue_running"), *queue_ids(queue, "queue_pending")}
+    # The answer holds every queued graph (megabytes under load) and only the ids are kept:
+    # parsed with the collector paused, so that it never scans the tree being built.
+    with collector_paused():
+        try:
+            queue = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            queue = None
+        ids: set[str] | None = None
+        if isinstance(queue, dict) and all(
+            isinstance(queue.get(k), list) for k in ("queue_running", "queue_pending")
+        ):
+            ids = {*queue_ids(queue, "queue_running"), *queue_ids(queue, "queue_pending")}
+        del queue  # freed before the collector is back
+    if ids is not None:
+        return ids
+    # SECURITY: an answer we cannot read must not release every counted prompt.
+    log.warning("queue_read_unexpected", reader=reader, upstream=upstream.name)
+    return None
 
 
 __all__ = ["QUEUE_TIMEOUT_SECONDS", "queued_ids"]

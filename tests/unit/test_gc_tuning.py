@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import gc
 
-from proxy.gc_tuning import MIDDLE_THRESHOLD, OLD_THRESHOLD, YOUNG_THRESHOLD, tune_collector
+from proxy.gc_tuning import (
+    MIDDLE_THRESHOLD,
+    OLD_THRESHOLD,
+    YOUNG_THRESHOLD,
+    collector_paused,
+    tune_collector,
+)
 
 
 def test_tuning_freezes_the_heap_and_raises_the_thresholds() -> None:
@@ -20,3 +26,26 @@ def test_tuning_freezes_the_heap_and_raises_the_thresholds() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_collector_is_paused_inside_the_block_only() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    try:
+        with collector_paused():
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert gc.isenabled()  # back on after an error too
+
+
+def test_a_collector_turned_off_elsewhere_stays_off() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
