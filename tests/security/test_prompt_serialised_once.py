@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.chain import ROUTE_TABLE, Guard
+from proxy.chain import ROUTE_TABLE, Guard, RouteTable
 from proxy.comfy.submission import Submission
 from proxy.isolation.submit_guard import PromptSubmitGuard
 from proxy.state import RequestContext
@@ -79,7 +79,8 @@ def set_guards(client: Client, guards: tuple[Guard, ...]) -> None:
 def prompt_guards(client: Client) -> tuple[Guard, ...]:
     app = client.app
     assert app is not None
-    return app[ROUTE_TABLE]["prompt"].guards
+    table: RouteTable = app[ROUTE_TABLE]
+    return table["prompt"].guards
 
 
 @pytest.fixture(params=["memory", "redis"])
