@@ -28,7 +28,11 @@ MIDDLE_THRESHOLD: Final = 20
 """Young collections between two of the middle generation (CPython: 10)."""
 OLD_THRESHOLD: Final = 100
 """Middle collections before a full one is considered (CPython: 10); CPython still waits
-until the survivors since the last full one are a quarter of what it holds."""
+until the survivors since the last full one are a quarter of what it holds (the frozen heap
+apart). A request's cycles die young and are collected in the two younger generations; only
+long-lived ones wait for a full collection. Measured: 10 here cost ~7 % more CPU per
+``POST /prompt`` (three alternated pairs: 1,444 / 1,476 / 1,416 µs against 1,563 / 1,589 /
+1,506 µs)."""
 
 
 def tune_collector() -> None:
