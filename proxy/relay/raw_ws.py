@@ -48,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 from weakref import WeakKeyDictionary
 
 import structlog
@@ -200,8 +200,7 @@ class _UpstreamProtocol(asyncio.Protocol):
         """What came after the head before the relay took over."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
 
     async def head(self) -> bytes:
         assert self._waiter is not None
@@ -392,7 +391,7 @@ class RawRelay:
         if up.tail:
             self._upstream_data(up.tail)
         up.tail = b""
-        if self._ut is not None and self._u_state == 0:
+        if self._ut is not None and self._u_state != 2:
             self._ut.resume_reading()
         if tail:
             self._client_data(tail)
@@ -571,7 +570,7 @@ class RawRelay:
         self._busy = True
         if self._backlog is None:
             self._backlog = deque()
-        if self._ut is not None and self._u_state == 0:
+        if self._ut is not None and self._u_state != 2:
             self._ut.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._slow(frame, events, i))
 
@@ -593,7 +592,7 @@ class RawRelay:
             self._upstream_data(backlog.popleft())
         if not self._busy:
             self._backlog = None
-            if self._ut is not None and self._u_state == 0:
+            if self._ut is not None and self._u_state != 2:
                 self._ut.resume_reading()
 
     def _frame_failed(self) -> None:
