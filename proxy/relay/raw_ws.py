@@ -256,6 +256,7 @@ class RawRelay:
         "__weakref__",
         "_access",
         "_backlog",
+        "_broken",
         "_busy",
         "_c_got_close",
         "_c_state",
@@ -333,6 +334,9 @@ class RawRelay:
         self._c_state = 0  # 0 open, 1 our close sent (waiting for the peer's), 2 done
         self._u_state = 0
         self._c_got_close = False
+        self._broken = 0
+        """Legs whose reader failed (1 client, 2 upstream): their reads are discarded while
+        their close is awaited (closing with unread bytes would reset the connection)."""
         self._u_closed: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -371,6 +375,10 @@ class RawRelay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(waiter), CLOSE_TIMEOUT_SECONDS + 1)
 
+    async def wait_closed(self) -> None:
+        """Until both legs are closed and the relay accounted for."""
+        await asyncio.shield(self._done_future())
+
     def _done_future(self) -> asyncio.Future[None]:
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
@@ -398,7 +406,7 @@ class RawRelay:
 
     # -- client -> upstream ------------------------------------------------------------------
     def _client_data(self, data: bytes) -> None:
-        if self._c_state == 2:
+        if self._c_state == 2 or self._broken & 1:
             return
         self._last_seen = time.monotonic()
         self._ping_out = False
@@ -460,6 +468,7 @@ class RawRelay:
         self._end(_End("client", _sendable(code), reason))
 
     def _client_error(self, exc: WsProtocolError) -> None:
+        self._broken |= 1
         self._end(_End("client", exc.code, exc.reason[:100]))
 
     def _client_lost(self) -> None:
@@ -483,7 +492,7 @@ class RawRelay:
 
     # -- upstream -> client ------------------------------------------------------------------
     def _upstream_data(self, data: bytes) -> None:
-        if self._u_state == 2:
+        if self._u_state == 2 or self._broken & 2:
             return
         if self._busy:
             assert self._backlog is not None
@@ -702,9 +711,8 @@ class RawRelay:
         self._end(_End("upstream", _sendable(code), reason))
 
     def _upstream_error(self, exc: WsProtocolError) -> None:
-        if self._u_state == 0:
-            self._write_upstream(client_frame(OP_CLOSE, close_payload(exc.code, exc.reason)))
-        self._upstream_done(close=True)
+        self._broken |= 2
+        self._close_upstream(exc.code, exc.reason)  # its answer (or the timeout) ends the leg
         log.warning("relay_upstream_protocol_error", upstream=self._upstream, reason=exc.reason)
         self._end(_End("upstream", WSCloseCode.INTERNAL_ERROR, "upstream connection failed"))
 
