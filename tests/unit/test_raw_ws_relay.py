@@ -116,7 +116,7 @@ async def test_undecided_frames_take_the_async_path_in_order() -> None:
             return UNDECIDED
         return None if frame == "drop" else frame
 
-    relay, client, upstream, up = make_relay(with_quick(full, quick))
+    _relay, client, upstream, up = make_relay(with_quick(full, quick))
     words = ["a", "slow1", "drop", "b", "slow2", "c"]
     up.data_received(b"".join(server_frame(OP_TEXT, w.encode()) for w in words))
     assert client.frames(masked=False) == [(OP_TEXT, b"a")]  # decided at once
@@ -165,7 +165,8 @@ async def test_client_close_goes_upstream_first_then_is_answered() -> None:
     up.data_received(server_frame(OP_CLOSE, close_payload(4001)))
     assert client.frames(masked=False) == [(OP_CLOSE, close_payload(4001, "tab closed"))]
     await asyncio.wait_for(relay.wait_closed(), 5)
-    assert client.closed and upstream.closed
+    assert client.closed
+    assert upstream.closed
 
 
 async def test_upstream_close_lets_queued_frames_out_first() -> None:
