@@ -466,7 +466,7 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:
         await older()
 
-    if raw_capable(request):  # the default: frames relayed on the raw transports
+    if settings.raw_relay and raw_capable(request):  # the default: the raw transports
         return await _relay_raw(request, ctx, upstream, takeover_key)
     upstream_ws = await connect_upstream(request, ctx, upstream, client_protocols(request), max_msg)
     ws = await accept_client(request, upstream_ws.protocol, max_msg, (upstream_ws,))
