@@ -1,5 +1,10 @@
 """``relay_websocket``: ComfyUI's ``/ws`` relayed frame by frame, in both directions.
 
+By default on the raw transports (:mod:`proxy.relay.raw_ws`, same behaviour as below, without
+aiohttp's socket objects); this module's aiohttp relay takes what the raw one does not (TLS
+served by the proxy itself, ``websocket.raw_relay = false``), and its pumps and send queue
+serve the fan-in over several instances (``proxy.multi.fanin``).
+
 Order matters: the upstream socket is connected first, and only then is the client's upgrade
 accepted, so an unreachable ComfyUI is a plain 502 before the handshake (never an accepted socket
 that closes at once). Close codes and reasons travel both ways; when one side ends, the other
