@@ -56,6 +56,10 @@ class CountingTransport:
     def write(self, data: bytes) -> None:
         self.written += len(data)
 
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.written += len(chunk)
+
     def is_closing(self) -> bool:
         return False
 

@@ -289,6 +289,7 @@ class RawRelay:
         "_upstream",
         "_ur",
         "_ut",
+        "_vectored",
         "dropped",
         "superseded",
     )
@@ -315,6 +316,9 @@ class RawRelay:
         self._cr = FrameReader(masked=True, max_size=max_message)
         self._ur = FrameReader(masked=False, max_size=max_message)
         self._ct: asyncio.Transport | None = None
+        self._vectored = False
+        """The client's transport writes a list in one system call (uvloop's does; asyncio's
+        in Python 3.11 joins it first)."""
         self._ut: asyncio.Transport | None = None
         self._max_queue = max_queue
         self._drop_previews = drop_previews
@@ -390,6 +394,7 @@ class RawRelay:
     def start(self, client: asyncio.Transport, tail: bytes, up: _UpstreamProtocol) -> None:
         """Take both transports (``tail``: the client's bytes aiohttp read past the head)."""
         self._ct = client
+        self._vectored = type(client).__module__.startswith("uvloop")
         self._ut = up.transport
         client.set_protocol(_ClientProtocol(self))
         up.relay = self
@@ -652,9 +657,11 @@ class RawRelay:
         try:
             if len(payload) < _JOIN_BELOW:
                 self._ct.write(header + payload)
-            else:
+            elif self._vectored:  # the payload object itself, no copy; one writev
+                self._ct.writelines((header, payload))
+            else:  # asyncio's writelines would join (a copy): two writes instead
                 self._ct.write(header)
-                self._ct.write(payload)  # the payload object itself: no copy in Python
+                self._ct.write(payload)
         except (ConnectionError, RuntimeError):
             pass  # the client is gone: connection_lost follows
 

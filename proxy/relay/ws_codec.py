@@ -156,6 +156,16 @@ def parse_close(payload: Payload) -> tuple[int | None, str]:
     return code, reason
 
 
+def skip_key(head: Payload) -> int:
+    """Where a frame's masking key (or, unmasked, its payload) starts, from its first 2 bytes."""
+    length = head[1] & 0x7F
+    return 2 + (2 if length == 126 else 8 if length == 127 else 0)
+
+
+def _header_size(head: Payload, *, masked: bool) -> int:
+    return skip_key(head) + (4 if masked else 0)
+
+
 class FrameReader:
     """Reads frames from one peer (``masked``: the peer is a client) into :data:`Event`s."""
 
@@ -164,7 +174,7 @@ class FrameReader:
     def __init__(self, *, masked: bool, max_size: int) -> None:
         self._masked = masked
         self._max = max_size
-        self._pending: list[bytes] = []
+        self._pending: list[Payload] = []
         """Reads holding the start of a frame not yet complete (joined once it is)."""
         self._size = 0
         self._msg_op = 0
@@ -183,28 +193,50 @@ class FrameReader:
         Raises:
             WsProtocolError: see the module doc; the reader is unusable afterwards.
         """
-        if self._pending:
-            self._pending.append(data)
-            self._size += len(data)
-            need = self._frame_size(self._peek())
-            if need is None or self._size < need:
-                return []
-            data = b"".join(self._pending)
-            self._pending = []
-            self._size = 0
         events: list[Event] = []
         view = memoryview(data)
-        pos, end = 0, len(data)
+        if self._pending:
+            self._pending.append(view)
+            self._size += len(view)
+            head = self._peek()
+            need = self._frame_size(head)
+            if need is None or self._size < need:
+                return []
+            view = self._spanning(head, need, events)
+        pos, end = 0, len(view)
         while pos < end:
             need = self._frame_size(view[pos : pos + _MAX_HEADER])
             if need is None or end - pos < need:
-                rest = data[pos:] if pos else data
+                rest = view[pos:]  # a view: the read is kept, not copied
                 self._pending.append(rest)
                 self._size = len(rest)
                 break
             self._frame(view, pos, need, events)
             pos += need
         return events
+
+    def _spanning(self, head: bytes, need: int, events: list[Event]) -> memoryview:
+        """The frame spread over the pending reads, its payload joined once (the one copy);
+        returns what of the last read follows it."""
+        parts, self._pending = self._pending, []
+        over = self._size - need  # only the last read can reach past the frame
+        self._size = 0
+        last = parts[-1]
+        rest = memoryview(last)[len(last) - over :]
+        parts[-1] = last[: len(last) - over]
+        skip = _header_size(head, masked=self._masked)
+        body: list[Payload] = []
+        for part in parts:
+            if skip >= len(part):
+                skip -= len(part)
+                continue
+            body.append(part[skip:] if skip else part)
+            skip = 0
+        payload: Payload = b"".join(body)
+        if self._masked:
+            payload = apply_mask(payload, head[skip_key(head) : skip_key(head) + 4])
+        self._deliver(head[0], payload, events)
+        return rest
 
     def _peek(self) -> bytes:
         head = b""
@@ -254,16 +286,17 @@ class FrameReader:
         return size + length
 
     def _frame(self, view: memoryview, pos: int, size: int, events: list[Event]) -> None:
-        b0, b1 = view[pos], view[pos + 1]
-        fin, opcode = b0 & 0x80, b0 & 0x0F
-        length = b1 & 0x7F
-        start = pos + 2 + (2 if length == 126 else 8 if length == 127 else 0)
+        b0 = view[pos]
+        start = pos + skip_key(view[pos : pos + 2])
         payload: Payload
         if self._masked:
-            key = bytes(view[start : start + 4])
-            payload = apply_mask(view[start + 4 : pos + size], key)
+            payload = apply_mask(view[start + 4 : pos + size], bytes(view[start : start + 4]))
         else:
             payload = view[start : pos + size]
+        self._deliver(b0, payload, events)
+
+    def _deliver(self, b0: int, payload: Payload, events: list[Event]) -> None:
+        fin, opcode = b0 & 0x80, b0 & 0x0F
         if opcode in _CONTROL_OPS:
             events.append((opcode, bytes(payload)))
             return
