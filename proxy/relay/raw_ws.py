@@ -934,7 +934,8 @@ def _handshake_request(
     ]
     if protocols:
         lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # Header values as aiohttp's parser read them (UTF-8, undecodable bytes kept as surrogates).
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 def parse_handshake_answer(head: bytes) -> tuple[int, CIMultiDict[str]]:

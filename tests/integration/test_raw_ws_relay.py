@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import struct
 from typing import Any
@@ -315,3 +316,22 @@ async def test_the_access_line_and_gauge_come_at_the_end(
     assert open_sockets(client) == 0
     assert sample(client, key[0], **key[1]) == 1
     assert relays(client) == []
+
+
+async def test_ended_relays_leave_nothing_behind(
+    make_proxy: ProxyFactory,  # noqa: F811
+    scripted: ScriptedUpstream,  # noqa: F811
+) -> None:
+    client = await make_proxy(scripted.url)
+    for i in range(20):
+        ws = await client.ws_connect(f"/ws?clientId=leak{i}")
+        await ws.receive_json()
+        [relay] = relays(client)
+        await ws.close()
+        await asyncio.wait_for(relay.wait_closed(), 10)
+        del relay
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, RawRelay)] == []
+    assert client.app[LIFECYCLE].relays == {}
+    assert client.app[LIFECYCLE].relay_principals == {}
+    assert open_sockets(client) == 0
