@@ -155,6 +155,7 @@ async def test_fragmented_client_message_and_interleaved_ping(
         (frame(0x1, b"\xff\xfe", mask=True), 1007),  # text that is not UTF-8
         (frame(0x0, b"x", mask=True), 1002),  # continuation of nothing
     ],
+    ids=["rsv1", "unmasked", "reserved_opcode", "text_not_utf8", "lone_continuation"],
 )
 async def test_client_protocol_errors_close_both_sides_with_their_code(
     garbage: bytes,
@@ -257,6 +258,7 @@ async def test_client_gone_during_the_handshake_leaves_no_upstream_socket(
         lambda key: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         lambda key: b"garbage\r\n\r\n",
     ],
+    ids=["wrong_accept", "not_101", "garbage"],
 )
 async def test_upstream_wrong_answer_is_502_before_the_upgrade(
     answer: Any,
