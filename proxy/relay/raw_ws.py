@@ -285,7 +285,6 @@ class RawRelay:
         "_timers",
         "_u_closed",
         "_u_state",
-        "_up_paused",
         "_upstream",
         "_ur",
         "_ut",
@@ -325,7 +324,6 @@ class RawRelay:
         self._queue: deque[_Queued] | None = None
         self._queued = 0
         self._client_paused = False
-        self._up_paused = False
         self._pending_pong: bytes | None = None
         self._busy = False
         self._backlog: deque[bytes] | None = None
@@ -484,13 +482,11 @@ class RawRelay:
             self._end(_End("client", WSCloseCode.GOING_AWAY, ""))
 
     def _upstream_pause_writing(self) -> None:
-        self._up_paused = True
         if self._ct is not None and self._c_state == 0:
             with contextlib.suppress(RuntimeError):
                 self._ct.pause_reading()
 
     def _upstream_resume_writing(self) -> None:
-        self._up_paused = False
         if self._ct is not None and self._c_state == 0:
             with contextlib.suppress(RuntimeError):
                 self._ct.resume_reading()

@@ -101,7 +101,11 @@ async def test_the_upgrade_answer_carries_the_proxys_headers_and_no_extension(
     op, _, payload, masked = await peer.next()
     assert (op, masked) == (0x1, False)
     assert b'"status"' in payload
-    peer.close()
+    [relay] = relays(client)
+    peer.close()  # gone without a close frame: ComfyUI's socket is closed at once (1001)
+    code, _ = await asyncio.wait_for(scripted.closed_future("h"), 5)
+    assert code == 1001
+    await asyncio.wait_for(relay.wait_closed(), 5)
 
 
 async def test_fragmented_upstream_message_with_a_ping_between_arrives_whole(
@@ -122,9 +126,11 @@ async def test_fragmented_upstream_message_with_a_ping_between_arrives_whole(
     assert await ws.receive_bytes() == binary
     op, fin, payload, masked = await read_frame(reader)
     assert (op, fin, payload, masked) == (0xA, True, b"are you there", True)  # ponged, masked
-    await ws.close()
+    closing = asyncio.create_task(ws.close())
     op, _, payload, masked = await read_frame(reader)
     assert (op, close_code(payload), masked) == (0x8, 1000, True)
+    writer.write(frame(0x8, payload))  # ComfyUI answers; then the client gets its answer
+    await asyncio.wait_for(closing, 10)
 
 
 async def test_fragmented_client_message_and_interleaved_ping(
@@ -298,6 +304,7 @@ async def test_ping_flood_is_answered_without_unbounded_buffering(
             break
         assert op == 0xA
     peer.close()
+    await asyncio.wait_for(relay.wait_closed(), 10)
 
 
 async def test_the_access_line_and_gauge_come_at_the_end(
@@ -337,3 +344,34 @@ async def test_ended_relays_leave_nothing_behind(
     assert client.app[LIFECYCLE].relays == {}
     assert client.app[LIFECYCLE].relay_principals == {}
     assert open_sockets(client) == 0
+
+
+async def test_a_comfyui_that_does_not_read_pauses_the_client(
+    make_proxy: ProxyFactory,  # noqa: F811
+    raw_upstream: RawUpstream,
+) -> None:
+    client = await make_proxy(raw_upstream.url, websocket={"max_message_mb": 2})
+    peer = await connect_raw(client, "/ws?clientId=bp")
+    reader, writer = await raw_upstream.next_socket()  # ComfyUI reads nothing for now
+    [relay] = relays(client)
+    transport = relay.client_transport
+    assert transport is not None
+    message = os.urandom(1024 * 1024)
+    wire = frame(0x2, message, mask=True)
+    for _ in range(32):  # 32 MiB: far more than the sockets' buffers hold
+        peer.send(wire)
+    for _ in range(10_000):  # the loop turns it takes the proxy to fill the upstream socket
+        if not transport.is_reading():
+            break
+        await asyncio.sleep(0)
+    assert not transport.is_reading()  # the client is held back, not buffered in the proxy
+    for _ in range(32):  # ComfyUI reads again: everything arrives, re-masked, in one piece
+        op, fin, payload, masked = await asyncio.wait_for(read_frame(reader), 30)
+        assert (op, fin, masked) == (0x2, True, True)
+        assert payload == message
+    assert transport.is_reading()
+    peer.send(frame(0x8, struct.pack("!H", 1000), mask=True))
+    op, _, payload, _ = await asyncio.wait_for(read_frame(reader), 10)
+    assert (op, close_code(payload)) == (0x8, 1000)
+    writer.write(frame(0x8, payload))
+    await asyncio.wait_for(relay.wait_closed(), 10)
