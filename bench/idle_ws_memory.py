@@ -80,7 +80,7 @@ async def _release(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-async def measure(count: int, top: int, *, trace: bool = True) -> None:
+async def measure(count: int, top: int, *, trace: bool = True, raw: bool = True) -> None:
     root = Path(tempfile.mkdtemp(prefix="comfygate-idle-"))
     fake_port = free_port()
     argv, _ = fake_command(fake_port, root)
@@ -94,6 +94,7 @@ async def measure(count: int, top: int, *, trace: bool = True) -> None:
             "COMFYGATE_REDIS__URL": redis.url,
             "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
             "COMFYGATE_ROLES": user_roles(),
+            "COMFYGATE_WEBSOCKET__RAW_RELAY": "true" if raw else "false",
         }
         settings = load_settings(None, environ=env)
         configure_logging(settings.logging)  # as `comfygate serve` does
@@ -165,6 +166,9 @@ def main() -> None:
     p.add_argument("--sockets", type=int, default=1000)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-trace", action="store_true", help="phase 1 only (for profilers)")
+    p.add_argument(
+        "--aiohttp-relay", action="store_true", help="websocket.raw_relay = false (the A/B)"
+    )
     p.add_argument("--hold", default="", help=argparse.SUPPRESS)
     p.add_argument("--token", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -174,7 +178,9 @@ def main() -> None:
         uvloop.run(hold(args.hold, args.token, args.sockets))
     else:
         os.environ.setdefault("PYTHONHASHSEED", "0")
-        uvloop.run(measure(args.sockets, args.top, trace=not args.no_trace))
+        uvloop.run(
+            measure(args.sockets, args.top, trace=not args.no_trace, raw=not args.aiohttp_relay)
+        )
 
 
 if __name__ == "__main__":

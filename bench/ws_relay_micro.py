@@ -13,6 +13,7 @@ and the same with ``--frames 0`` (start-up only); the difference over the frames
 one frame. ``--path queued --no-quick`` is the relay before ``proxy.relay.ws_fast``:
 ``--path queued`` takes the send queue's writer task and aiohttp's ``send_bytes``
 (what every frame took before the direct writes); ``--admin`` relays as an admin.
+``--path raw`` is the raw relay (``proxy.relay.raw_ws``), parse of the frame included.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from aiohttp.base_protocol import BaseProtocol
 
 from proxy.comfy.records import PromptRecord
 from proxy.observability.metrics import Metrics
+from proxy.relay.raw_ws import RawRelay, _UpstreamProtocol
 from proxy.relay.websocket import ClientSendQueue, pump_down
+from proxy.relay.ws_codec import OP_BINARY, server_frame
 from proxy.tenancy.events import SocketEventFilter
 from proxy.tenancy.ownership import MemoryOwnershipStore
 
@@ -52,6 +55,10 @@ class CountingTransport:
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.written += len(chunk)
 
     def is_closing(self) -> bool:
         return False
@@ -134,17 +141,61 @@ async def run(frames: int, size: int, path: str, admin: bool, *, quick: bool) ->
     return time.process_time() - started, transport.written
 
 
+async def run_raw(frames: int, size: int, admin: bool) -> tuple[float, int]:
+    """The raw relay (``proxy.relay.raw_ws``) fed the frame's wire bytes, one read per frame
+    (the frame header parse and the payload view included, which the aiohttp paths above
+    leave to aiohttp's reader and do not count)."""
+    store = MemoryOwnershipStore(3600)
+    await store.record_prompt(PromptRecord(PROMPT, OWNER, "u", "ns", 0.0))
+    events = SocketEventFilter(
+        owner=OWNER,
+        client_id="c",
+        upstream_client_id="ns",
+        ownership=store,
+        passed_types=("status",),
+        admin=admin,
+    )
+    frame = preview_frame(size)
+    await events(frame)
+    metrics = Metrics()
+    relay = RawRelay(
+        ctx=cast(Any, SimpleNamespace(principal=None, request_id="micro", bytes_out=0)),
+        metrics=metrics,
+        upstream="u",
+        frame_filter=events,
+        max_message=64 << 20,
+        max_queue=64 << 20,
+        drop_previews=True,
+        heartbeat=0,
+    )
+    client, upstream = CountingTransport(), CountingTransport()
+    up = _UpstreamProtocol()
+    up.transport = cast(Any, upstream)
+    cast(Any, client).set_protocol = lambda protocol: None
+    cast(Any, upstream).resume_reading = lambda: None
+    relay.start(cast(Any, client), b"", up)
+    wire = server_frame(OP_BINARY, frame)
+    started = time.process_time()
+    for _ in range(frames):
+        await asyncio.sleep(0)  # one loop turn per read, as for the paths above
+        up.data_received(wire)
+    return time.process_time() - started, client.written
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.ws_relay_micro", description=__doc__)
     p.add_argument("--frames", type=int, default=20000)
     p.add_argument("--size", type=int, default=128 * 1024)
-    p.add_argument("--path", choices=("direct", "queued"), default="direct")
+    p.add_argument("--path", choices=("direct", "queued", "raw"), default="direct")
     p.add_argument("--admin", action="store_true")
     p.add_argument("--no-quick", action="store_true", help="the filter's full call per frame")
     args = p.parse_args()
-    cpu, written = asyncio.run(
-        run(args.frames, args.size, args.path, args.admin, quick=not args.no_quick)
-    )
+    if args.path == "raw":
+        cpu, written = asyncio.run(run_raw(args.frames, args.size, args.admin))
+    else:
+        cpu, written = asyncio.run(
+            run(args.frames, args.size, args.path, args.admin, quick=not args.no_quick)
+        )
     per = cpu / args.frames * 1e6 if args.frames else 0.0
     print(f"{args.path}: {args.frames} frames, {written} bytes written, {per:.2f} us CPU/frame")
 

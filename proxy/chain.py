@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode
@@ -133,9 +133,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.remote or "", request.headers, request.app[SETTINGS].server.trusted_proxies
     )
     status = 500
+    deferred = False
     try:
         response = await handler(request)
         status = response.status
+        if ctx.finish_later is not None and status == 101:
+            # A relay that outlives its handler (proxy.relay.raw_ws): counted and logged when it
+            # ends, from a snapshot (the request object is not kept for the socket's life).
+            ctx.finish_later(_finisher(request, ctx, status))
+            deferred = True
         return response
     except web.HTTPException as exc:  # aiohttp's own (e.g. 405 on a proxy route)
         status = exc.status
@@ -146,7 +152,23 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 101 if ctx.upgraded else CLIENT_CLOSED_REQUEST
         raise
     finally:
-        _finish(request, ctx, status)
+        if not deferred:
+            _finish(request, ctx, status)
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestLine:
+    """What ``_finish`` reads of a request, kept by a relay that outlives its handler."""
+
+    app: web.Application
+    method: str
+    path: str
+    query: Mapping[str, str]
+
+
+def _finisher(request: web.Request, ctx: RequestContext, status: int) -> Callable[[], None]:
+    line = _RequestLine(request.app, request.method, request.path, {})
+    return lambda: _finish(line, ctx, status)
 
 
 _BODILESS_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
@@ -193,7 +215,7 @@ async def resolve_route(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-def _finish(request: web.Request, ctx: RequestContext, status: int) -> None:
+def _finish(request: web.Request | _RequestLine, ctx: RequestContext, status: int) -> None:
     duration = time.perf_counter() - ctx.started
     rule = ctx.rule.name
     request.app[METRICS].request_finished(request, ctx, status, duration)

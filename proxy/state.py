@@ -137,6 +137,9 @@ class RequestContext:
     order on ``/ws``: the queue quota's observer (sees every frame), then isolation's filter."""
     upgraded: bool = False
     """The WebSocket handshake was answered (101): the request's status from then on."""
+    finish_later: Callable[[Callable[[], None]], None] | None = None
+    """Set by a relay that outlives its handler (``proxy.relay.raw_ws``): ``chain.observe``
+    gives it the request's log line and metrics to run when the relay ends."""
     target: Upstream | None = None
     """The instance this request must go to (sticky routing, placement); None: the home one."""
     answer: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
@@ -241,17 +244,29 @@ def compose_frame_filters(filters: Sequence[FrameFilter]) -> FrameFilter | None:
     return with_quick(filtered, quick)
 
 
+class RelaySocket(Protocol):
+    """An open relay's client side as the lifecycle uses it (an aiohttp ``WebSocketResponse``
+    or a raw relay, ``proxy.relay.raw_ws.RawRelay``)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+    async def send_str(self, data: str) -> None: ...
+
+
 @dataclass(slots=True)
 class Lifecycle:
     """Process-wide state of the serving lifecycle."""
 
     draining: bool = False
     """Set on SIGTERM: /readyz answers 503 while in-flight work finishes."""
-    websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    websockets: weakref.WeakSet[RelaySocket] = field(default_factory=weakref.WeakSet)
     """Client sockets of open relays, closed with 1001 on shutdown."""
     relays: dict[tuple[str, str], Callable[[], Awaitable[None]]] = field(default_factory=dict)
     """Open relays by (upstream, clientId): calling one drops its upstream socket (takeover)."""
-    relay_principals: dict[web.WebSocketResponse, Principal] = field(default_factory=dict)
+    relay_principals: dict[RelaySocket, Principal] = field(default_factory=dict)
     """Who each open relay belongs to, so a revoked or expired credential ends its sockets."""
 
     async def close_relays(self, token_id: str, *, reason: str) -> int:

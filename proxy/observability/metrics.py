@@ -19,6 +19,7 @@ lookup does not.
 from __future__ import annotations
 
 import platform
+from collections.abc import Mapping
 from typing import Final, Protocol
 
 import orjson
@@ -43,6 +44,16 @@ class Caller(Protocol):
     def subject(self) -> str: ...
     @property
     def roles(self) -> frozenset[str]: ...
+
+
+class RequestLine(Protocol):
+    """What of the request itself a finished request counts for (a ``web.Request``, or the
+    snapshot a relay that outlives its handler keeps: ``proxy.chain``)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def query(self) -> Mapping[str, str]: ...
 
 
 class FinishedRequest(Protocol):
@@ -489,7 +500,7 @@ class Metrics:
 
     # -- the request path ------------------------------------------------------------------
     def request_finished(
-        self, request: web.Request, ctx: FinishedRequest, status: int, duration: float
+        self, request: RequestLine, ctx: FinishedRequest, status: int, duration: float
     ) -> None:
         """Everything one finished request counts for (called once, from ``chain.observe``)."""
         rule = ctx.rule.name

@@ -1,5 +1,10 @@
 """``relay_websocket``: ComfyUI's ``/ws`` relayed frame by frame, in both directions.
 
+By default on the raw transports (:mod:`proxy.relay.raw_ws`, same behaviour as below, without
+aiohttp's socket objects); this module's aiohttp relay takes what the raw one does not (TLS
+served by the proxy itself, ``websocket.raw_relay = false``), and its pumps and send queue
+serve the fan-in over several instances (``proxy.multi.fanin``).
+
 Order matters: the upstream socket is connected first, and only then is the client's upgrade
 accepted, so an unreachable ComfyUI is a plain 502 before the handshake (never an accepted socket
 that closes at once). Close codes and reasons travel both ways; when one side ends, the other
@@ -36,6 +41,7 @@ from yarl import URL
 from proxy.errors import ProxyError, UpstreamUnavailable
 from proxy.observability.metrics import METRICS, Metrics
 from proxy.relay.outgoing import build_upstream_headers, map_client_error
+from proxy.relay.raw_ws import RawRelay, forget, raw_capable, relay_raw
 from proxy.relay.ws_fast import UNDECIDED, DirectWriter, quick_of
 from proxy.settings import SETTINGS
 from proxy.state import CONTEXT, LIFECYCLE, FrameFilter, RequestContext, compose_frame_filters
@@ -465,6 +471,8 @@ async def relay_websocket(request: web.Request) -> web.StreamResponse:
     if client_id and (older := lifecycle.relays.get(takeover_key)) is not None:
         await older()
 
+    if settings.raw_relay and raw_capable(request):  # the default: the raw transports
+        return await _relay_raw(request, ctx, upstream, takeover_key)
     upstream_ws = await connect_upstream(request, ctx, upstream, client_protocols(request), max_msg)
     ws = await accept_client(request, upstream_ws.protocol, max_msg, (upstream_ws,))
 
@@ -543,3 +551,24 @@ async def _finish(  # noqa: PLR0917 - private, called once
         code=ended.code,
         previews_dropped=queue.dropped,
     )
+
+
+async def _relay_raw(
+    request: web.Request, ctx: RequestContext, upstream: Upstream, takeover_key: tuple[str, str]
+) -> web.StreamResponse:
+    """The raw relay (``proxy.relay.raw_ws``); its end is accounted for as this module's."""
+    app = request.app
+
+    def finished(relay: RawRelay) -> None:
+        forget(app, relay, takeover_key)
+        ended = relay.ending
+        log.info(
+            "relay_closed",
+            request_id=ctx.request_id,
+            upstream=ctx.upstream,
+            ended_by=ended.side if ended else "proxy",
+            code=ended.code if ended else WSCloseCode.INTERNAL_ERROR,
+            previews_dropped=relay.dropped,
+        )
+
+    return await relay_raw(request, ctx, upstream, takeover_key, finished)

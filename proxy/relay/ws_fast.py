@@ -20,9 +20,9 @@ out):
   ``compress=False`` (no permessage-deflate, so no RSV1 bit); a socket that negotiated
   compression anyway is never written directly.
 
-What a frame-level relay on raw transports would add (not built: the two legs would have to
-parse frame headers, unmask client frames, answer pings and run the close handshake themselves)
-is measured in docs/performance-profile.md.
+The single-instance ``/ws`` now runs on the raw relay (:mod:`proxy.relay.raw_ws`), which uses
+the quick decisions too; the direct writes serve the aiohttp relay where it remains (TLS served
+by the proxy itself, the fan-in over several instances, ``websocket.raw_relay = false``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from proxy.scheduler.fair import Held
 from proxy.settings import SETTINGS
-from proxy.state import LIFECYCLE
+from proxy.state import LIFECYCLE, RelaySocket
 
 SEND_TIMEOUT_SECONDS = 1.0
 """A socket that cannot take a small frame this fast gets none (ComfyUI's next one will do)."""
@@ -39,11 +39,11 @@ class Notifier:
         self.comfy_remaining = 0
         """ComfyUI's ``queue_remaining`` as last seen (a status frame relayed, a queue read)."""
 
-    def _sockets(self, owner: str | None) -> list[tuple[web.WebSocketResponse, str | None]]:
+    def _sockets(self, owner: str | None) -> list[tuple[RelaySocket, str | None]]:
         """Open relays that see ``owner``'s held prompts, each with whose held it counts
         (``None``: everyone's: admins, or no isolation)."""
         settings = self.app[SETTINGS]
-        out: list[tuple[web.WebSocketResponse, str | None]] = []
+        out: list[tuple[RelaySocket, str | None]] = []
         for ws, principal in list(self.app[LIFECYCLE].relay_principals.items()):
             sees: str | None = principal.comfy_user
             if not settings.isolation.enabled or principal.is_admin(settings.roles):
@@ -69,7 +69,7 @@ class Notifier:
             await _send(ws, frame)
 
 
-async def _send(ws: web.WebSocketResponse, frame: str) -> None:
+async def _send(ws: RelaySocket, frame: str) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
             await ws.send_str(frame)

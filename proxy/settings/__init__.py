@@ -244,6 +244,10 @@ class WebSocketSettings(_Section):
     """Ping interval toward the client (0 = none); a client that misses a pong is closed."""
     drop_stale_previews: bool = True
     """A slow client loses superseded binary previews; false: it is closed (1013) instead."""
+    raw_relay: bool = True
+    """Relay ``/ws`` frame by frame on the raw sockets (``proxy.relay.raw_ws``: less CPU per
+    frame, a few KB per idle socket); false: through aiohttp's WebSocket objects on both
+    sides, as before (also what TLS served by the proxy itself and several instances use)."""
 
 
 class LoggingSettings(_Section):

@@ -9,6 +9,7 @@ import os
 import pytest
 from aiohttp import WSMsgType
 
+from proxy.relay import websocket
 from proxy.relay.ws_fast import DirectWriter, frame_header
 from tests.conftest import ProxyFactory
 from tests.integration.test_websocket_relay import (  # noqa: F401 - fixtures
@@ -35,6 +36,9 @@ async def test_every_length_class_relayed_intact_and_in_order(
         return written
 
     monkeypatch.setattr(DirectWriter, "write", counted)
+    # DirectWriter belongs to the aiohttp relay, now the fallback of the raw one (the same
+    # length classes through the raw relay: tests/integration/test_raw_ws_relay.py).
+    monkeypatch.setattr(websocket, "raw_capable", lambda request: False)
     client = await make_proxy(scripted.url)
     ws = await client.ws_connect("/ws?clientId=sizes", max_msg_size=0)
     await ws.receive_json()
