@@ -55,7 +55,7 @@ BURST_PER_LEASE_TOKEN: Final = 16
 burst (the most the burst can be exceeded by, per replica)."""
 MAX_KEYS: Final = 65_536
 """Keys with lease state kept per process; beyond it, keys holding nothing are dropped."""
-_ATTEMPTS: Final = 3
+_ATTEMPTS: Final = 4
 """Times a request waits for another request's lease before asking Redis on its own."""
 
 
@@ -86,7 +86,9 @@ class _Lease:
     """The key's GCRA state right after the grant, on the local clock (microseconds): the
     held tokens are counted as spent in it."""
     pending: asyncio.Future[None] | None = None
-    """A request of this key is asking Redis for a lease: others wait for it."""
+    """A request of this key is asking Redis: others wait for it (it may lease for them)."""
+    waiting: int = 0
+    """Requests of this key waiting for :attr:`pending`: demand the next lease covers."""
 
 
 class TokenLeases:
@@ -125,40 +127,41 @@ class TokenLeases:
             if len(self._leases) >= self._max_keys:
                 self._sweep()
             lease = self._leases[key] = _Lease()
-        for _ in range(_ATTEMPTS):
+        for attempt in range(_ATTEMPTS + 1):
             now = self._now()
             if lease.tokens and now < lease.until:
                 lease.tokens -= 1
                 lease.used += 1
                 return self._local(lease, now, emission, burst)
-            if lease.pending is None:
+            if lease.pending is None or attempt == _ATTEMPTS:
                 break
             # Another request of this key is asking Redis: its lease may cover this one too.
             # Shielded: a waiter that goes away must not cancel the asker's future.
-            await asyncio.shield(lease.pending)
+            lease.waiting += 1
+            try:
+                await asyncio.shield(lease.pending)
+            finally:
+                lease.waiting -= 1
         return await self._ask(lease, key, emission, burst, most)
 
     async def _ask(self, lease: _Lease, key: str, emission: int, burst: int, most: int) -> Decision:
+        if lease.pending is not None:
+            # Waited long enough for others' leases: one token of its own (one lease in flight
+            # per key).
+            return (await self._limiter.grant(key, emission, burst, 1))[1]
         now = self._now()
-        want = 1
-        if lease.pending is None:  # one lease in flight per key; others ask for one token
-            if lease.used:
-                # Spent before it lapsed: this key is busy, lease more. Lapsed with tokens
-                # left (or idle): lease what was used, down to a plain check.
-                lease.size = (
-                    min(most, lease.size * 2) if now < lease.until else min(lease.size, lease.used)
-                )
-            lease.size = max(1, min(lease.size, most))
-            lease.tokens = lease.used = 0
-            want = lease.size
-        if want == 1:
-            owner = lease.pending is None
-            granted, decision = await self._limiter.grant(key, emission, burst, 1)
-            if granted and owner and lease.pending is None:
-                # A plain check counts as a lease of one: spent at once, so the next request
-                # within the lifetime asks for two.
-                lease.used, lease.until = 1, self._now() + self._lifetime
-            return decision
+        if lease.used:
+            # Spent before it lapsed: this key is busy, lease more. Lapsed with tokens left (or
+            # idle): lease what was used, down to a plain check.
+            lease.size = (
+                min(most, lease.size * 2) if now < lease.until else min(lease.size, lease.used)
+            )
+        lease.size = max(1, min(lease.size, most))
+        lease.tokens = lease.used = 0
+        # Requests already waiting for this key are demand now: the lease covers them.
+        want = min(most, max(lease.size, lease.waiting + 1))
+        # This request asks for the key (a lease, or a plain check that counts as a lease of
+        # one); requests of the key arriving meanwhile wait for it rather than ask Redis too.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lease.pending = done
         try:
