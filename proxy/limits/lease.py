@@ -29,7 +29,7 @@ What changes, the burst semantics: tokens held by a replica were spent in Redis 
 but the client uses them a little later (at most ``rate_limits.lease_seconds``). If the
 allowance refills to full meanwhile, the held tokens come on top of it: a key may be admitted
 at most ``burst + R * (N - 1)`` requests at once (R replicas holding a lease of N), never more
-than the configured rate over time. With the defaults (N <= burst / 16, 16 at most) that is at
+than the configured rate over time. With the defaults (N <= burst / 16, 32 at most) that is at
 most 1/16 of the burst per replica. Unspent tokens of a lapsed lease are lost (the client's
 allowance was charged for them): at most ``N - 1`` per lease, which the adaptive size keeps to
 clients that were using them.
@@ -55,7 +55,7 @@ BURST_PER_LEASE_TOKEN: Final = 16
 burst (the most the burst can be exceeded by, per replica)."""
 MAX_KEYS: Final = 65_536
 """Keys with lease state kept per process; beyond it, keys holding nothing are dropped."""
-_ATTEMPTS: Final = 4
+_ATTEMPTS: Final = 8
 """Times a request waits for another request's lease before asking Redis on its own."""
 
 

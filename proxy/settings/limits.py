@@ -117,7 +117,7 @@ class RateLimitSettings(_Section):
     # (the breaker makes refusals instant after breaker_failures anyway).
     redis_budget_ms: float = Field(default=250.0, gt=0)
     """Longest a limit check may wait on Redis before it counts as a failure."""
-    lease_tokens: int = Field(default=16, ge=0)
+    lease_tokens: int = Field(default=32, ge=0)
     """Most tokens of a busy allowance a replica takes from Redis at once and spends locally
     (one round trip for several requests): only classes that fail open, at most burst / 16,
     granted only while twice as many are left. Below 2: every request checks Redis."""

@@ -228,7 +228,7 @@ async def test_only_fast_fail_open_classes_lease_and_fail_closed_is_unchanged(
     )
     try:
         nobody: frozenset[str] = frozenset()
-        assert limits.limit_for(nobody, "read").lease == 16
+        assert limits.limit_for(nobody, "read").lease == 32
         assert limits.limit_for(nobody, "submit").lease == 0  # fails closed: never leased
         assert limits.limit_for(nobody, "view").lease == 0  # 5/hour: slower than a lease
         submit = limits.limit_for(nobody, "submit")
