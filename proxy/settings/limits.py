@@ -119,8 +119,9 @@ class RateLimitSettings(_Section):
     """Longest a limit check may wait on Redis before it counts as a failure."""
     lease_tokens: int = Field(default=32, ge=0)
     """Most tokens of a busy allowance a replica takes from Redis at once and spends locally
-    (one round trip for several requests): only classes that fail open, at most burst / 16,
-    granted only while twice as many are left. Below 2: every request checks Redis."""
+    (one round trip for several requests): only classes that fail open, at most burst / 16
+    and what refills in ``lease_seconds``, granted only while twice as many are left (see
+    ``proxy.limits.lease`` for the burst semantics). Below 2: every request checks Redis."""
     lease_seconds: float = Field(default=0.5, gt=0, le=10)
     """How long leased tokens may be spent; unspent ones then lapse (they were counted)."""
     breaker_failures: int = Field(default=3, ge=1)
