@@ -22,9 +22,9 @@ through ``ctx.frame_filters`` in list order (``compose_frame_filters``); then
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +43,7 @@ from proxy.errors import (
     Unauthenticated,
 )
 from proxy.json_errors import json_error
+from proxy.observability.logging import log_info
 from proxy.observability.metrics import METRICS
 from proxy.routes import OTHER, OWN_RULES, RouteRule, RuleName, classify
 from proxy.settings import SETTINGS
@@ -121,7 +122,9 @@ def _request_id(request: web.Request) -> str:
     incoming = request.headers.get(REQUEST_ID_HEADER)
     if incoming is not None and _REQUEST_ID_RE.fullmatch(incoming):
         return incoming
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, as uuid4().hex gave, without building a UUID (a
+    # quarter of the cost).
+    return os.urandom(16).hex()
 
 
 @web.middleware
@@ -221,22 +224,24 @@ def _finish(request: web.Request | _RequestLine, ctx: RequestContext, status: in
     request.app[METRICS].request_finished(request, ctx, status, duration)
     if not request.app[SETTINGS].logging.access_log:
         return
-    log.info(
+    log_info(
         "request_finished",
-        request_id=ctx.request_id,
-        client=ctx.client_ip,
-        method=request.method,
-        path=request.path,  # no query string: it may carry tokens or file names of others
-        rule=rule,
-        status=status,
-        upstream=ctx.upstream or None,
-        bytes_in=ctx.bytes_in,
-        bytes_out=ctx.bytes_out,
-        duration_ms=round(duration * 1000, 3),
-        upstream_ms=round(ctx.upstream_seconds * 1000, 3),
-        proxy_ms=round((duration - ctx.upstream_seconds) * 1000, 3),
-        rejected_by=ctx.rejected_by or None,
-        error=ctx.error_type or None,
+        {
+            "request_id": ctx.request_id,
+            "client": ctx.client_ip,
+            "method": request.method,
+            "path": request.path,  # no query string: it may carry tokens or file names of others
+            "rule": rule,
+            "status": status,
+            "upstream": ctx.upstream or None,
+            "bytes_in": ctx.bytes_in,
+            "bytes_out": ctx.bytes_out,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream_ms": round(ctx.upstream_seconds * 1000, 3),
+            "proxy_ms": round((duration - ctx.upstream_seconds) * 1000, 3),
+            "rejected_by": ctx.rejected_by or None,
+            "error": ctx.error_type or None,
+        },
     )
 
 

@@ -3,6 +3,7 @@ login session it may come from (vocabulary below every concern; ``proxy.auth`` m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -73,6 +74,7 @@ class Principal:
         )
 
 
+@functools.lru_cache(maxsize=4096)  # several calls per request (limits, isolation, headers)
 def comfy_user_id(subject: str) -> str:
     """A stable ComfyUI user id for a subject: only ``[A-Za-z0-9_-]`` (what ComfyUI keeps of a
     user name), readable, and unique thanks to a hash of the exact subject. Never starts with

@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.gcra import emission_micros, whole_seconds
 from proxy.limits.headers import Headers, LimitHeaders
+from proxy.limits.lease import TokenLeases, lease_size
 from proxy.limits.limiter import (
     Limiter,
     LimiterUnavailable,
@@ -71,6 +72,8 @@ class ClassLimit:
     emission: int
     """GCRA's ``T`` in microseconds (0 when unlimited)."""
     headers: LimitHeaders
+    lease: int = 0
+    """Most tokens one lease may take (:mod:`proxy.limits.lease`; 0: every request checks)."""
 
 
 def most_generous(limits: Iterable[Limit]) -> Limit:
@@ -97,6 +100,11 @@ class RateLimits:
         self.enabled = settings.enabled
         self.limiter = limiter
         self._roles = roles
+        self._leases = (
+            TokenLeases(limiter, settings.lease_seconds)
+            if isinstance(limiter, RedisLimiter) and limiter.leases and settings.lease_tokens >= 2
+            else None
+        )
         self._resolved: dict[tuple[frozenset[str], RouteClass], ClassLimit] = {}
         self._decisions: dict[tuple[RouteClass, str], Counter] = {
             (c, o): metrics.ratelimit_decisions.labels(c, o)
@@ -128,6 +136,15 @@ class RateLimits:
                 ietf=self.settings.ietf_headers,
                 legacy=self.settings.legacy_headers,
             ),
+            # Only classes that fail open lease: a fail-closed class asks Redis every time.
+            0
+            if limit.unlimited or self.settings.fail_mode(route_class) == "closed"
+            else lease_size(
+                limit.burst,
+                emission_micros(limit.emission_seconds),
+                self.settings.lease_tokens,
+                self.settings.lease_seconds,
+            ),
         )
         if len(self._resolved) >= MAX_CACHED_ROLE_SETS:  # role sets come from tokens: bounded
             self._resolved.clear()
@@ -151,9 +168,14 @@ class RateLimits:
             self.count(cls, "unlimited")
             return
         try:
-            decision = await self.limiter.check(
-                limit_key(cls, identity), limit.emission, limit.limit.burst
-            )
+            if limit.lease and self._leases is not None:
+                decision = await self._leases.check(
+                    limit_key(cls, identity), limit.emission, limit.limit.burst, limit.lease
+                )
+            else:
+                decision = await self.limiter.check(
+                    limit_key(cls, identity), limit.emission, limit.limit.burst
+                )
         except LimiterUnavailable as exc:
             if self.settings.fail_mode(cls) == "open":
                 # Availability over exactness for cheap classes: the request goes ahead

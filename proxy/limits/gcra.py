@@ -67,15 +67,37 @@ def gcra(tat: int | None, now: int, emission: int, burst: int) -> tuple[int | No
     return new_tat, Decision(True, remaining, 0.0, (new_tat - now) / MICROS)
 
 
+def gcra_grant(
+    tat: int | None, now: int, emission: int, burst: int, want: int
+) -> tuple[int | None, int, Decision]:
+    """:func:`gcra` asking for ``want`` tokens at once (a lease, :mod:`proxy.limits.lease`):
+    ``(the TAT to store or None, tokens granted, the decision)``. ``want`` is granted only
+    when at least ``2 * want`` tokens are available (a lease never takes a client's last
+    tokens: near its limit every request is decided on its own), else one; 0 is a refusal.
+    The decision's ``remaining`` and ``reset`` count the granted tokens as spent."""
+    base = now if tat is None or tat < now else tat
+    allow_at = base + emission - burst * emission
+    if now < allow_at:
+        return None, 0, Decision(False, 0, (allow_at - now) / MICROS, (base - now) / MICROS)
+    available = (now - allow_at) // emission + 1
+    granted = want if want > 1 and available >= 2 * want else 1
+    new_tat = base + granted * emission
+    return new_tat, granted, Decision(True, available - granted, 0.0, (new_tat - now) / MICROS)
+
+
 GCRA_LUA: Final = """
 -- GCRA on one key (Redis Cluster-safe). KEYS[1]: the key; ARGV[1]: emission interval T and
 -- ARGV[2]: burst B, T in microseconds. ARGV[3], tests only: "now" in microseconds instead of
--- Redis TIME (the proxy never sends it). Returns {allowed, remaining, retry_after_us, reset_us}.
+-- Redis TIME ('' or absent: TIME; the proxy never sends a value). ARGV[4]: tokens wanted at
+-- once (a replica's lease, proxy.limits.lease; absent: 1), granted only when at least twice
+-- as many are available, else one. Returns {granted, remaining, retry_after_us, reset_us}:
+-- granted 0 is a refusal.
 if redis.replicate_commands then redis.replicate_commands() end
 local emission = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[4] or '1')
 local now
-if ARGV[3] then
+if ARGV[3] and ARGV[3] ~= '' then
   now = tonumber(ARGV[3])
 else
   local t = redis.call('TIME')
@@ -83,16 +105,20 @@ else
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + emission
-local allow_at = new_tat - burst * emission
+local allow_at = tat + emission - burst * emission
 if now < allow_at then
   return {0, 0, allow_at - now, tat - now}
 end
+-- Tokens admissible now, this request's included.
+local available = math.floor((now - allow_at) / emission) + 1
+local granted = 1
+if want > 1 and available >= 2 * want then granted = want end
+local new_tat = tat + granted * emission
 -- The key lives exactly as long as it holds information: once the TAT has passed, a missing
 -- key and a stored one mean the same full allowance.
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX',
   math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, math.floor((now - allow_at) / emission), 0, new_tat - now}
+return {granted, available - granted, 0, new_tat - now}
 """
 
 GCRA_SHA: Final = hashlib.sha1(GCRA_LUA.encode(), usedforsecurity=False).hexdigest()
@@ -123,8 +149,7 @@ class GcraScript:
         except NoScriptError:
             await self.load()
             reply = await self._client.evalsha(GCRA_SHA, 1, *args)
-        allowed, remaining, retry_after, reset = (int(v) for v in reply)
-        return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
+        return _decision(reply)
 
 
 def whole_seconds(seconds: float) -> int:
@@ -134,6 +159,8 @@ def whole_seconds(seconds: float) -> int:
 
 Check = tuple[str, int, int]
 """``(key, emission, burst)``: the arguments of one GCRA check."""
+Grant = tuple[str, int, int, int]
+"""``(key, emission, burst, want)``: a check asking for ``want`` tokens at once."""
 
 
 class GcraPipe(ScriptPipe):
@@ -154,12 +181,31 @@ class GcraPipe(ScriptPipe):
         )
         return [_decision(r) for r in replies]
 
+    async def grants(self, checks: Sequence[Grant]) -> list[tuple[int, Decision]]:
+        """:meth:`run` for checks that may ask for several tokens (leases): the tokens granted
+        and the decision of each. A check asking for one is the same call as :meth:`run`'s.
+
+        Raises:
+            redis.RedisError, OSError: the batch failed as a whole; nothing is known of it.
+        """
+        replies = await self.exchange(
+            [
+                ((key,), (emission, burst) if want <= 1 else (emission, burst, "", want))
+                for key, emission, burst, want in checks
+            ]
+        )
+        return [_grant(r) for r in replies]
+
 
 def _decision(reply: Any) -> Decision:
+    return _grant(reply)[1]
+
+
+def _grant(reply: Any) -> tuple[int, Decision]:
     if isinstance(reply, Exception):
         raise reply  # an error other than NOSCRIPT (OOM, READONLY, ...): the batch failed
-    allowed, remaining, retry_after, reset = (int(v) for v in reply)
-    return Decision(bool(allowed), remaining, retry_after / MICROS, reset / MICROS)
+    granted, remaining, retry_after, reset = (int(v) for v in reply)
+    return granted, Decision(granted > 0, remaining, retry_after / MICROS, reset / MICROS)
 
 
 __all__ = [
@@ -170,7 +216,9 @@ __all__ = [
     "Decision",
     "GcraPipe",
     "GcraScript",
+    "Grant",
     "emission_micros",
     "gcra",
+    "gcra_grant",
     "whole_seconds",
 ]

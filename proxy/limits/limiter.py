@@ -93,8 +93,10 @@ class _Queued:
     key: str
     emission: int
     burst: int
-    future: asyncio.Future[Decision]
+    future: asyncio.Future[tuple[int, Decision]]
     queued_at: float
+    want: int = 1
+    """Tokens asked for at once (a lease, :mod:`proxy.limits.lease`)."""
 
 
 def _fail(batch: list[_Queued], error: LimiterUnavailable) -> None:
@@ -145,8 +147,23 @@ class RedisLimiter:
     def degraded(self) -> bool:
         return self.breaker.state is not BreakerState.CLOSED
 
+    @property
+    def leases(self) -> bool:
+        """Several tokens can be granted at once (:meth:`grant`): standalone or Sentinel Redis,
+        whose checks go through the limiter's pipe; Redis Cluster checks one at a time."""
+        return self._pipe is not None
+
     async def check(self, key: str, emission: int, burst: int) -> Decision:
         """One GCRA check in Redis.
+
+        Raises:
+            LimiterUnavailable: Redis failed or was too slow, or the breaker is open.
+        """
+        return (await self.grant(key, emission, burst, 1))[1]
+
+    async def grant(self, key: str, emission: int, burst: int, want: int) -> tuple[int, Decision]:
+        """One GCRA check taking up to ``want`` tokens (:func:`~proxy.limits.gcra.gcra_grant`):
+        the tokens granted (0: refused) and the decision. Without :attr:`leases`, one token.
 
         Raises:
             LimiterUnavailable: Redis failed or was too slow, or the breaker is open.
@@ -157,9 +174,10 @@ class RedisLimiter:
             raise LimiterUnavailable("breaker_open", breaker.retry_in())
         pipe = self._pipe
         if pipe is None:
-            return await self._check_one(key, emission, burst)
+            decision = await self._check_one(key, emission, burst)
+            return int(decision.allowed), decision
         loop = asyncio.get_running_loop()
-        queued = _Queued(key, emission, burst, loop.create_future(), loop.time())
+        queued = _Queued(key, emission, burst, loop.create_future(), loop.time(), want)
         self._queue.append(queued)
         if self._busy:
             # A batch is in flight: this check goes in the next one. A cancelled caller leaves
@@ -224,7 +242,7 @@ class RedisLimiter:
                 await pipe.connect()
                 deadline = asyncio.get_running_loop().time() + self._budget
             async with Deadline(deadline):
-                decisions = await pipe.run([(q.key, q.emission, q.burst) for q in batch])
+                decisions = await pipe.grants([(q.key, q.emission, q.burst, q.want) for q in batch])
         except redis.TimeoutError:
             kind = "timeout"
         except TimeoutError:

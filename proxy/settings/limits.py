@@ -117,6 +117,13 @@ class RateLimitSettings(_Section):
     # (the breaker makes refusals instant after breaker_failures anyway).
     redis_budget_ms: float = Field(default=250.0, gt=0)
     """Longest a limit check may wait on Redis before it counts as a failure."""
+    lease_tokens: int = Field(default=32, ge=0)
+    """Most tokens of a busy allowance a replica takes from Redis at once and spends locally
+    (one round trip for several requests): only classes that fail open, at most burst / 16
+    and what refills in ``lease_seconds``, granted only while twice as many are left (see
+    ``proxy.limits.lease`` for the burst semantics). Below 2: every request checks Redis."""
+    lease_seconds: float = Field(default=0.5, gt=0, le=10)
+    """How long leased tokens may be spent; unspent ones then lapse (they were counted)."""
     breaker_failures: int = Field(default=3, ge=1)
     """Consecutive Redis failures that open the circuit breaker (checks then skip Redis)."""
     breaker_open_seconds: float = Field(default=5.0, gt=0)

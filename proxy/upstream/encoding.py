@@ -202,7 +202,29 @@ def compress_for_client(request: web.Request, response: web.Response) -> None:
         and len(body) >= MIN_COMPRESSED_BYTES
         and accepts_gzip(request.headers.getall(hdrs.ACCEPT_ENCODING, ()))
     ):
-        response.enable_compression(ContentCoding.gzip)
+        if len(body) < SIZED_WINDOW_BELOW:
+            response.body = gzip_sized(body)
+            response.headers[hdrs.CONTENT_ENCODING] = ContentCoding.gzip.value
+        else:
+            response.enable_compression(ContentCoding.gzip)
+
+
+SIZED_WINDOW_BELOW = 32 * 1024
+"""Bodies shorter than zlib's largest window are compressed by :func:`gzip_sized`."""
+
+
+def gzip_sized(body: bytes) -> bytes:
+    """gzip of ``body`` (level 6, as aiohttp's) with a window and hash table sized to it.
+
+    zlib's defaults (a 32 KiB window, a 64 Ki-entry hash table: some 256 KiB set up and cleared
+    per stream) cost more than compressing a 2 KiB history entry; a window that covers the
+    whole body finds the same matches, so the output is the same size (any gzip reader takes
+    any window). Sync, like aiohttp's own compression of bodies this small.
+    """
+    wbits = max(10, (len(body) - 1).bit_length())  # window >= body: no match is out of reach
+    mem_level = max(1, min(8, wbits - 7))  # hash bits = mem_level + 7 ~ window bits
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + wbits, mem_level)
+    return compressor.compress(body) + compressor.flush()
 
 
 __all__ = [
@@ -210,6 +232,7 @@ __all__ = [
     "DECODABLE",
     "IDENTITY",
     "MIN_COMPRESSED_BYTES",
+    "SIZED_WINDOW_BELOW",
     "AnswerTooLarge",
     "UnreadableAnswer",
     "accepts_gzip",
@@ -217,5 +240,6 @@ __all__ = [
     "compress_for_client",
     "content_codings",
     "decode",
+    "gzip_sized",
     "read_client_answer",
 ]

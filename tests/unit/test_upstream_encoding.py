@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 
 from proxy.upstream.encoding import (
     MIN_COMPRESSED_BYTES,
+    SIZED_WINDOW_BELOW,
     AnswerTooLarge,
     UnreadableAnswer,
     accepts_gzip,
@@ -20,6 +21,7 @@ from proxy.upstream.encoding import (
     compress_for_client,
     content_codings,
     decode,
+    gzip_sized,
 )
 
 BODY = b'{"a": {"outputs": {}}}'
@@ -132,7 +134,13 @@ def test_compress_for_client_adds_vary_and_compresses_only_when_accepted() -> No
     response = web.Response(body=big, headers={"Vary": "Cookie"})
     compress_for_client(request, response)
     assert response.headers["Vary"] == "Cookie, Accept-Encoding"
-    assert response.compression
+    assert response.headers["Content-Encoding"] == "gzip"  # compressed here (gzip_sized)
+    assert isinstance(response.body, bytes)
+    assert zlib.decompress(response.body, 16 + zlib.MAX_WBITS) == big
+    large = BODY * (SIZED_WINDOW_BELOW // len(BODY) + 1)
+    streamed = web.Response(body=large)
+    compress_for_client(request, streamed)
+    assert streamed.compression  # larger bodies: aiohttp's own compression
 
     plain = web.Response(body=big)
     compress_for_client(make_mocked_request("GET", "/", headers={"Accept-Encoding": "br"}), plain)
@@ -142,3 +150,12 @@ def test_compress_for_client_adds_vary_and_compresses_only_when_accepted() -> No
     small = web.Response(body=BODY)  # not worth it
     compress_for_client(request, small)
     assert not small.compression
+
+
+@pytest.mark.parametrize("size", [1, 1023, 1024, 1025, 4096, 20_000, SIZED_WINDOW_BELOW - 1])
+def test_sized_gzip_reads_back_and_is_no_larger_than_zlibs_default(size: int) -> None:
+    body = (b'{"prompt": [1, "abc", {"x": 2.5}], "outputs": {"9": ["img_%05d.png"]}} ' * 600)[:size]
+    packed = gzip_sized(body)
+    assert gzip.decompress(packed) == body  # a plain gzip reader (32 KiB window) takes it
+    default = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    assert len(packed) <= len(default.compress(body) + default.flush())
