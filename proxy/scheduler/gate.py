@@ -1,6 +1,7 @@
 """``Gate``: the gateway queue's feeder, one per proxy process.
 
-Every ``scheduler.poll_interval_ms`` (and at once when a prompt is held here), for each
+Every ``scheduler.poll_interval_ms`` (and at once when a prompt is held or a run ends, here
+or on another replica: :mod:`proxy.scheduler.wakeup`), for each
 instance this replica holds the *feed lease* of (``P:feed:<instance>``: one feeder per
 instance across replicas), the gate:
 
@@ -43,6 +44,7 @@ from proxy.scheduler.fair import Choice, expected_wait, pick, should_pull_back, 
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
+from proxy.scheduler.wakeup import Wakeups
 from proxy.settings.scheduler import SchedulerSettings
 from proxy.tasks import task_failed
 from proxy.tenancy.ownership import OwnershipStore
@@ -92,12 +94,18 @@ class Gate:
         self._tick_done = asyncio.Condition()
         self.notifier: Notifier | None = None
         """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
+        self.wakeups: Wakeups | None = None
+        """With Redis: wake-ups to and from the other replicas (``proxy.scheduler.wakeup``)."""
 
     # -- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+        if self.wakeups is not None:
+            self.wakeups.start()
 
     async def stop(self) -> None:
+        if self.wakeups is not None:
+            await self.wakeups.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,7 +116,15 @@ class Gate:
                 await self.store.drop_feed_lease(upstream.name, self.replica)
 
     def wake(self) -> None:
+        """A round of this feeder now."""
         self._wake.set()
+
+    async def announce(self) -> None:
+        """A round now here and on every replica (a prompt was held: the replica feeding its
+        instance may be another one)."""
+        self.wake()
+        if self.wakeups is not None:
+            await self.wakeups.publish()
 
     async def wait_ticks(self, count: int) -> None:
         """Until ``count`` more rounds have run (tests)."""
@@ -335,6 +351,9 @@ class Gate:
     async def _ended(self, flight: Flight, view: View) -> None:
         pid = flight.prompt_id
         await self.store.finish(pid)
+        if self.wakeups is not None:
+            # Room freed and a tag changed: other feeders' choices may change too.
+            await self.wakeups.publish()
         began = self._started.pop(pid, None)
         self._released_at.pop(pid, None)
         if began is None:

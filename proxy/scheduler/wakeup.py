@@ -1,0 +1,116 @@
+"""Wake-ups across replicas: a feeder hears at once that another replica held a prompt.
+
+Each instance is fed by one replica (the feed lease). A prompt held on another replica would
+wait for that feeder's next poll (``poll_interval_ms``); a run ending frees room the other
+feeders may now fill. So both are published on a Redis channel (``P:wake``, ``P`` the
+scheduler's key prefix: the ``{hash tag}`` keeps it in the queue's slot for a sharded
+deployment), and every replica's feeder subscribes and runs a round at once.
+
+Best effort by design: the poll stays the fallback. A failed publish is counted and dropped;
+the subscription runs supervised (``proxy.tasks``): a lost connection restarts it with
+back-off, and every (re)subscription is followed by a round of its own, so nothing published
+while it was away is waited for longer than one poll. Without Redis there is one replica and
+the local wake is all there is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
+from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.redis.client import RedisClient
+from proxy.scheduler.metrics import SchedulerMetrics
+from proxy.scheduler.store import PREFIX
+from proxy.tasks import Supervised
+
+log = structlog.get_logger("comfygate.scheduler")
+
+LISTEN_TIMEOUT_SECONDS = 1.0
+"""How long one read of the subscription waits (a bound: the socket timeout would otherwise
+end a quiet subscription with an error)."""
+CLOSE_TIMEOUT_SECONDS = 1.0
+ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def wake_channel(prefix: str = PREFIX) -> str:
+    return f"{prefix}:wake"
+
+
+class Wakeups:
+    """Publish and hear wake-ups on ``P:wake`` (module doc). ``on_wake`` is the feeder's
+    local wake; a replica ignores its own messages (it woke itself already)."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        replica: str,
+        on_wake: Callable[[], None],
+        metrics: SchedulerMetrics,
+        *,
+        prefix: str = PREFIX,
+        failures: Counter | None = None,
+    ) -> None:
+        self.client = client
+        self.replica = replica
+        self.channel = wake_channel(prefix)
+        self.on_wake = on_wake
+        self.metrics = metrics
+        self.subscribed = asyncio.Event()
+        """Set while the subscription is live (tests wait for it)."""
+        self._task = Supervised(
+            self._listen, name="scheduler-wakeups", failures=failures, logger=log, max_delay=5.0
+        )
+
+    def start(self) -> None:
+        self._task.start()
+
+    async def stop(self) -> None:
+        await self._task.stop()
+        self.subscribed.clear()
+
+    async def publish(self) -> None:
+        try:
+            await self.client.publish(self.channel, self.replica)
+        except ERRORS as exc:
+            self.metrics.unavailable.labels("wake").inc()
+            log.warning("scheduler_wake_unpublished", error=type(exc).__name__)
+
+    async def _listen(self) -> None:
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            self.subscribed.set()
+            self.on_wake()  # whatever was published while not subscribed
+            while True:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT_SECONDS
+                )
+                if message is None or message.get("type") != "message":
+                    continue
+                sender = message.get("data")
+                if isinstance(sender, bytes):
+                    sender = sender.decode("utf-8", "replace")
+                if sender != self.replica:
+                    self.on_wake()
+        except ERRORS:
+            self.metrics.unavailable.labels("wake").inc()
+            raise  # supervised: restarted with back-off, the poll covers the gap
+        finally:
+            self.subscribed.clear()
+            await _close(pubsub)
+
+
+async def _close(pubsub: Any) -> None:
+    """Bounded: a subscription cancelled mid-read must not hold up the feeder's stop."""
+    try:
+        await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_SECONDS)
+    except (*ERRORS, TimeoutError):
+        log.debug("scheduler_wake_close_failed")
+
+
+__all__ = ["Wakeups", "wake_channel"]
