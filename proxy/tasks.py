@@ -22,7 +22,6 @@ The delay between restarts is a back-off, not a synchronisation: ``wake()`` cuts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,6 +53,22 @@ def task_failed(
         failures.labels(task).inc()
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``.
+
+    Not ``asyncio.wait_for(event.wait(), seconds)``: on Python 3.11 that returns normally when
+    the waiting task is cancelled in the loop pass where the event's waiter completed
+    (CPython gh-86296, fixed in 3.12), so a loop that waits on a wake-up event swallows its
+    owner's cancel, runs on, and the owner's ``await task`` never returns (a shutdown that
+    hangs). ``asyncio.timeout`` delivers that cancel."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 class Wake:
     """A back-off that ``set()`` cuts short (e.g. the pool says the instance is back).
 
@@ -69,8 +84,7 @@ class Wake:
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or until :meth:`set` is (or was, since the last pause) called."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+        await wait_event(self._event, seconds)
         self._event.clear()
 
 
@@ -166,9 +180,21 @@ class Supervised:
         """Cancel it and wait until it has stopped."""
         task, self.task = self.task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended. Its ``CancelledError`` is the expected end;
+    a cancel of the caller while it waits (a shutdown timeout) goes on up: suppressing every
+    ``CancelledError`` here would swallow it, and the caller would carry on as if the task had
+    ended."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def spawn(
@@ -180,4 +206,12 @@ def spawn(
     return handle
 
 
-__all__ = ["Supervised", "Wake", "spawn", "supervise", "task_failed"]
+__all__ = [
+    "Supervised",
+    "Wake",
+    "cancel_and_wait",
+    "spawn",
+    "supervise",
+    "task_failed",
+    "wait_event",
+]

@@ -46,7 +46,7 @@ from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
 from proxy.scheduler.wakeup import Wakeups
 from proxy.settings.scheduler import SchedulerSettings
-from proxy.tasks import task_failed
+from proxy.tasks import cancel_and_wait, task_failed, wait_event
 from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -106,11 +106,9 @@ class Gate:
     async def stop(self) -> None:
         if self.wakeups is not None:
             await self.wakeups.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
         for upstream in self.instances():  # another replica feeds them from its next round
             with contextlib.suppress(*STORE_ERRORS):
                 await self.store.drop_feed_lease(upstream.name, self.replica)
@@ -137,8 +135,7 @@ class Gate:
         with contextlib.suppress(*STORE_ERRORS):
             self.estimates.merge(await self.store.estimates())
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)  # not wait_for: it can swallow stop()'s cancel
             self._wake.clear()
             try:
                 await self.tick()

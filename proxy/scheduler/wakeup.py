@@ -108,7 +108,8 @@ class Wakeups:
 async def _close(pubsub: Any) -> None:
     """Bounded: a subscription cancelled mid-read must not hold up the feeder's stop."""
     try:
-        await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_SECONDS)
+        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):  # not wait_for: proxy.tasks.wait_event
+            await pubsub.aclose()
     except (*ERRORS, TimeoutError):
         log.debug("scheduler_wake_close_failed")
 
