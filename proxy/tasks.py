@@ -35,6 +35,9 @@ FIRST_DELAY_SECONDS = 0.25
 MAX_DELAY_SECONDS = 30.0
 STABLE_SECONDS = 60.0
 """A run that lasted this long before failing restarts after the first delay again."""
+RECANCEL_SECONDS = 1.0
+"""How long a stopped task has to end (its ``finally`` blocks) before it is cancelled again
+(:func:`cancel_and_wait`)."""
 
 
 def task_failed(
@@ -184,17 +187,22 @@ class Supervised:
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended. Its ``CancelledError`` is the expected end;
-    a cancel of the caller while it waits (a shutdown timeout) goes on up: suppressing every
-    ``CancelledError`` here would swallow it, and the caller would carry on as if the task had
-    ended."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
+    """Cancel ``task`` until it has ended (its own failure, if it had one, is raised).
+
+    Level-triggered, as anyio and trio cancel: the cancel is delivered again every
+    :data:`RECANCEL_SECONDS` while the task runs on. One ``Task.cancel()`` is not enough on
+    Python 3.11: ``asyncio.wait_for`` returns normally when the cancel lands in the loop pass
+    where the awaited future completed (CPython gh-86296), and libraries call it on every
+    command (redis-py writes each one through ``wait_for(writer.drain(), ...)``). A feeder
+    cancelled there swallowed the cancel, ran on, and its owner's stop never returned.
+
+    A cancel of the caller while it waits (a shutdown timeout) goes on up: it is not taken
+    for the task's end."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
+    if not task.cancelled():
+        task.result()
 
 
 def spawn(

@@ -1,16 +1,21 @@
-"""Stopping the gateway queue's feeder always ends it, even when a wake-up lands in the same
-loop pass as the cancel (``proxy.tasks.wait_event``).
+"""Stopping the gateway queue's feeder (and any supervised task) always ends it.
 
-On Python 3.11, ``asyncio.wait_for(event.wait(), t)`` returns normally when the task is
-cancelled just after the event's waiter completed (CPython gh-86296): the feeder then ran on
-and ``Gate.stop()`` never returned. With wake-ups from other replicas arriving at any moment
-that happened in about one run in three of the two-replica test. Here the wake-up is placed
-just before the cancel, at each of the first few loop passes, so the window is hit whatever
-the exact number of passes ``wait_for`` needs; each stop is bounded."""
+On Python 3.11, ``asyncio.wait_for`` returns normally when the task is cancelled just after
+the awaited future completed (CPython gh-86296). The feeder waited for its wake-ups that way,
+and redis-py writes every command through ``wait_for(writer.drain(), ...)``: with wake-ups
+from other replicas arriving at any moment, a stop's cancel was swallowed in about one run in
+three of the two-replica test, the feeder ran on and ``Gate.stop()`` never returned.
+
+Two fixes, each tested here: the proxy's own waits deliver the cancel
+(``proxy.tasks.wait_event``; the wake-up is placed just before the cancel, at each of the
+first few loop passes, so the window is hit whatever the exact number of passes), and a stop
+delivers the cancel again while the task runs on (``proxy.tasks.cancel_and_wait``; a store
+and a task that swallow one cancel, as a library's ``wait_for`` does). Every stop is bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.scheduler.gate import Gate
 from proxy.scheduler.metrics import SchedulerMetrics
-from proxy.scheduler.store import MemoryStore
+from proxy.scheduler.store import MemoryStore, View
 from proxy.settings import UpstreamSettings
 from proxy.settings.scheduler import SchedulerSettings
 from proxy.tasks import Supervised, Wake, wait_event
@@ -141,3 +146,57 @@ async def test_a_stop_that_is_itself_cancelled_says_so() -> None:
     done, _ = await asyncio.wait({stopper}, timeout=STOP_WITHIN)
     assert stopper in done
     assert stopper.cancelled()
+
+
+class SwallowingStore(MemoryStore):
+    """Once armed, the next read parks and swallows the cancel it gets, as a Redis command
+    cancelled inside redis-py's ``wait_for`` does on Python 3.11."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.parked = asyncio.Event()
+        self.swallowed = 0
+
+    async def view(self, per_user: int) -> View:
+        if self.armed:
+            self.armed = False
+            self.parked.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.swallowed += 1
+        return await super().view(per_user)
+
+
+async def test_gate_stops_when_a_library_swallows_the_cancel() -> None:
+    store = SwallowingStore()
+    pool = UpstreamPool(UpstreamSettings(urls=("http://127.0.0.1:9",)))
+    settings = SchedulerSettings(enabled=True, poll_interval_ms=5000)
+    gate = Gate(settings, store, pool, SchedulerMetrics(CollectorRegistry(), 60))
+    gate.start()
+    feeder = gate._task
+    assert feeder is not None
+    store.armed = True
+    gate.wake()
+    await store.parked.wait()  # the feeder is inside a store read
+    assert await ended_within(gate.stop(), feeder)
+    assert store.swallowed == 1
+
+
+async def test_supervised_stops_when_its_work_swallows_the_cancel() -> None:
+    parked = asyncio.Event()
+
+    async def swallows_once() -> None:
+        parked.set()
+        # What 3.11's wait_for does when its future had just completed:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()  # and the work goes on as if nothing had happened
+
+    handle = Supervised(swallows_once, name="test", failures=None)
+    handle.start()
+    supervisor = handle.task
+    assert supervisor is not None
+    await parked.wait()
+    assert await ended_within(handle.stop(), supervisor)
