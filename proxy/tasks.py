@@ -198,8 +198,12 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
 
     A cancel of the caller while it waits (a shutdown timeout) goes on up: it is not taken
     for the task's end."""
+    deliveries = 0
     while not task.done():
+        if deliveries:
+            log.info("task_cancel_redelivered", task=task.get_name(), deliveries=deliveries)
         task.cancel()
+        deliveries += 1
         await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
     if not task.cancelled():
         task.result()
