@@ -132,6 +132,7 @@ class Gate:
 
     async def _run(self) -> None:
         interval = self.settings.poll_interval_ms / 1000
+        store_down = False
         with contextlib.suppress(*STORE_ERRORS):
             self.estimates.merge(await self.store.estimates())
         while True:
@@ -141,11 +142,16 @@ class Gate:
                 await self.tick()
             except STORE_ERRORS as exc:
                 # Held prompts stay in the store; the next round tries again.
+                store_down = True
                 self.metrics.unavailable.labels("feed").inc()
                 log.warning("scheduler_store_unavailable", error=type(exc).__name__)
             except Exception:  # noqa: BLE001 - the feeder must outlive any one round
                 failures = self.pool.metrics.task_failures if self.pool.metrics else None
                 task_failed("scheduler", failures, logger=log, event="scheduler_round_failed")
+            else:
+                if store_down and self.wakeups is not None:
+                    self.wakeups.retry()  # Redis is back: so may the wake-ups be
+                store_down = False
             async with self._tick_done:
                 self.ticks += 1
                 self._tick_done.notify_all()

@@ -34,6 +34,10 @@ LISTEN_TIMEOUT_SECONDS = 1.0
 """How long one read of the subscription waits (a bound: the socket timeout would otherwise
 end a quiet subscription with an error)."""
 CLOSE_TIMEOUT_SECONDS = 1.0
+MAX_RETRY_SECONDS = 5.0
+"""The longest back-off between two subscription attempts (each failure is logged with its
+traceback). When the feeder's own round finds Redis back, :meth:`Wakeups.retry` cuts it
+short."""
 ERRORS = (RedisError, RedisClusterException, OSError)
 
 
@@ -61,17 +65,25 @@ class Wakeups:
         self.on_wake = on_wake
         self.metrics = metrics
         self.subscribed = asyncio.Event()
-        """Set while the subscription is live (tests wait for it)."""
+        """Set while Redis has confirmed the subscription (tests wait for it)."""
+        self.down = asyncio.Event()
+        """Set while it has not: the poll alone feeds (tests wait for it)."""
+        self.down.set()
         self._task = Supervised(
-            self._listen, name="scheduler-wakeups", failures=failures, logger=log, max_delay=5.0
+            self._listen,
+            name="scheduler-wakeups",
+            failures=failures,
+            logger=log,
+            max_delay=MAX_RETRY_SECONDS,
         )
 
     def start(self) -> None:
         self._task.start()
 
     async def stop(self) -> None:
+        """Ends the subscription task (``proxy.tasks.cancel_and_wait``) and its connection."""
         await self._task.stop()
-        self.subscribed.clear()
+        self._lost()
 
     async def publish(self) -> None:
         try:
@@ -80,28 +92,47 @@ class Wakeups:
             self.metrics.unavailable.labels("wake").inc()
             log.warning("scheduler_wake_unpublished", error=type(exc).__name__)
 
+    def retry(self) -> None:
+        """Redis answers again (the feeder's round succeeded after failing): subscribe now
+        rather than at the end of the back-off."""
+        if not self.subscribed.is_set():
+            self._task.wake()
+
+    def _lost(self) -> None:
+        self.subscribed.clear()
+        self.down.set()
+
     async def _listen(self) -> None:
         pubsub = self.client.pubsub()
         try:
             await pubsub.subscribe(self.channel)
-            self.subscribed.set()
-            self.on_wake()  # whatever was published while not subscribed
             while True:
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT_SECONDS
-                )
-                if message is None or message.get("type") != "message":
+                message = await pubsub.get_message(timeout=LISTEN_TIMEOUT_SECONDS)
+                if message is None:
+                    continue
+                kind = message.get("type")
+                if kind == "subscribe":
+                    # Confirmed, first or again: redis-py re-subscribes by itself after a
+                    # short drop (its retries). Either way wake-ups published meanwhile were
+                    # missed: a round of our own covers them.
+                    self.subscribed.set()
+                    self.down.clear()
+                    log.info("scheduler_wakeups_subscribed", channel=self.channel)
+                    self.on_wake()
+                    continue
+                if kind != "message":
                     continue
                 sender = message.get("data")
                 if isinstance(sender, bytes):
                     sender = sender.decode("utf-8", "replace")
                 if sender != self.replica:
                     self.on_wake()
-        except ERRORS:
+        except ERRORS as exc:
             self.metrics.unavailable.labels("wake").inc()
+            log.warning("scheduler_wakeups_lost", error=type(exc).__name__)
             raise  # supervised: restarted with back-off, the poll covers the gap
         finally:
-            self.subscribed.clear()
+            self._lost()
             await _close(pubsub)
 
 
