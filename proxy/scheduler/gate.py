@@ -205,12 +205,12 @@ class Gate:
             if pid in running:
                 self._started.setdefault(pid, time.monotonic())
             elif pid not in pending:
-                await self._ended(flight, view)
-                changed = True
+                await self._ended(flight, view)  # keeps `view` in step
         room = self.capacity - busy
-        # The first release chooses from the view just read, unless this round changed the
-        # queue since (a run ended: its owner's tag moved). The claim checks the owner's tag
-        # anyway, so a view another replica made stale costs a retry, never a wrong release.
+        # The first release chooses from the view just read (kept in step with the runs that
+        # ended above), unless a lapsed release was recovered meanwhile. The claim checks the
+        # owner's tag, so a view another replica made stale costs a retry, never a wrong
+        # release.
         fresh: View | None = None if changed else view
         for _ in range(max(0, room)):
             if not await self._release_next(upstream, fresh):
@@ -364,8 +364,11 @@ class Gate:
         await self._send(pid, entry.body, upstream, first=False)
 
     async def _ended(self, flight: Flight, view: View) -> None:
+        """Forget a run that ended and charge its owner what it took. ``view`` (the round's)
+        is kept in step with what this writes, so the round's release can choose from it."""
         pid = flight.prompt_id
         await self.store.finish(pid)
+        view.flights = [f for f in view.flights if f.prompt_id != pid]
         if self.wakeups is not None:
             # Room freed and a tag changed: other feeders' choices may change too.
             await self.wakeups.publish()
@@ -404,7 +407,8 @@ class Gate:
         )
         target = max(current + flight.credit * (seconds / flight.cost - 1.0), floor)
         if abs(target - current) > 1e-9:
-            await self.store.charge(flight.owner, target - current)
+            # The round's view follows, so the round's release can choose from it.
+            view.finish[flight.owner] = await self.store.charge(flight.owner, target - current)
 
     async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
         view = await self.store.view(PER_USER)

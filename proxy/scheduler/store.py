@@ -131,9 +131,9 @@ class SchedulerStore(Protocol):
         ...
 
     async def finish(self, prompt_id: str) -> None: ...
-    async def charge(self, owner: str, delta: float) -> None:
+    async def charge(self, owner: str, delta: float) -> float:
         """Add ``delta`` to ``owner``'s finish tag (a run's measured time replacing its
-        estimate)."""
+        estimate); the tag as now stored (what a claim compares with)."""
         ...
 
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
@@ -258,8 +258,9 @@ class MemoryStore:
         self._flight.pop(prompt_id, None)
         self._entries.pop(prompt_id, None)
 
-    async def charge(self, owner: str, delta: float) -> None:
-        self._tags[owner] = self._tags.get(owner, 0.0) + delta
+    async def charge(self, owner: str, delta: float) -> float:
+        tag = self._tags[owner] = self._tags.get(owner, 0.0) + delta
+        return tag
 
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         removed: list[str] = []
@@ -554,8 +555,9 @@ class RedisStore:
     async def finish(self, prompt_id: str) -> None:
         await self._eval(_FINISH, [self.flight, self.items, self.bodies], prompt_id)
 
-    async def charge(self, owner: str, delta: float) -> None:
-        await self.client.hincrbyfloat(self.tags, owner, delta)
+    async def charge(self, owner: str, delta: float) -> float:
+        # Redis's own sum (long double, printed back): the claim script compares with it.
+        return float(await self.client.hincrbyfloat(self.tags, owner, delta))
 
     async def cancel(self, prompt_ids: Collection[str] | None, owner: str | None) -> list[str]:
         if prompt_ids is None:

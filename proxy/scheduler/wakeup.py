@@ -26,7 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from proxy.redis.client import RedisClient
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.store import PREFIX
-from proxy.tasks import Supervised
+from proxy.tasks import Supervised, Wake
 
 log = structlog.get_logger("comfygate.scheduler")
 
@@ -34,6 +34,7 @@ LISTEN_TIMEOUT_SECONDS = 1.0
 """How long one read of the subscription waits (a bound: the socket timeout would otherwise
 end a quiet subscription with an error)."""
 CLOSE_TIMEOUT_SECONDS = 1.0
+FIRST_RETRY_SECONDS = 0.25
 MAX_RETRY_SECONDS = 5.0
 """The longest back-off between two subscription attempts (each failure is logged with its
 traceback). When the feeder's own round finds Redis back, :meth:`Wakeups.retry` cuts it
@@ -69,12 +70,12 @@ class Wakeups:
         self.down = asyncio.Event()
         """Set while it has not: the poll alone feeds (tests wait for it)."""
         self.down.set()
+        self._retry = Wake()
+        self._confirmed = False
+        # Supervised for what is not a Redis failure (a bug): logged with its traceback and
+        # restarted. Redis failures are expected and retried in `_listen` itself.
         self._task = Supervised(
-            self._listen,
-            name="scheduler-wakeups",
-            failures=failures,
-            logger=log,
-            max_delay=MAX_RETRY_SECONDS,
+            self._listen, name="scheduler-wakeups", failures=failures, logger=log
         )
 
     def start(self) -> None:
@@ -96,13 +97,36 @@ class Wakeups:
         """Redis answers again (the feeder's round succeeded after failing): subscribe now
         rather than at the end of the back-off."""
         if not self.subscribed.is_set():
-            self._task.wake()
+            self._retry.set()
 
     def _lost(self) -> None:
         self.subscribed.clear()
         self.down.set()
 
     async def _listen(self) -> None:
+        """Subscribe, and again with back-off (0.25 s doubling to :data:`MAX_RETRY_SECONDS`,
+        from the start again once a subscription was confirmed) whenever Redis fails it. A
+        failure is a warning, not a traceback: during an outage every replica would render
+        one per attempt."""
+        delay = FIRST_RETRY_SECONDS
+        while True:
+            try:
+                await self._subscription()
+            except ERRORS as exc:
+                self.metrics.unavailable.labels("wake").inc()
+                if self._confirmed:  # it had worked: a new outage starts over
+                    delay = FIRST_RETRY_SECONDS
+                    self._confirmed = False
+                log.warning(
+                    "scheduler_wakeups_lost",
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    retry_in_seconds=delay,
+                )
+            await self._retry.pause(delay)  # the poll covers the gap
+            delay = min(delay * 2, MAX_RETRY_SECONDS)
+
+    async def _subscription(self) -> None:
         pubsub = self.client.pubsub()
         try:
             await pubsub.subscribe(self.channel)
@@ -117,6 +141,7 @@ class Wakeups:
                     # missed: a round of our own covers them.
                     self.subscribed.set()
                     self.down.clear()
+                    self._confirmed = True
                     log.info("scheduler_wakeups_subscribed", channel=self.channel)
                     self.on_wake()
                     continue
@@ -127,10 +152,6 @@ class Wakeups:
                     sender = sender.decode("utf-8", "replace")
                 if sender != self.replica:
                     self.on_wake()
-        except ERRORS as exc:
-            self.metrics.unavailable.labels("wake").inc()
-            log.warning("scheduler_wakeups_lost", error=type(exc).__name__)
-            raise  # supervised: restarted with back-off, the poll covers the gap
         finally:
             self._lost()
             await _close(pubsub)
