@@ -22,7 +22,6 @@ The delay between restarts is a back-off, not a synchronisation: ``wake()`` cuts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +35,9 @@ FIRST_DELAY_SECONDS = 0.25
 MAX_DELAY_SECONDS = 30.0
 STABLE_SECONDS = 60.0
 """A run that lasted this long before failing restarts after the first delay again."""
+RECANCEL_SECONDS = 1.0
+"""How long a stopped task has to end (its ``finally`` blocks) before it is cancelled again
+(:func:`cancel_and_wait`)."""
 
 
 def task_failed(
@@ -54,6 +56,22 @@ def task_failed(
         failures.labels(task).inc()
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``.
+
+    Not ``asyncio.wait_for(event.wait(), seconds)``: on Python 3.11 that returns normally when
+    the waiting task is cancelled in the loop pass where the event's waiter completed
+    (CPython gh-86296, fixed in 3.12), so a loop that waits on a wake-up event swallows its
+    owner's cancel, runs on, and the owner's ``await task`` never returns (a shutdown that
+    hangs). ``asyncio.timeout`` delivers that cancel."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 class Wake:
     """A back-off that ``set()`` cuts short (e.g. the pool says the instance is back).
 
@@ -69,8 +87,7 @@ class Wake:
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or until :meth:`set` is (or was, since the last pause) called."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+        await wait_event(self._event, seconds)
         self._event.clear()
 
 
@@ -166,9 +183,30 @@ class Supervised:
         """Cancel it and wait until it has stopped."""
         task, self.task = self.task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` until it has ended (its own failure, if it had one, is raised).
+
+    Level-triggered, as anyio and trio cancel: the cancel is delivered again every
+    :data:`RECANCEL_SECONDS` while the task runs on. One ``Task.cancel()`` is not enough on
+    Python 3.11: ``asyncio.wait_for`` returns normally when the cancel lands in the loop pass
+    where the awaited future completed (CPython gh-86296), and libraries call it on every
+    command (redis-py writes each one through ``wait_for(writer.drain(), ...)``). A feeder
+    cancelled there swallowed the cancel, ran on, and its owner's stop never returned.
+
+    A cancel of the caller while it waits (a shutdown timeout) goes on up: it is not taken
+    for the task's end."""
+    deliveries = 0
+    while not task.done():
+        if deliveries:
+            log.info("task_cancel_redelivered", task=task.get_name(), deliveries=deliveries)
+        task.cancel()
+        deliveries += 1
+        await asyncio.wait({task}, timeout=RECANCEL_SECONDS)
+    if not task.cancelled():
+        task.result()
 
 
 def spawn(
@@ -180,4 +218,12 @@ def spawn(
     return handle
 
 
-__all__ = ["Supervised", "Wake", "spawn", "supervise", "task_failed"]
+__all__ = [
+    "Supervised",
+    "Wake",
+    "cancel_and_wait",
+    "spawn",
+    "supervise",
+    "task_failed",
+    "wait_event",
+]

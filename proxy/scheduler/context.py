@@ -22,6 +22,7 @@ from proxy.scheduler.keys import GATE
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier
 from proxy.scheduler.store import MemoryStore, RedisStore, SchedulerStore
+from proxy.scheduler.wakeup import Wakeups
 from proxy.settings import SETTINGS, Settings
 from proxy.tenancy.ownership import OWNERSHIP
 from proxy.upstream.pool import POOL
@@ -51,6 +52,9 @@ async def scheduler_context(app: web.Application) -> AsyncIterator[None]:
         redis=client,
     )
     gate.notifier = Notifier(app)
+    if client is not None:
+        failures = app[METRICS].task_failures
+        gate.wakeups = Wakeups(client, gate.replica, gate.wake, metrics, failures=failures)
     app[GATE] = gate
     if quota is not None and quota.reconciler is not None:
         quota.reconciler.also_live = gate.live_ids

@@ -1,6 +1,7 @@
 """``Gate``: the gateway queue's feeder, one per proxy process.
 
-Every ``scheduler.poll_interval_ms`` (and at once when a prompt is held here), for each
+Every ``scheduler.poll_interval_ms`` (and at once when a prompt is held or a run ends, here
+or on another replica: :mod:`proxy.scheduler.wakeup`), for each
 instance this replica holds the *feed lease* of (``P:feed:<instance>``: one feeder per
 instance across replicas), the gate:
 
@@ -43,8 +44,9 @@ from proxy.scheduler.fair import Choice, expected_wait, pick, should_pull_back, 
 from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
+from proxy.scheduler.wakeup import Wakeups
 from proxy.settings.scheduler import SchedulerSettings
-from proxy.tasks import task_failed
+from proxy.tasks import cancel_and_wait, task_failed, wait_event
 from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -92,23 +94,35 @@ class Gate:
         self._tick_done = asyncio.Condition()
         self.notifier: Notifier | None = None
         """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
+        self.wakeups: Wakeups | None = None
+        """With Redis: wake-ups to and from the other replicas (``proxy.scheduler.wakeup``)."""
 
     # -- lifetime --------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+        if self.wakeups is not None:
+            self.wakeups.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self.wakeups is not None:
+            await self.wakeups.stop()
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
         for upstream in self.instances():  # another replica feeds them from its next round
             with contextlib.suppress(*STORE_ERRORS):
                 await self.store.drop_feed_lease(upstream.name, self.replica)
 
     def wake(self) -> None:
+        """A round of this feeder now."""
         self._wake.set()
+
+    async def announce(self) -> None:
+        """A round now here and on every replica (a prompt was held: the replica feeding its
+        instance may be another one)."""
+        self.wake()
+        if self.wakeups is not None:
+            await self.wakeups.publish()
 
     async def wait_ticks(self, count: int) -> None:
         """Until ``count`` more rounds have run (tests)."""
@@ -118,21 +132,26 @@ class Gate:
 
     async def _run(self) -> None:
         interval = self.settings.poll_interval_ms / 1000
+        store_down = False
         with contextlib.suppress(*STORE_ERRORS):
             self.estimates.merge(await self.store.estimates())
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_event(self._wake, interval)  # not wait_for: it can swallow stop()'s cancel
             self._wake.clear()
             try:
                 await self.tick()
             except STORE_ERRORS as exc:
                 # Held prompts stay in the store; the next round tries again.
+                store_down = True
                 self.metrics.unavailable.labels("feed").inc()
                 log.warning("scheduler_store_unavailable", error=type(exc).__name__)
             except Exception:  # noqa: BLE001 - the feeder must outlive any one round
                 failures = self.pool.metrics.task_failures if self.pool.metrics else None
                 task_failed("scheduler", failures, logger=log, event="scheduler_round_failed")
+            else:
+                if store_down and self.wakeups is not None:
+                    self.wakeups.retry()  # Redis is back: so may the wake-ups be
+                store_down = False
             async with self._tick_done:
                 self.ticks += 1
                 self._tick_done.notify_all()
@@ -171,6 +190,7 @@ class Gate:
         view = await self.store.view(PER_USER)
         now = time.time()
         busy = len(running) + len(pending)
+        changed = False
         for flight in [f for f in view.flights if f.instance == name]:
             pid = flight.prompt_id
             if flight.state == "releasing":
@@ -178,25 +198,35 @@ class Gate:
                     pid, self.replica, now, now + self.settings.lease_seconds
                 ):
                     await self._recover(flight, upstream, {*running, *pending})
+                    changed = True
                 elif pid not in running and pid not in pending:
                     busy += 1  # being sent: it takes a place
                 continue
             if pid in running:
                 self._started.setdefault(pid, time.monotonic())
             elif pid not in pending:
-                await self._ended(flight, view)
+                await self._ended(flight, view)  # keeps `view` in step
         room = self.capacity - busy
+        # The first release chooses from the view just read (kept in step with the runs that
+        # ended above), unless a lapsed release was recovered meanwhile. The claim checks the
+        # owner's tag, so a view another replica made stale costs a retry, never a wrong
+        # release.
+        fresh: View | None = None if changed else view
         for _ in range(max(0, room)):
-            if not await self._release_next(upstream):
+            if not await self._release_next(upstream, fresh):
                 break
+            fresh = None  # the claim changed the queue: the next choice reads it again
         else:
             if self.settings.pull_back and pending and room <= 0:
                 await self._maybe_pull_back(upstream, pending)
 
-    async def _release_next(self, upstream: Upstream) -> bool:
+    async def _release_next(self, upstream: Upstream, view: View | None = None) -> bool:
+        """Claim and send the next prompt for ``upstream``, choosing from ``view`` when it is
+        current (one Redis round trip per release instead of two), else from a fresh read."""
         for _ in range(CLAIM_ATTEMPTS):
             started = time.perf_counter()
-            view = await self.store.view(PER_USER)
+            if view is None:
+                view = await self.store.view(PER_USER)
             choice = self._choose_now(view, upstream.name)
             if choice is None:
                 return False
@@ -207,6 +237,7 @@ class Gate:
             if body is not None:
                 await self._send(choice.item.prompt_id, body, upstream, first=True)
                 return True
+            view = None  # another replica claimed first, or the owner's tag moved: read again
         return False
 
     def _choose_now(self, view: View, instance: str) -> Choice | None:
@@ -333,8 +364,14 @@ class Gate:
         await self._send(pid, entry.body, upstream, first=False)
 
     async def _ended(self, flight: Flight, view: View) -> None:
+        """Forget a run that ended and charge its owner what it took. ``view`` (the round's)
+        is kept in step with what this writes, so the round's release can choose from it."""
         pid = flight.prompt_id
         await self.store.finish(pid)
+        view.flights = [f for f in view.flights if f.prompt_id != pid]
+        if self.wakeups is not None:
+            # Room freed and a tag changed: other feeders' choices may change too.
+            await self.wakeups.publish()
         began = self._started.pop(pid, None)
         self._released_at.pop(pid, None)
         if began is None:
@@ -370,7 +407,8 @@ class Gate:
         )
         target = max(current + flight.credit * (seconds / flight.cost - 1.0), floor)
         if abs(target - current) > 1e-9:
-            await self.store.charge(flight.owner, target - current)
+            # The round's view follows, so the round's release can choose from it.
+            view.finish[flight.owner] = await self.store.charge(flight.owner, target - current)
 
     async def _maybe_pull_back(self, upstream: Upstream, pending: Sequence[str]) -> None:
         view = await self.store.view(PER_USER)

@@ -162,7 +162,7 @@ class HoldGuard:
                 error_type="scheduler_unavailable",
                 headers={hdrs.RETRY_AFTER: "1"},
             ) from None
-        gate.wake()
+        await gate.announce()
         await _push_status(gate, owner)
         answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
 
