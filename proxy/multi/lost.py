@@ -39,7 +39,6 @@ Resubmitting lost prompts elsewhere is not done: the proxy does not keep prompt 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -55,7 +54,7 @@ from aiohttp import hdrs
 from proxy.errors import UpstreamError
 from proxy.observability.metrics import Metrics
 from proxy.redis.client import RedisClient
-from proxy.tasks import supervise
+from proxy.tasks import cancel_and_wait, supervise, wait_event
 from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.encoding import BACKGROUND_LIMIT, IDENTITY, read_client_answer
 from proxy.upstream.pool import Upstream, UpstreamPool
@@ -461,11 +460,10 @@ class LostPrompts:
             self._tasks.append(self._supervised("lost_flush", self._flush_once))
 
     async def close(self) -> None:
+        # cancel_and_wait: a cancel swallowed inside redis-py (3.11's wait_for) would otherwise
+        # leave the flush loop running and this close waiting for it forever.
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._tasks.clear()
         await self.flush()  # what ended before shutdown
 
@@ -495,8 +493,9 @@ class LostPrompts:
             )
             await self._decide_held_elsewhere()
         await self.sync()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._watch_seconds)
+        # wait_event, not wait_for: on 3.11 wait_for can swallow the watcher's cancel (a stop
+        # that hangs; see proxy.tasks.wait_event).
+        await wait_event(self._wake, self._watch_seconds)
         self._wake.clear()
 
     async def _decide_held_elsewhere(self) -> None:
