@@ -70,7 +70,10 @@ class Wake:
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or until :meth:`set` is (or was, since the last pause) called."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes as
+            # the event is set (the supervised task would then never stop).
+            async with asyncio.timeout(seconds):
+                await self._event.wait()
         self._event.clear()
 
 

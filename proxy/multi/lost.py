@@ -496,7 +496,10 @@ class LostPrompts:
             await self._decide_held_elsewhere()
         await self.sync()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._watch_seconds)
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes as
+            # the event is set (stopping the watch would then wait forever).
+            async with asyncio.timeout(self._watch_seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def _decide_held_elsewhere(self) -> None:

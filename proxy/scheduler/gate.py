@@ -88,6 +88,11 @@ class Gate:
         self._started: dict[str, float] = {}
         """When this gate first saw each released prompt running (monotonic)."""
         self._released_at: dict[str, float] = {}
+        self._pulling: set[str] = set()
+        """Released prompts this gate is taking back from ComfyUI (:meth:`_maybe_pull_back`)."""
+        self._rooms: dict[str, asyncio.Lock] = {}
+        """Per instance: one count of its room at a time in this process (the feeder's round
+        and the requests releasing their own prompt, :meth:`claim_now`)."""
         self.ticks = 0
         self._tick_done = asyncio.Condition()
         self.notifier: Notifier | None = None
@@ -122,7 +127,10 @@ class Gate:
             self.estimates.merge(await self.store.estimates())
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes
+                # as the event is set (stop() would then wait for this loop forever).
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.tick()
@@ -160,7 +168,14 @@ class Gate:
                 by_role[held.role] = by_role.get(held.role, 0) + 1
         self.metrics.set_depth(by_role)
 
+    def _room(self, upstream: Upstream) -> asyncio.Lock:
+        return self._rooms.setdefault(upstream.name, asyncio.Lock())
+
     async def feed(self, upstream: Upstream) -> None:
+        async with self._room(upstream):
+            await self._feed(upstream)
+
+    async def _feed(self, upstream: Upstream) -> None:
         listed = await read_queue(self.pool, upstream)
         if listed is None:
             return  # unreadable: nothing is decided on a guess
@@ -222,6 +237,49 @@ class Gate:
     def _choose(view: View, instance: str) -> Choice | None:
         vtime = virtual_time((f.in_flight for f in view.flights), view.last_start)
         return pick(view.queues, view.finish, vtime, instance)
+
+    # -- straight through ------------------------------------------------------------------
+    async def claim_now(self, prompt_id: str, upstream: Upstream) -> bool:
+        """Claim a prompt just held for release by its own request, when fair order picks it
+        for ``upstream`` now and ``upstream`` has room by the queue's account (the prompts
+        claimed or released there and not yet seen ending). The request then forwards it
+        itself and its client gets ComfyUI's own answer, exactly as without the queue (its
+        validation errors, a 502 while ComfyUI is down): the queue only holds a prompt when
+        ComfyUI is busy or others wait before it. The claim is the store's one atomic step,
+        so a concurrent feeder or replica never releases it too."""
+        async with self._room(upstream):
+            view = await self.store.view(PER_USER)
+            busy = sum(1 for f in view.flights if f.instance == upstream.name)
+            if busy >= self.capacity:
+                return False
+            started = time.perf_counter()
+            choice = self._choose_now(view, upstream.name)
+            if choice is None or choice.item.prompt_id != prompt_id:
+                return False
+            until = time.time() + self.settings.lease_seconds
+            expect = view.finish.get(choice.item.owner, 0.0)
+            body = await self.store.claim(choice, expect, upstream.name, self.replica, until)
+            self.metrics.cost.observe(time.perf_counter() - started)
+            return body is not None
+
+    async def answered_now(self, prompt_id: str, status: int | None) -> None:
+        """The outcome of a release made by its own request (:meth:`claim_now`): ComfyUI's
+        status, None when the forward failed (the client got 502/504). Only a 200 stays in
+        flight; anything else was answered to the client as ComfyUI (or the proxy) answered
+        it without the queue, and the queue forgets the prompt: it is never sent again (the
+        isolation record and the quota count follow ComfyUI's answer as in pass-through)."""
+        entry = await self.store.entry(prompt_id)
+        if status == 200:
+            await self.store.released(prompt_id, self.replica, time.time())
+            self._released_at[prompt_id] = time.monotonic()
+            self.metrics.releases.labels("released").inc()
+            if entry is not None:
+                self.metrics.wait.labels(entry.held.role).observe(0.0)
+            return
+        await self.store.finish(prompt_id)
+        outcome = "unreachable" if status is None or status >= 500 else "refused"
+        self.metrics.releases.labels(outcome).inc()
+        log.info("scheduler_straight_through_refused", prompt_id=prompt_id, status=status)
 
     # -- sending ---------------------------------------------------------------------------
     async def _send(self, prompt_id: str, body: bytes, upstream: Upstream, *, first: bool) -> None:
@@ -381,22 +439,31 @@ class Gate:
         victim = next((ours[p] for p in reversed(pending) if p in ours), None)
         if victim is None or not should_pull_back(victim.in_flight, choice):
             return
-        if not await delete_pending(self.pool, upstream, victim.prompt_id):
-            return
-        listed = await read_queue(self.pool, upstream)
-        if listed is None or victim.prompt_id in {*listed[0], *listed[1]}:
-            return  # it started meanwhile: it runs
-        if await in_history(self.pool, upstream, victim.prompt_id):
-            return  # it ran meanwhile
-        if await self.store.unclaim(victim.prompt_id):
+        self._pulling.add(victim.prompt_id)
+        try:
+            if not await delete_pending(self.pool, upstream, victim.prompt_id):
+                return
+            listed = await read_queue(self.pool, upstream)
+            if listed is None or victim.prompt_id in {*listed[0], *listed[1]}:
+                return  # it started meanwhile: it runs
+            if await in_history(self.pool, upstream, victim.prompt_id):
+                return  # it ran meanwhile
+            pulled = await self.store.unclaim(victim.prompt_id)
+        finally:
+            self._pulling.discard(victim.prompt_id)
+        if pulled:
             self.metrics.releases.labels("pulled_back").inc()
             log.info("scheduler_pulled_back", prompt_id=victim.prompt_id, upstream=upstream.name)
             await self._release_next(upstream)
 
     async def live_ids(self) -> set[str]:
-        """Held and claimed prompts: queued for their owners though ComfyUI lists none of them
-        (the queue quota's reconciler must not stop counting them)."""
-        return await self.store.held_ids() | {f.prompt_id for f in await self.store.flights()}
+        """Held prompts, those being sent, and those this gate is taking back: queued for their
+        owners though ComfyUI lists none of them (the queue quota's reconciler must not stop
+        counting them). A released prompt is not among them: ComfyUI lists it while it is live,
+        and the reconciler must see it end as soon as ComfyUI does, not a feeder's poll later."""
+        flights = await self.store.flights()
+        sending = {f.prompt_id for f in flights if f.state != "released"}
+        return await self.store.held_ids() | sending | self._pulling
 
     # -- estimates -------------------------------------------------------------------------
     async def expected_wait(self, owner: str, weight: float, shape: str) -> float:

@@ -20,6 +20,7 @@ never shown, cancelled or answered for: its id is treated as unknown.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,8 +31,11 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.chain import ROUTE_TABLE
 from proxy.errors import BadRequest, ServiceUnavailable
 from proxy.isolation.prompt import client_id_of
+from proxy.isolation.read_guard import DEGRADED_STATE
+from proxy.multi.merge import DEGRADED_HEADER
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
@@ -150,6 +154,7 @@ class HoldGuard:
                     error_type="prompt_id_taken",
                 )
             wait = await gate.expected_wait(owner, weight, shape)
+            now = await gate.claim_now(prompt_id, upstream)
         except STORE_ERRORS as exc:
             gate.metrics.unavailable.labels("hold").inc()
             if gate.settings.redis_fail_mode == "pass_through":
@@ -162,6 +167,9 @@ class HoldGuard:
                 error_type="scheduler_unavailable",
                 headers={hdrs.RETRY_AFTER: "1"},
             ) from None
+        if now:
+            ctx.answer = _straight_through(gate, prompt_id, wait)
+            return
         gate.wake()
         await _push_status(gate, owner)
         answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
@@ -170,6 +178,33 @@ class HoldGuard:
             return web.json_response(answer, headers={WAIT_HEADER: f"{wait:.1f}"})
 
         ctx.answer = respond
+
+
+def _straight_through(
+    gate: Gate, prompt_id: str, wait: float
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The answer of a prompt released by its own request (``Gate.claim_now``): the route's
+    own terminal handler forwards it (placement, failover, response filters: pass-through
+    exactly), and the queue follows ComfyUI's answer."""
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        forward = request.app[ROUTE_TABLE].terminal("prompt")
+        try:
+            response = await forward(request)
+        except BaseException:
+            with contextlib.suppress(*STORE_ERRORS):
+                await gate.answered_now(prompt_id, None)
+            raise
+        try:
+            await gate.answered_now(prompt_id, response.status)
+        except STORE_ERRORS as exc:
+            # Left claimed: the lease lapses and a feeder finds ComfyUI has it (never resent).
+            log.warning("scheduler_store_unavailable", op="answered", error=type(exc).__name__)
+        if response.status == 200 and not response.prepared:
+            response.headers[WAIT_HEADER] = f"{wait:.1f}"
+        return response
+
+    return respond
 
 
 def _with_seq(held: Held, seq: int) -> Held:
@@ -270,11 +305,19 @@ class ViewGuard:
         rule = ctx.rule.name
         owner = viewer(self._settings, ctx)
         if rule == "queue" and request.method == hdrs.METH_GET:
-            ctx.response_filters.append(_queue_view(gate, owner))
+            ctx.response_filters.append(_queue_view(gate, ctx, owner))
         elif rule == "jobs":
-            await self._jobs(request, ctx, gate, owner)
+            try:
+                await self._jobs(request, ctx, gate, owner)
+            except STORE_ERRORS as exc:
+                if request.method != hdrs.METH_GET:
+                    raise  # a cancel that cannot reach the held prompts is not answered done
+                _view_degraded(gate, ctx, "jobs", exc)
         elif rule == "history" and request.method == hdrs.METH_GET:
-            await _history(ctx, gate, owner)
+            try:
+                await _history(ctx, gate, owner)
+            except STORE_ERRORS as exc:
+                _view_degraded(gate, ctx, "history", exc)
         elif rule == "ws":
             ctx.frame_filters.append(_status_filter(gate, owner))
 
@@ -309,6 +352,20 @@ class ViewGuard:
             await _cancelled(gate, removed, owner)
             if removed:
                 ctx.answer = _static({"cancelled": True})
+
+
+def _view_degraded(gate: Gate, ctx: RequestContext, view: str, exc: BaseException) -> None:
+    """A read answered without the gateway queue's part (Redis down): what ComfyUI (or
+    isolation) answers, marked degraded as isolation marks its own, never a 503 for a read."""
+    if (DEGRADED_HEADER, DEGRADED_STATE) not in ctx.response_headers:
+        ctx.response_headers.append((DEGRADED_HEADER, DEGRADED_STATE))
+    gate.metrics.unavailable.labels("view").inc()
+    log.warning(
+        "scheduler_view_degraded",
+        request_id=ctx.request_id,
+        view=view,
+        error=type(exc).__name__,
+    )
 
 
 async def _visible(gate: Gate, prompt_id: str, owner: str | None) -> Held | None:
@@ -372,7 +429,7 @@ def _shown_extra(body: Mapping[str, Any], held: Held) -> dict[str, Any]:
     return extra
 
 
-def _queue_view(gate: Gate, owner: str | None) -> ResponseFilter:
+def _queue_view(gate: Gate, ctx: RequestContext, owner: str | None) -> ResponseFilter:
     async def rewrite(status: int, body: bytes) -> bytes:
         if status != 200:
             return body
@@ -382,26 +439,35 @@ def _queue_view(gate: Gate, owner: str | None) -> ResponseFilter:
             return body
         if not isinstance(queue, dict) or not isinstance(queue.get("queue_pending"), list):
             return body
-        listed = [*queue.get("queue_running", []), *queue["queue_pending"]]
-        numbers = [i[0] for i in listed if isinstance(i, list) and i and _is_number(i[0])]
-        base = int(max(numbers, default=-1)) + 1
-        for offset, held in enumerate(await gate.store.held(owner)):
-            entry = await gate.store.entry(held.prompt_id)
-            if entry is None:
-                continue
-            sent = orjson.loads(entry.body)
-            queue["queue_pending"].append(
-                [
-                    base + offset,
-                    held.prompt_id,
-                    sent.get("prompt", {}),
-                    _shown_extra(sent, held),
-                    [],
-                ]
-            )
-        return orjson.dumps(queue)
+        try:
+            return orjson.dumps(await _with_held(gate, queue, owner))
+        except STORE_ERRORS as exc:
+            _view_degraded(gate, ctx, "queue", exc)
+            return body
 
     return rewrite
+
+
+async def _with_held(gate: Gate, queue: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    """ComfyUI's queue with the caller's held prompts after its pending ones."""
+    listed = [*queue.get("queue_running", []), *queue["queue_pending"]]
+    numbers = [i[0] for i in listed if isinstance(i, list) and i and _is_number(i[0])]
+    base = int(max(numbers, default=-1)) + 1
+    for offset, held in enumerate(await gate.store.held(owner)):
+        entry = await gate.store.entry(held.prompt_id)
+        if entry is None:
+            continue
+        sent = orjson.loads(entry.body)
+        queue["queue_pending"].append(
+            [
+                base + offset,
+                held.prompt_id,
+                sent.get("prompt", {}),
+                _shown_extra(sent, held),
+                [],
+            ]
+        )
+    return queue
 
 
 def _is_number(value: object) -> bool:
@@ -471,15 +537,11 @@ def _wrap_jobs_list(
     async def add(payload: object) -> object:
         if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
             return payload
-        held = [_job(h) for h in await gate.store.held(owner)] if _wants(wanted, "pending") else []
-        if _wants(wanted, "failed"):
-            listed = {j.get("id") for j in payload["jobs"] if isinstance(j, dict)}
-            failed = await gate.store.failed(owner)
-            held += [
-                failed_job(p, e, detail=False)
-                for p, e in reversed(failed.items())
-                if p not in listed
-            ]
+        try:
+            held = await _jobs_of(gate, owner, wanted, payload["jobs"])
+        except STORE_ERRORS as exc:
+            _view_degraded(gate, ctx, "jobs", exc)
+            return payload
         if not held:
             return payload
         payload["jobs"] = [*held, *payload["jobs"]]
@@ -489,6 +551,21 @@ def _wrap_jobs_list(
         return payload
 
     _wrap_json(ctx, add)
+
+
+async def _jobs_of(
+    gate: Gate, owner: str | None, wanted: set[str], listed_jobs: list[Any]
+) -> list[dict[str, Any]]:
+    """The gateway queue's jobs for a list: held ones (pending), then refused ones (failed)
+    the list does not have yet."""
+    held = [_job(h) for h in await gate.store.held(owner)] if _wants(wanted, "pending") else []
+    if _wants(wanted, "failed"):
+        listed = {j.get("id") for j in listed_jobs if isinstance(j, dict)}
+        failed = await gate.store.failed(owner)
+        held += [
+            failed_job(p, e, detail=False) for p, e in reversed(failed.items()) if p not in listed
+        ]
+    return held
 
 
 def _wants(wanted: set[str], status: str) -> bool:

@@ -149,7 +149,7 @@ async def test_delete_clear_and_job_cancel_remove_held_prompts(
 async def test_disabled_is_pass_through(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Any
 ) -> None:
-    client = await make_proxy(fake_comfy.url, token=None, **policy_sections(tmp_path))
+    client = await make_proxy(fake_comfy.url, token=None, **sections(tmp_path, enabled=False))
     assert GATE not in client.app
     fake_comfy.hold()
     ids = [(await post(client, A, i))[1]["prompt_id"] for i in range(3)]

@@ -100,11 +100,15 @@ async def test_refused_at_release_is_a_failed_prompt_for_its_owner(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     gate: Gate = client.app[GATE]
-    fake_comfy.release()
     refused_graph = saved(image(width=0))  # below EmptyImage's minimum: ComfyUI refuses it
     async with client.ws_connect("/ws?clientId=tab", headers=A) as alice:
         await next_event(alice, "status")
+        # ComfyUI busy (one running, one pending: the room the gate gives it), so the next
+        # prompt is held rather than sent straight through with ComfyUI's own answer.
+        busy = [await post(client, A, saved(image(width=8 + i))) for i in range(2)]
+        await until_fed(gate, fake_comfy, 2)
         pid = await post(client, A, refused_graph)  # held: answered 200 at once
+        fake_comfy.release()
         gate.wake()
         error = await next_event(alice, "execution_error", prompt_id=pid)
     assert error["node_id"] == "1"
@@ -127,7 +131,8 @@ async def test_refused_at_release_is_a_failed_prompt_for_its_owner(
     async with client.get("/api/jobs?status=failed", headers=A) as resp:
         assert pid in [j["id"] for j in (await resp.json())["jobs"]]
     # Nothing was queued, nothing counts against the quota any more.
-    assert fake_comfy.queue.started == []
+    await fake_comfy.wait_idle()
+    assert [p for p, _ in fake_comfy.queue.started] == busy
     # Bob asks for it: unknown to him.
     async with client.get(f"/history/{pid}", headers=B) as resp:
         assert await resp.json() == {}
