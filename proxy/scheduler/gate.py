@@ -26,7 +26,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import aiohttp
 import orjson
@@ -56,6 +56,16 @@ CLAIM_ATTEMPTS = 5
 """Choices retried when another replica claimed first (or changed the owner's tag)."""
 SEND_TIMEOUT_SECONDS = 30.0
 STORE_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A submission held (:meth:`Gate.admit`)."""
+
+    wait: float
+    """Seconds until it is expected to start."""
+    now: bool
+    """Claimed for release by its own request (ComfyUI has room, nothing waits before it)."""
 
 
 class Gate:
@@ -90,9 +100,9 @@ class Gate:
         self._released_at: dict[str, float] = {}
         self._pulling: set[str] = set()
         """Released prompts this gate is taking back from ComfyUI (:meth:`_maybe_pull_back`)."""
-        self._rooms: dict[str, asyncio.Lock] = {}
-        """Per instance: one count of its room at a time in this process (the feeder's round
-        and the requests releasing their own prompt, :meth:`claim_now`)."""
+        self._room = asyncio.Lock()
+        """One count of the instances' room at a time in this process: the feeder's rounds
+        and the submissions (:meth:`admit`)."""
         self.ticks = 0
         self._tick_done = asyncio.Condition()
         self.notifier: Notifier | None = None
@@ -168,11 +178,8 @@ class Gate:
                 by_role[held.role] = by_role.get(held.role, 0) + 1
         self.metrics.set_depth(by_role)
 
-    def _room(self, upstream: Upstream) -> asyncio.Lock:
-        return self._rooms.setdefault(upstream.name, asyncio.Lock())
-
     async def feed(self, upstream: Upstream) -> None:
-        async with self._room(upstream):
+        async with self._room:
             await self._feed(upstream)
 
     async def _feed(self, upstream: Upstream) -> None:
@@ -239,31 +246,51 @@ class Gate:
         return pick(view.queues, view.finish, vtime, instance)
 
     # -- straight through ------------------------------------------------------------------
-    async def claim_now(self, prompt_id: str, upstream: Upstream) -> bool:
-        """Claim a prompt just held for release by its own request, when fair order picks it
-        for ``upstream`` now and ``upstream`` has room by the queue's account (the prompts
-        claimed or released there and not yet seen ending). The request then forwards it
-        itself and its client gets ComfyUI's own answer, exactly as without the queue (its
-        validation errors, a 502 while ComfyUI is down): the queue only holds a prompt when
-        ComfyUI is busy or others wait before it. The claim is the store's one atomic step,
-        so a concurrent feeder or replica never releases it too."""
-        async with self._room(upstream):
-            view = await self.store.view(PER_USER)
-            busy = sum(1 for f in view.flights if f.instance == upstream.name)
-            if busy >= self.capacity:
+    async def admit(self, entry: Entry, upstream: Upstream) -> Admission | None:
+        """Hold a submission; then, when fair order picks it for ``upstream`` now and
+        ``upstream`` has room, claim it for release by its own request. The request then
+        forwards it itself and its client gets ComfyUI's own answer, exactly as without the
+        queue (its validation errors, a 502 while ComfyUI is down): the queue only holds a
+        prompt while ComfyUI is busy or others wait before it. Both steps under this
+        process's room lock, so its feeder does not release the prompt in between (another
+        replica's may: the client then gets the gateway queue's answer); the claim is the
+        store's one atomic step, so no feeder ever releases it too. None: the prompt id is
+        held already."""
+        held = entry.held
+        async with self._room:
+            if not await self.store.hold(entry):
+                return None
+            wait = await self.expected_wait(held.owner, held.weight, held.shape)
+            return Admission(wait, await self._claim_now(held.prompt_id, upstream))
+
+    async def _claim_now(self, prompt_id: str, upstream: Upstream) -> bool:
+        """Room is counted from the prompts claimed or released there and not yet seen
+        ending; when that says full, from ComfyUI's queue (the count learns of ends a
+        feeder's poll later)."""
+        view = await self.store.view(PER_USER)
+        flights = [f for f in view.flights if f.instance == upstream.name]
+        if len(flights) >= self.capacity:
+            # Full by the queue's account, which learns of ends a feeder's poll later:
+            # ComfyUI's own queue says whether it still is.
+            listed = await read_queue(self.pool, upstream)
+            if listed is None:
                 return False
-            started = time.perf_counter()
-            choice = self._choose_now(view, upstream.name)
-            if choice is None or choice.item.prompt_id != prompt_id:
+            shown = {*listed[0], *listed[1]}
+            sending = [f for f in flights if f.state == "releasing"]
+            if len(shown | {f.prompt_id for f in sending}) >= self.capacity:
                 return False
-            until = time.time() + self.settings.lease_seconds
-            expect = view.finish.get(choice.item.owner, 0.0)
-            body = await self.store.claim(choice, expect, upstream.name, self.replica, until)
-            self.metrics.cost.observe(time.perf_counter() - started)
-            return body is not None
+        started = time.perf_counter()
+        choice = self._choose_now(view, upstream.name)
+        if choice is None or choice.item.prompt_id != prompt_id:
+            return False
+        until = time.time() + self.settings.lease_seconds
+        expect = view.finish.get(choice.item.owner, 0.0)
+        body = await self.store.claim(choice, expect, upstream.name, self.replica, until)
+        self.metrics.cost.observe(time.perf_counter() - started)
+        return body is not None
 
     async def answered_now(self, prompt_id: str, status: int | None) -> None:
-        """The outcome of a release made by its own request (:meth:`claim_now`): ComfyUI's
+        """The outcome of a release made by its own request (:meth:`admit`): ComfyUI's
         status, None when the forward failed (the client got 502/504). Only a 200 stays in
         flight; anything else was answered to the client as ComfyUI (or the proxy) answered
         it without the queue, and the queue forgets the prompt: it is never sent again (the
@@ -540,4 +567,4 @@ async def delete_pending(pool: UpstreamPool, upstream: Upstream, prompt_id: str)
         return False
 
 
-__all__ = ["Gate", "delete_pending", "in_history", "read_queue"]
+__all__ = ["Admission", "Gate", "delete_pending", "in_history", "read_queue"]

@@ -148,13 +148,12 @@ class HoldGuard:
         try:
             seq = await gate.store.next_seq()
             held = _with_seq(held, seq)
-            if not await gate.store.hold(Entry(held, ctx.body, headers)):
+            admission = await gate.admit(Entry(held, ctx.body, headers), upstream)
+            if admission is None:
                 raise BadRequest(
                     "prompt_id is already in use; omit it to get a new one",
                     error_type="prompt_id_taken",
                 )
-            wait = await gate.expected_wait(owner, weight, shape)
-            now = await gate.claim_now(prompt_id, upstream)
         except STORE_ERRORS as exc:
             gate.metrics.unavailable.labels("hold").inc()
             if gate.settings.redis_fail_mode == "pass_through":
@@ -167,7 +166,8 @@ class HoldGuard:
                 error_type="scheduler_unavailable",
                 headers={hdrs.RETRY_AFTER: "1"},
             ) from None
-        if now:
+        wait = admission.wait
+        if admission.now:
             ctx.answer = _straight_through(gate, prompt_id, wait)
             return
         gate.wake()
@@ -509,7 +509,10 @@ def _wrap_json(ctx: RequestContext, add: Callable[[object], Awaitable[object]]) 
                 payload = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 return response
-            return web.json_response(await add(payload), headers=_kept(response))
+            # The same response with the new body: its status, headers and compression (the
+            # answer's own, for this client's Accept-Encoding) stay as they were.
+            response.body = orjson.dumps(await add(payload))
+            return response
 
         ctx.answer = answer
         return
@@ -570,14 +573,6 @@ async def _jobs_of(
 
 def _wants(wanted: set[str], status: str) -> bool:
     return not wanted or status in wanted
-
-
-def _kept(response: web.Response) -> dict[str, str]:
-    return {
-        k: v
-        for k, v in response.headers.items()
-        if k.lower() not in {"content-length", "content-type"}
-    }
 
 
 def _force_cancelled() -> ResponseFilter:
