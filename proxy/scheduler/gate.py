@@ -105,6 +105,7 @@ class Gate:
         and the submissions (:meth:`admit`)."""
         self.ticks = 0
         self._tick_done = asyncio.Condition()
+        self._stopping = False
         self.notifier: Notifier | None = None
         """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
 
@@ -113,10 +114,17 @@ class Gate:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task = self._task
+        if task is not None:
+            # The flag as well as the cancellation: a cancellation that lands inside a round
+            # can be swallowed by a client library (the task stays "cancelling" and goes on
+            # polling: the shutdown waited forever); the loop ends at its next check.
+            self._stopping = True
+            self._wake.set()
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.warning("scheduler_stopped_on_error", error=type(error).__name__)
             self._task = None
         for upstream in self.instances():  # another replica feeds them from its next round
             with contextlib.suppress(*STORE_ERRORS):
@@ -135,13 +143,15 @@ class Gate:
         interval = self.settings.poll_interval_ms / 1000
         with contextlib.suppress(*STORE_ERRORS):
             self.estimates.merge(await self.store.estimates())
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes
                 # as the event is set (stop() would then wait for this loop forever).
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.tick()
             except STORE_ERRORS as exc:
