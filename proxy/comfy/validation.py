@@ -120,6 +120,9 @@ class ClassRule:
     core: bool
     custom: tuple[str, ...] = ()
     """Inputs its own validation takes over (:data:`CUSTOM_VALIDATION`)."""
+    malformed: bool = False
+    """Its ``/object_info`` entry is not what ComfyUI's validation reads (no ``input``
+    object, an input spec that is not ``[type, {extra}]``): validating it is unsure."""
 
 
 class Rules:
@@ -144,6 +147,7 @@ def _class_rule(name: str, definition: object) -> ClassRule | None:
     sections = definition.get("input")
     inputs: list[InputRule] = []
     seen: set[str] = set()
+    malformed = not isinstance(sections, Mapping)
     if isinstance(sections, Mapping):
         for required in (True, False):
             section = sections.get("required" if required else "optional")
@@ -153,11 +157,14 @@ def _class_rule(name: str, definition: object) -> ClassRule | None:
                 if input_name in seen:
                     continue  # ComfyUI reads the required one (get_input_info)
                 seen.add(input_name)
-                if isinstance(spec, list | tuple) and spec:
-                    extra = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
-                    inputs.append(InputRule(input_name, spec[0], required, extra))
-                else:
-                    inputs.append(InputRule(input_name, spec, required, {}))
+                if not isinstance(spec, list | tuple) or not spec:
+                    malformed = True  # ComfyUI would index into it: nothing to predict
+                    continue
+                extra = spec[1] if len(spec) > 1 else {}
+                if not isinstance(extra, Mapping):
+                    malformed = True
+                    continue
+                inputs.append(InputRule(input_name, spec[0], required, extra))
     outputs = definition.get("output")
     module = definition.get("python_module")
     core = name in CORE_EXTRA_CLASSES or (
@@ -171,6 +178,7 @@ def _class_rule(name: str, definition: object) -> ClassRule | None:
         definition.get("output_node") is True,
         core,
         CUSTOM_VALIDATION.get(name, ()) if core else (),
+        malformed,
     )
 
 
@@ -317,6 +325,8 @@ class _Run:
         if depth > MAX_DEPTH:
             raise _Unsure("the graph is deeper than the prediction follows")
         rule = self.rule_of(node_id)
+        if rule.malformed:
+            raise _Unsure(f"{rule.name}'s /object_info entry is not what ComfyUI reads")
         inputs = self.prompt[node_id]["inputs"]
         errors: list[dict[str, Any]] = []
         inputs_ok = True
