@@ -1,0 +1,146 @@
+"""Differential test of hold-time validation (``proxy.scheduler.validate``): every prompt of the
+corpus (tests/support/validation_corpus.py) sent through comfygate with the gateway queue ON
+and OFF, in front of the same fake ComfyUI, gets the same answer: with it OFF, ComfyUI (the
+fake) answers; with it ON, comfygate answers before holding. A prompt refused with the queue
+ON never reached the fake. With and without isolation (which types the graph before it is
+read, and rewrites it).
+
+The prompts the proxy cannot judge (``DEFERRED``) are the one documented difference: held
+(200, ``node_errors`` empty), refused by ComfyUI at release.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.observability.metrics import METRICS
+from proxy.scheduler.gate import Gate
+from proxy.scheduler.keys import GATE
+from tests.conftest import ProxyFactory, bearer
+from tests.fakes.comfyui import FakeComfyUI
+from tests.support import validation_corpus as corpus
+
+Client = TestClient[Any, Any]
+USER = bearer("carol")
+SECRET = "hold-validation-folder-secret-0123456789abcdef"
+CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {"rate_limits": {"enabled": False}, "isolation": {"enabled": False}},
+    "isolation": {"rate_limits": {"enabled": False}, "isolation": {"folder_secret": SECRET}},
+}
+
+
+def prepare(fake: FakeComfyUI) -> None:
+    """The checkpoint and the input image the corpus names."""
+    checkpoint = Path(fake.paths.model_dirs("checkpoints")[0]) / corpus.CHECKPOINT
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"x")
+    Path(fake.paths.input, corpus.INPUT_IMAGE).write_bytes(b"png")
+
+
+def tagged(prompt: dict[str, Any], tag: str) -> dict[str, Any]:
+    """``prompt`` with ``tag`` as every node's title (``_meta`` is forwarded as sent): what
+    the fake received of this submission can be found."""
+    return {k: {**v, "_meta": {"title": tag}} for k, v in prompt.items()}
+
+
+def received_tags(fake: FakeComfyUI) -> str:
+    return "\n".join(
+        r.body.decode() for r in fake.received if r.method == "POST" and r.path.endswith("prompt")
+    )
+
+
+async def submit(client: Client, prompt: dict[str, Any]) -> tuple[int, Any]:
+    body = {"prompt": prompt, "client_id": "tab"}
+    async with client.post("/prompt", json=body, headers=USER) as resp:
+        return resp.status, await resp.json()
+
+
+async def pair(make_proxy: ProxyFactory, fake: FakeComfyUI, config: str) -> tuple[Client, Client]:
+    """Two proxies in front of ``fake``: the gateway queue off, and on."""
+    prepare(fake)
+    sections: dict[str, Any] = CONFIGS[config]
+    off = await make_proxy(fake.url, token=None, **sections)
+    on = await make_proxy(fake.url, token=None, **sections, scheduler={"enabled": True})
+    return off, on
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+async def proxies(
+    request: pytest.FixtureRequest, make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> tuple[Client, Client]:
+    return await pair(make_proxy, fake_comfy, request.param)
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt"),
+    corpus.INVALID + corpus.PARTIAL + corpus.VALID,
+    ids=[n for n, _ in corpus.INVALID + corpus.PARTIAL + corpus.VALID],
+)
+async def test_the_answer_is_the_same_with_the_queue_on_and_off(
+    proxies: tuple[Client, Client], fake_comfy: FakeComfyUI, name: str, prompt: dict[str, Any]
+) -> None:
+    off, on = proxies
+    off_status, off_answer = await submit(off, tagged(prompt, f"off-{name}"))
+    on_status, on_answer = await submit(on, tagged(prompt, f"on-{name}"))
+    assert on_status == off_status, (off_answer, on_answer)
+    if off_status == 200:
+        assert on_answer["node_errors"] == off_answer["node_errors"]
+        assert set(on_answer) == set(off_answer)
+        return
+    assert on_answer == off_answer
+    # ComfyUI's own refusal, not one of the proxy's checks before (isolation: files)
+    judged_before = name in corpus.PROXY_JUDGED or on_answer["error"]["type"].startswith("input_")
+    assert (f"off-{name}" in received_tags(fake_comfy)) is not judged_before
+    # Refused before holding: nothing of it reached ComfyUI (ComfyUI refused the OFF one).
+    assert f"on-{name}" not in received_tags(fake_comfy)
+    assert await on.app[GATE].store.held(None) == []
+
+
+@pytest.mark.parametrize(("name", "prompt"), corpus.DEFERRED, ids=[n for n, _ in corpus.DEFERRED])
+async def test_what_only_comfyui_can_judge_is_held_and_refused_at_release(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, name: str, prompt: dict[str, Any]
+) -> None:
+    # Without isolation: with it, a file not in the user's folder is refused before (alike).
+    off, on = await pair(make_proxy, fake_comfy, "plain")
+    off_status, _ = await submit(off, tagged(prompt, f"off-{name}"))
+    assert off_status == 400
+    on_status, on_answer = await submit(on, tagged(prompt, f"on-{name}"))
+    assert on_status == 200, on_answer
+    assert on_answer["node_errors"] == {}
+    gate: Gate = on.app[GATE]
+    pid = on_answer["prompt_id"]
+    for _ in range(200):
+        if pid in await gate.store.failed(None):
+            break
+        gate.wake()
+        await gate.wait_ticks(1)
+    assert pid in await gate.store.failed(None)  # ComfyUI refused it at release
+    assert f"on-{name}" in received_tags(fake_comfy)
+
+
+async def test_a_refusal_is_counted_and_gives_its_quota_count_back(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """The quota count taken for the refused prompt is given back (a quota of one would
+    refuse the next prompt otherwise), and the refusal metric carries ComfyUI's error type."""
+    on = await make_proxy(
+        fake_comfy.url,
+        token=None,
+        rate_limits={"queue_quota": 1, "default": {"submit": {"rate": "unlimited"}}},
+        isolation={"folder_secret": SECRET},
+        scheduler={"enabled": True},
+    )
+    invalid = {"1": corpus.empty(width=0), "9": corpus.save(["1", 0])}
+    for _ in range(3):
+        status, answer = await submit(on, invalid)
+        assert status == 400
+        assert answer["error"]["type"] == "prompt_outputs_failed_validation"
+    status, answer = await submit(on, {"1": corpus.empty(), "9": corpus.save(["1", 0])})
+    assert status == 200, answer
+    refusals = on.app[METRICS].prompt_refusals.labels("prompt_outputs_failed_validation")
+    assert refusals._value.get() == 3
+    assert received_tags(fake_comfy).count('"width":0') == 0
