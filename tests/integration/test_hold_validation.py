@@ -93,7 +93,7 @@ async def test_the_answer_is_the_same_with_the_queue_on_and_off(
         return
     assert on_answer == off_answer
     # ComfyUI's own refusal, not one of the proxy's checks before (isolation: files)
-    judged_before = name in corpus.PROXY_JUDGED or on_answer["error"]["type"].startswith("input_")
+    judged_before = on_answer["error"]["type"] not in corpus.COMFYUI_ERRORS
     assert (f"off-{name}" in received_tags(fake_comfy)) is not judged_before
     # Refused before holding: nothing of it reached ComfyUI (ComfyUI refused the OFF one).
     assert f"on-{name}" not in received_tags(fake_comfy)
@@ -144,3 +144,28 @@ async def test_a_refusal_is_counted_and_gives_its_quota_count_back(
     refusals = on.app[METRICS].prompt_refusals.labels("prompt_outputs_failed_validation")
     assert refusals._value.get() == 3
     assert received_tags(fake_comfy).count('"width":0') == 0
+
+
+@pytest.mark.parametrize(("name", "prompt"), corpus.RAISING, ids=[n for n, _ in corpus.RAISING])
+async def test_what_comfyui_raises_on_is_refused_by_the_proxy_or_held(
+    proxies: tuple[Client, Client], fake_comfy: FakeComfyUI, name: str, prompt: dict[str, Any]
+) -> None:
+    """Refused by comfygate's graph reader (the same answer either way), or, when it reads the
+    graph without schemas, held and refused by ComfyUI at release: never a 500, never lost."""
+    off, on = proxies
+    off_status, _ = await submit(off, tagged(prompt, f"off-{name}"))
+    assert off_status == 400
+    on_status, on_answer = await submit(on, tagged(prompt, f"on-{name}"))
+    if on_status == 400:
+        assert on_answer["error"]["type"] not in corpus.COMFYUI_ERRORS  # the proxy's own
+        assert f"on-{name}" not in received_tags(fake_comfy)
+        return
+    assert on_status == 200
+    assert on_answer["node_errors"] == {}
+    gate: Gate = on.app[GATE]
+    for _ in range(200):
+        if on_answer["prompt_id"] in await gate.store.failed(None):
+            break
+        gate.wake()
+        await gate.wait_ticks(1)
+    assert on_answer["prompt_id"] in await gate.store.failed(None)

@@ -30,9 +30,7 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "comfyui_validation_answers
 
 def _call(url: str, body: object = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             raw = resp.read()

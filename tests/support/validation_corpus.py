@@ -77,7 +77,7 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("sampler_not_in_list", _txt2img(sampler_name="nope", steps=0)),
     ("type_mismatch", {"1": empty(), "2": node("GetImageSize", image=["1", 0]),
                        "9": save(["2", 0])}),
-    # comfygate's graph reader refuses this one itself, queue on or off (PROXY_JUDGED)
+    # comfygate's graph reader refuses this one itself, queue on or off
     ("bad_linked_input", {"1": empty(), "9": save(["1", 0, 1])}),
     ("error_upstream_of_two_outputs", {"1": empty(width=0), "8": node("PreviewImage",
                                        images=["1", 0]), "9": save(["1", 0])}),
@@ -90,6 +90,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("primitive_not_a_number", {"1": node("PrimitiveInt", value="x"),
                                 "9": node("PreviewAny", source=["1", 0])}),
     ("txt2img_with_errors", _txt2img(steps=0, cfg=1000, denoise="d")),
+    ("optional_input_wrong_link", {"1": empty(), "9": node("Preview3D", model_file="m.glb",
+                                                          camera_info=["1", 0])}),
 ]  # fmt: skip
 """Prompts ComfyUI refuses (400)."""
 
@@ -114,6 +116,13 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("txt2img", _txt2img()),
     ("multi_type_input", {"1": node("GetImageSize", image=["2", 0]), "2": empty(),
                           "9": node("PreviewAny", source=["1", 1])}),
+    ("optional_input_omitted", {"9": node("Preview3D", model_file="m.glb")}),
+    # ComfyUI checks no type of a literal given to a linked input (the node fails when run)
+    ("literal_for_link_input", {"9": save(5)}),
+    # hidden inputs are not validated (comfygate's isolation refuses them: the same either way)
+    ("hidden_input_given", {"1": empty(), "2": node("GetImageSize", image=["1", 0],
+                                                    unique_id="x"),
+                            "9": node("PreviewAny", source=["2", 0])}),
 ]  # fmt: skip
 """Prompts ComfyUI accepts as they are."""
 
@@ -127,6 +136,16 @@ DEFERRED: list[tuple[str, dict[str, Any]]] = [
 """Prompts ComfyUI refuses that the proxy cannot judge before holding (held, refused at
 release)."""
 
-ALL = INVALID + PARTIAL + VALID + DEFERRED
-PROXY_JUDGED = frozenset({"bad_linked_input"})
-"""Refused by comfygate's own graph reader before any of this (the same answer either way)."""
+RAISING: list[tuple[str, dict[str, Any]]] = [
+    ("link_to_missing_node", {"1": empty(), "9": save(["77", 0])}),
+    ("output_index_out_of_range", {"1": empty(), "9": save(["1", 5])}),
+]
+"""Prompts on which ComfyUI's validation raises (its 400 carries a Python traceback):
+comfygate's graph reader refuses them itself when it knows the schemas, else they are held and
+ComfyUI refuses them at release."""
+
+ALL = INVALID + PARTIAL + VALID + DEFERRED + RAISING
+COMFYUI_ERRORS = frozenset(
+    {"prompt_outputs_failed_validation", "prompt_no_outputs", "invalid_prompt"}
+)
+"""ComfyUI's own top-level error types for a refused prompt (the rest are comfygate's)."""

@@ -87,6 +87,15 @@ def test_deferred_corpus_is_held_though_the_fake_refuses(
     assert not ok
 
 
+@pytest.mark.parametrize(("name", "prompt"), corpus.RAISING, ids=[n for n, _ in corpus.RAISING])
+def test_what_comfyui_raises_on_is_not_predicted(
+    registry: NodeRegistry, name: str, prompt: dict[str, Any]
+) -> None:
+    verdict = compare(registry, prompt)
+    assert verdict.unsure
+    assert not verdict.refuses
+
+
 # -- generated graphs ---------------------------------------------------------------------------
 
 CLASSES = (
