@@ -63,7 +63,11 @@ class HoldValidator:
         if not isinstance(graph, dict):
             return Verdict(None, unsure="no prompt")
         partial = sent.get("partial_execution_targets")
-        verdicts = [await self._on(catalog.cache(u), u.name, graph, partial) for u in instances]
+        try:
+            verdicts = [await self._on(catalog.cache(u), u.name, graph, partial) for u in instances]
+        except Exception:  # a bug here must not refuse (or 500) what ComfyUI would judge
+            log.exception("hold_validation_crashed")
+            return Verdict(None, unsure="the prediction failed")
         first = verdicts[0]
         if any(v.unsure for v in verdicts):
             return next(v for v in verdicts if v.unsure)

@@ -11,6 +11,7 @@ The prompts the proxy cannot judge (``DEFERRED``) are the one documented differe
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.observability.metrics import METRICS
+from proxy.policy.catalog.upstream import CATALOG
+from proxy.scheduler import validate
 from proxy.scheduler.gate import Gate
 from proxy.scheduler.keys import GATE
+from proxy.upstream.pool import POOL
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.support import validation_corpus as corpus
@@ -169,3 +173,86 @@ async def test_what_comfyui_raises_on_is_refused_by_the_proxy_or_held(
         gate.wake()
         await gate.wait_ticks(1)
     assert on_answer["prompt_id"] in await gate.store.failed(None)
+
+
+# -- freshness and several instances ------------------------------------------------------------
+
+
+async def test_a_model_added_since_the_copy_is_not_refused(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
+) -> None:
+    """A combo's options are re-read by ComfyUI on every request: a refusal on them waits for
+    a fresh copy of ``/object_info`` (refetched once), so a model installed after the proxy's
+    copy was taken is accepted, and one that does not exist is still refused."""
+    _, on = await pair(make_proxy, fake_comfy, "plain")
+    status, _ = await submit(on, corpus.VALID[0][1])  # the copy is taken now
+    assert status == 200
+    catalog = on.app[CATALOG]
+    cache = catalog.cache(on.app[POOL].home())
+    assert cache.snapshot is not None
+    fetches = cache.fetches
+    added = Path(fake_comfy.paths.model_dirs("checkpoints")[0]) / "sd15" / "added.safetensors"
+    added.write_bytes(b"x")
+    later = cache.clock() + validate.FRESH_SECONDS + 1
+    cache.clock = lambda: later  # the copy is now older than FRESH_SECONDS
+    named_new = corpus.VALID[7][1] | {
+        "4": corpus.node("CheckpointLoaderSimple", ckpt_name="sd15/added.safetensors")
+    }
+    assert corpus.VALID[7][0] == "txt2img"
+    status, answer = await submit(on, named_new)
+    assert status == 200, answer
+    assert cache.fetches == fetches + 1  # refetched once for it
+    missing = dict(corpus.INVALID)["model_not_in_list"]
+    status, answer = await submit(on, missing)
+    assert status == 400
+    assert answer["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+    assert cache.fetches == fetches + 1  # the copy is fresh: no second fetch
+
+
+@pytest.fixture
+async def gpus(tmp_path: Path) -> AsyncIterator[dict[str, FakeComfyUI]]:
+    """gpu-full (every node, a checkpoint) and gpu-small (no ImageBlur, no checkpoint)."""
+    out = {
+        "gpu-full": FakeComfyUI(root=tmp_path / "full"),
+        "gpu-small": FakeComfyUI(
+            root=tmp_path / "small", nodes={"EmptyImage", "SaveImage", "PreviewImage"}
+        ),
+    }
+    prepare(out["gpu-full"])
+    for fake in out.values():
+        await fake.start()
+        fake.hold()
+    yield out
+    for fake in out.values():
+        fake.release()
+        await fake.stop()
+
+
+async def test_several_instances_refuse_only_what_all_candidates_refuse(
+    make_proxy: ProxyFactory, gpus: dict[str, FakeComfyUI]
+) -> None:
+    on = await make_proxy(
+        "http://127.0.0.1:9",
+        token=None,
+        upstream={
+            "urls": [],
+            "instances": [{"url": f.url, "name": n} for n, f in gpus.items()],
+            "health": {"interval_seconds": 3600},
+            "placement": {"capabilities_refresh_seconds": 3600},
+        },
+        scheduler={"enabled": True, "pull_back": False},
+        rate_limits={"enabled": False},
+        isolation={"enabled": False},
+    )
+    # Invalid on every instance (instance-independent): refused at once, as each would.
+    status, answer = await submit(on, dict(corpus.INVALID)["below_min"])
+    assert status == 400
+    assert answer["node_errors"]["1"]["errors"][0]["type"] == "value_smaller_than_min"
+    # Only gpu-full can run ImageBlur: judged on its copy alone.
+    status, answer = await submit(on, dict(corpus.INVALID)["float_below_min"])
+    assert status == 400
+    assert answer["node_errors"]["1"]["class_type"] == "ImageBlur"
+    assert [received_tags(fake) for fake in gpus.values()] == ["", ""]  # nothing reached them
+    # The checkpoint is only on gpu-full: whatever placement decides, never refused.
+    status, answer = await submit(on, dict(corpus.VALID)["txt2img"])
+    assert status == 200, answer
