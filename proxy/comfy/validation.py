@@ -308,9 +308,10 @@ class _Run:
                     },
                 )
                 entry["dependent_outputs"].append(output)
-        if not failed:
-            return Verdict(None)
         unsure = self.unsure
+        if not failed:
+            # Unsure: ComfyUI may find errors the prediction cannot (the prompt is held).
+            return Verdict(None, unsure=unsure)
         if good:
             return Verdict(None, node_errors, unsure, self.stale_sensitive)
         lines = [f"{e['message']}: {e['details']}" for _, errs in failed for e in errs]

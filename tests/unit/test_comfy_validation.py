@@ -269,14 +269,20 @@ def test_custom_nodes_never_refuse_on_what_they_may_validate_themselves() -> Non
     both = run({"1": node("CustomShow", source=1, size=1), "2": node("Save")})
     assert both.unsure
     assert not both.refuses
-    assert run({"1": node("CustomShow", source=1, size=1)}) == Verdict(None)
+    # Nothing found: held as ComfyUI's to judge (the same 200 as before), never refused.
+    clean = run({"1": node("CustomShow", source=1, size=1)})
+    assert clean.error is None
+    assert clean.unsure
+    assert clean.held_node_errors() == {}
 
 
 def test_core_any_type_matches_a_custom_one_is_unsure() -> None:
     assert run({"1": source(), "2": node("ShowAny", source=["1", 0])}) == Verdict(None)
     # A custom "*" may not match: held (ComfyUI decides), and never refused.
     custom = run({"1": source(), "2": node("CustomShow", source=["1", 1], size=0)})
-    assert custom == Verdict(None)
+    assert custom.error is None
+    assert custom.unsure
+    assert not custom.refuses
     with_error = run(
         {"1": source(), "2": node("CustomShow", source=["1", 1], size=0), "3": node("Save")}
     )
@@ -299,7 +305,9 @@ def test_load_image_file_check_is_left_to_comfyui_unless_listed() -> None:
     assert set(run(listed).held_node_errors()) == {"3"}
     # Alone (no other error), an unlisted file is held as ComfyUI may accept it.
     alone = run({"1": node("LoadImage", image="sub/x.png"), "2": node("Save", images=["1", 0])})
-    assert alone == Verdict(None)
+    assert alone.error is None
+    assert alone.unsure  # ComfyUI may refuse it: held, not answered as surely valid
+    assert alone.held_node_errors() == {}
 
 
 def test_deep_graphs_are_not_followed_past_the_limit() -> None:
