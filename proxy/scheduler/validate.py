@@ -71,7 +71,7 @@ class HoldValidator:
         first = verdicts[0]
         if any(v.unsure for v in verdicts):
             return next(v for v in verdicts if v.unsure)
-        if any(v != first for v in verdicts[1:]):
+        if any((v.error, v.node_errors) != (first.error, first.node_errors) for v in verdicts):
             return Verdict(None, unsure="the candidate instances disagree")
         return first
 
