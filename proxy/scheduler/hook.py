@@ -4,7 +4,9 @@ cancellations of held prompts (``docs/scheduler.md``).
 - :class:`HoldGuard` runs last on ``POST /prompt`` (after policy, placement, isolation and the
   queue quota: the prompt is checked, rewritten, recorded and counted as before) and, instead
   of forwarding, holds the body the guards decided on and answers at once in ComfyUI's shape
-  (``prompt_id``, ``number``, ``node_errors``) with ``X-Comfygate-Estimated-Wait``.
+  (``prompt_id``, ``number``, ``node_errors``) with ``X-Comfygate-Estimated-Wait``. What
+  ComfyUI's validation would surely refuse is refused first, with ComfyUI's own 400
+  (:mod:`proxy.scheduler.validate`).
 - :class:`CancelGuard` runs before isolation on ``POST /queue``: ``delete`` and ``clear``
   remove the caller's held prompts (an admin's, or anyone's without isolation: every held one
   named or all); ComfyUI then gets the request as before.
