@@ -2,9 +2,13 @@
 cancellations of held prompts (``docs/scheduler.md``).
 
 - :class:`HoldGuard` runs last on ``POST /prompt`` (after policy, placement, isolation and the
-  queue quota: the prompt is checked, rewritten, recorded and counted as before) and, instead
-  of forwarding, holds the body the guards decided on and answers at once in ComfyUI's shape
-  (``prompt_id``, ``number``, ``node_errors``) with ``X-Comfygate-Estimated-Wait``.
+  queue quota: the prompt is checked, rewritten, recorded and counted as before) and holds the
+  body the guards decided on. When ComfyUI has room and nothing waits before it, the request
+  releases it itself, straight through, and its client gets ComfyUI's own answer
+  (``Gate.admit``); otherwise it is answered at once in ComfyUI's shape (``prompt_id``,
+  ``number``, ``node_errors``). Either way with ``X-Comfygate-Estimated-Wait``. What ComfyUI's
+  validation would surely refuse is refused first, with ComfyUI's own 400
+  (:mod:`proxy.scheduler.validate`).
 - :class:`CancelGuard` runs before isolation on ``POST /queue``: ``delete`` and ``clear``
   remove the caller's held prompts (an admin's, or anyone's without isolation: every held one
   named or all); ComfyUI then gets the request as before.
@@ -32,6 +36,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.chain import ROUTE_TABLE
+from proxy.comfy.validation import Verdict
 from proxy.errors import BadRequest, ServiceUnavailable
 from proxy.isolation.prompt import client_id_of
 from proxy.isolation.read_guard import DEGRADED_STATE
@@ -39,6 +44,7 @@ from proxy.multi.merge import DEGRADED_HEADER
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
+from proxy.policy.catalog.upstream import CATALOG
 from proxy.relay.outgoing import build_upstream_headers
 from proxy.request.bodies import BodyReader, read_json_body
 from proxy.request.prompt import PromptReader, forward_submission, read_prompt
@@ -47,6 +53,7 @@ from proxy.scheduler.fair import Held
 from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.notify import failed_job
 from proxy.scheduler.store import Entry
+from proxy.scheduler.validate import HoldValidator
 from proxy.settings import Settings
 from proxy.state import (
     UNDECIDED,
@@ -105,6 +112,7 @@ class HoldGuard:
     def __init__(self, gate: Gate, prompts: PromptReader) -> None:
         self._gate = gate
         self._prompts = prompts
+        self._validator = HoldValidator()
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if request.method != hdrs.METH_POST or ctx.path != "/prompt":
@@ -139,6 +147,10 @@ class HoldGuard:
             shape=shape,
             client_id=await _sent_client_id(gate, prompt_id, body),
         )
+        verdict = await self._predict(request, held.candidates, ctx.body)
+        if verdict.refuses:
+            await self._refuse(ctx, prompt_id, owner, verdict)
+            return
         upstream = ctx.target or gate.pool.home()
         headers = tuple(
             (k, v)
@@ -172,10 +184,45 @@ class HoldGuard:
             return
         gate.wake()
         await _push_status(gate, owner)
-        answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
+        answer = {"prompt_id": prompt_id, "number": seq, "node_errors": verdict.held_node_errors()}
 
         async def respond(request: web.Request) -> web.StreamResponse:
             return web.json_response(answer, headers={WAIT_HEADER: f"{wait:.1f}"})
+
+        ctx.answer = respond
+
+    async def _predict(
+        self, request: web.Request, candidates: Sequence[str], body: bytes
+    ) -> Verdict:
+        """ComfyUI's answer to the prompt on the instances it may be released to
+        (:mod:`proxy.scheduler.validate`)."""
+        catalog = request.app.get(CATALOG)
+        if catalog is None:
+            return Verdict(None, unsure="no catalog")
+        pool = self._gate.pool
+        named = [pool.get(name) for name in candidates]
+        instances = [u for u in named if u is not None] or self._gate.instances()
+        return await self._validator.verdict(catalog, instances, body)
+
+    async def _refuse(
+        self, ctx: RequestContext, prompt_id: str, owner: str, verdict: Verdict
+    ) -> None:
+        """Refused as ComfyUI would have refused it: nothing held, its ownership record and
+        quota count undone, ComfyUI's 400 body."""
+        await _undo(self._gate, prompt_id)
+        answer = verdict.answer()
+        error_type = str(answer["error"]["type"])
+        self._prompts.metrics.prompt_refusals.labels(error_type).inc()
+        log.info(
+            "prompt_refused_at_hold",
+            request_id=ctx.request_id,
+            user=owner,
+            reason=error_type,
+            nodes=sorted(answer["node_errors"]),
+        )
+
+        async def respond(request: web.Request) -> web.StreamResponse:
+            return web.json_response(answer, status=400)
 
         ctx.answer = respond
 

@@ -160,13 +160,15 @@ async def test_with_room_comfyuis_own_refusal_is_the_answer(
     """ComfyUI has room and nothing waits: the prompt goes straight through and the client
     gets ComfyUI's 400 with its ``node_errors`` (what the stock UI shows), as without the
     queue; nothing is kept, nothing is sent again."""
-    graph = saved(image(width=0))  # below EmptyImage's minimum
-    async with held_proxy.post("/prompt", json={"prompt": graph}, headers=A) as resp:
+    # Below EmptyImage's minimum; a partial_execution_targets that is not a list is left to
+    # ComfyUI (not predicted before holding, proxy.comfy.validation): ComfyUI itself refuses.
+    body = {"prompt": saved(image(width=0)), "partial_execution_targets": "9"}
+    async with held_proxy.post("/prompt", json=body, headers=A) as resp:
         assert resp.status == 400
         answer = await resp.json()
     async with (
         ClientSession() as direct,
-        direct.post(f"{fake_comfy.url}/prompt", json={"prompt": graph}) as resp,
+        direct.post(f"{fake_comfy.url}/prompt", json=body) as resp,
     ):
         assert resp.status == 400
         comfy = await resp.json()

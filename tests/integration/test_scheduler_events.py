@@ -51,9 +51,9 @@ async def next_event(ws: aiohttp.ClientWebSocketResponse, kind: str, **match: An
     raise AssertionError(f"socket closed before {kind} {match}")
 
 
-async def post(client: Client, who: dict[str, str], prompt: dict[str, Any]) -> str:
+async def post(client: Client, who: dict[str, str], prompt: dict[str, Any], **more: object) -> str:
     async with client.post(
-        "/prompt", json={"prompt": prompt, "client_id": "tab"}, headers=who
+        "/prompt", json={"prompt": prompt, "client_id": "tab", **more}, headers=who
     ) as r:
         answer = await r.json()
         assert r.status == 200, answer
@@ -107,7 +107,9 @@ async def test_refused_at_release_is_a_failed_prompt_for_its_owner(
         # prompt is held rather than sent straight through with ComfyUI's own answer.
         busy = [await post(client, A, saved(image(width=8 + i))) for i in range(2)]
         await until_fed(gate, fake_comfy, 2)
-        pid = await post(client, A, refused_graph)  # held: answered 200 at once
+        # Held, answered 200 at once: a partial_execution_targets that is not a list is not
+        # predicted before holding (proxy.comfy.validation), so ComfyUI refuses at release.
+        pid = await post(client, A, refused_graph, partial_execution_targets="9")
         fake_comfy.release()
         gate.wake()
         error = await next_event(alice, "execution_error", prompt_id=pid)

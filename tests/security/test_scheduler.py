@@ -150,7 +150,13 @@ async def test_b_learns_nothing_of_a_prompt_refused_at_release(
         # ComfyUI busy with one of A's (its whole room), so the next one is held rather than
         # sent straight through with ComfyUI's own answer.
         (running,) = await a_held(client, fake_comfy, count=1)
-        body = {"prompt": saved(image(width=0)), "client_id": "a-tab"}  # below the minimum
+        body = {
+            "prompt": saved(image(width=0)),  # below the minimum
+            "client_id": "a-tab",
+            # not a list: not predicted before holding (proxy.comfy.validation), so it is held
+            # and ComfyUI refuses it at release
+            "partial_execution_targets": "9",
+        }
         async with client.post("/prompt", json=body, headers=A) as resp:
             assert resp.status == 200
             pid = (await resp.json())["prompt_id"]
