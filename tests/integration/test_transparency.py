@@ -21,7 +21,6 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.captures import load, shape
-from tests.fakes.comfyui.middleware import Received
 
 COMPARED_HEADERS = ("Content-Type", "Content-Disposition", "Cache-Control", "Content-Encoding")
 
@@ -105,17 +104,19 @@ async def test_recorded_traffic_is_identical_through_the_proxy(
             await behind.wait_idle()
             await direct.wait_idle()
     # The upstream behind the proxy received the same paths, byte for byte (but /users, which
-    # the proxy answers itself: ComfyUI users are its business).
-    sent = [r["path"] for r in replayable(capture) if not r["path"].endswith("/users")]
-    # Besides, the gateway queue's feeder reads ComfyUI's queue on its own (no request id: no
-    # client's) until it has seen the prompts it let through end.
-    relayed = [r for r in behind.received if not is_feeder_read(r)]
-    assert [r.raw_path for r in relayed if not r.path.endswith("/ws")] == sent
+    # the proxy answers itself: ComfyUI users are its business; and /object_info, which it
+    # answers from its own copy of ComfyUI's catalog, fetched when it decides: at a miss, a
+    # refresh, or before it validates a prompt for the gateway queue).
+    sent = [r["path"] for r in replayable(capture) if not is_proxys_own(r["path"])]
+    relayed = [r for r in behind.received if "X-Request-ID" in r.headers]
+    assert [r.raw_path for r in relayed if not is_proxys_own(r.path)] == sent
+    # Whatever else it received is the proxy's own reads (no request id: no client's): the
+    # catalog, and ComfyUI's queue, read by the gateway queue's feeder until it has seen the
+    # prompts it let through end.
+    own = {(r.method, r.path.removeprefix("/api")) for r in behind.received if r not in relayed}
+    assert own <= {("GET", "/queue"), ("GET", "/object_info"), ("GET", "/ws")}
 
 
-def is_feeder_read(received: Received) -> bool:
-    return (
-        received.method == "GET"
-        and received.path == "/queue"
-        and "X-Request-ID" not in received.headers
-    )
+def is_proxys_own(path: str) -> bool:
+    """Requests the proxy answers itself (or relays as a socket)."""
+    return path.endswith(("/users", "/ws")) or path.removeprefix("/api").startswith("/object_info")
