@@ -40,8 +40,14 @@ async def pair(
         "quota_poll_seconds": 3600.0,  # the test drives the reconciler
         "default": {"read": {"rate": "1/hour", "burst": BURST}, "submit": {"rate": "unlimited"}},
     }
+    # Room in ComfyUI for every prompt the quota admits: the gateway queue lets each through
+    # at once, answered and accepted by the replica that took it (these tests are about the
+    # quota; the gateway queue's own replicas: tests/integration/test_scheduler_redis.py).
+    scheduler = {"max_pending": QUOTA}
     one, two = [
-        await make_proxy(fake.url, token=None, redis=backend.settings, rate_limits=limits)
+        await make_proxy(
+            fake.url, token=None, redis=backend.settings, rate_limits=limits, scheduler=scheduler
+        )
         for _ in range(2)
     ]
     return one, two
