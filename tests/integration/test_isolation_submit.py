@@ -24,6 +24,7 @@ from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid
+from tests.support.gateway_queue import settled
 from tests.support.graphs import png, save_graph
 
 Client = TestClient[Any, Any]
@@ -71,7 +72,7 @@ async def alice_output(client: Client, fake: FakeComfyUI) -> str:
     """A saves one image; returns its file name (in output/users/<alice>/)."""
     status, answer = await submit(client, A, {"prompt": save_graph(), "client_id": "tab"})
     assert status == 200, answer
-    await fake.wait_idle()
+    await settled(client, fake)
     names = os.listdir(os.path.join(fake.paths.output, "users", ALICE_NAME))
     assert len(names) == 1
     fake.reset()
