@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.tasks import task_failed
+from proxy.tasks import cancel_and_wait, task_failed
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -80,10 +80,7 @@ class Periodic:
         task, self._task = self._task, None
         if task is not None:
             self._stop.set()
-            task.cancel()
-            await asyncio.wait({task})
-            if not task.cancelled() and (error := task.exception()) is not None:
-                self._log.warning(self._event, error=type(error).__name__, stopping=True)
+            await cancel_and_wait(task)
 
     def _period(self) -> float:
         if not self._jitter:

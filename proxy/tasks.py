@@ -169,9 +169,26 @@ class Supervised:
         """Cancel it and wait until it has stopped."""
         task, self.task = self.task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
+
+
+CANCEL_AGAIN_SECONDS = 1.0
+"""How long :func:`cancel_and_wait` lets a cancelled task end before cancelling it again."""
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again while it runs on.
+
+    Once is not always enough: a cancellation that lands inside a library call can be
+    swallowed (on Python 3.11 ``asyncio.wait_for`` returns the result of an operation that
+    completed as it was cancelled), and the task then runs on, "cancelling" but never
+    cancelled; a shutdown waiting for it waited forever. A later cancellation lands at
+    another ``await`` and ends it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("task_stopped_on_error", task=task.get_name(), error=type(error).__name__)
 
 
 def spawn(
@@ -183,4 +200,4 @@ def spawn(
     return handle
 
 
-__all__ = ["Supervised", "Wake", "spawn", "supervise", "task_failed"]
+__all__ = ["Supervised", "Wake", "cancel_and_wait", "spawn", "supervise", "task_failed"]

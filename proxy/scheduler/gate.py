@@ -44,7 +44,7 @@ from proxy.scheduler.metrics import SchedulerMetrics
 from proxy.scheduler.notify import Notifier, execution_error, failed_entry
 from proxy.scheduler.store import Entry, Flight, SchedulerStore, View
 from proxy.settings.scheduler import SchedulerSettings
-from proxy.tasks import task_failed
+from proxy.tasks import cancel_and_wait, task_failed
 from proxy.tenancy.ownership import OwnershipStore
 from proxy.upstream.pool import Upstream, UpstreamPool
 
@@ -121,10 +121,7 @@ class Gate:
             # polling: the shutdown waited forever); the loop ends at its next check.
             self._stopping = True
             self._wake.set()
-            task.cancel()
-            await asyncio.wait({task})
-            if not task.cancelled() and (error := task.exception()) is not None:
-                log.warning("scheduler_stopped_on_error", error=type(error).__name__)
+            await cancel_and_wait(task)
             self._task = None
         for upstream in self.instances():  # another replica feeds them from its next round
             with contextlib.suppress(*STORE_ERRORS):
