@@ -155,6 +155,7 @@ async def test_unused_canonical_prompt_id_is_kept(client: Client, fake_comfy: Fa
 async def test_another_users_prompt_id_is_refused(client: Client, fake_comfy: FakeComfyUI) -> None:
     status, answer = await submit(client, A, {"prompt": save_graph()})
     assert status == 200
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     for who in (B, A):  # B guessing it, and A reusing it (ComfyUI would overwrite history)
         status, refused = await submit(

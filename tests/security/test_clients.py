@@ -631,6 +631,7 @@ async def test_submit_refusal_says_when_in_words(
     )
     ok = await exchange(client, "POST", "/prompt", [bearer_of(B_TOKEN), JSON], prompt_body())
     assert ok.status == 200
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     answer = await exchange(client, "POST", "/prompt", [bearer_of(B_TOKEN), JSON], prompt_body())
     assert answer.status == 429
