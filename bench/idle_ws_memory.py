@@ -25,7 +25,7 @@ import psutil
 from aiohttp import web
 
 from bench.procs import free_port
-from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, bench_token, fake_command
 from bench.user_target import USER_ROLE, user_roles
 from proxy.app import create_app
 from proxy.observability.logging import configure_logging
@@ -90,6 +90,7 @@ async def measure(count: int, top: int, *, trace: bool = True, raw: bool = True)
         await _wait_http(f"http://127.0.0.1:{fake_port}/system_stats")
         env = {
             "COMFYGATE_UPSTREAM__URLS": json.dumps([f"http://127.0.0.1:{fake_port}"]),
+            **PASS_THROUGH,
             "COMFYGATE_LOGGING__FORMAT": "json",
             "COMFYGATE_REDIS__URL": redis.url,
             "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,

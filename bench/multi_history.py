@@ -33,7 +33,7 @@ import psutil
 from bench.fixtures import api_graph
 from bench.loadgen import LoadGenerator, pick_load_generator
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
-from bench.targets import BENCH_JWT_SECRET, REPO, bench_token, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, REPO, bench_token, fake_command
 
 HISTORY_ENTRIES = 64
 ENTRY_PADDING = 1400
@@ -113,6 +113,7 @@ async def _start_proxy(
     port = free_port()
     env = {
         "COMFYGATE_UPSTREAM__URLS": orjson.dumps(fakes).decode(),
+        **PASS_THROUGH,
         "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
         "COMFYGATE_LOGGING__ACCESS_LOG": "false",
         "COMFYGATE_LOGGING__FORMAT": "json",

@@ -30,7 +30,7 @@ import orjson
 
 from bench.fixtures import api_graph
 from bench.procs import ProcessGroup, free_port, wait_http
-from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, bench_token, fake_command
 from proxy.comfy.capabilities import parse_object_info
 from proxy.multi.placement import CandidateState, decide, requirements
 
@@ -102,6 +102,7 @@ async def start(group: ProcessGroup, tmp: Path, comfygate_cmd: list[str]) -> Set
         port = free_port()
         env = {
             **config,
+            **PASS_THROUGH,
             "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
             "COMFYGATE_LOGGING__FORMAT": "json",
             "COMFYGATE_LOGGING__ACCESS_LOG": "false",

@@ -33,7 +33,7 @@ import psutil
 from bench.fixtures import api_graph
 from bench.loadgen import LoadGenerator, pick_load_generator
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
-from bench.targets import BENCH_JWT_SECRET, REPO, bench_token, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, REPO, bench_token, fake_command
 
 OTHERS = 10_000
 OWN = 20
@@ -114,6 +114,7 @@ async def _start_proxy(
     port = free_port()
     env = {
         "COMFYGATE_UPSTREAM__URLS": orjson.dumps([fake]).decode(),
+        **PASS_THROUGH,
         "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
         "COMFYGATE_LOGGING__ACCESS_LOG": "false",
         "COMFYGATE_LOGGING__FORMAT": "json",

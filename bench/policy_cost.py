@@ -28,7 +28,7 @@ import orjson
 from bench.fixtures import ui_workflow
 from bench.loadgen import LoadGenerator
 from bench.procs import ProcessGroup, free_port, wait_http
-from bench.targets import BENCH_JWT_SECRET, REPO, bench_token
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, REPO, bench_token
 from proxy.settings.limits import ROUTE_CLASSES
 
 ROLE = "bench_policy"
@@ -123,6 +123,7 @@ async def start(group: ProcessGroup, tmp: Path, comfygate_cmd: list[str]) -> Set
         port = free_port()
         env = {
             "COMFYGATE_UPSTREAM__URLS": json.dumps([setup.fake]),
+            **PASS_THROUGH,
             "COMFYGATE_AUTH__JWT__SECRET": BENCH_JWT_SECRET,
             "COMFYGATE_ROLES": roles_env(),
             "COMFYGATE_POLICY__ENABLED": enabled,

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from bench.idle_ws_memory import _wait_http
 from bench.procs import free_port
-from bench.targets import BENCH_JWT_SECRET, bench_token, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, bench_token, fake_command
 from bench.user_target import USER_ROLE, prepare_user, user_roles
 from proxy.app import create_app
 from proxy.observability.logging import configure_logging
@@ -52,6 +52,7 @@ async def measure(requests: int) -> None:
         await _wait_http(f"http://127.0.0.1:{fake_port}/system_stats")
         env = {
             "COMFYGATE_UPSTREAM__URLS": json.dumps([f"http://127.0.0.1:{fake_port}"]),
+            **PASS_THROUGH,
             "COMFYGATE_LOGGING__FORMAT": "json",
             "COMFYGATE_LOGGING__LEVEL": "warning",
             "COMFYGATE_REDIS__URL": server.url,

@@ -62,7 +62,7 @@ import orjson
 
 from bench.fixtures import api_graph
 from bench.procs import Proc, ProcessGroup, free_port, wait_http
-from bench.targets import BENCH_JWT_SECRET, default_comfygate_cmd, fake_command
+from bench.targets import BENCH_JWT_SECRET, PASS_THROUGH, default_comfygate_cmd, fake_command
 from tests.redis_server import RedisServer, start_redis
 
 GRACE_SECONDS = 5.0
@@ -154,6 +154,7 @@ class Cluster:
         assert self.redis is not None
         return {
             "COMFYGATE_UPSTREAM__URLS": json.dumps([i.url for i in self.instances]),
+            **PASS_THROUGH,
             "COMFYGATE_UPSTREAM__CHECK_MULTI_USER_AT_STARTUP": "false",
             "COMFYGATE_UPSTREAM__HEALTH__INTERVAL_SECONDS": "1",
             "COMFYGATE_UPSTREAM__HEALTH__OPEN_SECONDS": "2",

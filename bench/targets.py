@@ -88,6 +88,12 @@ class TargetSpec:
 BENCH_JWT_SECRET = secrets.token_urlsafe(48)
 
 
+PASS_THROUGH = {"COMFYGATE_SCHEDULER__ENABLED": "false"}
+"""Every comfygate the issue-17 rows (and the other proxying-cost runs) start: the gateway queue
+(on by default) holds a prompt instead of forwarding it, and these rows measure what forwarding
+costs. ``make bench-sched`` (bench/sched.py) is the run about the queue."""
+
+
 def bench_token(roles: tuple[str, ...] = ("admin",)) -> str:
     """An API token for the bench's comfygate (signed with :data:`BENCH_JWT_SECRET`); admin by
     default."""
@@ -192,6 +198,7 @@ class Launcher:
             "COMFYGATE_LOGGING__FORMAT": "json",
             # Several comfygate variants run side by side: each its own metrics listener.
             "COMFYGATE_METRICS__PORT": str(free_port()),
+            **PASS_THROUGH,
             **spec.env,
         }
         if spec.redis:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.tasks import task_failed
+from proxy.tasks import cancel_and_wait, task_failed
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -58,6 +58,7 @@ class Periodic:
         self._failures = failures
         self.task_label = name.removeprefix("comfygate-")
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -66,15 +67,20 @@ class Periodic:
     def start(self) -> None:
         """Start the loop (a second call while it runs does nothing)."""
         if self._task is None:
+            self._stop = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
 
     async def stop(self) -> None:
-        """Cancel the loop and wait until it has stopped."""
+        """Cancel the loop and wait until it has stopped.
+
+        A flag as well as the cancellation: a cancellation that lands inside a round can be
+        swallowed by a client library (on Python 3.11 ``asyncio.wait_for`` returns the
+        result of an operation that completed as it was cancelled); the task then stays
+        "cancelling" and runs on, and a shutdown waited forever. The loop ends at the flag."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stop.set()
+            await cancel_and_wait(task)
 
     def _period(self) -> float:
         if not self._jitter:
@@ -84,9 +90,14 @@ class Periodic:
 
     async def _loop(self) -> None:
         next_at = time.monotonic() + (0.0 if self._immediately else self._period())
-        while True:
-            # A period, not a synchronisation: nothing waits for a round to happen.
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        while not self._stop.is_set():
+            # A period, not a synchronisation: nothing waits for a round to happen (the wait
+            # ends early only when the loop is stopped).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_at - time.monotonic())):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
             try:
                 await self._work()
             except Exception:  # noqa: BLE001 - logged; a bug in one round must not end the loop

@@ -471,7 +471,8 @@ class Metrics:
         self.prompt_refusals = Counter(
             "comfygate_prompt_refusals",
             "POST /prompt bodies refused as unreadable or malformed (proxy.comfy), by the "
-            "first problem's type.",
+            "first problem's type, or refused before holding as ComfyUI's validation would "
+            "refuse them (gateway queue), by ComfyUI's error type.",
             ("reason",),
             registry=r,
         )

@@ -27,7 +27,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import aiohttp
 import orjson
@@ -60,6 +60,16 @@ SEND_TIMEOUT_SECONDS = 30.0
 STORE_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A submission held (:meth:`Gate.admit`)."""
+
+    wait: float
+    """Seconds until it is expected to start."""
+    now: bool
+    """Claimed for release by its own request (ComfyUI has room, nothing waits before it)."""
+
+
 class Gate:
     """See the module doc."""
 
@@ -90,8 +100,14 @@ class Gate:
         self._started: dict[str, float] = {}
         """When this gate first saw each released prompt running (monotonic)."""
         self._released_at: dict[str, float] = {}
+        self._pulling: set[str] = set()
+        """Released prompts this gate is taking back from ComfyUI (:meth:`_maybe_pull_back`)."""
+        self._room = asyncio.Lock()
+        """One count of the instances' room at a time in this process: the feeder's rounds
+        and the submissions (:meth:`admit`)."""
         self.ticks = 0
         self._tick_done = asyncio.Condition()
+        self._stopping = False
         self.notifier: Notifier | None = None
         """Set by the app: frames to owners' sockets (``proxy.scheduler.notify``)."""
         self.wakeups: Wakeups | None = None
@@ -106,9 +122,15 @@ class Gate:
     async def stop(self) -> None:
         if self.wakeups is not None:
             await self.wakeups.stop()
-        task, self._task = self._task, None
+        task = self._task
         if task is not None:
+            # The flag as well as the cancellation: a cancellation that lands inside a round
+            # can be swallowed by a client library (the task stays "cancelling" and goes on
+            # polling: the shutdown waited forever); the loop ends at its next check.
+            self._stopping = True
+            self._wake.set()
             await cancel_and_wait(task)
+            self._task = None
         for upstream in self.instances():  # another replica feeds them from its next round
             with contextlib.suppress(*STORE_ERRORS):
                 await self.store.drop_feed_lease(upstream.name, self.replica)
@@ -135,9 +157,11 @@ class Gate:
         store_down = False
         with contextlib.suppress(*STORE_ERRORS):
             self.estimates.merge(await self.store.estimates())
-        while True:
+        while not self._stopping:
             await wait_event(self._wake, interval)  # not wait_for: it can swallow stop()'s cancel
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.tick()
             except STORE_ERRORS as exc:
@@ -180,6 +204,10 @@ class Gate:
         self.metrics.set_depth(by_role)
 
     async def feed(self, upstream: Upstream) -> None:
+        async with self._room:
+            await self._feed(upstream)
+
+    async def _feed(self, upstream: Upstream) -> None:
         listed = await read_queue(self.pool, upstream)
         if listed is None:
             return  # unreadable: nothing is decided on a guess
@@ -253,6 +281,69 @@ class Gate:
     def _choose(view: View, instance: str) -> Choice | None:
         vtime = virtual_time((f.in_flight for f in view.flights), view.last_start)
         return pick(view.queues, view.finish, vtime, instance)
+
+    # -- straight through ------------------------------------------------------------------
+    async def admit(self, entry: Entry, upstream: Upstream) -> Admission | None:
+        """Hold a submission; then, when fair order picks it for ``upstream`` now and
+        ``upstream`` has room, claim it for release by its own request. The request then
+        forwards it itself and its client gets ComfyUI's own answer, exactly as without the
+        queue (its validation errors, a 502 while ComfyUI is down): the queue only holds a
+        prompt while ComfyUI is busy or others wait before it. Both steps under this
+        process's room lock, so its feeder does not release the prompt in between (another
+        replica's may: the client then gets the gateway queue's answer); the claim is the
+        store's one atomic step, so no feeder ever releases it too. None: the prompt id is
+        held already."""
+        held = entry.held
+        async with self._room:
+            if not await self.store.hold(entry):
+                return None
+            wait = await self.expected_wait(held.owner, held.weight, held.shape)
+            return Admission(wait, await self._claim_now(held.prompt_id, upstream))
+
+    async def _claim_now(self, prompt_id: str, upstream: Upstream) -> bool:
+        """Room is counted from the prompts claimed or released there and not yet seen
+        ending; when that says full, from ComfyUI's queue (the count learns of ends a
+        feeder's poll later)."""
+        view = await self.store.view(PER_USER)
+        flights = [f for f in view.flights if f.instance == upstream.name]
+        if len(flights) >= self.capacity:
+            # Full by the queue's account, which learns of ends a feeder's poll later:
+            # ComfyUI's own queue says whether it still is.
+            listed = await read_queue(self.pool, upstream)
+            if listed is None:
+                return False
+            shown = {*listed[0], *listed[1]}
+            sending = [f for f in flights if f.state == "releasing"]
+            if len(shown | {f.prompt_id for f in sending}) >= self.capacity:
+                return False
+        started = time.perf_counter()
+        choice = self._choose_now(view, upstream.name)
+        if choice is None or choice.item.prompt_id != prompt_id:
+            return False
+        until = time.time() + self.settings.lease_seconds
+        expect = view.finish.get(choice.item.owner, 0.0)
+        body = await self.store.claim(choice, expect, upstream.name, self.replica, until)
+        self.metrics.cost.observe(time.perf_counter() - started)
+        return body is not None
+
+    async def answered_now(self, prompt_id: str, status: int | None) -> None:
+        """The outcome of a release made by its own request (:meth:`admit`): ComfyUI's
+        status, None when the forward failed (the client got 502/504). Only a 200 stays in
+        flight; anything else was answered to the client as ComfyUI (or the proxy) answered
+        it without the queue, and the queue forgets the prompt: it is never sent again (the
+        isolation record and the quota count follow ComfyUI's answer as in pass-through)."""
+        entry = await self.store.entry(prompt_id)
+        if status == 200:
+            await self.store.released(prompt_id, self.replica, time.time())
+            self._released_at[prompt_id] = time.monotonic()
+            self.metrics.releases.labels("released").inc()
+            if entry is not None:
+                self.metrics.wait.labels(entry.held.role).observe(0.0)
+            return
+        await self.store.finish(prompt_id)
+        outcome = "unreachable" if status is None or status >= 500 else "refused"
+        self.metrics.releases.labels(outcome).inc()
+        log.info("scheduler_straight_through_refused", prompt_id=prompt_id, status=status)
 
     # -- sending ---------------------------------------------------------------------------
     async def _send(self, prompt_id: str, body: bytes, upstream: Upstream, *, first: bool) -> None:
@@ -419,22 +510,31 @@ class Gate:
         victim = next((ours[p] for p in reversed(pending) if p in ours), None)
         if victim is None or not should_pull_back(victim.in_flight, choice):
             return
-        if not await delete_pending(self.pool, upstream, victim.prompt_id):
-            return
-        listed = await read_queue(self.pool, upstream)
-        if listed is None or victim.prompt_id in {*listed[0], *listed[1]}:
-            return  # it started meanwhile: it runs
-        if await in_history(self.pool, upstream, victim.prompt_id):
-            return  # it ran meanwhile
-        if await self.store.unclaim(victim.prompt_id):
+        self._pulling.add(victim.prompt_id)
+        try:
+            if not await delete_pending(self.pool, upstream, victim.prompt_id):
+                return
+            listed = await read_queue(self.pool, upstream)
+            if listed is None or victim.prompt_id in {*listed[0], *listed[1]}:
+                return  # it started meanwhile: it runs
+            if await in_history(self.pool, upstream, victim.prompt_id):
+                return  # it ran meanwhile
+            pulled = await self.store.unclaim(victim.prompt_id)
+        finally:
+            self._pulling.discard(victim.prompt_id)
+        if pulled:
             self.metrics.releases.labels("pulled_back").inc()
             log.info("scheduler_pulled_back", prompt_id=victim.prompt_id, upstream=upstream.name)
             await self._release_next(upstream)
 
     async def live_ids(self) -> set[str]:
-        """Held and claimed prompts: queued for their owners though ComfyUI lists none of them
-        (the queue quota's reconciler must not stop counting them)."""
-        return await self.store.held_ids() | {f.prompt_id for f in await self.store.flights()}
+        """Held prompts, those being sent, and those this gate is taking back: queued for their
+        owners though ComfyUI lists none of them (the queue quota's reconciler must not stop
+        counting them). A released prompt is not among them: ComfyUI lists it while it is live,
+        and the reconciler must see it end as soon as ComfyUI does, not a feeder's poll later."""
+        flights = await self.store.flights()
+        sending = {f.prompt_id for f in flights if f.state != "released"}
+        return await self.store.held_ids() | sending | self._pulling
 
     # -- estimates -------------------------------------------------------------------------
     async def expected_wait(self, owner: str, weight: float, shape: str) -> float:
@@ -511,4 +611,4 @@ async def delete_pending(pool: UpstreamPool, upstream: Upstream, prompt_id: str)
         return False
 
 
-__all__ = ["Gate", "delete_pending", "in_history", "read_queue"]
+__all__ = ["Admission", "Gate", "delete_pending", "in_history", "read_queue"]

@@ -2,9 +2,13 @@
 cancellations of held prompts (``docs/scheduler.md``).
 
 - :class:`HoldGuard` runs last on ``POST /prompt`` (after policy, placement, isolation and the
-  queue quota: the prompt is checked, rewritten, recorded and counted as before) and, instead
-  of forwarding, holds the body the guards decided on and answers at once in ComfyUI's shape
-  (``prompt_id``, ``number``, ``node_errors``) with ``X-Comfygate-Estimated-Wait``.
+  queue quota: the prompt is checked, rewritten, recorded and counted as before) and holds the
+  body the guards decided on. When ComfyUI has room and nothing waits before it, the request
+  releases it itself, straight through, and its client gets ComfyUI's own answer
+  (``Gate.admit``); otherwise it is answered at once in ComfyUI's shape (``prompt_id``,
+  ``number``, ``node_errors``). Either way with ``X-Comfygate-Estimated-Wait``. What ComfyUI's
+  validation would surely refuse is refused first, with ComfyUI's own 400
+  (:mod:`proxy.scheduler.validate`).
 - :class:`CancelGuard` runs before isolation on ``POST /queue``: ``delete`` and ``clear``
   remove the caller's held prompts (an admin's, or anyone's without isolation: every held one
   named or all); ComfyUI then gets the request as before.
@@ -20,6 +24,7 @@ never shown, cancelled or answered for: its id is treated as unknown.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,11 +35,16 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from proxy.chain import ROUTE_TABLE
+from proxy.comfy.validation import Verdict
 from proxy.errors import BadRequest, ServiceUnavailable
 from proxy.isolation.prompt import client_id_of
+from proxy.isolation.read_guard import DEGRADED_STATE
+from proxy.multi.merge import DEGRADED_HEADER
 from proxy.multi.placement import missing_on, requirements
 from proxy.multi.placement_guard import candidate_states
 from proxy.observability.metrics import role_label
+from proxy.policy.catalog.upstream import CATALOG
 from proxy.relay.outgoing import build_upstream_headers
 from proxy.request.bodies import BodyReader, read_json_body
 from proxy.request.prompt import PromptReader, forward_submission, read_prompt
@@ -43,6 +53,7 @@ from proxy.scheduler.fair import Held
 from proxy.scheduler.gate import STORE_ERRORS, Gate
 from proxy.scheduler.notify import failed_job
 from proxy.scheduler.store import Entry
+from proxy.scheduler.validate import HoldValidator
 from proxy.settings import Settings
 from proxy.state import (
     UNDECIDED,
@@ -101,6 +112,7 @@ class HoldGuard:
     def __init__(self, gate: Gate, prompts: PromptReader) -> None:
         self._gate = gate
         self._prompts = prompts
+        self._validator = HoldValidator()
 
     async def check(self, request: web.Request, ctx: RequestContext) -> None:
         if request.method != hdrs.METH_POST or ctx.path != "/prompt":
@@ -135,6 +147,10 @@ class HoldGuard:
             shape=shape,
             client_id=await _sent_client_id(gate, prompt_id, body),
         )
+        verdict = await self._predict(request, held.candidates, ctx.body)
+        if verdict.refuses:
+            await self._refuse(ctx, prompt_id, owner, verdict)
+            return
         upstream = ctx.target or gate.pool.home()
         headers = tuple(
             (k, v)
@@ -144,12 +160,12 @@ class HoldGuard:
         try:
             seq = await gate.store.next_seq()
             held = _with_seq(held, seq)
-            if not await gate.store.hold(Entry(held, ctx.body, headers)):
+            admission = await gate.admit(Entry(held, ctx.body, headers), upstream)
+            if admission is None:
                 raise BadRequest(
                     "prompt_id is already in use; omit it to get a new one",
                     error_type="prompt_id_taken",
                 )
-            wait = await gate.expected_wait(owner, weight, shape)
         except STORE_ERRORS as exc:
             gate.metrics.unavailable.labels("hold").inc()
             if gate.settings.redis_fail_mode == "pass_through":
@@ -162,14 +178,80 @@ class HoldGuard:
                 error_type="scheduler_unavailable",
                 headers={hdrs.RETRY_AFTER: "1"},
             ) from None
+        wait = admission.wait
+        if admission.now:
+            ctx.answer = _straight_through(gate, prompt_id, wait)
+            return
         await gate.announce()
         await _push_status(gate, owner)
-        answer = {"prompt_id": prompt_id, "number": seq, "node_errors": {}}
+        answer = {"prompt_id": prompt_id, "number": seq, "node_errors": verdict.held_node_errors()}
 
         async def respond(request: web.Request) -> web.StreamResponse:
             return web.json_response(answer, headers={WAIT_HEADER: f"{wait:.1f}"})
 
         ctx.answer = respond
+
+    async def _predict(
+        self, request: web.Request, candidates: Sequence[str], body: bytes
+    ) -> Verdict:
+        """ComfyUI's answer to the prompt on the instances it may be released to
+        (:mod:`proxy.scheduler.validate`)."""
+        catalog = request.app.get(CATALOG)
+        if catalog is None:
+            return Verdict(None, unsure="no catalog")
+        pool = self._gate.pool
+        named = [pool.get(name) for name in candidates]
+        instances = [u for u in named if u is not None] or self._gate.instances()
+        return await self._validator.verdict(catalog, instances, body)
+
+    async def _refuse(
+        self, ctx: RequestContext, prompt_id: str, owner: str, verdict: Verdict
+    ) -> None:
+        """Refused as ComfyUI would have refused it: nothing held, its ownership record and
+        quota count undone, ComfyUI's 400 body."""
+        await _undo(self._gate, prompt_id)
+        answer = verdict.answer()
+        error_type = str(answer["error"]["type"])
+        self._prompts.metrics.prompt_refusals.labels(error_type).inc()
+        log.info(
+            "prompt_refused_at_hold",
+            request_id=ctx.request_id,
+            user=owner,
+            reason=error_type,
+            nodes=sorted(answer["node_errors"]),
+        )
+
+        async def respond(request: web.Request) -> web.StreamResponse:
+            return web.json_response(answer, status=400)
+
+        ctx.answer = respond
+
+
+def _straight_through(
+    gate: Gate, prompt_id: str, wait: float
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The answer of a prompt released by its own request (``Gate.claim_now``): the route's
+    own terminal handler forwards it (placement, failover, response filters: pass-through
+    exactly), and the queue follows ComfyUI's answer."""
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        forward = request.app[ROUTE_TABLE].terminal("prompt")
+        try:
+            response = await forward(request)
+        except BaseException:
+            with contextlib.suppress(*STORE_ERRORS):
+                await gate.answered_now(prompt_id, None)
+            raise
+        try:
+            await gate.answered_now(prompt_id, response.status)
+        except STORE_ERRORS as exc:
+            # Left claimed: the lease lapses and a feeder finds ComfyUI has it (never resent).
+            log.warning("scheduler_store_unavailable", op="answered", error=type(exc).__name__)
+        if response.status == 200 and not response.prepared:
+            response.headers[WAIT_HEADER] = f"{wait:.1f}"
+        return response
+
+    return respond
 
 
 def _with_seq(held: Held, seq: int) -> Held:
@@ -270,11 +352,19 @@ class ViewGuard:
         rule = ctx.rule.name
         owner = viewer(self._settings, ctx)
         if rule == "queue" and request.method == hdrs.METH_GET:
-            ctx.response_filters.append(_queue_view(gate, owner))
+            ctx.response_filters.append(_queue_view(gate, ctx, owner))
         elif rule == "jobs":
-            await self._jobs(request, ctx, gate, owner)
+            try:
+                await self._jobs(request, ctx, gate, owner)
+            except STORE_ERRORS as exc:
+                if request.method != hdrs.METH_GET:
+                    raise  # a cancel that cannot reach the held prompts is not answered done
+                _view_degraded(gate, ctx, "jobs", exc)
         elif rule == "history" and request.method == hdrs.METH_GET:
-            await _history(ctx, gate, owner)
+            try:
+                await _history(ctx, gate, owner)
+            except STORE_ERRORS as exc:
+                _view_degraded(gate, ctx, "history", exc)
         elif rule == "ws":
             ctx.frame_filters.append(_status_filter(gate, owner))
 
@@ -309,6 +399,20 @@ class ViewGuard:
             await _cancelled(gate, removed, owner)
             if removed:
                 ctx.answer = _static({"cancelled": True})
+
+
+def _view_degraded(gate: Gate, ctx: RequestContext, view: str, exc: BaseException) -> None:
+    """A read answered without the gateway queue's part (Redis down): what ComfyUI (or
+    isolation) answers, marked degraded as isolation marks its own, never a 503 for a read."""
+    if (DEGRADED_HEADER, DEGRADED_STATE) not in ctx.response_headers:
+        ctx.response_headers.append((DEGRADED_HEADER, DEGRADED_STATE))
+    gate.metrics.unavailable.labels("view").inc()
+    log.warning(
+        "scheduler_view_degraded",
+        request_id=ctx.request_id,
+        view=view,
+        error=type(exc).__name__,
+    )
 
 
 async def _visible(gate: Gate, prompt_id: str, owner: str | None) -> Held | None:
@@ -372,7 +476,7 @@ def _shown_extra(body: Mapping[str, Any], held: Held) -> dict[str, Any]:
     return extra
 
 
-def _queue_view(gate: Gate, owner: str | None) -> ResponseFilter:
+def _queue_view(gate: Gate, ctx: RequestContext, owner: str | None) -> ResponseFilter:
     async def rewrite(status: int, body: bytes) -> bytes:
         if status != 200:
             return body
@@ -382,26 +486,35 @@ def _queue_view(gate: Gate, owner: str | None) -> ResponseFilter:
             return body
         if not isinstance(queue, dict) or not isinstance(queue.get("queue_pending"), list):
             return body
-        listed = [*queue.get("queue_running", []), *queue["queue_pending"]]
-        numbers = [i[0] for i in listed if isinstance(i, list) and i and _is_number(i[0])]
-        base = int(max(numbers, default=-1)) + 1
-        for offset, held in enumerate(await gate.store.held(owner)):
-            entry = await gate.store.entry(held.prompt_id)
-            if entry is None:
-                continue
-            sent = orjson.loads(entry.body)
-            queue["queue_pending"].append(
-                [
-                    base + offset,
-                    held.prompt_id,
-                    sent.get("prompt", {}),
-                    _shown_extra(sent, held),
-                    [],
-                ]
-            )
-        return orjson.dumps(queue)
+        try:
+            return orjson.dumps(await _with_held(gate, queue, owner))
+        except STORE_ERRORS as exc:
+            _view_degraded(gate, ctx, "queue", exc)
+            return body
 
     return rewrite
+
+
+async def _with_held(gate: Gate, queue: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    """ComfyUI's queue with the caller's held prompts after its pending ones."""
+    listed = [*queue.get("queue_running", []), *queue["queue_pending"]]
+    numbers = [i[0] for i in listed if isinstance(i, list) and i and _is_number(i[0])]
+    base = int(max(numbers, default=-1)) + 1
+    for offset, held in enumerate(await gate.store.held(owner)):
+        entry = await gate.store.entry(held.prompt_id)
+        if entry is None:
+            continue
+        sent = orjson.loads(entry.body)
+        queue["queue_pending"].append(
+            [
+                base + offset,
+                held.prompt_id,
+                sent.get("prompt", {}),
+                _shown_extra(sent, held),
+                [],
+            ]
+        )
+    return queue
 
 
 def _is_number(value: object) -> bool:
@@ -443,7 +556,10 @@ def _wrap_json(ctx: RequestContext, add: Callable[[object], Awaitable[object]]) 
                 payload = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 return response
-            return web.json_response(await add(payload), headers=_kept(response))
+            # The same response with the new body: its status, headers and compression (the
+            # answer's own, for this client's Accept-Encoding) stay as they were.
+            response.body = orjson.dumps(await add(payload))
+            return response
 
         ctx.answer = answer
         return
@@ -471,15 +587,11 @@ def _wrap_jobs_list(
     async def add(payload: object) -> object:
         if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
             return payload
-        held = [_job(h) for h in await gate.store.held(owner)] if _wants(wanted, "pending") else []
-        if _wants(wanted, "failed"):
-            listed = {j.get("id") for j in payload["jobs"] if isinstance(j, dict)}
-            failed = await gate.store.failed(owner)
-            held += [
-                failed_job(p, e, detail=False)
-                for p, e in reversed(failed.items())
-                if p not in listed
-            ]
+        try:
+            held = await _jobs_of(gate, owner, wanted, payload["jobs"])
+        except STORE_ERRORS as exc:
+            _view_degraded(gate, ctx, "jobs", exc)
+            return payload
         if not held:
             return payload
         payload["jobs"] = [*held, *payload["jobs"]]
@@ -491,16 +603,23 @@ def _wrap_jobs_list(
     _wrap_json(ctx, add)
 
 
+async def _jobs_of(
+    gate: Gate, owner: str | None, wanted: set[str], listed_jobs: list[Any]
+) -> list[dict[str, Any]]:
+    """The gateway queue's jobs for a list: held ones (pending), then refused ones (failed)
+    the list does not have yet."""
+    held = [_job(h) for h in await gate.store.held(owner)] if _wants(wanted, "pending") else []
+    if _wants(wanted, "failed"):
+        listed = {j.get("id") for j in listed_jobs if isinstance(j, dict)}
+        failed = await gate.store.failed(owner)
+        held += [
+            failed_job(p, e, detail=False) for p, e in reversed(failed.items()) if p not in listed
+        ]
+    return held
+
+
 def _wants(wanted: set[str], status: str) -> bool:
     return not wanted or status in wanted
-
-
-def _kept(response: web.Response) -> dict[str, str]:
-    return {
-        k: v
-        for k, v in response.headers.items()
-        if k.lower() not in {"content-length", "content-type"}
-    }
 
 
 def _force_cancelled() -> ResponseFilter:

@@ -13,11 +13,11 @@ class SchedulerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = False
-    """Hold every accepted ``POST /prompt`` in the gateway queue and release it by weighted fair
-    queueing. False (the default): plain pass-through, each prompt forwarded at once as before.
-    Off by default because it changes when ComfyUI first sees a prompt (see docs/scheduler.md);
-    turn it on for a shared GPU."""
+    enabled: bool = True
+    """Hold every accepted ``POST /prompt`` in the gateway queue and release it to ComfyUI by
+    weighted fair queueing across users (on by default: nothing changes for clients beyond
+    ``X-Comfygate-Estimated-Wait`` and fair order, see docs/scheduler.md). False: plain
+    pass-through, each prompt forwarded to ComfyUI at once."""
     max_running: int = Field(default=1, ge=1)
     """Prompts an instance runs at once (ComfyUI runs one)."""
     max_pending: int = Field(default=1, ge=0)

@@ -87,6 +87,9 @@ async def test_acceptances_are_batched_and_settled_before_a_snapshot(
         token=None,
         redis={"url": redis_url},
         rate_limits={"quota_poll_seconds": 3600},  # polled by hand below
+        # Room in ComfyUI for all four: the gateway queue lets each through at once (a held
+        # prompt is marked accepted when it is released, once ComfyUI accepts it).
+        scheduler={"max_pending": 3},
     )
     quota = client.app[QUEUE_QUOTA]
     upstream = fake_comfy.url.removeprefix("http://")

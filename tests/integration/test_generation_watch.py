@@ -137,7 +137,10 @@ async def test_prompts_ended_together_are_read_in_one_history_request(
 ) -> None:
     """Five prompts end without a socket: one ``/history?max_items`` read counts them all; a
     deleted one (not in that answer) is read alone and counted cancelled."""
-    client = await make_proxy(fake_comfy.url, token=None, **QUIET)
+    # Room in ComfyUI for all six: the gateway queue lets each through at once, so that all
+    # are ComfyUI's to end (held ones would reach it only as it makes room).
+    room = {"scheduler": {"max_pending": 5}}
+    client = await make_proxy(fake_comfy.url, token=None, **QUIET, **room)
     tracker: GenerationTracker = client.app[GENERATION]
     fake_comfy.hold()
     running = await submit(client, 10)

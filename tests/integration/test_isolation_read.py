@@ -30,6 +30,7 @@ from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 from tests.integration.support import get_json, post
+from tests.support.gateway_queue import settled
 from tests.support.ws import frames_until, greeted, kinds, prompt_ids
 
 Client = TestClient[Any, Any]
@@ -165,7 +166,7 @@ async def test_history_delete_and_clear_only_own(
 ) -> None:
     a1 = await submit(client, direct, ALICE)
     b1 = await submit(client, direct, BOB)
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
 
     assert await post(client, "/api/history", B, {"delete": [a1, b1]}) == (200, b"")

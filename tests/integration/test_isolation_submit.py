@@ -24,6 +24,7 @@ from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.images import solid
+from tests.support.gateway_queue import settled
 from tests.support.graphs import png, save_graph
 
 Client = TestClient[Any, Any]
@@ -71,7 +72,7 @@ async def alice_output(client: Client, fake: FakeComfyUI) -> str:
     """A saves one image; returns its file name (in output/users/<alice>/)."""
     status, answer = await submit(client, A, {"prompt": save_graph(), "client_id": "tab"})
     assert status == 200, answer
-    await fake.wait_idle()
+    await settled(client, fake)
     names = os.listdir(os.path.join(fake.paths.output, "users", ALICE_NAME))
     assert len(names) == 1
     fake.reset()
@@ -154,6 +155,7 @@ async def test_unused_canonical_prompt_id_is_kept(client: Client, fake_comfy: Fa
 async def test_another_users_prompt_id_is_refused(client: Client, fake_comfy: FakeComfyUI) -> None:
     status, answer = await submit(client, A, {"prompt": save_graph()})
     assert status == 200
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     for who in (B, A):  # B guessing it, and A reusing it (ComfyUI would overwrite history)
         status, refused = await submit(

@@ -40,8 +40,14 @@ async def pair(
         "quota_poll_seconds": 3600.0,  # the test drives the reconciler
         "default": {"read": {"rate": "1/hour", "burst": BURST}, "submit": {"rate": "unlimited"}},
     }
+    # Room in ComfyUI for every prompt the quota admits: the gateway queue lets each through
+    # at once, answered and accepted by the replica that took it (these tests are about the
+    # quota; the gateway queue's own replicas: tests/integration/test_scheduler_redis.py).
+    scheduler = {"max_pending": QUOTA}
     one, two = [
-        await make_proxy(fake.url, token=None, redis=backend.settings, rate_limits=limits)
+        await make_proxy(
+            fake.url, token=None, redis=backend.settings, rate_limits=limits, scheduler=scheduler
+        )
         for _ in range(2)
     ]
     return one, two
@@ -90,6 +96,7 @@ async def test_queue_quota_across_replicas(
     )
     statuses = [s for s, _ in results]
     assert statuses.count(200) == QUOTA
+    accepted = {a["prompt_id"] for s, a in results if s == 200}
     full = [a for s, a in results if s == 429]
     assert all(a["error"]["type"] == "queue_full" for a in full)
     assert len(full) == 3 * QUOTA
@@ -104,12 +111,16 @@ async def test_queue_quota_across_replicas(
         json.loads(frame.data) != end
     ):
         pass
-    assert (await submit(two))[0] == 200  # no socket: only the reconciler sees it end
+    status, answer = await submit(two)
+    assert status == 200  # no socket: only the reconciler sees it end
+    accepted.add(answer["prompt_id"])
     assert (await submit(one))[0] == 429
 
-    # Reconciler: everything ends; the socketless prompt is noticed by the poll alone (the
-    # others may have been released by their events already).
+    # Reconciler: everything ends (the gateway queue releases what it held as ComfyUI has
+    # room); the socketless prompt is noticed by the poll alone (the others may have been
+    # released by their events already).
     held.release()
+    await held.queue.wait_for(lambda: accepted <= set(held.queue.history))
     await held.wait_idle()
     reconciler = two.app[QUEUE_QUOTA].reconciler
     assert 1 <= await reconciler.poll_once() <= QUOTA

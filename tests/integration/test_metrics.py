@@ -147,7 +147,10 @@ async def test_upstream_probe_runs_in_the_background(
 async def test_upstream_probe_sees_up_down_and_queue_depth(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI
 ) -> None:
-    client = await make_proxy(fake_comfy.url)  # no background probe: each one is run here
+    # No background probe: each one is run here. Room in ComfyUI for the three prompts: the
+    # gateway queue lets them through at once (it would hold the third: its own gauge,
+    # comfygate_scheduler_queue_depth, counts that one; this one counts ComfyUI's queue).
+    client = await make_proxy(fake_comfy.url, scheduler={"max_pending": 2})
     name = fake_comfy.url.removeprefix("http://")
     probe = client.app[UPSTREAM_PROBE]
 

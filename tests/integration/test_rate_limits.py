@@ -23,6 +23,7 @@ from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import sample
 from tests.redis_server import RedisServer
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 ALICE, BOB, ADMIN = bearer("alice"), bearer("bob"), bearer("root", ("admin",))
@@ -98,6 +99,7 @@ async def test_submit_over_the_limit_is_429_in_comfyui_shape(
     for _ in range(2):
         resp = await client.post("/prompt", json={"prompt": GRAPH}, headers=ALICE)
         assert resp.status == 200, await resp.text()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     resp = await client.post("/api/prompt", json={"prompt": GRAPH}, headers=ALICE)
     assert resp.status == 429

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient
 
 from proxy.scheduler.gate import Gate
@@ -146,10 +147,80 @@ async def test_delete_clear_and_job_cancel_remove_held_prompts(
     assert not set(ids[2:]) & set(started)
 
 
-async def test_disabled_is_pass_through(
+async def test_on_by_default(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Any
 ) -> None:
     client = await make_proxy(fake_comfy.url, token=None, **policy_sections(tmp_path))
+    assert GATE in client.app
+
+
+async def test_with_room_comfyuis_own_refusal_is_the_answer(
+    held_proxy: Client, fake_comfy: FakeComfyUI
+) -> None:
+    """ComfyUI has room and nothing waits: the prompt goes straight through and the client
+    gets ComfyUI's 400 with its ``node_errors`` (what the stock UI shows), as without the
+    queue; nothing is kept, nothing is sent again."""
+    # Below EmptyImage's minimum; a partial_execution_targets that is not a list is left to
+    # ComfyUI (not predicted before holding, proxy.comfy.validation): ComfyUI itself refuses.
+    body = {"prompt": saved(image(width=0)), "partial_execution_targets": "9"}
+    async with held_proxy.post("/prompt", json=body, headers=A) as resp:
+        assert resp.status == 400
+        answer = await resp.json()
+    async with (
+        ClientSession() as direct,
+        direct.post(f"{fake_comfy.url}/prompt", json=body) as resp,
+    ):
+        assert resp.status == 400
+        comfy = await resp.json()
+    assert answer == comfy
+    assert answer["node_errors"]["1"]["errors"][0]["type"] == "value_smaller_than_min"
+    gate = gate_of(held_proxy)
+    assert await gate.store.held(None) == []
+    assert await gate.store.flights() == []
+    assert await gate.store.failed(None) == {}
+    await gate.wait_ticks(2)
+    assert sum(1 for r in fake_comfy.received if r.path == "/prompt") == 2  # ours, and direct
+    fake_comfy.release()
+
+
+async def test_with_room_a_comfyui_down_is_a_502_and_nothing_is_kept(
+    held_proxy: Client, fake_comfy: FakeComfyUI
+) -> None:
+    status, first, _ = await post(held_proxy, A)  # runs (and the proxy knows ComfyUI's nodes)
+    assert status == 200
+    fake_comfy.release()
+    await fake_comfy.stop()
+    status, answer, _ = await post(held_proxy, A, 1)  # room for one more: straight through
+    assert status == 502
+    assert answer["error"]["type"] == "upstream_unavailable"
+    assert answer["node_errors"] == {}
+    gate = gate_of(held_proxy)
+    assert await gate.store.held(None) == []
+    # Never released later (the client was told): only the first is in flight.
+    assert [f.prompt_id for f in await gate.store.flights()] == [first["prompt_id"]]
+
+
+async def test_straight_through_answer_is_comfyuis_and_held_ones_follow(
+    held_proxy: Client, fake_comfy: FakeComfyUI
+) -> None:
+    """Room for two (one running, one pending): those two are forwarded by their own requests
+    (ComfyUI's answer, its numbers); the third is held (the gateway queue's answer)."""
+    answers = [await post(held_proxy, A, i) for i in range(3)]
+    assert [s for s, _, _ in answers] == [200] * 3
+    ids = [a["prompt_id"] for _, a, _ in answers]
+    running, pending = comfy_ids(fake_comfy)
+    assert [*running, *pending] == ids[:2]  # in ComfyUI as its submit returned
+    gate = gate_of(held_proxy)
+    assert [h.prompt_id for h in await gate.store.held(None)] == ids[2:]
+    assert all(float(h[WAIT_HEADER]) >= 0 for _, _, h in answers)
+    fake_comfy.release()
+    await until(gate, lambda: _async(set(ids) <= set(fake_comfy.queue.history)))
+
+
+async def test_disabled_is_pass_through(
+    make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Any
+) -> None:
+    client = await make_proxy(fake_comfy.url, token=None, **sections(tmp_path, enabled=False))
     assert GATE not in client.app
     fake_comfy.hold()
     ids = [(await post(client, A, i))[1]["prompt_id"] for i in range(3)]

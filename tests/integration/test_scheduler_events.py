@@ -51,9 +51,9 @@ async def next_event(ws: aiohttp.ClientWebSocketResponse, kind: str, **match: An
     raise AssertionError(f"socket closed before {kind} {match}")
 
 
-async def post(client: Client, who: dict[str, str], prompt: dict[str, Any]) -> str:
+async def post(client: Client, who: dict[str, str], prompt: dict[str, Any], **more: object) -> str:
     async with client.post(
-        "/prompt", json={"prompt": prompt, "client_id": "tab"}, headers=who
+        "/prompt", json={"prompt": prompt, "client_id": "tab", **more}, headers=who
     ) as r:
         answer = await r.json()
         assert r.status == 200, answer
@@ -100,11 +100,17 @@ async def test_refused_at_release_is_a_failed_prompt_for_its_owner(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     gate: Gate = client.app[GATE]
-    fake_comfy.release()
     refused_graph = saved(image(width=0))  # below EmptyImage's minimum: ComfyUI refuses it
     async with client.ws_connect("/ws?clientId=tab", headers=A) as alice:
         await next_event(alice, "status")
-        pid = await post(client, A, refused_graph)  # held: answered 200 at once
+        # ComfyUI busy (one running, one pending: the room the gate gives it), so the next
+        # prompt is held rather than sent straight through with ComfyUI's own answer.
+        busy = [await post(client, A, saved(image(width=8 + i))) for i in range(2)]
+        await until_fed(gate, fake_comfy, 2)
+        # Held, answered 200 at once: a partial_execution_targets that is not a list is not
+        # predicted before holding (proxy.comfy.validation), so ComfyUI refuses at release.
+        pid = await post(client, A, refused_graph, partial_execution_targets="9")
+        fake_comfy.release()
         gate.wake()
         error = await next_event(alice, "execution_error", prompt_id=pid)
     assert error["node_id"] == "1"
@@ -127,7 +133,8 @@ async def test_refused_at_release_is_a_failed_prompt_for_its_owner(
     async with client.get("/api/jobs?status=failed", headers=A) as resp:
         assert pid in [j["id"] for j in (await resp.json())["jobs"]]
     # Nothing was queued, nothing counts against the quota any more.
-    assert fake_comfy.queue.started == []
+    await fake_comfy.wait_idle()
+    assert [p for p, _ in fake_comfy.queue.started] == busy
     # Bob asks for it: unknown to him.
     async with client.get(f"/history/{pid}", headers=B) as resp:
         assert await resp.json() == {}

@@ -106,12 +106,17 @@ async def test_sigkill_mid_release_loses_nothing_runs_nothing_twice(
     fake_comfy: FakeComfyUI, redis_url: str, point: Point
 ) -> None:
     fake_comfy.queue.execution_seconds = 0.02  # simulated GPU time: the queue really waits
-    fake_comfy.submit_hold.arm(point)
+    fake_comfy.hold()
     async with replicas(fake_comfy, redis_url) as procs, aiohttp.ClientSession() as session:
-        ids = [await submit(session, procs[i % 2], (ALICE, BOB)[i % 2], i) for i in range(4)]
+        # The first two fill the instance's room (one running, one pending) straight through;
+        # the next two are held, and released by the feeding replica once ComfyUI has room.
+        ids = [await submit(session, procs[i % 2], (ALICE, BOB)[i % 2], i) for i in range(2)]
+        fake_comfy.submit_hold.arm(point)
+        ids += [await submit(session, procs[i % 2], (ALICE, BOB)[i % 2], i) for i in (2, 3)]
+        fake_comfy.release()
         async with asyncio.timeout(TIMEOUT):
             stopped = await fake_comfy.submit_hold.wait_arrived()
-        assert stopped in ids
+        assert stopped in ids[2:]
         sender, survivor = await feeder(session, procs, stopped)
 
         os.killpg(sender.pid, signal.SIGKILL)  # mid-release: its POST sits inside ComfyUI

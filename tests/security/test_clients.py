@@ -39,6 +39,7 @@ from proxy.settings import SETTINGS
 from tests.conftest import ProxyFactory, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 SESSION, CSRF_COOKIE = "comfygate_session", "comfygate_csrf"
@@ -240,7 +241,7 @@ async def test_basic_token_as_password_authenticates_as_its_subject(
 ) -> None:
     answer = await exchange(client, "POST", "/prompt", [bearer_of(A_TOKEN), JSON], prompt_body())
     a_prompt = answer.json()["prompt_id"]
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     # B with Basic (no Origin: an API client) sees only B's own history.
     seen = await exchange(client, "GET", "/api/history", [("Authorization", basic(B_TOKEN))])
@@ -630,6 +631,7 @@ async def test_submit_refusal_says_when_in_words(
     )
     ok = await exchange(client, "POST", "/prompt", [bearer_of(B_TOKEN), JSON], prompt_body())
     assert ok.status == 200
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     answer = await exchange(client, "POST", "/prompt", [bearer_of(B_TOKEN), JSON], prompt_body())
     assert answer.status == 429

@@ -26,6 +26,7 @@ from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.integration.support import get_json, post
 from tests.support.backends import STATES, proxy_over
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -155,7 +156,7 @@ async def test_b_views_cost_what_b_owns(
     prompts one by one, never ComfyUI's whole history or job list."""
     others = others_entries(fake_comfy, 2000)
     b_ids = [await submit(client, direct, BOB) for _ in range(3)]
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     answer = await get_json(client, "/api/history?max_items=20", B)
     assert list(answer) == b_ids
@@ -189,7 +190,7 @@ async def test_work_per_request_is_bounded(
     others_entries(fake_comfy, 50)
     b_ids = [await submit(client, direct, BOB) for _ in range(4)]
     a_id = await submit(client, direct, ALICE)
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     assert list(await get_json(client, "/api/history?max_items=2", B)) == b_ids[-2:]
     assert len(fake_comfy.received) == 2

@@ -26,6 +26,7 @@ from proxy.principal import comfy_user_id
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange, host_of
+from tests.support.gateway_queue import settled
 from tests.support.graphs import png, save_graph
 
 Client = TestClient[Any, Any]
@@ -117,7 +118,7 @@ async def test_b_reads_no_history_entry_of_a_by_any_route_form(
     client: Client, fake_comfy: FakeComfyUI
 ) -> None:
     a1 = await submit(client, A)
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     host = host_of(client)
     targets = [
@@ -166,7 +167,7 @@ async def test_b_reads_no_history_entry_of_a_by_any_route_form(
 async def test_b_deletes_nothing_of_as_history(client: Client, fake_comfy: FakeComfyUI) -> None:
     a1 = await submit(client, A)
     b1 = await submit(client, B)
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     attacks: list[Any] = [
         {"delete": id_spellings(a1)},
@@ -354,7 +355,7 @@ async def test_b_cannot_mask_as_image(client: Client, fake_comfy: FakeComfyUI) -
     assert status == 200, answer
     a_folder = answer["subfolder"]
     await submit(client, A)
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     out_folder = folder_of(fake_comfy, "output")
     [out_name] = os.listdir(os.path.join(fake_comfy.paths.output, out_folder))
     fake_comfy.reset()

@@ -146,12 +146,21 @@ async def test_b_learns_nothing_of_a_prompt_refused_at_release(
     """A's prompt ComfyUI refuses at release time becomes a failed entry for A alone: B's
     socket hears no ``execution_error`` for it, and B's history and jobs views do not have it,
     by id or in lists; ComfyUI got it once (the refused release) and runs nothing for it."""
-    fake_comfy.release()
     async with client.ws_connect("/ws?clientId=b-tab", headers=B) as b_socket:
-        body = {"prompt": saved(image(width=0)), "client_id": "a-tab"}  # below the minimum
+        # ComfyUI busy with one of A's (its whole room), so the next one is held rather than
+        # sent straight through with ComfyUI's own answer.
+        (running,) = await a_held(client, fake_comfy, count=1)
+        body = {
+            "prompt": saved(image(width=0)),  # below the minimum
+            "client_id": "a-tab",
+            # not a list: not predicted before holding (proxy.comfy.validation), so it is held
+            # and ComfyUI refuses it at release
+            "partial_execution_targets": "9",
+        }
         async with client.post("/prompt", json=body, headers=A) as resp:
             assert resp.status == 200
             pid = (await resp.json())["prompt_id"]
+        fake_comfy.release()
         gate = gate_of(client)
         while pid not in (await gate.store.failed(None)):
             gate.wake()
@@ -171,5 +180,5 @@ async def test_b_learns_nothing_of_a_prompt_refused_at_release(
         assert pid not in [j["id"] for j in (await resp.json())["jobs"]]
     async with client.get(f"/history/{pid}", headers=A) as resp:
         assert (await resp.json())[pid]["status"]["status_str"] == "error"
-    assert prompts_received(fake_comfy) == 1
-    assert fake_comfy.queue.started == []
+    assert prompts_received(fake_comfy) == 2  # A's running one, and the refused release
+    assert [p for p, _ in fake_comfy.queue.started] == [running]

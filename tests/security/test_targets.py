@@ -38,6 +38,7 @@ from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.comfyui.middleware import Received
 from tests.integration.multi_support import Fakes, fakes, multi_proxy, place, relayed
 from tests.security.raw_http import exchange, host_of
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 __all__ = ["fakes", "multi_proxy"]  # fixtures of the multi-instance tests, used here
@@ -76,7 +77,7 @@ async def alice_output(client: Client, fake: FakeComfyUI) -> tuple[str, str]:
     """A saves one image through the proxy; its (subfolder, file name) in output/."""
     answer = await exchange(client, "POST", "/prompt", auth(A) + JSON, prompt_body())
     assert answer.status == 200, answer.body
-    await fake.wait_idle()
+    await settled(client, fake)
     [folder] = os.listdir(os.path.join(fake.paths.output, "users"))
     [name] = os.listdir(os.path.join(fake.paths.output, "users", folder))
     fake.reset()
@@ -215,7 +216,7 @@ async def test_public_url_authority_is_this_server(
 async def test_everyones_history_stays_filtered(client: Client, fake_comfy: FakeComfyUI) -> None:
     answer = await exchange(client, "POST", "/prompt", auth(A) + JSON, prompt_body())
     a_prompt = answer.json()["prompt_id"]
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     for target in (own(client, "/history"), own(client, "/api/history?max_items=50")):
         answer = await exchange(client, "GET", target, auth(B))

@@ -18,6 +18,7 @@ from proxy.tenancy.namespaces import folder_names
 from tests.conftest import ProxyFactory, bearer
 from tests.fakes.comfyui import FakeComfyUI
 from tests.support.backends import STATES, proxy_over
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -100,7 +101,7 @@ async def test_file_input_in_another_users_folder_stays_refused(
 ) -> None:
     async with client.post("/prompt", json={"prompt": graph("mine")}, headers=A) as resp:
         assert resp.status == 200
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     body = {"prompt": graph("b", image=f"{A_FOLDER}/mine_00001_.png [output]")}
     async with client.post("/prompt", json=body, headers=B) as resp:

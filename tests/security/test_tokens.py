@@ -31,6 +31,7 @@ from proxy.auth.authenticator import AUTH
 from tests.conftest import ProxyFactory, bearer, make_token
 from tests.fakes.comfyui import FakeComfyUI
 from tests.security.raw_http import exchange
+from tests.support.gateway_queue import settled
 
 Client = TestClient[Any, Any]
 SESSION, CSRF = "comfygate_session", "comfygate_csrf"
@@ -188,7 +189,7 @@ async def test_another_users_query_token_does_not_change_who_is_asking(
         client, "POST", "/prompt", [*A.items(), ("Content-Type", "application/json")], body
     )
     a_prompt = answer.json()["prompt_id"]
-    await fake_comfy.wait_idle()
+    await settled(client, fake_comfy)
     fake_comfy.reset()
     # B's own view (/history is built from B's prompts: none) and a view ComfyUI answers.
     answer = await exchange(client, "GET", f"/api/history?token={A_TOKEN}", list(B.items()))

@@ -184,6 +184,13 @@ class QuotaReconciler:
             except StoreFailed as exc:  # logged; the next poll tries again
                 log.warning("queue_quota_snapshot_failed", upstream=upstream.name, error=exc.kind)
         queues: dict[str, set[str] | None] = {}
+        live: set[str] = set()
+        also = self.also_live if any(s.candidates for s in snapshots.values()) else None
+        if also is not None:
+            # Held in the gateway queue or being sent to ComfyUI (proxy.scheduler): read
+            # before and after the queues, so that a prompt that moves between the gateway
+            # queue and ComfyUI meanwhile (released, or taken back) is in one of the reads.
+            live |= await also()
         if any(s.candidates for s in snapshots.values()):
             # Every instance's queue: a prompt that failed over to another instance than the
             # one it was counted on is still live there.
@@ -191,9 +198,9 @@ class QuotaReconciler:
                 *(queued_ids(self._pool, u, reader="queue_quota") for u in upstreams)
             )
             queues = {u.name: q for u, q in zip(upstreams, read, strict=True)}
-        live = set().union(*(q for q in queues.values() if q is not None))
-        if self.also_live is not None and any(s.candidates for s in snapshots.values()):
-            live |= await self.also_live()  # held in the gateway queue (proxy.scheduler)
+        live |= set().union(*(q for q in queues.values() if q is not None))
+        if also is not None:
+            live |= await also()
         released = 0
         for name, snapshot in snapshots.items():
             freed = 0

@@ -200,6 +200,16 @@ class ObjectInfoCache:
             self._start(None)
         return snapshot
 
+    async def refetch(self) -> Snapshot | Answer:
+        """A copy fetched now (joining a fetch in flight), whatever the TTL: the gateway
+        queue's check before it refuses a prompt on a list the instance re-reads (models,
+        input files). A failed fetch gives the stale copy, as :meth:`current` would.
+
+        Raises:
+            ProxyError: no copy yet and ComfyUI could not be reached or sent no catalog.
+        """
+        return await asyncio.shield(self._start(None))
+
     def copy_for(
         self, snapshot: Snapshot, policy: RolePolicy, version: int, role_key: str
     ) -> Rendered:

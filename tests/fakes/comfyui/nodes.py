@@ -62,8 +62,9 @@ class NodeClass:
         return bool(self.definition.get("output_node"))
 
     @property
-    def return_types(self) -> list[Any]:
-        return list(self.definition.get("output", []))
+    def return_types(self) -> tuple[Any, ...]:
+        """A tuple, as ``RETURN_TYPES`` (an index past it: "tuple index out of range")."""
+        return tuple(self.definition.get("output", []))
 
     @property
     def has_unique_id(self) -> bool:

@@ -15,6 +15,7 @@ from proxy.comfy.records import PromptRecord
 from proxy.errors import BadRequest
 from proxy.principal import Principal
 from proxy.request.prompt import PromptReader
+from proxy.scheduler import gate as gate_module
 from proxy.scheduler.gate import Gate
 from proxy.scheduler.hook import WAIT_HEADER, CancelGuard, HoldGuard, ViewGuard
 from proxy.scheduler.metrics import SchedulerMetrics
@@ -22,7 +23,7 @@ from proxy.scheduler.store import MemoryStore
 from proxy.settings import Settings
 from proxy.state import HEADER_POLICY, RequestContext
 from proxy.tenancy.ownership import MemoryOwnershipStore
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import Upstream, UpstreamPool
 from tests.support.graphs import save_graph
 from tests.unit.guards.support import body_app, principal, prompt_reader, request, settings
 
@@ -34,7 +35,22 @@ def gate_of(configured: Settings, reader: PromptReader) -> Gate:
     metrics = SchedulerMetrics(CollectorRegistry(), configured.scheduler.fairness_window_seconds)
     ownership = MemoryOwnershipStore(3600) if configured.isolation.enabled else None
     pool = UpstreamPool(configured.upstream)
-    return Gate(configured.scheduler, MemoryStore(), pool, metrics, ownership=ownership)
+    gate = Gate(configured.scheduler, MemoryStore(), pool, metrics, ownership=ownership)
+    # ComfyUI has no room (see comfyui_is_busy): every prompt is held. One it has room for
+    # goes straight through (tests/integration/test_scheduler.py).
+    gate.capacity = 0
+    return gate
+
+
+@pytest.fixture(autouse=True)
+def comfyui_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI's queue, as the gate reads it to count an instance's room: one running, one
+    pending (no server here)."""
+
+    async def busy(pool: UpstreamPool, upstream: Upstream) -> tuple[list[str], list[str]]:
+        return ["running"], ["pending"]
+
+    monkeypatch.setattr(gate_module, "read_queue", busy)
 
 
 def forwarding_app(reader: PromptReader) -> web.Application:
