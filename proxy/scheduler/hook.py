@@ -25,8 +25,10 @@ never shown, cancelled or answered for: its id is treated as unknown.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -63,6 +65,7 @@ from proxy.state import (
     Undecided,
     with_quick,
 )
+from proxy.upstream.encoding import compress_for_client
 from proxy.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("comfygate.scheduler")
@@ -552,13 +555,21 @@ def _wrap_json(ctx: RequestContext, add: Callable[[object], Awaitable[object]]) 
             raw = response.body
             if not isinstance(raw, bytes):
                 return response
+            # Small answers arrive already gzipped for this client (compress_for_client
+            # compresses them itself); the view is ours, so it is read and compressed again.
+            coding = response.headers.get(hdrs.CONTENT_ENCODING)
+            if coding not in (None, "gzip"):
+                return response
             try:
-                payload = orjson.loads(raw)
-            except orjson.JSONDecodeError:
+                payload = orjson.loads(gzip.decompress(raw) if coding else raw)
+            except (orjson.JSONDecodeError, OSError, EOFError, zlib.error):
                 return response
             # The same response with the new body: its status, headers and compression (the
             # answer's own, for this client's Accept-Encoding) stay as they were.
             response.body = orjson.dumps(await add(payload))
+            if coding:
+                del response.headers[hdrs.CONTENT_ENCODING]
+                compress_for_client(request, response)
             return response
 
         ctx.answer = answer

@@ -58,9 +58,10 @@ def listed(fake: FakeComfyUI) -> set[str]:
 
 
 async def released_by(gate: Gate, fake: FakeComfyUI, prompt_id: str) -> None:
-    """Until ``fake`` lists ``prompt_id``, following ``gate``'s rounds without waking it."""
-    while prompt_id not in listed(fake):
-        await gate.wait_ticks(1)
+    """Until ``fake`` lists ``prompt_id`` (its queue's own change notifications: nothing here
+    wakes ``gate``, so only a wake-up or its poll can release the prompt)."""
+    del gate  # kept for the callers' readability: the replica expected to release it
+    await fake.queue.wait_for(lambda: prompt_id in listed(fake))
 
 
 async def two_replicas(
@@ -87,11 +88,23 @@ async def test_prompt_held_on_other_replica_is_released_at_once(
     make_proxy: ProxyFactory, fake_comfy: FakeComfyUI, tmp_path: Any, redis_url: str
 ) -> None:
     first, second = await two_replicas(make_proxy, fake_comfy, tmp_path, redis_url)
+    # Fill the instance (one running, four pending, all A's, sent straight through while
+    # there was room), so that B's prompt is held rather than sent straight through.
+    for seed in range(10, 14):
+        await asyncio.wait_for(
+            released_by(gate_of(first), fake_comfy, await post(first, A, seed)), WITHIN
+        )
     pid = await post(second, B, 1)
     # Held on `second`, which cannot feed (the lease is `first`'s): its own round releases
-    # nothing; `first` hears the wake-up and releases it long before its poll.
+    # nothing; `first` hears the wake-up and, B coming before A's backlog in fair order,
+    # takes back one of A's pending prompts and releases B's, long before its poll.
     await asyncio.wait_for(released_by(gate_of(first), fake_comfy, pid), WITHIN)
-    assert {f.replica for f in await gate_of(first).store.flights()} == {gate_of(first).replica}
+    # Only `first` feeds the instance, so only it could take A's prompt back: it heard the
+    # wake-up (its poll is 5 s away). One of A's is held again, to run after B's.
+    assert len(listed(fake_comfy)) == 5
+    held_again = await gate_of(first).store.held(None)
+    assert len(held_again) == 1
+    assert held_again[0].owner.startswith("alice-")  # A's, taken back; B's is listed
     fake_comfy.release()
 
 
