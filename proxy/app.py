@@ -2,8 +2,7 @@
 
 ::
 
-    client -> observe (errors rendered, route resolved) -> decide (cors, idempotency's end,
-              bodies released, a guard's own answer, run_guards) -> handler
+    client -> observe -> render_errors -> resolve_route -> run_guards -> handler
                                                                          |- forward_http
                                                                          |- relay_websocket
                                                                          '- the proxy's own routes
@@ -24,12 +23,11 @@ before everything that rewrites or records the prompt.
 
 ``POST /prompt`` also runs idempotency (a repeated ``Idempotency-Key``) and placement (which
 instance; several instances) just before isolation; uploads run replication after it. The
-``idempotency_finish`` step around the guards (``decide``) stores or frees a claimed key.
+``idempotency_finish`` middleware around the guards stores or frees a claimed key.
 
 Inspected bodies (``POST`` prompt/queue/history/interrupt/jobs cancel) are read by one rule
 (``proxy.request.bodies``): the body guard after the rate limit (after the policy on
-``/prompt``), bounded in bytes in flight; ``release_inspected_bodies`` (in ``decide``) gives
-them back.
+``/prompt``), bounded in bytes in flight; ``release_inspected_bodies`` gives them back.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import WSCloseCode, hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from multidict import istr
 from prometheus_client import CollectorRegistry
 
@@ -66,16 +64,18 @@ from proxy.chain import (
     Guard,
     RouteTable,
     add_response_headers,
+    make_run_guards,
     observe,
-    run_guards,
+    render_errors,
+    resolve_route,
 )
-from proxy.cors import CorsStep, make_cors
+from proxy.cors import make_cors
 from proxy.frontend import (
     WHOAMI_ROUTE,
     AdminStubGuard,
     ExtensionListGuard,
-    LocalAnswer,
     add_frontend_routes,
+    local_answers,
 )
 from proxy.health import healthz, readyz
 from proxy.isolation.own_views import OwnViews
@@ -117,8 +117,6 @@ from proxy.multi.dispatch import (
 from proxy.multi.idempotency import (
     IDEMPOTENCY,
     IdempotencyGuard,
-    Replay,
-    idempotency_abort,
     idempotency_context,
     idempotency_finish,
 )
@@ -415,52 +413,19 @@ async def _close_websockets(app: web.Application) -> None:
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
-def make_decide(cors: CorsStep | None) -> Middleware:
-    """The inner half of the chain (inside ``chain.observe``), as one middleware: the steps
-    that belong to other modules, as plain calls in the order the middlewares they were ran in.
-
-    A step with nothing to do costs a ``try`` that never fires or one lookup on the request:
-    no CORS origins configured -> no CORS call; no claimed Idempotency-Key or inspected body
-    lease -> ``request.get`` finds nothing; no guard answered itself -> no ``LocalAnswer``.
-    """
-
-    @web.middleware
-    async def decide(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = request[CONTEXT]
-        if cors is not None:
-            # CORS for API consumers on other origins: preflights answered, never forwarded.
-            preflight = cors(request, ctx)
-            if preflight is not None:
-                return preflight
-        try:  # idempotency: a replayed key's first answer; a failed claim freed
-            try:  # the request's share of the inspected-body bound, given back however it ends
-                try:
-                    # The guards of the matched endpoint (ROUTE_TABLE) in order, then handler.
-                    response = await run_guards(request, ctx, handler)
-                except LocalAnswer as answer:  # a guard's own answer (the frontend's stubs)
-                    response = answer.response
-            finally:
-                release_inspected_bodies(request)
-        except Replay as replay:
-            return replay.response()
-        except BaseException:
-            await idempotency_abort(request)
-            raise
-        await idempotency_finish(request, response)  # stores a claimed key's answer
-        return response
-
-    return decide
-
-
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Nothing with a lifetime is created before ``cleanup_ctx`` runs."""
     app = web.Application(
         middlewares=[
-            # Outermost: request id + context, every error below rendered as the same JSON,
-            # the rule decided before the guards, and the one log line for every outcome.
-            observe,
-            # CORS, idempotency, body bound, local answers, then the matched endpoint's guards.
-            make_decide(make_cors(settings.server.cors_origins, {FORWARD_ROUTE, WHOAMI_ROUTE})),
+            observe,  # outermost: request id + context, and the one log line for every outcome
+            render_errors,  # every error below becomes a JSON response observe can count
+            resolve_route,  # rule decided before guards; a malformed path is a rendered 400
+            # CORS for API consumers on other origins: preflights answered, never forwarded.
+            make_cors(settings.server.cors_origins, {FORWARD_ROUTE, WHOAMI_ROUTE}),
+            idempotency_finish,  # stores (or frees) a claimed Idempotency-Key's answer
+            release_inspected_bodies,  # gives back the request's share of the body bound
+            local_answers,  # a guard's own answer (the frontend's admin-only calls)
+            make_run_guards(),  # guards of the matched endpoint (ROUTE_TABLE), in order
         ],
         client_max_size=int(settings.server.max_inspected_body_mb * 1024 * 1024),
         handler_args={"max_field_size": 65536},

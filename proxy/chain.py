@@ -1,19 +1,14 @@
-"""The generic middleware steps: mechanism only. Decisions live in guards, wired in ``app.py``.
+"""The generic middlewares: mechanism only. Decisions live in guards, wired in ``app.py``.
 
-The chain is two middlewares (``create_app``): :func:`observe` (the outer half, here) and
-``app.decide`` (the inner half, the steps that belong to other modules). Each step is a plain
-call inside them, in this order (outermost first), so a step that decides nothing on a request
-costs a dictionary lookup or a ``try`` that never fires, not a coroutine of its own:
+Order (outermost first), as ``create_app`` lists them:
 
-1. observe - request id and :class:`RequestContext`; one canonical log line and the request
-   metrics in ``finally``, so it sees the final status of everything below.
-2. render errors (:func:`_render_error`) - every :class:`ProxyError` (and anything unexpected)
-   becomes one JSON shape; the only place that catches bare ``Exception``.
-3. resolve the route (:func:`_resolve_route`) - the canonical request target (``proxy.target``)
-   and route rule, used by all that follows and sent upstream.
-4. ``app.decide``: CORS, the idempotency claim's end, the inspected bodies' release, a guard's
-   own answer, then :func:`run_guards` - the matched rule's guards, in order; a guard raises to
-   stop.
+1. :func:`observe` - request id and :class:`RequestContext`; one canonical log line and the
+   request metrics in ``finally``, so it sees the final status of everything below.
+2. :func:`render_errors` - every :class:`ProxyError` (and anything unexpected) becomes one JSON
+   shape; the only place that catches bare ``Exception``.
+3. :func:`resolve_route` - the canonical request target (``proxy.target``) and route rule, used
+   by all that follows and sent upstream.
+4. :func:`make_run_guards` - the matched rule's guards, in order; a guard raises to stop.
 
 The route table (:class:`RouteTable`, built by ``app.build_routes`` once the resources exist)
 is the router: one :class:`Endpoint` per rule holds its guards and its terminal handlers.
@@ -37,7 +32,7 @@ from urllib.parse import urlencode
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisClusterException, RedisError
 
 from proxy.errors import (
@@ -134,13 +129,7 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The outer half of the chain, as one middleware: context, then the route (resolved), then
-    the wrapped chain with every error rendered, then exactly one log line and the metrics.
-
-    Three steps that were three middlewares (observe, render_errors, resolve_route) are plain
-    calls here: nested ``try`` blocks cost nothing until something raises, a middleware layer
-    costs a coroutine and a call on every request. The order and what each catches is theirs.
-    """
+    """Context, then the wrapped chain, then exactly one log line and the request metrics."""
     ctx = RequestContext(request_id=_request_id(request))
     request[CONTEXT] = ctx
     ctx.client_ip = client_address(
@@ -149,11 +138,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     status = 500
     deferred = False
     try:
-        try:  # render_errors: every error below (the route's 400 too) becomes a JSON response
-            _resolve_route(request, ctx)
-            response = await handler(request)
-        except Exception as exc:  # noqa: BLE001 - _render_error re-raises what it does not render
-            response = _render_error(request, ctx, exc)
+        response = await handler(request)
         status = response.status
         if ctx.finish_later is not None and status == 101:
             # A relay that outlives its handler (proxy.relay.raw_ws): counted and logged when it
@@ -192,13 +177,15 @@ def _finisher(request: web.Request, ctx: RequestContext, status: int) -> Callabl
 _BODILESS_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 
 
-def _resolve_route(request: web.Request, ctx: RequestContext) -> None:
+@web.middleware
+async def resolve_route(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Which ComfyUI rule the request falls under (or which of the proxy's own routes it is).
 
     The request target is read once (``proxy.target``): a forwarded request is decided on its
     canonical form and ComfyUI is sent that form. The proxy's own routes take the same target
     forms (aiohttp routed them on the path of an absolute-form target too).
     """
+    ctx = request[CONTEXT]
     server = request.app[SETTINGS].server
     host = request.headers.get(hdrs.HOST)
     route = request.match_info.route.name
@@ -223,11 +210,12 @@ def _resolve_route(request: web.Request, ctx: RequestContext) -> None:
         )
         ctx.path, ctx.upstream_path = target.path, target.upstream
         ctx.rule = classify(request.method, target.path, prefixed=target.prefixed)
-        return
+        return await handler(request)
     origin_form(request.method, request.raw_path, host=host, public_url=server.public_url)
     if route is not None:
         # An unnamed or unknown route stays "other" (test_routes checks every named one is known).
         ctx.rule = OWN_RULES.get(route, OTHER)
+    return await handler(request)
 
 
 def _finish(request: web.Request | _RequestLine, ctx: RequestContext, status: int) -> None:
@@ -257,11 +245,12 @@ def _finish(request: web.Request | _RequestLine, ctx: RequestContext, status: in
     )
 
 
-def _render_error(request: web.Request, ctx: RequestContext, error: Exception) -> web.Response:
-    """Turn every error into a JSON response; never a traceback to the client. Re-raises the
-    aiohttp exceptions that are not errors (a redirect, an empty-bodied status)."""
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON response; never a traceback to the client."""
+    ctx = request[CONTEXT]
     try:
-        raise error
+        return await handler(request)
     except ProxyError as exc:
         return _render(request, ctx, exc)
     except web.HTTPRequestEntityTooLarge as exc:
@@ -342,18 +331,21 @@ def _render(
     )
 
 
-async def run_guards(
-    request: web.Request, ctx: RequestContext, handler: Handler
-) -> web.StreamResponse:
-    """The guards of the request's endpoint (:data:`ROUTE_TABLE`) in order, then ``handler``.
-    A plain call from the inner half of the chain (``app.decide``), not a middleware."""
-    for guard in request.app[ROUTE_TABLE].guards(ctx.rule.name):
-        try:
-            await guard.check(request, ctx)
-        except ProxyError:
-            ctx.rejected_by = guard.name
-            raise
-    return await handler(request)
+def make_run_guards() -> Middleware:
+    """The middleware that runs the guards of the request's endpoint (:data:`ROUTE_TABLE`)."""
+
+    @web.middleware
+    async def run_guards(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[CONTEXT]
+        for guard in request.app[ROUTE_TABLE].guards(ctx.rule.name):
+            try:
+                await guard.check(request, ctx)
+            except ProxyError:
+                ctx.rejected_by = guard.name
+                raise
+        return await handler(request)
+
+    return run_guards
 
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -374,6 +366,8 @@ __all__ = [
     "Guard",
     "RouteTable",
     "add_response_headers",
+    "make_run_guards",
     "observe",
-    "run_guards",
+    "render_errors",
+    "resolve_route",
 ]

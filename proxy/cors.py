@@ -20,12 +20,13 @@ nothing a foreign page may do with an answer it cannot read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 
 from proxy.errors import Forbidden
-from proxy.state import RequestContext
+from proxy.state import CONTEXT
 
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 ALLOWED_HEADERS = frozenset({"authorization", "content-type", "idempotency-key", "x-request-id"})
@@ -66,22 +67,16 @@ def preflight_answer(request: web.Request, origin: str) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-CorsStep = Callable[[web.Request, RequestContext], "web.Response | None"]
-"""The CORS step of the chain: the preflight's answer, or None to go on (headers added)."""
-
-
-def make_cors(origins: Collection[str], routes: Collection[str]) -> CorsStep | None:
-    """The CORS step for ``origins`` (already normalised by the settings: no trailing slash),
-    on the routes named in ``routes`` (ComfyUI's surface and the proxy's API routes; not the
-    login page). None without origins: the chain (``app.decide``) then skips it. Runs after the
-    route is resolved and before the guards."""
+def make_cors(origins: Collection[str], routes: Collection[str]) -> Middleware:
+    """The CORS middleware for ``origins`` (already normalised by the settings: no trailing
+    slash), on the routes named in ``routes`` (ComfyUI's surface and the proxy's API routes;
+    not the login page). Runs after ``resolve_route`` and before the guards."""
     allowed = frozenset(o.lower() for o in origins)
-    if not allowed:
-        return None
 
-    def cors(request: web.Request, ctx: RequestContext) -> web.Response | None:
-        if request.match_info.route.name not in routes:
-            return None
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not allowed or request.match_info.route.name not in routes:
+            return await handler(request)
         origin = request.headers.get(hdrs.ORIGIN)
         listed = origin is not None and origin.lower() in allowed
         is_preflight = (
@@ -97,15 +92,15 @@ def make_cors(origins: Collection[str], routes: Collection[str]) -> CorsStep | N
                 )
             assert origin is not None
             return preflight_answer(request, origin)
-        extra = ctx.response_headers
+        extra = request[CONTEXT].response_headers
         extra.append((hdrs.VARY, "Origin"))  # the answer differs by Origin: caches must know
         if listed:
             assert origin is not None
             extra.append((hdrs.ACCESS_CONTROL_ALLOW_ORIGIN, origin))
             extra.append((hdrs.ACCESS_CONTROL_EXPOSE_HEADERS, ", ".join(EXPOSED_HEADERS)))
-        return None
+        return await handler(request)
 
     return cors
 
 
-__all__ = ["ALLOWED_HEADERS", "EXPOSED_HEADERS", "CorsStep", "make_cors", "preflight_answer"]
+__all__ = ["ALLOWED_HEADERS", "EXPOSED_HEADERS", "make_cors", "preflight_answer"]

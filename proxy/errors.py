@@ -2,7 +2,7 @@
 
 ::
 
-    ProxyError                    rendered by chain._render_error into one JSON shape
+    ProxyError                    rendered by chain.render_errors into one JSON shape
       Rejection                   the proxy refuses the request itself (status, error type)
         BadRequest                400
         Unauthenticated           401 (302 to the login page for a browser navigation)

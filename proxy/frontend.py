@@ -37,6 +37,7 @@ from collections.abc import Mapping
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from proxy.auth.login import LOGIN_PAGE
 from proxy.settings import SETTINGS
@@ -58,12 +59,21 @@ TERMINAL_SIZE = {"cols": 80, "rows": 24}
 
 
 class LocalAnswer(Exception):
-    """Raised by a guard that answers the request itself: the chain (``app.decide``, just
-    outside the guards) returns ``response`` and nothing is forwarded."""
+    """Raised by a guard that answers the request itself: :func:`local_answers` returns
+    ``response`` and nothing is forwarded."""
 
     def __init__(self, response: web.StreamResponse) -> None:
         super().__init__()
         self.response = response
+
+
+@web.middleware
+async def local_answers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turns a guard's :class:`LocalAnswer` into the response (just outside the guards)."""
+    try:
+        return await handler(request)
+    except LocalAnswer as answer:
+        return answer.response
 
 
 def _json(body: object) -> web.Response:
@@ -180,5 +190,6 @@ __all__ = [
     "LocalAnswer",
     "add_extension",
     "add_frontend_routes",
+    "local_answers",
     "stub_answer",
 ]

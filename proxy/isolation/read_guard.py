@@ -95,7 +95,7 @@ Rewrite = Callable[[int, bytes], Awaitable[bytes]]
 class LocalAnswer(web.HTTPException):
     """A complete answer the guard gives in ComfyUI's place (raised from ``check``).
 
-    ``chain._render_error`` re-raises HTTP exceptions below 400 or with ``empty_body`` set
+    ``chain.render_errors`` re-raises HTTP exceptions below 400 or with ``empty_body`` set
     untouched instead of rendering them as proxy errors; ``empty_body`` here only means "do not
     add aiohttp's default text", the JSON payload (if any) is sent as given.
     """

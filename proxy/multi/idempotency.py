@@ -15,8 +15,8 @@ gets the first answer back (``Idempotent-Replayed: true``) and nothing is queued
   again). A 5xx, a proxy refusal (rate limit, 503) or a failure leaves the key free, so the
   client's retry is judged afresh.
 
-The guard claims; :func:`idempotency_finish` (a step around the guards, ``app.decide``) stores or
-releases (:func:`idempotency_abort`) once the response is known, whatever raised in between.
+The guard claims; :func:`idempotency_finish` (a middleware around the guards) stores or
+releases once the response is known, whatever raised in between.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import orjson
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from proxy.errors import BadRequest, ProxyError
 from proxy.observability.metrics import Metrics
@@ -256,7 +257,7 @@ class IdempotencyGuard:
 
 
 class Replay(Exception):
-    """Raised by the guard with the stored first answer; the chain (``app.decide``, around the
+    """Raised by the guard with the stored first answer; :func:`idempotency_finish` (around the
     guards) sends it as it was, with ``Idempotent-Replayed: true``."""
 
     def __init__(self, answer: StoredAnswer) -> None:
@@ -289,28 +290,30 @@ def _storable(response: web.StreamResponse) -> StoredAnswer | None:
     return StoredAnswer(status, response.body, response.headers.get(hdrs.CONTENT_TYPE, ""))
 
 
-async def idempotency_finish(request: web.Request, response: web.StreamResponse) -> None:
-    """Store the answer of a request that claimed a key (see module doc); a step of the chain
-    (``app.decide``) once the guards and the handler answered. Nothing without a claim."""
-    claim = request.get(CLAIM)
-    if claim is None:
-        return
-    answer = _storable(response)
-    if answer is None:
-        await _release(claim)
-        return
-    ttl = request.app[SETTINGS].upstream.placement.idempotency_ttl_seconds
+@web.middleware
+async def idempotency_finish(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Store the answer of a request that claimed a key, or free the key (see module doc)."""
     try:
-        await claim.store.complete(claim.key, claim.fingerprint, answer, ttl)
-    except Exception as exc:  # noqa: BLE001 - the answer itself must still go out
-        log.warning("idempotency_store_failed", error=type(exc).__name__)
-
-
-async def idempotency_abort(request: web.Request) -> None:
-    """Free the key a request claimed when it failed or was cancelled (a step of the chain)."""
+        response = await handler(request)
+    except Replay as replay:
+        return replay.response()
+    except BaseException:
+        claim = request.get(CLAIM)
+        if claim is not None:
+            await _release(claim)
+        raise
     claim = request.get(CLAIM)
     if claim is not None:
-        await _release(claim)
+        answer = _storable(response)
+        if answer is None:
+            await _release(claim)
+        else:
+            ttl = request.app[SETTINGS].upstream.placement.idempotency_ttl_seconds
+            try:
+                await claim.store.complete(claim.key, claim.fingerprint, answer, ttl)
+            except Exception as exc:  # noqa: BLE001 - the answer itself must still go out
+                log.warning("idempotency_store_failed", error=type(exc).__name__)
+    return response
 
 
 async def _release(claim: Claim) -> None:

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from proxy.comfy.json_body import JsonRefused, dump_json, parse_json
 from proxy.comfy.json_fast import parse_canonical
@@ -190,13 +191,16 @@ class _Lease:
 _LEASE = web.RequestKey("comfygate.body_lease", _Lease)
 
 
-def release_inspected_bodies(request: web.Request) -> None:
+@web.middleware
+async def release_inspected_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Gives back what the request held of the budget when it ends: answered, refused, failed
-    or cancelled (the client went away). A step of the chain (``app.decide``), in a
-    ``finally``."""
-    lease = request.get(_LEASE)
-    if lease is not None:
-        lease.release()
+    or cancelled (the client went away)."""
+    try:
+        return await handler(request)
+    finally:
+        lease = request.get(_LEASE)
+        if lease is not None:
+            lease.release()
 
 
 def _principal_key(ctx: RequestContext) -> str:
