@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +22,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from bench.procs import served_by
 from proxy.upstream.http1 import Http1Pool
 
 SMALL = b"x" * 100
@@ -159,21 +158,8 @@ def main() -> None:
     if args.serve:
         uvloop.run(_serve())
         return
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.http1_micro", "--serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+    with served_by("bench.http1_micro") as port:
         uvloop.run(run(port, args.requests, args.rounds))
-    finally:
-        with contextlib.suppress(OSError):
-            assert server.stdin is not None
-            server.stdin.close()
-        server.wait(10)
 
 
 if __name__ == "__main__":

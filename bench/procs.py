@@ -10,8 +10,9 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,3 +250,24 @@ async def wait_http(
             await asyncio.sleep(0.05)
     tail = f"\n{proc.log_tail()}" if proc is not None else ""
     raise StartError(f"{url} not ready after {limit_s:.0f}s ({last}){tail}")
+
+
+@contextlib.contextmanager
+def served_by(module: str) -> Iterator[int]:
+    """``python -m <module> --serve`` in a child process (a micro-benchmark's upstream on its
+    own core share): it prints its port on stdout and exits when its stdin closes. Yields the
+    port."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", module, "--serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        yield int(server.stdout.readline())
+    finally:
+        with contextlib.suppress(OSError):
+            assert server.stdin is not None
+            server.stdin.close()
+        server.wait(timeout=10)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import subprocess
 import sys
 import time
 
 import uvloop
 from aiohttp import web
 
+from bench.procs import served_by
 from proxy.upstream.http1 import Http1Pool
 
 SIZE = 512 * 1024
@@ -105,21 +104,8 @@ def main() -> None:
     if args.serve:
         uvloop.run(_serve())
         return
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.view_stream_micro", "--serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+    with served_by("bench.view_stream_micro") as port:
         uvloop.run(run(port, args.requests, args.rounds, args.streams))
-    finally:
-        with contextlib.suppress(OSError):
-            assert server.stdin is not None
-            server.stdin.close()
-        server.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from proxy.scheduler.keys import GATE
 from proxy.tenancy.ownership import OWNERSHIP
 from tests.conftest import ProxyFactory
 from tests.fakes.comfyui import FakeComfyUI
-from tests.security.prompt_support import A, B, image, node, policy_sections, saved
+from tests.security.prompt_support import B, image, node, policy_sections, saved
+from tests.security.test_scheduler import a_held
 
 Client = TestClient[Any, Any]
 ALICE, BOB = comfy_user_id("alice"), comfy_user_id("bob")
@@ -50,21 +51,6 @@ def gate_of(client: Client) -> Gate:
 
 def prompts_received(fake: FakeComfyUI) -> list[bytes]:
     return [r.body for r in fake.received if r.method == "POST" and r.path.endswith("/prompt")]
-
-
-async def a_held(client: Client, fake: FakeComfyUI) -> list[str]:
-    """A submits three; one runs (held at the fake's gate), two stay in the gateway queue."""
-    ids = []
-    for i in range(3):
-        body = {"prompt": saved(image(width=8 + i)), "client_id": "a-tab"}
-        async with client.post("/prompt", json=body, headers=A) as resp:
-            assert resp.status == 200
-            ids.append((await resp.json())["prompt_id"])
-    gate = gate_of(client)
-    while len(fake.queue.current_queue()[0]) != 1:
-        gate.wake()
-        await gate.wait_ticks(1)
-    return ids
 
 
 async def state(client: Client) -> tuple[list[str], int, int]:

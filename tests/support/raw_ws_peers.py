@@ -28,8 +28,10 @@ def xor(data: bytes, key: bytes) -> bytes:
 
 
 def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False, rsv: int = 0
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bool | bytes = False, rsv: int = 0
 ) -> bytes:
+    """A frame built by hand (not by the codec under test); ``mask``: True for a random key,
+    or the key itself."""
     first = (0x80 if fin else 0) | rsv | opcode
     bit = 0x80 if mask else 0
     n = len(payload)
@@ -41,7 +43,7 @@ def frame(
         head = bytes([first, bit | 127]) + struct.pack("!Q", n)
     if not mask:
         return head + payload
-    key = os.urandom(4)
+    key = mask if isinstance(mask, bytes) else os.urandom(4)
     return head + key + xor(payload, key)
 
 

@@ -26,6 +26,7 @@ from proxy.relay.ws_codec import (
     server_header,
     valid_client_key,
 )
+from tests.support.raw_ws_peers import frame
 
 LENGTHS = (0, 1, 125, 126, 127, 65535, 65536, 70000)
 
@@ -34,18 +35,7 @@ def raw_frame(
     opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None, rsv: int = 0
 ) -> bytes:
     """A frame built by hand (not by the codec under test)."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    bit = 0x80 if mask is not None else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes([first, bit | n])
-    elif n < 65536:
-        head = bytes([first, bit | 126]) + struct.pack("!H", n)
-    else:
-        head = bytes([first, bit | 127]) + struct.pack("!Q", n)
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return frame(opcode, payload, fin=fin, mask=False if mask is None else mask, rsv=rsv)
 
 
 def events(reader: FrameReader, data: bytes, step: int | None = None) -> list[tuple[int, bytes]]:
