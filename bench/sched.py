@@ -200,7 +200,7 @@ async def measure(instances: int, replicas: int, redis_url: str | None) -> list[
     flood = await run("flood", [("a", "user")] * 50, [("b", "user")])
     fair = await run("fair4", [(u, "user") for _ in range(15) for u in "cdef"], [])
     weights = await run(
-        "weights", [(u, r) for _ in range(30) for u, r in (("g", "power"), ("h", "user"))], []
+        "weights", [(u, r) for _ in range(60) for u, r in (("g", "power"), ("h", "user"))], []
     )
     b_pid = next(p for p, u in flood["owner_of"].items() if u == "b")
     where = flood["instance"][b_pid]

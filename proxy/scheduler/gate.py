@@ -208,6 +208,7 @@ class Gate:
             await self._feed(upstream)
 
     async def _feed(self, upstream: Upstream) -> None:
+        read_at = time.time()
         listed = await read_queue(self.pool, upstream)
         if listed is None:
             return  # unreadable: nothing is decided on a guess
@@ -232,7 +233,14 @@ class Gate:
                 continue
             if pid in running:
                 self._started.setdefault(pid, time.monotonic())
-            elif pid not in pending:
+            elif pid in pending:
+                continue
+            elif flight.released_at >= read_at:
+                # Released (a submission's straight-through send, on any replica) after the
+                # queue was read: ComfyUI may not have listed it yet. Not ended (which would
+                # free its place for one more send); it takes a place.
+                busy += 1
+            else:
                 await self._ended(flight, view)  # keeps `view` in step
         room = self.capacity - busy
         # The first release chooses from the view just read (kept in step with the runs that
