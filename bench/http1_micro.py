@@ -22,7 +22,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from bench.procs import served_by
+from bench.procs import local_pool, served_by
 from proxy.upstream.http1 import Http1Pool
 
 SMALL = b"x" * 100
@@ -113,15 +113,7 @@ async def measure(one: Request, n: int) -> tuple[float, float]:
 
 async def run(port: int, n: int, rounds: int) -> None:
     base = f"http://127.0.0.1:{port}"
-    pool = Http1Pool(
-        host="127.0.0.1",
-        port=port,
-        ssl=None,
-        server_hostname=None,
-        connect_timeout=5,
-        read_timeout=30,
-        keepalive_timeout=60,
-    )
+    pool = local_pool(port)
     connector = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30))
     cases = [("small GET", "GET", "/small", None), ("1 KiB POST", "POST", "/post", POST_BODY)]

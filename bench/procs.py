@@ -19,6 +19,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from proxy.upstream.http1 import Http1Pool
+
 _PR_SET_PDEATHSIG = 1
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -250,6 +252,19 @@ async def wait_http(
             await asyncio.sleep(0.05)
     tail = f"\n{proc.log_tail()}" if proc is not None else ""
     raise StartError(f"{url} not ready after {limit_s:.0f}s ({last}){tail}")
+
+
+def local_pool(port: int) -> Http1Pool:
+    """The proxy's own HTTP/1 client to an upstream on this machine (the micro-benchmarks')."""
+    return Http1Pool(
+        host="127.0.0.1",
+        port=port,
+        ssl=None,
+        server_hostname=None,
+        connect_timeout=5,
+        read_timeout=30,
+        keepalive_timeout=60,
+    )
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import time
 import uvloop
 from aiohttp import web
 
-from bench.procs import served_by
+from bench.procs import local_pool, served_by
 from proxy.upstream.http1 import Http1Pool
 
 SIZE = 512 * 1024
@@ -76,15 +76,7 @@ async def _measure(pool: Http1Pool, requests: int, streams: int) -> float:
 
 
 async def run(port: int, requests: int, rounds: int, streams: int) -> None:
-    pool = Http1Pool(
-        host="127.0.0.1",
-        port=port,
-        ssl=None,
-        server_hostname=None,
-        connect_timeout=5,
-        read_timeout=30,
-        keepalive_timeout=60,
-    )
+    pool = local_pool(port)
     try:
         await _measure(pool, 50, streams)  # connections and buffers exist before measuring
         results = [await _measure(pool, requests, streams) for _ in range(rounds)]

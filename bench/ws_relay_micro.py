@@ -104,10 +104,11 @@ class ClientSocket:
         await self._writer.send_frame(data.encode(), WSMsgType.TEXT)
 
 
-async def run(frames: int, size: int, path: str, admin: bool, *, quick: bool) -> tuple[float, int]:
+async def owner_filter(admin: bool) -> SocketEventFilter:
+    """The isolation filter of the prompt owner's socket (the prompt recorded as theirs)."""
     store = MemoryOwnershipStore(3600)
     await store.record_prompt(PromptRecord(PROMPT, OWNER, "u", "ns", 0.0))
-    events = SocketEventFilter(
+    return SocketEventFilter(
         owner=OWNER,
         client_id="c",
         upstream_client_id="ns",
@@ -115,6 +116,10 @@ async def run(frames: int, size: int, path: str, admin: bool, *, quick: bool) ->
         passed_types=("status",),
         admin=admin,
     )
+
+
+async def run(frames: int, size: int, path: str, admin: bool, *, quick: bool) -> tuple[float, int]:
+    events = await owner_filter(admin)
     frame = preview_frame(size)
     await events(frame)  # the owner looked up once, as on a socket that saw the prompt start
     metrics = Metrics()
@@ -145,16 +150,7 @@ async def run_raw(frames: int, size: int, admin: bool) -> tuple[float, int]:
     """The raw relay (``proxy.relay.raw_ws``) fed the frame's wire bytes, one read per frame
     (the frame header parse and the payload view included, which the aiohttp paths above
     leave to aiohttp's reader and do not count)."""
-    store = MemoryOwnershipStore(3600)
-    await store.record_prompt(PromptRecord(PROMPT, OWNER, "u", "ns", 0.0))
-    events = SocketEventFilter(
-        owner=OWNER,
-        client_id="c",
-        upstream_client_id="ns",
-        ownership=store,
-        passed_types=("status",),
-        admin=admin,
-    )
+    events = await owner_filter(admin)
     frame = preview_frame(size)
     await events(frame)
     metrics = Metrics()
